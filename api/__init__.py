@@ -1,0 +1,1 @@
+"""The HTTP API of Blaze Jobs (FastAPI). ``create_app`` builds it."""

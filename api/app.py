@@ -1,0 +1,153 @@
+"""The FastAPI app: create, read, list and cancel jobs, serve artifacts, report health."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Annotated, AsyncIterator, Literal
+
+import redis
+import redis.asyncio
+from fastapi import Body, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from api import problems
+from api.problems import InputProblem
+from blaze_jobs.artifacts import KEY_PATTERN, artifact_store, content_type
+from blaze_jobs.broker import queue_key, task_message
+from blaze_jobs.jobs import DiffusionJobCreate, Job, JobCreate, JobPage, JobStatus, job_view, new_record
+from blaze_jobs.settings import ENGINES, Settings, get_settings
+from blaze_jobs.store import AsyncJobStore, queue_create
+
+CURSOR = re.compile(r"^\d{1,20}$")
+PROBLEM = {"content": {problems.PROBLEM_JSON: {}}, "description": "A problem+json body naming the fault."}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API, configured by ``settings`` (by default the ``BLAZE_*`` environment)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        timeouts = {"socket_timeout": settings.redis_timeout_s, "socket_connect_timeout": settings.redis_timeout_s}
+        app.state.redis = redis.asyncio.Redis.from_url(settings.redis_url, **timeouts)
+        app.state.store = AsyncJobStore(app.state.redis, settings)
+        # Artifacts are read in FastAPI's thread pool through the same store workers write with.
+        app.state.artifacts = artifact_store(settings, redis.Redis.from_url(settings.redis_url, **timeouts))
+        yield
+        await app.state.redis.aclose()
+
+    app = FastAPI(
+        title="Blaze Jobs",
+        version="1",
+        summary="An asynchronous job queue for generative AI.",
+        lifespan=lifespan,
+        responses={422: PROBLEM, 503: PROBLEM},
+    )
+    problems.install(app)
+
+    def base_url(request: Request) -> str:
+        return settings.public_url or str(request.base_url).rstrip("/")
+
+    @app.post("/v1/jobs", status_code=202, response_model=Job, responses={202: {"headers": {"Location": {}}}})
+    async def create_job(request: Request, body: Annotated[JobCreate, Body()]) -> JSONResponse:
+        """Accept a job: it is queued for a worker of its engine and answered at once."""
+        # 1. Bounds that belong to the deployment, not the schema.
+        engine = body.engine
+        model = body.model or settings.default_model(engine)
+        if model not in settings.allowed_models(engine):
+            raise InputProblem("model", f"unknown model {model!r} for engine {engine}; known: {settings.allowed_models(engine)}")
+        check_bounds(body, settings)
+        # 2. Store the job and publish its Celery message in one round trip.
+        job_id = str(uuid.uuid4())
+        job_input = body.input.model_dump(exclude_none=True)
+        record = new_record(job_id=job_id, engine=engine, model=model, input=job_input, created_at=time.time())
+        store: AsyncJobStore = request.app.state.store
+        async with store.redis.pipeline(transaction=True) as pipe:
+            queue_create(pipe, store.keys, record, ttl_s=settings.job_ttl_s)
+            pipe.lpush(queue_key(settings, engine), task_message(job_id=job_id, engine=engine, input=job_input))
+            await pipe.execute()
+        view = job_view(record, base_url=base_url(request))
+        return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["get"]})
+
+    @app.get("/v1/jobs/{job_id}", response_model=Job, responses={404: PROBLEM})
+    async def get_job(request: Request, job_id: str) -> JSONResponse:
+        """The job as it stands now."""
+        record = await request.app.state.store.get(job_id)
+        return JSONResponse(job_view(record, base_url=base_url(request)))
+
+    @app.get("/v1/jobs", response_model=JobPage)
+    async def list_jobs(
+        request: Request,
+        status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
+        engine: Annotated[Literal[ENGINES] | None, Query(description="Only jobs of this engine.")] = None,  # type: ignore[valid-type]
+        limit: Annotated[int, Query(ge=1, description="Page size, at most BLAZE_LIST_LIMIT_MAX.")] = 50,
+        cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    ) -> JSONResponse:
+        """Jobs, newest first, a page at a time."""
+        if limit > settings.list_limit_max:
+            raise InputProblem("limit", f"must be at most {settings.list_limit_max}")
+        if cursor is not None and not CURSOR.match(cursor):
+            raise InputProblem("cursor", "not a cursor this API returned")
+        records, next_cursor = await request.app.state.store.list(
+            status=status.value if status else None, engine=engine, limit=limit, cursor=cursor
+        )
+        root = base_url(request)
+        return JSONResponse({"jobs": [job_view(r, base_url=root) for r in records], "next_cursor": next_cursor})
+
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=Job, responses={404: PROBLEM, 409: PROBLEM})
+    async def cancel_job(request: Request, job_id: str) -> JSONResponse:
+        """Cancel a queued job (it never runs) or a running one (it stops at its next step).
+        409 when the job already ended."""
+        store: AsyncJobStore = request.app.state.store
+        await store.cancel(job_id)
+        return JSONResponse(job_view(await store.get(job_id), base_url=base_url(request)))
+
+    @app.get(
+        "/v1/artifacts/{key}",
+        responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, 404: PROBLEM},
+        response_class=Response,
+    )
+    def get_artifact(request: Request, key: str) -> Response:
+        """A file a job produced, by its content address."""
+        data = request.app.state.artifacts.get(key) if KEY_PATTERN.match(key) else None
+        if data is None:
+            return problems.problem(404, "Artifact not found", f"no artifact {key!r} (or its retention ran out)")
+        # Content-addressed: the bytes behind a key never change.
+        return Response(data, media_type=content_type(key), headers={"Cache-Control": "public, max-age=31536000, immutable"})
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The API process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: PROBLEM})
+    async def readyz(request: Request) -> JSONResponse:
+        """The API can reach Redis, so it can accept jobs."""
+        await request.app.state.redis.ping()
+        return JSONResponse({"status": "ready"})
+
+    return app
+
+
+def check_bounds(body: JobCreate, settings: Settings) -> None:
+    """Reject input beyond this deployment's bounds, naming the field."""
+    if isinstance(body, DiffusionJobCreate):
+        job = body.input
+        limits = (
+            ("input.prompt", len(job.prompt), settings.max_prompt_chars, "characters"),
+            ("input.negative_prompt", len(job.negative_prompt or ""), settings.max_prompt_chars, "characters"),
+            ("input.width", job.width or 0, settings.max_width, "pixels"),
+            ("input.height", job.height or 0, settings.max_height, "pixels"),
+            ("input.num_inference_steps", job.num_inference_steps, settings.max_steps, "steps"),
+            ("input.num_outputs", job.num_outputs, settings.max_outputs, "images"),
+        )
+        for field, value, bound, unit in limits:
+            if value > bound:
+                raise InputProblem(field, f"{value} exceeds the limit of {bound} {unit}")
+        if job.width and job.height and job.width * job.height > settings.max_pixels:
+            raise InputProblem("input.width", f"{job.width}x{job.height} exceeds the limit of {settings.max_pixels} pixels")
+    elif body.input.sleep_ms > settings.max_sleep_ms:
+        raise InputProblem("input.sleep_ms", f"{body.input.sleep_ms} exceeds the limit of {settings.max_sleep_ms} ms")

@@ -1,0 +1,204 @@
+"""``blaze``: run Blaze Jobs (demo, up, api, worker, flower) and talk to its API (submit,
+status, cancel). Every part is configured by ``BLAZE_*`` environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from blaze_jobs.client import APIError, BlazeClient
+from blaze_jobs.settings import ENGINES, get_settings
+
+
+def _exec(argv: list[str]) -> None:
+    """Become the given Python module's process, keeping this pid (so stopping it by pid works)."""
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, *argv])
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    _exec(["-m", "api", "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)])
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    argv = ["-m", "workers.engine", "--engine", args.engine, "--concurrency", str(args.concurrency)]
+    if args.device:
+        argv += ["--device", args.device]
+    _exec(argv)
+    return 0
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    argv = ["-m", "celery", "-A", "blaze_jobs.celery_app:app", "flower", f"--port={args.port}", f"--address={args.host}"]
+    auth = get_settings().flower_basic_auth
+    if auth:
+        argv.append(f"--basic-auth={auth}")
+    _exec(argv)
+    return 0
+
+
+def parse_inputs(pairs: list[str]) -> dict[str, Any]:
+    """``["prompt=a red fox", "seed=7"]`` -> ``{"prompt": "a red fox", "seed": 7}``: values
+    that read as JSON (numbers, true, objects) are taken as JSON, anything else as text."""
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--input {pair!r}: expected NAME=VALUE")
+        try:
+            result[name] = json.loads(value)
+        except ValueError:
+            result[name] = value
+    return result
+
+
+def timeline(job: dict[str, Any]) -> str:
+    """The job's life as lines a person reads: when it was queued, started and finished."""
+
+    def clock(value: str | None) -> str:
+        return datetime.fromisoformat(value).astimezone().strftime("%H:%M:%S.%f")[:-3] if value else "-"
+
+    metrics = job["metrics"]
+    lines = [f"job {job['id']} {job['status']} (engine {job['engine']}, model {job['model']})"]
+    lines.append(f"  queued    {clock(job['created_at'])}")
+    if job["started_at"]:
+        lines.append(f"  started   {clock(job['started_at'])}   queue time {metrics['queue_time_s']:.3f} s")
+    if job["completed_at"]:
+        run = f"   run time   {metrics['run_time_s']:.3f} s" if metrics["run_time_s"] is not None else ""
+        lines.append(f"  finished  {clock(job['completed_at'])}{run}")
+    if job["error"]:
+        lines.append(f"  error     {job['error']['type']}: {job['error']['message']}")
+    return "\n".join(lines)
+
+
+def save_images(client: BlazeClient, job: dict[str, Any], out: Path) -> list[Path]:
+    """Write the job's images to ``out`` (``out-1.png`` … when there are several)."""
+    images = (job.get("output") or {}).get("images", [])
+    paths = []
+    for i, image in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+        path.write_bytes(client.download(image["url"]))
+        paths.append(path)
+    return paths
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    with BlazeClient(get_settings().api_url) as client:
+        job = client.submit(args.engine, parse_inputs(args.input), model=args.model)
+        if not args.wait and not args.out:
+            print(json.dumps(job, indent=2))
+            return 0
+        print(f"submitted job {job['id']}", file=sys.stderr)
+        job = client.wait(job["id"], timeout=args.timeout)
+        print(timeline(job))
+        if args.out and job["status"] == "succeeded":
+            for path in save_images(client, job, Path(args.out)):
+                print(f"wrote {path}")
+        return 0 if job["status"] == "succeeded" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with BlazeClient(get_settings().api_url) as client:
+        print(json.dumps(client.get(args.job_id), indent=2))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with BlazeClient(get_settings().api_url) as client:
+        job = client.cancel(args.job_id)
+    print(f"job {job['id']} {job['status']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from blaze_jobs.stack import run_demo
+
+    return run_demo(args.prompt, out=Path(args.out), timeout=args.timeout)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from blaze_jobs.stack import run_up
+
+    return run_up(api_port=args.port, flower_port=args.flower_port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blaze", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="start everything, make one image end to end, stop")
+    demo.add_argument("prompt", help="what the image should show")
+    demo.add_argument("--out", default="blaze-demo.png", help="where to write the image")
+    demo.add_argument("--timeout", type=float, default=600, help="seconds to wait for the job")
+    demo.set_defaults(func=cmd_demo)
+
+    up = commands.add_parser("up", help="start Redis (if needed), the API, workers and Flower; stop on Ctrl-C")
+    up.add_argument("--port", type=int, default=8000, help="API port")
+    up.add_argument("--flower-port", type=int, default=5555)
+    up.set_defaults(func=cmd_up)
+
+    api = commands.add_parser("api", help="serve the HTTP API")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1, help="uvicorn processes")
+    api.set_defaults(func=cmd_api)
+
+    worker = commands.add_parser("worker", help="run jobs of one engine on one device")
+    worker.add_argument("--engine", required=True, choices=ENGINES)
+    worker.add_argument("--device", help="cpu, cuda:0 … (default BLAZE_DEVICE)")
+    worker.add_argument("--concurrency", type=int, default=1, help="jobs held at once")
+    worker.set_defaults(func=cmd_worker)
+
+    flower = commands.add_parser("flower", help="serve Flower, the Celery monitor")
+    flower.add_argument("--host", default="127.0.0.1")
+    flower.add_argument("--port", type=int, default=5555)
+    flower.set_defaults(func=cmd_flower)
+
+    submit = commands.add_parser("submit", help="submit a job over HTTP (BLAZE_API_URL)")
+    submit.add_argument("--engine", required=True, choices=ENGINES)
+    submit.add_argument("--model")
+    submit.add_argument("--input", action="append", default=[], metavar="NAME=VALUE", help="an input field (repeat)")
+    submit.add_argument("--wait", action="store_true", help="wait for the job to end and print its timeline")
+    submit.add_argument("--out", help="write the job's image here (implies --wait)")
+    submit.add_argument("--timeout", type=float, default=600)
+    submit.set_defaults(func=cmd_submit)
+
+    status = commands.add_parser("status", help="print a job")
+    status.add_argument("job_id")
+    status.set_defaults(func=cmd_status)
+
+    cancel = commands.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(func=cmd_cancel)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except APIError as error:
+        print(f"blaze: {error}", file=sys.stderr)
+        for problem in error.problem.get("errors", []):
+            print(f"  {problem['field']}: {problem['message']}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as error:
+        print(f"blaze: cannot reach the API at {get_settings().api_url}: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, TimeoutError, OSError, RuntimeError) as error:
+        print(f"blaze: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

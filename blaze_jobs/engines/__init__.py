@@ -1,0 +1,24 @@
+"""Engines turn a job's input into its output on a device. Heavy libraries (torch,
+diffusers) are imported only when a worker creates its engine, never by the API."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from blaze_jobs.settings import Settings
+
+if TYPE_CHECKING:
+    from blaze_jobs.engines.base import Engine
+
+
+def create_engine(name: str, settings: Settings, *, device: str | None = None) -> "Engine":
+    """The engine a worker for ``name`` runs."""
+    if name == "diffusion":
+        from blaze_jobs.engines.diffusion import DiffusionEngine
+
+        return DiffusionEngine(model_dir=settings.model_dir, device=device or settings.device)
+    if name == "echo":
+        from blaze_jobs.engines.echo import EchoEngine
+
+        return EchoEngine()
+    raise ValueError(f"unknown engine {name!r}")

@@ -1,0 +1,73 @@
+"""What every engine offers the worker: batch keys, a batched run, and clean-up.
+
+Kept free of heavy imports (torch, diffusers) so the API and tests can import it cheaply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A file an engine produced; the worker stores it and puts its URL in the job's output."""
+
+    data: bytes = field(repr=False)
+    content_type: str  # e.g. "image/png"
+    extension: str  # e.g. "png", without the dot
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. {"width": 64, "height": 64, "seed": 7}
+
+    @property
+    def size(self) -> int:
+        """The artifact's length in bytes."""
+        return len(self.data)
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass
+class EngineRequest:
+    """One job's work as an engine sees it: the model, the validated input and two hooks."""
+
+    job_id: str
+    model: str  # e.g. "builtin:tiny-sd", a local path or a Hugging Face id
+    input: dict[str, Any]  # validated by the API; optional keys may be missing or None
+    should_stop: Callable[[], bool] = _never  # polled at each step; True ends the job with JobCanceled
+    on_progress: Callable[[int, int], None] | None = None  # called with (step, total)
+
+
+class Engine:
+    """The base of the engines (diffusion, llm, echo) a worker runs jobs with."""
+
+    name: ClassVar[str]
+
+    def batch_key(self, request: EngineRequest) -> tuple:
+        """Requests whose keys are equal may run together in one ``run_batch`` call."""
+        # Safe default for engines that cannot batch: every request is alone.
+        return (self.name, request.job_id)
+
+    def run_batch(self, requests: list[EngineRequest]) -> list[dict[str, Any] | BaseException]:
+        """Run ``requests`` together and return one result per request, in order.
+
+        A result is the request's output (a JSON-able dict whose values may include
+        Artifacts, also nested in lists or dicts) or the exception that failed only that
+        request; an exception raised out of ``run_batch`` fails the whole batch.
+        """
+        raise NotImplementedError
+
+    def run(self, request: EngineRequest) -> dict[str, Any]:
+        """Run one request alone and return its output, raising its error if it failed."""
+        (result,) = self.run_batch([request])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def prepare(self, model: str) -> None:
+        """Load ``model`` ahead of its first job, so a worker starts warm."""
+
+    def close(self) -> None:
+        """Free what the engine holds (models, device memory)."""

@@ -1,0 +1,320 @@
+"""Text-to-image with Stable Diffusion pipelines, several jobs per pipeline call."""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from blaze_jobs.engines.base import Artifact, Engine, EngineRequest
+from blaze_jobs.errors import BlazeError, JobCanceled, RequestError, WorkerFault
+from blaze_jobs.models import builtin_path
+
+logger = logging.getLogger(__name__)
+
+_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+@dataclass
+class _Job:
+    # A request with every default resolved, so that a retry reuses the same seeds.
+    request: EngineRequest
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    num_outputs: int
+    output_format: str
+
+    @property
+    def key(self) -> tuple:
+        return (self.request.model, self.width, self.height, self.steps, self.guidance_scale)
+
+
+class DiffusionEngine(Engine):
+    """Runs ``StableDiffusionPipeline`` jobs, keeping the last few pipelines loaded."""
+
+    name: ClassVar[str] = "diffusion"
+
+    def __init__(self, *, model_dir: Path, device: str = "cpu", max_loaded_models: int = 2) -> None:
+        self.model_dir = Path(model_dir)
+        self.device = device
+        self.max_loaded_models = max(1, max_loaded_models)
+        self._dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        self._pipelines: OrderedDict[str, StableDiffusionPipeline] = OrderedDict()
+        # Default (width, height) of each model ever loaded, kept after eviction: batch_key
+        # reads it without loading anything.
+        self._default_sizes: dict[str, tuple[int, int]] = {}
+        self._load_lock = threading.Lock()
+        # A pipeline call mutates its scheduler, and the device runs one batch at a time anyway.
+        self._run_lock = threading.Lock()
+
+    def loaded_models(self) -> list[str]:
+        """The models now in memory, least recently used first."""
+        with self._load_lock:
+            return list(self._pipelines)
+
+    def batch_key(self, request: EngineRequest) -> tuple:
+        """Model, size, steps and guidance scale: what one pipeline call must share.
+
+        A missing size resolves to the model's default once the model has been loaded;
+        before that it stays None, which only keeps such requests apart from ones that
+        name the default size explicitly.
+        """
+        data = request.input
+        width, height = data.get("width"), data.get("height")
+        default = self._default_sizes.get(request.model)
+        if default is not None:
+            width, height = width or default[0], height or default[1]
+        steps = data.get("num_inference_steps") or 20
+        guidance = data.get("guidance_scale")
+        return (request.model, width, height, steps, 7.5 if guidance is None else float(guidance))
+
+    def run_batch(self, requests: list[EngineRequest]) -> list[dict[str, Any] | BaseException]:
+        """Generate every request's images, with one pipeline call per batch key."""
+        results: list[dict[str, Any] | BaseException | None] = [None] * len(requests)
+        # 1. Load each model once and resolve every request's defaults against it.
+        jobs: dict[int, _Job] = {}
+        pipes: dict[str, StableDiffusionPipeline] = {}
+        for model in dict.fromkeys(r.model for r in requests):
+            members = [i for i, r in enumerate(requests) if r.model == model]
+            try:
+                pipes[model] = self._pipeline(model)
+            except BlazeError as exc:
+                for i in members:
+                    results[i] = exc
+                continue
+            for i in members:
+                try:
+                    jobs[i] = _resolve(requests[i], default_size=self._default_sizes[model])
+                except RequestError as exc:
+                    results[i] = exc
+        # 2. One pipeline call per group of equal keys (a caller normally sends one group).
+        groups: dict[tuple, list[int]] = {}
+        for i, job in jobs.items():
+            groups.setdefault(job.key, []).append(i)
+        for members in groups.values():
+            outputs = self._run_group(pipes[requests[members[0]].model], [jobs[i] for i in members])
+            for i, output in zip(members, outputs):
+                results[i] = output
+        return results  # type: ignore[return-value]  # every slot is filled above
+
+    def close(self) -> None:
+        """Drop every loaded pipeline and release cached device memory."""
+        with self._load_lock:
+            self._pipelines.clear()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    # --- loading ------------------------------------------------------------------------
+
+    def _pipeline(self, model: str) -> StableDiffusionPipeline:
+        with self._load_lock:
+            pipe = self._pipelines.get(model)
+            if pipe is not None:
+                self._pipelines.move_to_end(model)
+                return pipe
+            # Evict first, so the new model has the memory the old one held.
+            while len(self._pipelines) >= self.max_loaded_models:
+                evicted, _ = self._pipelines.popitem(last=False)
+                logger.info("evicted diffusion model %s", evicted)
+                if self.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            pipe = self._load(model)
+            self._pipelines[model] = pipe
+            self._default_sizes[model] = _default_size(pipe)
+            return pipe
+
+    def _load(self, model: str) -> StableDiffusionPipeline:
+        try:
+            path: str | Path = builtin_path(model, self.model_dir) if model.startswith("builtin:") else model
+            # The model was configured for this deployment (the API refuses others), so a
+            # failure here is this worker's: missing files, no network, no memory.
+            pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            # Cast after loading: diffusers 0.42 renamed from_pretrained's torch_dtype to
+            # dtype, and older versions ignore the new name without a word.
+            pipe = pipe.to(self.device, self._dtype)
+        except BlazeError:
+            raise
+        except Exception as exc:
+            raise WorkerFault(f"could not load diffusion model {model!r} on {self.device}: {exc}") from exc
+        logger.info("loaded diffusion model %s on %s", model, self.device)
+        return pipe
+
+    # --- running ------------------------------------------------------------------------
+
+    def _run_group(self, pipe: StableDiffusionPipeline, jobs: list[_Job]) -> list[dict[str, Any] | BaseException]:
+        try:
+            return self._generate(pipe, jobs)
+        except Exception as exc:
+            if len(jobs) == 1:
+                return [self._fault(exc, jobs[0])]
+            out_of_memory = _is_out_of_memory(exc)
+        # Retry only once out of the except block: its exception holds the failed call's
+        # tensors, which the smaller retries need the memory of.
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        if out_of_memory:
+            half = len(jobs) // 2
+            return self._run_group(pipe, jobs[:half]) + self._run_group(pipe, jobs[half:])
+        # Run each alone, so that one bad member fails only itself.
+        return [result for job in jobs for result in self._run_group(pipe, [job])]
+
+    def _fault(self, exc: Exception, job: _Job) -> BaseException:
+        if isinstance(exc, BlazeError):
+            return exc
+        if _is_out_of_memory(exc):
+            # Drop the traceback, and with it the tensors of the failed call.
+            exc.__traceback__ = None
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            what = f"{job.num_outputs} image(s) of {job.width}x{job.height}"
+            error: BlazeError = WorkerFault(f"out of memory generating {what} with {job.request.model!r} on {self.device}")
+        elif isinstance(exc, (ValueError, TypeError)):
+            # What the pipeline's own input checks raise.
+            error = RequestError(f"invalid input for {job.request.model!r}: {exc}")
+        else:
+            error = WorkerFault(f"diffusion pipeline failed with {job.request.model!r} on {self.device}: {exc!r}")
+        error.__cause__ = exc
+        return error
+
+    def _generate(self, pipe: StableDiffusionPipeline, jobs: list[_Job]) -> list[dict[str, Any] | BaseException]:
+        # 1. Jobs canceled while queued cost nothing.
+        stopped = [job.request.should_stop() for job in jobs]
+        running = [i for i, stop in enumerate(stopped) if not stop]
+        if not running:
+            return [JobCanceled(job.request.job_id) for job in jobs]
+        first = jobs[running[0]]
+
+        # 2. One prompt, seed and starting noise per image. The noise is drawn on the CPU from
+        # each image's own generator, so it is the same whatever the device and whatever else
+        # shares the batch. (The images then agree to about 2e-6 but not bit for bit: batched
+        # kernels sum in another order, so a rare 8-bit pixel value may differ by one.)
+        images_of = [(jobs[i], n) for i in running for n in range(jobs[i].num_outputs)]
+        generators = [torch.Generator(device="cpu").manual_seed(job.seed + n) for job, n in images_of]
+        shape = (1, pipe.unet.config.in_channels, first.height // pipe.vae_scale_factor, first.width // pipe.vae_scale_factor)
+        latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+
+        # 3. Report progress the way diffusers counts steps (a PNDM run of 20 steps makes 21
+        # UNet calls, the first a warm-up), and interrupt once every job wants to stop.
+        done = 0
+
+        def on_step_end(pipe: StableDiffusionPipeline, i: int, t: Any, kwargs: dict) -> dict:
+            nonlocal done
+            order, total = pipe.scheduler.order, pipe.num_timesteps
+            if i == total - 1 or (i + 1 > total - first.steps * order and (i + 1) % order == 0):
+                done += 1
+                for j in running:
+                    if not stopped[j] and jobs[j].request.on_progress is not None:
+                        jobs[j].request.on_progress(done, first.steps)
+            for j in running:
+                stopped[j] = stopped[j] or jobs[j].request.should_stop()
+            if all(stopped[j] for j in running):
+                pipe._interrupt = True  # diffusers skips the remaining steps
+            return kwargs
+
+        # 4. The pipeline call itself.
+        with self._run_lock, torch.inference_mode():
+            images = pipe(
+                prompt=[job.prompt for job, _ in images_of],
+                negative_prompt=[job.negative_prompt for job, _ in images_of],
+                width=first.width,
+                height=first.height,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance_scale,
+                generator=generators,
+                latents=latents.to(self.device, self._dtype),
+                output_type="pil",
+                callback_on_step_end=on_step_end,
+            ).images
+
+        # 5. Encode each job's images, unless it was canceled meanwhile.
+        results: list[dict[str, Any] | BaseException] = []
+        for i, job in enumerate(jobs):
+            if stopped[i] or job.request.should_stop():
+                results.append(JobCanceled(job.request.job_id))
+                continue
+            mine = [(image, job.seed + n) for image, (owner, n) in zip(images, images_of) if owner is job]
+            results.append({"images": [_encode(image, job, seed) for image, seed in mine]})
+        return results
+
+
+def _resolve(request: EngineRequest, *, default_size: tuple[int, int]) -> _Job:
+    # The API validated the input already; these checks guard direct callers and keep a
+    # bad value from failing a whole batch inside the pipeline.
+    data = request.input
+    prompt, negative = data.get("prompt"), data.get("negative_prompt") or ""
+    if not isinstance(prompt, str) or not isinstance(negative, str):
+        raise RequestError("prompt (required) and negative_prompt must be strings")
+    width = _int(data, "width", default_size[0], minimum=8)
+    height = _int(data, "height", default_size[1], minimum=8)
+    for field, value in (("width", width), ("height", height)):
+        if value % 8:
+            raise RequestError(f"{field}: must be a multiple of 8, got {value}")
+    seed = data.get("seed")
+    output_format = data.get("output_format") or "png"
+    if output_format not in _FORMATS:
+        raise RequestError(f"output_format: must be one of {sorted(_FORMATS)}, got {output_format!r}")
+    guidance = data.get("guidance_scale")
+    return _Job(
+        request=request,
+        prompt=prompt,
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        steps=_int(data, "num_inference_steps", 20, minimum=1),
+        guidance_scale=7.5 if guidance is None else float(guidance),
+        seed=secrets.randbits(32) if seed is None else _int(data, "seed", 0, minimum=0),
+        num_outputs=_int(data, "num_outputs", 1, minimum=1),
+        output_format=output_format,
+    )
+
+
+def _int(data: dict[str, Any], field: str, default: int, *, minimum: int) -> int:
+    value = data.get(field)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RequestError(f"{field}: must be an integer of at least {minimum}, got {value!r}")
+    return value
+
+
+def _default_size(pipe: StableDiffusionPipeline) -> tuple[int, int]:
+    size = pipe.unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    return width * pipe.vae_scale_factor, height * pipe.vae_scale_factor
+
+
+def _encode(image: Any, job: _Job, seed: int) -> Artifact:
+    buffer = io.BytesIO()
+    # PIL writes no timestamp or metadata unless asked, so equal pixels give equal bytes.
+    if job.output_format == "png":
+        image.save(buffer, format="PNG")
+    else:
+        image.save(buffer, format=job.output_format.upper(), quality=90)
+    return Artifact(
+        data=buffer.getvalue(),
+        content_type=_FORMATS[job.output_format],
+        extension=job.output_format,
+        meta={"width": image.width, "height": image.height, "seed": seed},
+    )
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    # CUDA says "out of memory"; the CPU allocator says "can't allocate memory".
+    message = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+    )

@@ -1,0 +1,205 @@
+"""The job: its status, the requests that create one, and the record clients see.
+
+The request models are the public contract of ``POST /v1/jobs``; every field is documented
+because FastAPI turns these docstrings and descriptions into the OpenAPI page at ``/docs``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def ended(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
+
+
+# --- what a client sends ----------------------------------------------------------------
+
+
+class DiffusionInput(BaseModel):
+    """Input of an image job. Bounds beyond the ones shown are deployment settings
+    (``BLAZE_MAX_WIDTH``, ``BLAZE_MAX_PIXELS``, ``BLAZE_MAX_STEPS`` …)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, description="What the image should show.")
+    negative_prompt: str | None = Field(None, description="What the image should avoid.")
+    width: int | None = Field(
+        None, ge=8, multiple_of=8, description="Width in pixels, a multiple of 8. Defaults to the model's own size."
+    )
+    height: int | None = Field(
+        None, ge=8, multiple_of=8, description="Height in pixels, a multiple of 8. Defaults to the model's own size."
+    )
+    num_inference_steps: int = Field(20, ge=1, description="Denoising steps; more is slower and finer.")
+    guidance_scale: float = Field(7.5, ge=0, le=50, description="How strongly the image follows the prompt.")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**32 - 1,
+        description="Random seed. The same seed and input give the same image bytes. "
+        "Drawn at random (and reported in the output) when absent.",
+    )
+    num_outputs: int = Field(1, ge=1, description="How many images; image i uses seed + i.")
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the images.")
+
+
+class EchoInput(BaseModel):
+    """Input of an echo job: any fields, returned unchanged as the output. For smoke tests
+    and benchmarks of the queue itself."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    sleep_ms: int = Field(0, ge=0, description="Wait this long before answering (bounded by BLAZE_MAX_SLEEP_MS).")
+
+
+class _JobCreateBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Model id or path; the engine's default when absent.")
+
+
+class DiffusionJobCreate(_JobCreateBase):
+    """An image job, run by a diffusers pipeline."""
+
+    engine: Literal["diffusion"] = Field(description="Which engine runs the job.")
+    input: DiffusionInput
+
+
+class EchoJobCreate(_JobCreateBase):
+    """An echo job: the output is the input."""
+
+    engine: Literal["echo"] = Field(description="Which engine runs the job.")
+    input: EchoInput = Field(default_factory=EchoInput)
+
+
+JobCreate = Annotated[Union[DiffusionJobCreate, EchoJobCreate], Field(discriminator="engine")]
+
+
+# --- what a client reads ----------------------------------------------------------------
+
+
+class JobError(BaseModel):
+    type: str = Field(description="`request` (the input was at fault), `worker_fault` or `internal`.")
+    message: str
+
+
+class JobMetrics(BaseModel):
+    queue_time_s: float | None = Field(None, description="From creation to the start of the run.")
+    run_time_s: float | None = Field(None, description="From the start of the run to its end.")
+    batch_size: int | None = Field(None, description="How many jobs ran together in the job's batch.")
+
+
+class JobUrls(BaseModel):
+    get: str
+    cancel: str
+
+
+class Job(BaseModel):
+    """A job as clients see it."""
+
+    id: str = Field(description="Job id; also the Celery task id, so Flower shows the same id.")
+    engine: str
+    model: str
+    status: JobStatus
+    input: dict[str, Any]
+    output: dict[str, Any] | None = Field(
+        None, description="The result once succeeded; images are `{url, content_type, width, height, seed, sha256}`."
+    )
+    error: JobError | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    attempts: int = Field(0, description="How many times a worker started the job.")
+    metrics: JobMetrics
+    urls: JobUrls
+
+
+class JobPage(BaseModel):
+    jobs: list[Job]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null on the last.")
+
+
+# --- the record in Redis ----------------------------------------------------------------
+# A job is one Redis hash of flat string fields; structured fields hold JSON. Times are
+# Unix seconds as strings, so Lua and Python agree on them without parsing.
+
+JSON_FIELDS = ("input", "output", "error")
+
+
+def new_record(*, job_id: str, engine: str, model: str, input: dict[str, Any], created_at: float) -> dict[str, str]:
+    """The hash fields of a job just accepted."""
+    return {
+        "id": job_id,
+        "engine": engine,
+        "model": model,
+        "status": JobStatus.queued.value,
+        "input": json.dumps(input, separators=(",", ":")),
+        "created_at": repr(created_at),
+        "attempts": "0",
+    }
+
+
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromtimestamp(float(value), tz=timezone.utc) if value else None
+
+
+def _elapsed(start: str | None, end: str | None) -> float | None:
+    return round(float(end) - float(start), 6) if start and end else None
+
+
+def job_view(record: dict[str, str], *, base_url: str) -> dict[str, Any]:
+    """The JSON a client sees for a stored record. ``base_url`` makes URLs absolute."""
+    job_url = f"{base_url}/v1/jobs/{record['id']}"
+    output = json.loads(record["output"]) if record.get("output") else None
+    if output:
+        _absolute_urls(output, base_url)
+    return {
+        "id": record["id"],
+        "engine": record["engine"],
+        "model": record["model"],
+        "status": record["status"],
+        "input": json.loads(record["input"]),
+        "output": output,
+        "error": json.loads(record["error"]) if record.get("error") else None,
+        "created_at": _time(record["created_at"]).isoformat(),
+        "started_at": _iso(record.get("started_at")),
+        "completed_at": _iso(record.get("completed_at")),
+        "attempts": int(record.get("attempts") or 0),
+        "metrics": {
+            "queue_time_s": _elapsed(record["created_at"], record.get("started_at")),
+            "run_time_s": _elapsed(record.get("started_at"), record.get("completed_at")),
+            "batch_size": int(record["batch_size"]) if record.get("batch_size") else None,
+        },
+        "urls": {"get": job_url, "cancel": f"{job_url}/cancel"},
+    }
+
+
+def _iso(value: str | None) -> str | None:
+    moment = _time(value)
+    return moment.isoformat() if moment else None
+
+
+def _absolute_urls(value: Any, base_url: str) -> None:
+    # Workers store artifact URLs as paths, since they cannot know where the API is reached.
+    if isinstance(value, dict):
+        url = value.get("url")
+        if isinstance(url, str) and url.startswith("/"):
+            value["url"] = base_url + url
+        for item in value.values():
+            _absolute_urls(item, base_url)
+    elif isinstance(value, list):
+        for item in value:
+            _absolute_urls(item, base_url)

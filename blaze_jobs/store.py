@@ -1,0 +1,212 @@
+"""Job records in Redis: create, read, list, and move between statuses atomically.
+
+A job is a hash ``<prefix>job:<id>`` with the job's retention TTL. Sorted sets index jobs by
+creation time (all jobs, per status, per engine) for listing, newest first. Every status
+change goes through one Lua script, so a worker finishing a job and a client canceling it
+can never both win, and each change is published on ``<prefix>job-events:<id>`` for anyone
+waiting on the job.
+
+``JobStore`` serves workers and the CLI (blocking redis-py); the API uses
+``AsyncJobStore`` (redis.asyncio). Both share the keys, the script and the encoding here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+import redis
+import redis.asyncio
+
+from blaze_jobs.errors import JobConflict, JobNotFound
+from blaze_jobs.jobs import JobStatus
+from blaze_jobs.settings import Settings
+
+# KEYS[1] job hash. ARGV: prefix, statuses allowed before (comma-separated), new status,
+# "1" to count an attempt, then field/value pairs to set. Returns {1, old} when moved,
+# {0, current} when the job was in another status, {-1} when there is no such job.
+TRANSITION_LUA = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return {-1} end
+if not string.find(',' .. ARGV[2] .. ',', ',' .. current .. ',', 1, true) then return {0, current} end
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], 'status', ARGV[3], unpack(fields))
+if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+local id = redis.call('HGET', KEYS[1], 'id')
+local score = redis.call('HGET', KEYS[1], 'score')
+if current ~= ARGV[3] then
+  redis.call('ZREM', ARGV[1] .. 'idx:status:' .. current, id)
+  redis.call('ZADD', ARGV[1] .. 'idx:status:' .. ARGV[3], score, id)
+end
+redis.call('PUBLISH', ARGV[1] .. 'job-events:' .. id, ARGV[3])
+return {1, current}
+"""
+
+
+class Keys:
+    """Every Redis key the job store uses, under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.all = f"{prefix}idx:all"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    def status(self, status: str) -> str:
+        return f"{self.prefix}idx:status:{status}"
+
+    def engine(self, engine: str) -> str:
+        return f"{self.prefix}idx:engine:{engine}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}job-events:{job_id}"
+
+    def index_for(self, *, status: str | None, engine: str | None) -> str:
+        if status:
+            return self.status(status)
+        if engine:
+            return self.engine(engine)
+        return self.all
+
+
+def score_of(created_at: float) -> int:
+    """Index score: creation time in microseconds, the order ``GET /v1/jobs`` pages by."""
+    return int(created_at * 1_000_000)
+
+
+def queue_create(pipe: Any, keys: Keys, record: dict[str, str], *, ttl_s: int) -> None:
+    """Queue on a pipeline the commands that store a new job and index it."""
+    score = score_of(float(record["created_at"]))
+    record = {**record, "score": str(score)}
+    key = keys.job(record["id"])
+    pipe.hset(key, mapping=record)
+    pipe.expire(key, ttl_s)
+    for index in (keys.all, keys.status(record["status"]), keys.engine(record["engine"])):
+        pipe.zadd(index, {record["id"]: score})
+
+
+def transition_args(
+    keys: Keys, *, allowed: Iterable[JobStatus], to: JobStatus, count_attempt: bool, fields: dict[str, Any]
+) -> list[str]:
+    args = [keys.prefix, ",".join(s.value for s in allowed), to.value, "1" if count_attempt else "0"]
+    for name, value in fields.items():
+        args += [name, str(value)]
+    return args
+
+
+def transition_result(job_id: str, reply: list[Any], *, wanted: str) -> str:
+    """The status the job left; raises if the job is gone or was in another status."""
+    if reply[0] == -1:
+        raise JobNotFound(job_id)
+    current = reply[1].decode() if isinstance(reply[1], bytes) else reply[1]
+    if reply[0] == 0:
+        raise JobConflict(f"job {job_id} is {current}, cannot become {wanted}")
+    return current
+
+
+def decode(raw: dict[Any, Any]) -> dict[str, str]:
+    return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
+
+
+class JobStore:
+    """Blocking access to job records, for workers and the CLI."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self.keys = Keys(settings.redis_prefix)
+        self._transition = client.register_script(TRANSITION_LUA)
+
+    def create(self, record: dict[str, str]) -> None:
+        with self.redis.pipeline(transaction=True) as pipe:
+            queue_create(pipe, self.keys, record, ttl_s=self.settings.job_ttl_s)
+            pipe.execute()
+
+    def get(self, job_id: str) -> dict[str, str]:
+        record = decode(self.redis.hgetall(self.keys.job(job_id)))
+        if not record:
+            raise JobNotFound(job_id)
+        return record
+
+    def status(self, job_id: str) -> JobStatus | None:
+        value = self.redis.hget(self.keys.job(job_id), "status")
+        return JobStatus(value.decode()) if value else None
+
+    def transition(
+        self, job_id: str, *, allowed: Iterable[JobStatus], to: JobStatus, count_attempt: bool = False, **fields: Any
+    ) -> str:
+        """Move the job to ``to`` if it is in one of ``allowed``; returns the status it left."""
+        args = transition_args(self.keys, allowed=allowed, to=to, count_attempt=count_attempt, fields=fields)
+        return transition_result(job_id, self._transition(keys=[self.keys.job(job_id)], args=args), wanted=to.value)
+
+
+class AsyncJobStore:
+    """Non-blocking access to job records, for the API."""
+
+    def __init__(self, client: redis.asyncio.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self.keys = Keys(settings.redis_prefix)
+        self._transition = client.register_script(TRANSITION_LUA)
+
+    async def get(self, job_id: str) -> dict[str, str]:
+        record = decode(await self.redis.hgetall(self.keys.job(job_id)))
+        if not record:
+            raise JobNotFound(job_id)
+        return record
+
+    async def transition(
+        self, job_id: str, *, allowed: Iterable[JobStatus], to: JobStatus, **fields: Any
+    ) -> str:
+        args = transition_args(self.keys, allowed=allowed, to=to, count_attempt=False, fields=fields)
+        reply = await self._transition(keys=[self.keys.job(job_id)], args=args)
+        return transition_result(job_id, reply, wanted=to.value)
+
+    async def cancel(self, job_id: str) -> None:
+        """Cancel a queued or running job. A worker drops a canceled job when it takes it,
+        and stops a running one at its next step."""
+        now = repr(time.time())
+        try:
+            await self.transition(
+                job_id,
+                allowed=(JobStatus.queued, JobStatus.running),
+                to=JobStatus.canceled,
+                completed_at=now,
+                error='{"type":"canceled","message":"canceled by request"}',
+            )
+        except JobConflict as conflict:
+            raise JobConflict(f"job {job_id} already ended") from conflict
+
+    async def list(
+        self, *, status: str | None, engine: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[dict[str, str]], str | None]:
+        """A page of jobs, newest first, and the cursor of the next page (None on the last)."""
+        index = self.keys.index_for(status=status, engine=engine)
+        oldest = score_of(time.time() - self.settings.job_ttl_s)
+        # Index entries outlive their jobs by at most one retention period; drop them here.
+        await self.redis.zremrangebyscore(index, "-inf", f"({oldest}")
+        upper = f"({cursor}" if cursor else "+inf"
+        page: list[dict[str, str]] = []
+        # Filters the index cannot answer (engine under a status index, expired records)
+        # are applied here; fetch in rounds until the page is full or the index ends.
+        while len(page) <= limit:
+            ids = await self.redis.zrevrangebyscore(index, upper, oldest, start=0, num=limit + 1, withscores=True)
+            if not ids:
+                break
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, _ in ids:
+                    pipe.hgetall(self.keys.job(job_id.decode()))
+                raws = await pipe.execute()
+            for (job_id, score), raw in zip(ids, raws):
+                record = decode(raw)
+                if record and (engine is None or record["engine"] == engine):
+                    page.append(record)
+                    if len(page) > limit:
+                        break
+            if len(ids) <= limit:
+                break
+            upper = f"({int(ids[-1][1])}"
+        next_cursor = page[limit - 1]["score"] if len(page) > limit else None
+        return page[:limit], next_cursor

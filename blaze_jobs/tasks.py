@@ -1,0 +1,19 @@
+"""The Celery tasks: one per engine, each a thin call into ``blaze_jobs.worker``."""
+
+from __future__ import annotations
+
+from blaze_jobs.broker import task_name
+from blaze_jobs.celery_app import app
+from blaze_jobs.settings import ENGINES
+from blaze_jobs.worker import run_job
+
+
+def _task_for(engine: str) -> None:
+    # ``summary`` is only there so Flower shows a short prompt beside the job id.
+    @app.task(name=task_name(engine), acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def generate(job_id: str, summary: str = "") -> str:
+        return run_job(job_id, engine=engine)
+
+
+for _engine in ENGINES:
+    _task_for(_engine)

@@ -1,0 +1,117 @@
+"""Shared fixtures: a real Redis under a key prefix of this run's own, and a real stack
+(``blaze api``, ``blaze worker`` processes, Flower) started once per test session."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+import redis
+
+from blaze_jobs.client import BlazeClient
+from blaze_jobs.settings import Settings
+from blaze_jobs.stack import Stack, StackError, free_port
+
+#: The Redis the tests use; each run writes only under its own prefix and deletes it after.
+REDIS_URL = os.environ.get("BLAZE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+FLOWER_AUTH = "blaze:test-secret"
+
+
+def wait_until(condition: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail saying what was last seen."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}; last saw {last!r}")
+
+
+@pytest.fixture(scope="session")
+def redis_prefix() -> Iterator[str]:
+    prefix = f"blaze-test-{uuid.uuid4().hex[:8]}:"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Built-in models are built once per run and shared by every worker the tests start.
+    return Path(os.environ.get("BLAZE_TEST_MODEL_DIR") or tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def test_env(redis_prefix: str, model_dir: Path) -> dict[str, str]:
+    """The environment every process of the test stack runs with."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLAZE_")}
+    env.update(
+        BLAZE_REDIS_URL=REDIS_URL,
+        BLAZE_REDIS_PREFIX=redis_prefix,
+        BLAZE_MODEL_DIR=str(model_dir),
+        BLAZE_FLOWER_BASIC_AUTH=FLOWER_AUTH,
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def settings(test_env: dict[str, str]) -> Settings:
+    return Settings(redis_url=test_env["BLAZE_REDIS_URL"], redis_prefix=test_env["BLAZE_REDIS_PREFIX"])
+
+
+@pytest.fixture(scope="session")
+def stack(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """``blaze api``, a diffusion and an echo worker, and Flower, as real processes."""
+    with Stack(env=test_env, log_dir=tmp_path_factory.mktemp("stack-logs")) as running:
+        api_port, flower_port = free_port(), free_port()
+        flower = running.blaze("flower", "flower", "--port", str(flower_port))
+        api = running.blaze("api", "api", "--port", str(api_port))
+        diffusion = running.blaze("worker-diffusion", "worker", "--engine", "diffusion")
+        echo = running.blaze("worker-echo", "worker", "--engine", "echo")
+        api_url = f"http://127.0.0.1:{api_port}"
+        flower_url = f"http://127.0.0.1:{flower_port}"
+        try:
+            running.wait_http("the API", api, f"{api_url}/readyz", timeout=60)
+            user, password = FLOWER_AUTH.split(":")
+
+            flower_http = httpx.Client(base_url=flower_url, auth=(user, password), timeout=2)
+
+            def flower_sees_workers() -> bool:
+                try:
+                    # ?status=1 answers from the events Flower has seen (worker heartbeats).
+                    workers = flower_http.get("/api/workers", params={"status": 1})
+                except httpx.HTTPError:
+                    return False
+                return workers.status_code == 200 and sum(workers.json().values()) >= 2
+
+            # Both workers up and known to Flower: the diffusion one has loaded its model.
+            with flower_http:
+                running.wait_for("the workers (as Flower sees them)", diffusion, flower_sees_workers, timeout=150)
+            running.wait_for("the echo worker", echo, echo.alive, timeout=1)
+        except StackError as error:
+            pytest.fail(str(error))
+        yield {"api_url": api_url, "flower_url": flower_url, "flower_auth": (user, password), "stack": running}
+
+
+@pytest.fixture()
+def client(stack: dict[str, Any]) -> Iterator[BlazeClient]:
+    with BlazeClient(stack["api_url"]) as api:
+        yield api
+
+
+@pytest.fixture()
+def http(stack: dict[str, Any]) -> Iterator[httpx.Client]:
+    """Raw HTTP to the API, for checking status codes and headers."""
+    with httpx.Client(base_url=stack["api_url"], timeout=30) as session:
+        yield session

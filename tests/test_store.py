@@ -1,0 +1,203 @@
+"""The job store against a real Redis: the Lua transition decides every race, counts
+attempts, moves the status indexes and tells subscribers. Each test owns a fresh prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Iterator
+
+import pytest
+import redis
+import redis.asyncio
+
+from blaze_jobs.errors import JobConflict, JobNotFound
+from blaze_jobs.jobs import JobStatus, new_record
+from blaze_jobs.settings import Settings
+from blaze_jobs.store import AsyncJobStore, JobStore
+from tests.conftest import REDIS_URL
+
+pytestmark = pytest.mark.timeout(15)
+
+
+@pytest.fixture()
+def settings() -> Iterator[Settings]:
+    # Shadows the session fixture: this module needs no stack, only a prefix of its own.
+    prefix = f"blaze-test-store-{uuid.uuid4().hex[:8]}:"
+    yield Settings(redis_url=REDIS_URL, redis_prefix=prefix)
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture()
+def store(settings: Settings) -> Iterator[JobStore]:
+    client = redis.Redis.from_url(settings.redis_url)
+    yield JobStore(client, settings)
+    client.close()
+
+
+def queued_job(store: JobStore, *, engine: str = "echo") -> str:
+    job_id = str(uuid.uuid4())
+    store.create(new_record(job_id=job_id, engine=engine, model="builtin:echo", input={"n": 1}, created_at=time.time()))
+    return job_id
+
+
+def start(store: JobStore, job_id: str) -> str:
+    """What a worker does when it takes a job."""
+    return store.transition(
+        job_id, allowed=(JobStatus.queued,), to=JobStatus.running, count_attempt=True, started_at=repr(time.time())
+    )
+
+
+def finish(store: JobStore, job_id: str) -> str:
+    """What a worker does when the job's run ended well."""
+    return store.transition(
+        job_id, allowed=(JobStatus.running,), to=JobStatus.succeeded, output='{"n":1}', completed_at=repr(time.time())
+    )
+
+
+def cancel(settings: Settings, job_id: str) -> None:
+    """What the API does on ``POST /v1/jobs/{id}/cancel``."""
+
+    async def run() -> None:
+        client = redis.asyncio.Redis.from_url(settings.redis_url)
+        try:
+            await AsyncJobStore(client, settings).cancel(job_id)
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+def indexed_under(store: JobStore, job_id: str) -> list[str]:
+    return [s.value for s in JobStatus if store.redis.zscore(store.keys.status(s.value), job_id) is not None]
+
+
+def test_taking_a_job_marks_it_running_and_counts_an_attempt(store: JobStore) -> None:
+    # Given a queued job
+    job_id = queued_job(store)
+    assert store.get(job_id)["attempts"] == "0"
+
+    # When a worker takes it
+    left = start(store, job_id)
+
+    # Then it left queued, is running, and one attempt is counted with its start time
+    record = store.get(job_id)
+    assert left == "queued"
+    assert record["status"] == "running"
+    assert record["attempts"] == "1"
+    assert float(record["started_at"]) >= float(record["created_at"])
+    # And a second delivery of the same message cannot start it again
+    with pytest.raises(JobConflict):
+        start(store, job_id)
+    assert store.get(job_id)["attempts"] == "1"
+
+
+def test_a_cancel_that_lands_first_wins_over_the_workers_finish(store: JobStore, settings: Settings) -> None:
+    # Given a running job
+    job_id = queued_job(store)
+    start(store, job_id)
+
+    # When a client cancels it before the worker records its result
+    cancel(settings, job_id)
+
+    # Then the worker's finish is refused and the job stays canceled, with no output
+    with pytest.raises(JobConflict, match="canceled"):
+        finish(store, job_id)
+    record = store.get(job_id)
+    assert record["status"] == "canceled"
+    assert "output" not in record
+    assert json.loads(record["error"])["type"] == "canceled"
+
+
+def test_a_job_that_ended_cannot_be_canceled(store: JobStore, settings: Settings) -> None:
+    # Given a job a worker finished
+    job_id = queued_job(store)
+    start(store, job_id)
+    finish(store, job_id)
+
+    # When a client cancels it, Then that is a conflict and the job stays succeeded
+    with pytest.raises(JobConflict, match="already ended"):
+        cancel(settings, job_id)
+    assert store.get(job_id)["status"] == "succeeded"
+
+
+def test_moving_a_missing_job_raises_job_not_found(store: JobStore, settings: Settings) -> None:
+    # Given no such job (never created, or expired)
+    job_id = str(uuid.uuid4())
+
+    # When a worker or a client tries to move it, Then it is not found, and nothing is created
+    with pytest.raises(JobNotFound):
+        start(store, job_id)
+    with pytest.raises(JobNotFound):
+        cancel(settings, job_id)
+    with pytest.raises(JobNotFound):
+        store.get(job_id)
+    assert store.redis.exists(store.keys.job(job_id)) == 0
+    assert indexed_under(store, job_id) == []
+
+
+def test_every_transition_is_published_on_the_jobs_event_channel(store: JobStore, settings: Settings) -> None:
+    # Given a subscriber on the job's event channel, subscribed before anything happens
+    job_id = queued_job(store)
+    pubsub = store.redis.pubsub()
+    pubsub.subscribe(store.keys.events(job_id))
+    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+    assert store.keys.events(job_id) == f"{settings.redis_prefix}job-events:{job_id}"
+
+    # When the job starts and then is canceled
+    start(store, job_id)
+    cancel(settings, job_id)
+
+    # Then the subscriber hears both new statuses, in order
+    heard = []
+    deadline = time.monotonic() + 5
+    while len(heard) < 2 and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+        if message and message["type"] == "message":
+            heard.append(message["data"].decode())
+    pubsub.close()
+    assert heard == ["running", "canceled"]
+
+
+def test_a_refused_transition_publishes_nothing(store: JobStore) -> None:
+    # Given a subscriber on a job that already succeeded
+    job_id = queued_job(store)
+    start(store, job_id)
+    finish(store, job_id)
+    pubsub = store.redis.pubsub()
+    pubsub.subscribe(store.keys.events(job_id))
+    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+
+    # When a late duplicate tries to start it
+    with pytest.raises(JobConflict):
+        start(store, job_id)
+
+    # Then nobody is told anything
+    assert pubsub.get_message(timeout=0.3) is None
+    pubsub.close()
+
+
+def test_the_status_indexes_follow_the_job(store: JobStore, settings: Settings) -> None:
+    # Given a new job: it is indexed as queued, under its engine, and among all jobs
+    job_id = queued_job(store, engine="echo")
+    assert indexed_under(store, job_id) == ["queued"]
+    assert store.redis.zscore(store.keys.engine("echo"), job_id) is not None
+    assert store.redis.zscore(store.keys.all, job_id) is not None
+    score = store.redis.zscore(store.keys.status("queued"), job_id)
+
+    # When it starts, Then it moves from queued to running, keeping its creation-time score
+    start(store, job_id)
+    assert indexed_under(store, job_id) == ["running"]
+    assert store.redis.zscore(store.keys.status("running"), job_id) == score
+
+    # When it is canceled, Then it moves to canceled; the engine and all-jobs indexes keep it
+    cancel(settings, job_id)
+    assert indexed_under(store, job_id) == ["canceled"]
+    assert store.redis.zscore(store.keys.engine("echo"), job_id) == score
+    assert store.redis.zscore(store.keys.all, job_id) == score

@@ -1,0 +1,1 @@
+"""Worker processes: an engine worker per device, and (later) the webhook worker."""
