@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 from blaze_jobs.engines.base import Artifact, EngineRequest
 from blaze_jobs.engines.diffusion import DiffusionEngine
 from blaze_jobs.errors import JobCanceled, RequestError, WorkerFault
+from blaze_jobs.models import builtin_path
 
 MODEL = "builtin:tiny-sd"
 
@@ -120,7 +122,9 @@ def test_num_outputs_gives_consecutive_seeds(engine: DiffusionEngine) -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(("fmt", "content_type", "pil_format"), [("jpeg", "image/jpeg", "JPEG"), ("webp", "image/webp", "WEBP")])
+@pytest.mark.parametrize(
+    ("fmt", "content_type", "pil_format"), [("jpeg", "image/jpeg", "JPEG"), ("webp", "image/webp", "WEBP")]
+)
 def test_other_output_formats(engine: DiffusionEngine, fmt: str, content_type: str, pil_format: str) -> None:
     (image,) = engine.run(request("j", prompt="a tree", seed=5, output_format=fmt))["images"]
 
@@ -191,7 +195,9 @@ def test_a_member_failing_mid_batch_is_retried_alone(engine: DiffusionEngine) ->
         def on_progress(step: int, total: int) -> None:
             raise kind(message)
 
-        return EngineRequest(job_id="f", model=MODEL, input={"prompt": "p", "num_inference_steps": 4}, on_progress=on_progress)
+        return EngineRequest(
+            job_id="f", model=MODEL, input={"prompt": "p", "num_inference_steps": 4}, on_progress=on_progress
+        )
 
     results = engine.run_batch(
         [request("a", prompt="one"), failing("CUDA out of memory", RuntimeError), request("b", prompt="two")]
@@ -228,3 +234,27 @@ def test_unknown_and_unloadable_models(engine: DiffusionEngine) -> None:
     assert isinstance(missing, WorkerFault) and "/nonexistent/model" in str(missing)
     with pytest.raises(WorkerFault):
         engine.run(request("c", prompt="x", model="/nonexistent/model"))
+
+
+@pytest.mark.timeout(60)
+def test_two_builders_at_once_leave_one_whole_model(tmp_path: Path) -> None:
+    # Given an empty model dir, When two threads build the tiny model at the same moment
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: builtin_path(MODEL, tmp_path), range(2)))
+
+    # Then both get the same folder, the loser's copy is gone, and the model loads
+    assert paths == [tmp_path / "tiny-sd"] * 2
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-sd"]
+    engine = DiffusionEngine(model_dir=tmp_path)
+    assert "images" in engine.run(request("j", prompt="x"))
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_runs_share_one_loaded_pipeline(model_dir: Path) -> None:
+    engine = DiffusionEngine(model_dir=model_dir)
+
+    with ThreadPoolExecutor(3) as pool:
+        outputs = list(pool.map(lambda n: engine.run(request(str(n), prompt="same", seed=3)), range(3)))
+
+    assert engine.loaded_models() == [MODEL]
+    assert len({output["images"][0].data for output in outputs}) == 1

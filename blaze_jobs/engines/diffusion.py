@@ -180,8 +180,8 @@ class DiffusionEngine(Engine):
             exc.__traceback__ = None
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            what = f"{job.num_outputs} image(s) of {job.width}x{job.height}"
-            error: BlazeError = WorkerFault(f"out of memory generating {what} with {job.request.model!r} on {self.device}")
+            what = f"{job.num_outputs} image(s) of {job.width}x{job.height} with {job.request.model!r}"
+            error: BlazeError = WorkerFault(f"out of memory generating {what} on {self.device}")
         elif isinstance(exc, (ValueError, TypeError)):
             # What the pipeline's own input checks raise.
             error = RequestError(f"invalid input for {job.request.model!r}: {exc}")
@@ -204,7 +204,8 @@ class DiffusionEngine(Engine):
         # kernels sum in another order, so a rare 8-bit pixel value may differ by one.)
         images_of = [(jobs[i], n) for i in running for n in range(jobs[i].num_outputs)]
         generators = [torch.Generator(device="cpu").manual_seed(job.seed + n) for job, n in images_of]
-        shape = (1, pipe.unet.config.in_channels, first.height // pipe.vae_scale_factor, first.width // pipe.vae_scale_factor)
+        factor = pipe.vae_scale_factor
+        shape = (1, pipe.unet.config.in_channels, first.height // factor, first.width // factor)
         latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
 
         # 3. Report progress the way diffusers counts steps (a PNDM run of 20 steps makes 21
