@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -15,10 +16,12 @@ from fastapi.responses import JSONResponse, Response
 
 from api import problems
 from api.problems import InputProblem
+from blaze_jobs import cache
 from blaze_jobs.artifacts import KEY_PATTERN, artifact_store, content_type
 from blaze_jobs.broker import queue_key, task_message
 from blaze_jobs.jobs import DiffusionJobCreate, Job, JobCreate, JobPage, JobStatus, job_view, new_record
 from blaze_jobs.settings import ENGINES, Settings, get_settings
+from blaze_jobs.heartbeat import workers_index
 from blaze_jobs.store import AsyncJobStore, queue_create
 
 CURSOR = re.compile(r"^\d{1,20}$")
@@ -48,6 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     problems.install(app)
 
+    cache_keys = cache.CacheKeys(settings.redis_prefix)
+
     def base_url(request: Request) -> str:
         return settings.public_url or str(request.base_url).rstrip("/")
 
@@ -60,14 +65,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if model not in settings.allowed_models(engine):
             raise InputProblem("model", f"unknown model {model!r} for engine {engine}; known: {settings.allowed_models(engine)}")
         check_bounds(body, settings)
-        # 2. Store the job and publish its Celery message in one round trip.
         job_id = str(uuid.uuid4())
         job_input = body.input.model_dump(exclude_none=True)
         record = new_record(job_id=job_id, engine=engine, model=model, input=job_input, created_at=time.time())
         store: AsyncJobStore = request.app.state.store
+        # 2. A deterministic request computed before is born succeeded, with no worker involved.
+        cached = None
+        if body.cache == "bypass":
+            record["cache"] = "bypass"
+        elif cache.cacheable(engine, job_input):
+            key = cache.cache_key(engine=engine, model=model, input=job_input, settings=settings)
+            cached = await store.redis.get(cache_keys.entry(key))
+        # 3. Store the job and publish its Celery message (or its cached result) in one round trip.
         async with store.redis.pipeline(transaction=True) as pipe:
-            queue_create(pipe, store.keys, record, ttl_s=settings.job_ttl_s)
-            pipe.lpush(queue_key(settings, engine), task_message(job_id=job_id, engine=engine, input=job_input))
+            if cached is None:
+                queue_create(pipe, store.keys, record, ttl_s=settings.job_ttl_s)
+                pipe.lpush(queue_key(settings, engine), task_message(job_id=job_id, engine=engine, input=job_input))
+            else:
+                output = cached.decode()
+                now = repr(time.time())
+                record.update(status="succeeded", output=output, started_at=now, completed_at=now, cache_hit="1")
+                queue_create(pipe, store.keys, record, ttl_s=settings.job_ttl_s)
+                # The images outlive the new job as long as the job itself.
+                for artifact in cache.artifact_keys(json.loads(output), settings.redis_prefix):
+                    pipe.expire(artifact, settings.job_ttl_s)
             await pipe.execute()
         view = job_view(record, base_url=base_url(request))
         return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["get"]})
@@ -117,6 +138,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return problems.problem(404, "Artifact not found", f"no artifact {key!r} (or its retention ran out)")
         # Content-addressed: the bytes behind a key never change.
         return Response(data, media_type=content_type(key), headers={"Cache-Control": "public, max-age=31536000, immutable"})
+
+    @app.get("/v1/workers")
+    async def list_workers(request: Request) -> JSONResponse:
+        """Live workers: engine, device, breaker state and counts, loaded models, batches run,
+        last heartbeat. A worker that stops beating drops out within three lease thirds."""
+        client = request.app.state.redis
+        names = [n.decode() for n in await client.zrangebyscore(workers_index(settings), time.time() - settings.lease_s, "+inf")]
+        states = await client.mget([settings.key("worker", n) for n in names]) if names else []
+        return JSONResponse({"workers": [json.loads(s) for s in states if s]})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -29,9 +29,10 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    argv = ["-m", "workers.engine", "--engine", args.engine, "--concurrency", str(args.concurrency)]
-    if args.device:
-        argv += ["--device", args.device]
+    argv = ["-m", "workers.engine", "--engine", args.engine]
+    for flag, value in (("--device", args.device), ("--max-batch", args.max_batch), ("--max-wait-ms", args.max_wait_ms), ("--concurrency", args.concurrency)):
+        if value is not None:
+            argv += [flag, str(value)]
     _exec(argv)
     return 0
 
@@ -154,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run jobs of one engine on one device")
     worker.add_argument("--engine", required=True, choices=ENGINES)
     worker.add_argument("--device", help="cpu, cuda:0 … (default BLAZE_DEVICE)")
-    worker.add_argument("--concurrency", type=int, default=1, help="jobs held at once")
+    worker.add_argument("--max-batch", type=int, help="most jobs in one batch (default BLAZE_MAX_BATCH)")
+    worker.add_argument("--max-wait-ms", type=float, help="longest wait for a fuller batch (default BLAZE_MAX_WAIT_MS)")
+    worker.add_argument("--concurrency", type=int, help="task threads (default: the max batch)")
     worker.set_defaults(func=cmd_worker)
 
     flower = commands.add_parser("flower", help="serve Flower, the Celery monitor")

@@ -69,6 +69,11 @@ class _JobCreateBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="Model id or path; the engine's default when absent.")
+    cache: Literal["use", "bypass"] = Field(
+        "use",
+        description="`use`: a deterministic request (seed given) computed before answers at once from the "
+        "cache; `bypass`: always compute.",
+    )
 
 
 class DiffusionJobCreate(_JobCreateBase):
@@ -100,6 +105,7 @@ class JobMetrics(BaseModel):
     queue_time_s: float | None = Field(None, description="From creation to the start of the run.")
     run_time_s: float | None = Field(None, description="From the start of the run to its end.")
     batch_size: int | None = Field(None, description="How many jobs ran together in the job's batch.")
+    cache_hit: bool = Field(False, description="The output came from the cache; no device computed it.")
 
 
 class JobUrls(BaseModel):
@@ -182,6 +188,7 @@ def job_view(record: dict[str, str], *, base_url: str) -> dict[str, Any]:
             "queue_time_s": _elapsed(record["created_at"], record.get("started_at")),
             "run_time_s": _elapsed(record.get("started_at"), record.get("completed_at")),
             "batch_size": int(record["batch_size"]) if record.get("batch_size") else None,
+            "cache_hit": record.get("cache_hit") == "1",
         },
         "urls": {"get": job_url, "cancel": f"{job_url}/cancel"},
     }

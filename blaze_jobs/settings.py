@@ -62,6 +62,37 @@ class Settings(BaseSettings):
     #: The echo engine sleeps at most this long (it exists for tests and benchmarks).
     max_sleep_ms: int = 60_000
 
+    # --- workers: batching, faults, leases ------------------------------------------------
+    #: Most jobs one batch holds; a worker runs this many task threads so it can fill one.
+    max_batch: int = 8
+    #: How long the oldest job of a partial batch waits for companions: 50 ms is noise next
+    #: to a denoising run and enough for a saturated queue to deliver a full batch.
+    max_wait_ms: float = 50.0
+    #: A batch still running after this long is a worker fault (a hung device).
+    batch_timeout_s: float = 600.0
+    #: Times a job may start before worker faults fail it for good.
+    max_attempts: int = 3
+    #: Worker faults in a row that open a worker's breaker.
+    breaker_failures: int = 3
+    #: First cool-down of an open breaker; it doubles on each failed probe, up to the max.
+    breaker_cooldown_s: float = 30.0
+    breaker_max_cooldown_s: float = 600.0
+    #: A running job's lease: its worker renews it every third of this; when a worker dies,
+    #: any live worker hands the job to the queue again once the lease has run out.
+    lease_s: float = 30.0
+    #: Most models one worker keeps loaded (least recently used leave first).
+    max_loaded_models: int = 2
+
+    # --- cache --------------------------------------------------------------------------
+    #: How long a deterministic result is reused (it also keeps its images alive).
+    cache_ttl_s: int = 3_600
+    #: Bound on L2 entries in Redis; the oldest are dropped first.
+    cache_max_entries: int = 10_000
+    #: Entries of each process's in-memory L1.
+    cache_local_entries: int = 256
+    #: Revisions of models given by path or id (JSON object), so a new revision misses the cache.
+    model_revisions: dict[str, str] = Field(default_factory=dict)
+
     # --- Celery -------------------------------------------------------------------------
     #: Seconds before Redis hands an unacknowledged job to another worker. It must exceed
     #: the longest job plus its queue wait, or a long job would run twice: 12 hours.

@@ -12,6 +12,7 @@ waiting on the job.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Iterable
 
@@ -22,24 +23,37 @@ from blaze_jobs.errors import JobConflict, JobNotFound
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.settings import Settings
 
-# KEYS[1] job hash. ARGV: prefix, statuses allowed before (comma-separated), new status,
-# "1" to count an attempt, then field/value pairs to set. Returns {1, old} when moved,
-# {0, current} when the job was in another status, {-1} when there is no such job.
+# KEYS[1] is the job hash; ARGV[1] the key prefix; ARGV[2] a JSON spec:
+#   from: statuses the job may be in; to: the new status; attempt: count a start;
+#   fields: hash fields to set; attempts: only if the attempt count is this (a stale worker
+#   cannot finish a job that was handed to another); lease: {key, owner, ms} to take, or
+#   release: a lease key to drop; unleased: move only if this lease key is gone (its worker
+#   died); push: {key, message} to RPUSH onto a queue in the same step, so a requeued job
+#   can never be left without a message.
+# Returns {1, old status} when moved, {0, current status} when not, {-1} when no such job.
 TRANSITION_LUA = """
+local spec = cjson.decode(ARGV[2])
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {-1} end
-if not string.find(',' .. ARGV[2] .. ',', ',' .. current .. ',', 1, true) then return {0, current} end
-local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], 'status', ARGV[3], unpack(fields))
-if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+local allowed = false
+for _, status in ipairs(spec['from']) do if status == current then allowed = true end end
+if not allowed then return {0, current} end
+if spec['attempts'] and redis.call('HGET', KEYS[1], 'attempts') ~= spec['attempts'] then return {0, current} end
+if spec['unleased'] and redis.call('EXISTS', spec['unleased']) == 1 then return {0, current} end
+local args = {'status', spec['to']}
+for name, value in pairs(spec['fields'] or {}) do args[#args + 1] = name; args[#args + 1] = value end
+redis.call('HSET', KEYS[1], unpack(args))
+if spec['attempt'] then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+if spec['lease'] then redis.call('SET', spec['lease']['key'], spec['lease']['owner'], 'PX', spec['lease']['ms']) end
+if spec['release'] then redis.call('DEL', spec['release']) end
+if spec['push'] then redis.call('RPUSH', spec['push']['key'], spec['push']['message']) end
 local id = redis.call('HGET', KEYS[1], 'id')
 local score = redis.call('HGET', KEYS[1], 'score')
-if current ~= ARGV[3] then
+if current ~= spec['to'] then
   redis.call('ZREM', ARGV[1] .. 'idx:status:' .. current, id)
-  redis.call('ZADD', ARGV[1] .. 'idx:status:' .. ARGV[3], score, id)
+  redis.call('ZADD', ARGV[1] .. 'idx:status:' .. spec['to'], score, id)
 end
-redis.call('PUBLISH', ARGV[1] .. 'job-events:' .. id, ARGV[3])
+redis.call('PUBLISH', ARGV[1] .. 'job-events:' .. id, spec['to'])
 return {1, current}
 """
 
@@ -59,6 +73,9 @@ class Keys:
 
     def engine(self, engine: str) -> str:
         return f"{self.prefix}idx:engine:{engine}"
+
+    def lease(self, job_id: str) -> str:
+        return f"{self.prefix}lease:{job_id}"
 
     def events(self, job_id: str) -> str:
         return f"{self.prefix}job-events:{job_id}"
@@ -87,13 +104,10 @@ def queue_create(pipe: Any, keys: Keys, record: dict[str, str], *, ttl_s: int) -
         pipe.zadd(index, {record["id"]: score})
 
 
-def transition_args(
-    keys: Keys, *, allowed: Iterable[JobStatus], to: JobStatus, count_attempt: bool, fields: dict[str, Any]
-) -> list[str]:
-    args = [keys.prefix, ",".join(s.value for s in allowed), to.value, "1" if count_attempt else "0"]
-    for name, value in fields.items():
-        args += [name, str(value)]
-    return args
+def transition_args(keys: Keys, *, allowed: Iterable[JobStatus], to: JobStatus, fields: dict[str, Any], **options: Any) -> list[str]:
+    spec = {"from": [s.value for s in allowed], "to": to.value, "fields": {k: str(v) for k, v in fields.items()}}
+    spec.update({name: value for name, value in options.items() if value})
+    return [keys.prefix, json.dumps(spec, separators=(",", ":"))]
 
 
 def transition_result(job_id: str, reply: list[Any], *, wanted: str) -> str:
@@ -135,10 +149,33 @@ class JobStore:
         return JobStatus(value.decode()) if value else None
 
     def transition(
-        self, job_id: str, *, allowed: Iterable[JobStatus], to: JobStatus, count_attempt: bool = False, **fields: Any
+        self,
+        job_id: str,
+        *,
+        allowed: Iterable[JobStatus],
+        to: JobStatus,
+        count_attempt: bool = False,
+        attempts: int | None = None,
+        lease: dict[str, Any] | None = None,
+        release: str | None = None,
+        unleased: str | None = None,
+        push: dict[str, str] | None = None,
+        **fields: Any,
     ) -> str:
-        """Move the job to ``to`` if it is in one of ``allowed``; returns the status it left."""
-        args = transition_args(self.keys, allowed=allowed, to=to, count_attempt=count_attempt, fields=fields)
+        """Move the job to ``to`` if it is in one of ``allowed`` (and the conditions hold);
+        returns the status it left. See ``TRANSITION_LUA`` for the options."""
+        args = transition_args(
+            self.keys,
+            allowed=allowed,
+            to=to,
+            fields=fields,
+            attempt=count_attempt,
+            attempts=None if attempts is None else str(attempts),
+            lease=lease,
+            release=release,
+            unleased=unleased,
+            push=push,
+        )
         return transition_result(job_id, self._transition(keys=[self.keys.job(job_id)], args=args), wanted=to.value)
 
 
@@ -160,7 +197,7 @@ class AsyncJobStore:
     async def transition(
         self, job_id: str, *, allowed: Iterable[JobStatus], to: JobStatus, **fields: Any
     ) -> str:
-        args = transition_args(self.keys, allowed=allowed, to=to, count_attempt=False, fields=fields)
+        args = transition_args(self.keys, allowed=allowed, to=to, fields=fields)
         reply = await self._transition(keys=[self.keys.job(job_id)], args=args)
         return transition_result(job_id, reply, wanted=to.value)
 

@@ -1,22 +1,31 @@
 """How a worker runs one job: from the Celery task's job id to the job's final record.
 
 A worker process serves one engine on one device. ``Runtime`` holds what it loads once
-(settings, Redis, the engine and its models); ``run_job`` is what each task does with it.
+(settings, Redis, the engine, the batcher, the breaker, the heartbeat); ``run_job`` is what
+each task thread does with it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
-from typing import Any
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Callable
 
 import redis
 
+from blaze_jobs import cache
 from blaze_jobs.artifacts import ArtifactStore, artifact_store, artifact_url
+from blaze_jobs.batching import Batcher
+from blaze_jobs.breaker import CircuitBreaker
+from blaze_jobs.broker import queue_key, task_message
 from blaze_jobs.engines import create_engine
 from blaze_jobs.engines.base import Artifact, Engine, EngineRequest
 from blaze_jobs.errors import JobCanceled, JobConflict, JobNotFound, RequestError, WorkerFault
+from blaze_jobs.heartbeat import Heartbeat
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.settings import Settings, get_settings
 from blaze_jobs.store import JobStore
@@ -24,21 +33,86 @@ from blaze_jobs.store import JobStore
 log = logging.getLogger("blaze_jobs.worker")
 
 
+class HandedBack(WorkerFault):
+    """The worker stopped taking work (its breaker opened) before the job reached the device."""
+
+
 class Runtime:
     """What one worker process loads once and every job it runs shares."""
 
-    def __init__(self, settings: Settings, *, engine: str, device: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: str,
+        device: str | None = None,
+        name: str | None = None,
+        max_batch: int | None = None,
+        max_wait_ms: float | None = None,
+        on_open: Callable[[], None] = lambda: None,
+        on_half_open: Callable[[], None] = lambda: None,
+    ) -> None:
         self.settings = settings
+        self.engine_name = engine
+        self.device = device or settings.device
+        self.name = name or f"{engine}-{os.getpid()}@{socket.gethostname()}"
         self.redis = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=10,
-            socket_connect_timeout=5,
-            health_check_interval=10,
-            retry_on_timeout=True,
+            settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10, retry_on_timeout=True
         )
         self.store = JobStore(self.redis, settings)
         self.artifacts: ArtifactStore = artifact_store(settings, self.redis)
-        self.engine: Engine = create_engine(engine, settings, device=device)
+        self.engine: Engine = create_engine(engine, settings, device=self.device)
+        self.local_cache = cache.LocalCache(entries=settings.cache_local_entries, ttl_s=settings.cache_ttl_s)
+        self.cache_keys = cache.CacheKeys(settings.redis_prefix)
+        self.inflight = cache.InFlight()
+        self.jobs_run = 0
+        self.batched_jobs = 0
+        self.batcher = Batcher(
+            self.engine,
+            max_batch=max_batch or settings.max_batch,
+            max_wait_ms=settings.max_wait_ms if max_wait_ms is None else max_wait_ms,
+            on_batch=self._count_batch,
+        )
+
+        def opened() -> None:
+            # Jobs waiting for the device go back to the queue for the worker's peers at once.
+            self.batcher.fail_waiting(HandedBack("the worker's breaker opened"))
+            on_open()
+
+        self.breaker = CircuitBreaker(
+            failures=settings.breaker_failures,
+            cooldown_s=settings.breaker_cooldown_s,
+            max_cooldown_s=settings.breaker_max_cooldown_s,
+            on_open=opened,
+            on_half_open=on_half_open,
+        )
+        self.heartbeat = Heartbeat(store=self.store, settings=settings, name=self.name, state=self.state)
+
+    def _count_batch(self, size: int, elapsed: float) -> None:
+        self.batched_jobs += size
+
+    def state(self) -> dict[str, Any]:
+        """What ``GET /v1/workers`` shows of this worker."""
+        batches = self.batcher.batches_run
+        return {
+            "engine": self.engine_name,
+            "device": self.device,
+            "breaker": self.breaker.snapshot(),
+            "models": self.engine.loaded_models() if hasattr(self.engine, "loaded_models") else [],
+            "batches_run": batches,
+            "mean_batch_size": round(self.batched_jobs / batches, 3) if batches else None,
+            "max_batch": self.batcher.max_batch,
+            "jobs_run": self.jobs_run,
+        }
+
+    def start(self) -> None:
+        self.heartbeat.start()
+
+    def close(self) -> None:
+        self.heartbeat.stop()
+        self.batcher.close()
+        self.breaker.close()
+        self.engine.close()
 
 
 _runtime: Runtime | None = None
@@ -55,93 +129,194 @@ def current_runtime(engine: str) -> Runtime:
     global _runtime
     if _runtime is None:
         _runtime = Runtime(get_settings(), engine=engine)
+        _runtime.start()
     return _runtime
 
 
 def run_job(job_id: str, *, engine: str, runtime: Runtime | None = None) -> str:
     """Run the job and record its end. Returns the status the job ended in (or was found in)."""
     runtime = runtime or current_runtime(engine)
-    store = runtime.store
+    store, settings = runtime.store, runtime.settings
 
-    # 1. Take the job. Only a queued job starts: a canceled one is dropped here, one that
-    #    is already running or ended was delivered twice, and a missing one has expired.
+    # 1. Take the job, unless the breaker says this worker must not: then its message goes
+    #    back to the queue for a peer. Only a queued job starts; a canceled one is dropped
+    #    here, one running or ended was delivered twice, and a missing one has expired.
+    if not runtime.breaker.allow():
+        return hand_back(runtime, job_id)
     try:
+        before = store.get(job_id)
+        attempt = int(before.get("attempts") or 0) + 1
+        token = f"{runtime.name}:{attempt}"
         store.transition(
-            job_id, allowed=(JobStatus.queued,), to=JobStatus.running, count_attempt=True, started_at=repr(time.time())
+            job_id,
+            allowed=(JobStatus.queued,),
+            to=JobStatus.running,
+            count_attempt=True,
+            attempts=attempt - 1,
+            lease={"key": store.keys.lease(job_id), "owner": token, "ms": int(settings.lease_s * 1000)},
+            started_at=repr(time.time()),
         )
     except JobNotFound:
+        runtime.breaker.release_probe()
         log.warning("job %s not found (expired before it ran); dropping its message", job_id)
         return "missing"
     except JobConflict:
+        runtime.breaker.release_probe()
         status = store.status(job_id)
-        log.info("job %s is %s; not running it", job_id, status.value if status else "gone")
+        log.info("job %s is %s; not running it again", job_id, status.value if status else "gone")
         return status.value if status else "missing"
-    record = store.get(job_id)
-
-    # 2. Describe it to the engine. A cancel shows up as a status change between steps.
-    request = EngineRequest(
-        job_id=job_id,
-        model=record["model"],
-        input=json.loads(record["input"]),
-        should_stop=lambda: store.status(job_id) is JobStatus.canceled,
-    )
-
-    # 3. Run it. Each kind of failure becomes the job's error; none escapes to Celery, which
-    #    would only log it.
+    runtime.heartbeat.hold(job_id, token)
     try:
-        output = runtime.engine.run(request)
+        return _run_taken(runtime, before, attempt)
+    finally:
+        runtime.heartbeat.release(job_id)
+        runtime.jobs_run += 1
+
+
+def _run_taken(runtime: Runtime, record: dict[str, str], attempt: int) -> str:
+    store, settings = runtime.store, runtime.settings
+    job_id, job_input = record["id"], json.loads(record["input"])
+    finish = _Finisher(runtime, job_id, attempt)
+
+    # 2. A deterministic request computed before (here or anywhere) is not computed again,
+    #    nor twice at once in this worker: the first computes, identical ones wait for it.
+    key = None
+    if record.get("cache") != "bypass" and cache.cacheable(record["engine"], job_input):
+        key = cache.cache_key(engine=record["engine"], model=record["model"], input=job_input, settings=settings)
+        cached = runtime.local_cache.get(key) or _l2_get(runtime, key)
+        if cached is None:
+            cached = runtime.inflight.follow(key, timeout=settings.batch_timeout_s)
+        if cached is not None:
+            runtime.breaker.release_probe()
+            return finish.succeeded(cached, batch_size=None, cache_hit=True)
+    try:
+        return _compute(runtime, record, job_input, finish, key)
+    finally:
+        if key is not None:
+            runtime.inflight.done(key)
+
+
+def _compute(runtime: Runtime, record: dict[str, str], job_input: dict[str, Any], finish: "_Finisher", key: str | None) -> str:
+    store, settings, job_id = runtime.store, runtime.settings, record["id"]
+
+    # 3. Hand the job to the batcher and wait for its batch, at most the watchdog's time.
+    request = EngineRequest(
+        job_id=job_id, model=record["model"], input=job_input, should_stop=lambda: store.status(job_id) is JobStatus.canceled
+    )
+    try:
+        result = runtime.batcher.submit(request).result(timeout=settings.batch_timeout_s)
     except JobCanceled:
+        runtime.breaker.release_probe()
+        finish.release_lease()
         log.info("job %s canceled while running", job_id)
         return JobStatus.canceled.value
     except RequestError as error:
-        return _fail(store, job_id, kind="request", message=str(error))
-    except WorkerFault as error:
-        log.error("worker fault on job %s: %s", job_id, error)
-        return _fail(store, job_id, kind="worker_fault", message=str(error))
-    except Exception as error:  # an engine bug must still end the job, with its reason
-        log.exception("job %s failed unexpectedly", job_id)
-        return _fail(store, job_id, kind="internal", message=f"{type(error).__name__}: {error}")
+        runtime.breaker.release_probe()
+        return finish.failed("request", str(error))
+    except HandedBack:
+        return finish.requeue(count_attempt=False)
+    except FutureTimeout:
+        return _worker_fault(runtime, finish, f"batch overran its watchdog of {settings.batch_timeout_s:.0f} s")
+    except Exception as error:  # WorkerFault, or an engine bug: the worker, not the request, is at fault
+        return _worker_fault(runtime, finish, str(error) if isinstance(error, WorkerFault) else f"{type(error).__name__}: {error}")
+    runtime.breaker.record_success()
 
-    # 4. Store what it made and record success. A cancel that landed first wins.
-    output = _store_artifacts(output, runtime.artifacts)
+    # 4. Store what it made, remember it for the next identical request, record success.
+    output_json = json.dumps(_store_artifacts(result.output, runtime.artifacts), separators=(",", ":"))
+    if key is not None:
+        runtime.local_cache.put(key, output_json)
+        runtime.inflight.publish(key, output_json)
+        with runtime.redis.pipeline(transaction=False) as pipe:
+            cache.queue_store(pipe, runtime.cache_keys, key, output_json, settings=settings)
+            pipe.execute()
+        cache.trim(runtime.redis, runtime.cache_keys, max_entries=settings.cache_max_entries)
+    return finish.succeeded(output_json, batch_size=result.batch_size, cache_hit=False)
+
+
+def _l2_get(runtime: Runtime, key: str) -> str | None:
+    value = runtime.redis.get(runtime.cache_keys.entry(key))
+    return value.decode() if value is not None else None
+
+
+def _worker_fault(runtime: Runtime, finish: "_Finisher", reason: str) -> str:
+    """Count the fault against the breaker; retry the job elsewhere while attempts remain."""
+    log.error("worker fault on job %s: %s", finish.job_id, reason)
+    runtime.breaker.record_failure(reason)
+    if finish.attempt < runtime.settings.max_attempts:
+        return finish.requeue(count_attempt=True)
+    return finish.failed("worker_fault", f"failed on {finish.attempt} attempts; last: {reason}")
+
+
+def hand_back(runtime: Runtime, job_id: str) -> str:
+    """Put a job this worker will not run back on its queue, untouched, for a peer."""
     try:
-        store.transition(
-            job_id,
-            allowed=(JobStatus.running,),
-            to=JobStatus.succeeded,
-            output=json.dumps(output, separators=(",", ":")),
-            completed_at=repr(time.time()),
-            batch_size=1,
-        )
-    except JobConflict:
-        return JobStatus.canceled.value
-    return JobStatus.succeeded.value
+        record = runtime.store.get(job_id)
+    except JobNotFound:
+        return "missing"
+    if record["status"] != JobStatus.queued.value:
+        return record["status"]
+    message = task_message(job_id=job_id, engine=record["engine"], input=json.loads(record["input"]))
+    runtime.redis.rpush(queue_key(runtime.settings, record["engine"]), message)
+    log.info("job %s handed back to the queue (breaker %s)", job_id, runtime.breaker.state.value)
+    return "handed_back"
 
 
-def _fail(store: JobStore, job_id: str, *, kind: str, message: str) -> str:
-    try:
-        store.transition(
-            job_id,
-            allowed=(JobStatus.running,),
-            to=JobStatus.failed,
-            error=json.dumps({"type": kind, "message": message}),
-            completed_at=repr(time.time()),
-        )
-    except JobConflict:
-        return JobStatus.canceled.value
-    return JobStatus.failed.value
+class _Finisher:
+    """The ways a started job's attempt ends, each one atomic step guarded by the attempt, so
+    a worker whose lease was taken away can no longer change the job."""
+
+    def __init__(self, runtime: Runtime, job_id: str, attempt: int) -> None:
+        self.runtime = runtime
+        self.store = runtime.store
+        self.job_id = job_id
+        self.attempt = attempt
+        self.lease = runtime.store.keys.lease(job_id)
+
+    def _end(self, to: JobStatus, **fields: Any) -> bool:
+        try:
+            self.store.transition(
+                self.job_id, allowed=(JobStatus.running,), to=to, attempts=self.attempt, release=self.lease, **fields
+            )
+            return True
+        except (JobConflict, JobNotFound):
+            self.release_lease()
+            return False
+
+    def release_lease(self) -> None:
+        self.runtime.redis.delete(self.lease)
+
+    def succeeded(self, output_json: str, *, batch_size: int | None, cache_hit: bool) -> str:
+        fields: dict[str, Any] = {"output": output_json, "completed_at": repr(time.time())}
+        if batch_size is not None:
+            fields["batch_size"] = batch_size
+        if cache_hit:
+            fields["cache_hit"] = 1
+        return JobStatus.succeeded.value if self._end(JobStatus.succeeded, **fields) else self._now()
+
+    def failed(self, kind: str, message: str) -> str:
+        error = json.dumps({"type": kind, "message": message})
+        return JobStatus.failed.value if self._end(JobStatus.failed, error=error, completed_at=repr(time.time())) else self._now()
+
+    def requeue(self, *, count_attempt: bool) -> str:
+        record = self.store.get(self.job_id)
+        message = task_message(job_id=self.job_id, engine=record["engine"], input=json.loads(record["input"]))
+        fields: dict[str, Any] = {} if count_attempt else {"attempts": self.attempt - 1}
+        push = {"key": queue_key(self.runtime.settings, record["engine"]), "message": message}
+        if self._end(JobStatus.queued, push=push, **fields):
+            log.warning("job %s queued again (attempt %d)", self.job_id, self.attempt)
+            return JobStatus.queued.value
+        return self._now()
+
+    def _now(self) -> str:
+        status = self.store.status(self.job_id)
+        return status.value if status else "missing"
 
 
 def _store_artifacts(value: Any, artifacts: ArtifactStore) -> Any:
     """The output with each ``Artifact`` stored and replaced by its URL and digest."""
     if isinstance(value, Artifact):
         key = artifacts.put(value.data, value.extension)
-        return {
-            "url": artifact_url(key),
-            "content_type": value.content_type,
-            **value.meta,
-            "sha256": key.split(".", 1)[0],
-        }
+        return {"url": artifact_url(key), "content_type": value.content_type, **value.meta, "sha256": key.split(".", 1)[0]}
     if isinstance(value, dict):
         return {k: _store_artifacts(v, artifacts) for k, v in value.items()}
     if isinstance(value, list):

@@ -78,7 +78,8 @@ def stack(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
         flower = running.blaze("flower", "flower", "--port", str(flower_port))
         api = running.blaze("api", "api", "--port", str(api_port))
         diffusion = running.blaze("worker-diffusion", "worker", "--engine", "diffusion")
-        echo = running.blaze("worker-echo", "worker", "--engine", "echo")
+        # One task thread: a second echo job waits in the queue (the cancel tests rely on it).
+        echo = running.blaze("worker-echo", "worker", "--engine", "echo", "--concurrency", "1")
         api_url = f"http://127.0.0.1:{api_port}"
         flower_url = f"http://127.0.0.1:{flower_port}"
         try:

@@ -1,7 +1,10 @@
 """``python -m workers.engine --engine diffusion``: a worker process serving one engine on one device.
 
 It loads the engine and its default model once, then consumes the engine's queue with
-Celery's thread pool; each task thread runs one job through ``blaze_jobs.worker.run_job``.
+Celery's thread pool: one task thread per job the batcher may put in a batch, each handing
+its job to the batcher (``blaze_jobs.worker.run_job``). The circuit breaker cancels the
+worker's consumer of the queue when it opens and adds it back when it half-opens; Flower
+shows both.
 """
 
 from __future__ import annotations
@@ -9,6 +12,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
+
+from celery.signals import worker_shutdown
 
 from blaze_jobs.celery_app import app
 from blaze_jobs.settings import ENGINES, get_settings
@@ -16,19 +22,39 @@ from blaze_jobs.worker import Runtime, install_runtime
 
 
 def main(argv: list[str] | None = None) -> None:
+    settings = get_settings()
     parser = argparse.ArgumentParser(prog="blaze worker", description="Run jobs of one engine on one device.")
     parser.add_argument("--engine", required=True, choices=ENGINES)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0 … (default BLAZE_DEVICE)")
-    parser.add_argument("--concurrency", type=int, default=1, help="task threads (jobs held at once)")
+    parser.add_argument("--max-batch", type=int, default=settings.max_batch, help="most jobs in one batch")
+    parser.add_argument("--max-wait-ms", type=float, default=settings.max_wait_ms, help="longest wait for a fuller batch")
+    parser.add_argument("--concurrency", type=int, default=None, help="task threads (default: --max-batch)")
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = f"{args.engine}-{os.getpid()}@{socket.gethostname()}"
 
     # 1. Load the engine and its default model before taking any job.
-    settings = get_settings()
-    runtime = Runtime(settings, engine=args.engine, device=args.device)
+    def stop_consuming() -> None:
+        app.control.cancel_consumer(args.engine, destination=[name], reply=False)
+
+    def consume_again() -> None:
+        app.control.add_consumer(args.engine, destination=[name], reply=False)
+
+    runtime = Runtime(
+        settings,
+        engine=args.engine,
+        device=args.device,
+        name=name,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        on_open=stop_consuming,
+        on_half_open=consume_again,
+    )
     runtime.engine.prepare(settings.default_model(args.engine))
     install_runtime(runtime)
+    runtime.start()
+    worker_shutdown.connect(lambda **_: runtime.close(), weak=False)
 
     # 2. Consume the engine's queue. Events on, so Flower sees the worker and each job.
     app.worker_main(
@@ -36,9 +62,9 @@ def main(argv: list[str] | None = None) -> None:
             "worker",
             f"--queues={args.engine}",
             "--pool=threads",
-            f"--concurrency={args.concurrency}",
+            f"--concurrency={args.concurrency or args.max_batch}",
             "--task-events",
-            f"--hostname={args.engine}-{os.getpid()}@%h",
+            f"--hostname={name}",
             f"--loglevel={args.loglevel}",
             "--without-mingle",
         ]

@@ -16,7 +16,9 @@ def create_engine(name: str, settings: Settings, *, device: str | None = None) -
     if name == "diffusion":
         from blaze_jobs.engines.diffusion import DiffusionEngine
 
-        return DiffusionEngine(model_dir=settings.model_dir, device=device or settings.device)
+        return DiffusionEngine(
+            model_dir=settings.model_dir, device=device or settings.device, max_loaded_models=settings.max_loaded_models
+        )
     if name == "echo":
         from blaze_jobs.engines.echo import EchoEngine
 

@@ -44,6 +44,9 @@ class Engine:
     """The base of the engines (diffusion, llm, echo) a worker runs jobs with."""
 
     name: ClassVar[str]
+    #: False for engines whose jobs gain nothing from sharing a device call (echo): the
+    #: batcher then runs each job at once on its own task thread.
+    batches: ClassVar[bool] = True
 
     def batch_key(self, request: EngineRequest) -> tuple:
         """Requests whose keys are equal may run together in one ``run_batch`` call."""

@@ -110,6 +110,10 @@ class DiffusionEngine(Engine):
                 results[i] = output
         return results  # type: ignore[return-value]  # every slot is filled above
 
+    def prepare(self, model: str) -> None:
+        """Load (and for a built-in model, build) ``model`` before the first job needs it."""
+        self._pipeline(model)
+
     def close(self) -> None:
         """Drop every loaded pipeline and release cached device memory."""
         with self._load_lock:

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from blaze_jobs.engines.base import Engine, EngineRequest
-from blaze_jobs.errors import JobCanceled
+from blaze_jobs.errors import JobCanceled, RequestError, WorkerFault
 
 #: How often a sleeping echo job looks for a cancel.
 CANCEL_POLL_S = 0.01
@@ -15,6 +15,7 @@ CANCEL_POLL_S = 0.01
 
 class EchoEngine(Engine):
     name = "echo"
+    batches = False
 
     def batch_key(self, request: EngineRequest) -> tuple:
         return (request.model,)
@@ -23,6 +24,12 @@ class EchoEngine(Engine):
         return [self._echo(request) for request in requests]
 
     def _echo(self, request: EngineRequest) -> dict[str, Any] | BaseException:
+        # "fail" lets anyone watch the breaker and retries work against a real worker.
+        fail = request.input.get("fail")
+        if fail == "worker":
+            return WorkerFault("echo asked to fail as a worker fault")
+        if fail == "request":
+            return RequestError("echo asked to fail as a bad request")
         deadline = time.monotonic() + request.input.get("sleep_ms", 0) / 1000
         while (left := deadline - time.monotonic()) > 0:
             if request.should_stop():

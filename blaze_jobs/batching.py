@@ -1,0 +1,159 @@
+"""The Batcher: one per device. Task threads hand it their job and wait on a future; its
+device thread groups compatible jobs (equal batch keys) and runs each group as one engine
+call, as soon as the group is full or its oldest job has waited ``max_wait_ms``.
+
+Each job stays its own Celery task (own ack, retry, cancel, Flower row); only the device
+work is shared. Batches never mix batch keys, so never models.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from blaze_jobs.engines.base import Engine, EngineRequest
+from blaze_jobs.errors import WorkerFault
+
+log = logging.getLogger("blaze_jobs.batching")
+
+
+@dataclass
+class Result:
+    """What a job gets back: its output, and the size of the batch it ran in."""
+
+    output: dict[str, Any]
+    batch_size: int
+
+
+@dataclass
+class _Pending:
+    request: EngineRequest
+    future: Future
+    since: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch: int,
+        max_wait_ms: float,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000
+        self.on_batch = on_batch
+        self.batches_run = 0
+        self._groups: dict[tuple, list[_Pending]] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="blaze-device", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: EngineRequest) -> "Future[Result]":
+        """Queue a job for the device; the future resolves to its ``Result`` or its error."""
+        future: Future = Future()
+        if getattr(self.engine, "continuous", False):
+            # The engine schedules token by token itself (continuous batching).
+            inner = self.engine.submit(request)  # type: ignore[attr-defined]
+            inner.add_done_callback(lambda done: _relay(done, future))
+            return future
+        if not self.engine.batches:
+            _run_alone(self.engine, request, future)
+            return future
+        try:
+            key = self.engine.batch_key(request)
+        except Exception as error:  # a bad request or a model that will not load
+            future.set_exception(error)
+            return future
+        with self._cond:
+            if self._closed:
+                future.set_exception(WorkerFault("the worker is shutting down"))
+                return future
+            self._groups.setdefault(key, []).append(_Pending(request, future))
+            self._cond.notify()
+        return future
+
+    def fail_waiting(self, error: BaseException) -> int:
+        """Fail every job not yet on the device (the breaker opened); returns how many."""
+        with self._cond:
+            waiting = [p for group in self._groups.values() for p in group]
+            self._groups.clear()
+        for pending in waiting:
+            pending.future.set_exception(error)
+        return len(waiting)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self.fail_waiting(WorkerFault("the worker is shutting down"))
+
+    # --- the device thread ----------------------------------------------------------
+
+    def _next_batch(self) -> list[_Pending] | None:
+        """Block until a group is due: full, or its oldest job has waited long enough."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                if self._groups:
+                    key, group = min(self._groups.items(), key=lambda item: item[1][0].since)
+                    due = group[0].since + self.max_wait_s
+                    now = time.monotonic()
+                    if len(group) >= self.max_batch or now >= due:
+                        batch, rest = group[: self.max_batch], group[self.max_batch :]
+                        if rest:
+                            self._groups[key] = rest
+                        else:
+                            del self._groups[key]
+                        return batch
+                    self._cond.wait(timeout=due - now)
+                else:
+                    self._cond.wait()
+
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            # Jobs canceled while they waited leave before the device sees them.
+            batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            started = time.monotonic()
+            try:
+                results = self.engine.run_batch([p.request for p in batch])
+            except BaseException as error:  # the whole batch failed: every member learns why
+                results = [error] * len(batch)
+            elapsed = time.monotonic() - started
+            self.batches_run += 1
+            if self.on_batch:
+                self.on_batch(len(batch), elapsed)
+            for pending, result in zip(batch, results):
+                if isinstance(result, BaseException):
+                    pending.future.set_exception(result)
+                else:
+                    pending.future.set_result(Result(result, len(batch)))
+
+
+def _relay(done: Future, future: Future) -> None:
+    if done.exception() is not None:
+        future.set_exception(done.exception())
+    else:
+        future.set_result(Result(done.result(), getattr(done, "batch_size", 1)))
+
+
+def _run_alone(engine: Engine, request: EngineRequest, future: Future) -> None:
+    future.set_running_or_notify_cancel()
+    try:
+        (result,) = engine.run_batch([request])
+    except BaseException as error:
+        result = error
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(Result(result, 1))
