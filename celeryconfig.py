@@ -22,7 +22,9 @@ broker_connection_max_retries = None
 # The job record in Redis is what clients read; Celery's result backend stays unused.
 task_ignore_result = True
 # One queue per engine, and a task name per engine, so a worker serves exactly one engine.
-task_routes = {f"blaze.{engine}.generate": {"queue": engine} for engine in (*ENGINES, "webhooks")}
+task_routes = {f"blaze.{engine}.generate": {"queue": engine} for engine in ENGINES}
+# Webhook deliveries have a queue and workers of their own: a slow receiver never holds a GPU.
+task_routes["blaze.webhooks.deliver"] = {"queue": "webhooks"}
 task_create_missing_queues = True
 task_default_queue = "echo"
 

@@ -14,18 +14,21 @@ import redis.asyncio
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from api import problems
+from api import problems, push
 from api.problems import InputProblem
 from blaze_jobs import cache
 from blaze_jobs.artifacts import KEY_PATTERN, artifact_store, content_type
 from blaze_jobs.broker import queue_key, task_message
-from blaze_jobs.jobs import DiffusionJobCreate, Job, JobCreate, JobPage, JobStatus, job_view, new_record
+from blaze_jobs.jobs import DiffusionJobCreate, Job, JobCreate, JobPage, JobStatus, LLMInput, LLMJobCreate, job_view, new_record
 from blaze_jobs.settings import ENGINES, Settings, get_settings
 from blaze_jobs.heartbeat import workers_index
 from blaze_jobs.store import AsyncJobStore, queue_create
 
 CURSOR = re.compile(r"^\d{1,20}$")
-PROBLEM = {"content": {problems.PROBLEM_JSON: {}}, "description": "A problem+json body naming the fault."}
+PROBLEM = {
+    "content": {problems.PROBLEM_JSON: {"schema": problems.PROBLEM_SCHEMA}},
+    "description": "A problem+json body naming the fault.",
+}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -50,13 +53,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={422: PROBLEM, 503: PROBLEM},
     )
     problems.install(app)
+    app.include_router(push.router)
 
     cache_keys = cache.CacheKeys(settings.redis_prefix)
 
     def base_url(request: Request) -> str:
         return settings.public_url or str(request.base_url).rstrip("/")
 
-    @app.post("/v1/jobs", status_code=202, response_model=Job, responses={202: {"headers": {"Location": {}}}})
+    @app.post("/v1/jobs", status_code=202, response_model=Job, responses={202: {"headers": {"Location": {"description": "The job's URL.", "schema": {"type": "string", "format": "uri"}}}}})
     async def create_job(request: Request, body: Annotated[JobCreate, Body()]) -> JSONResponse:
         """Accept a job: it is queued for a worker of its engine and answered at once."""
         # 1. Bounds that belong to the deployment, not the schema.
@@ -68,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job_id = str(uuid.uuid4())
         job_input = body.input.model_dump(exclude_none=True)
         record = new_record(job_id=job_id, engine=engine, model=model, input=job_input, created_at=time.time())
+        record.update(await push.webhook_fields(body, settings))
         store: AsyncJobStore = request.app.state.store
         # 2. A deterministic request computed before is born succeeded, with no worker involved.
         cached = None
@@ -90,13 +95,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 for artifact in cache.artifact_keys(json.loads(output), settings.redis_prefix):
                     pipe.expire(artifact, settings.job_ttl_s)
             await pipe.execute()
+        # 4. With ``Prefer: wait=N``, answer once the job ends (within N seconds).
+        record = await push.wait_if_preferred(request, record)
         view = job_view(record, base_url=base_url(request))
         return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["get"]})
 
     @app.get("/v1/jobs/{job_id}", response_model=Job, responses={404: PROBLEM})
-    async def get_job(request: Request, job_id: str) -> JSONResponse:
-        """The job as it stands now."""
-        record = await request.app.state.store.get(job_id)
+    async def get_job(
+        request: Request,
+        job_id: str,
+        wait: Annotated[
+            float, Query(ge=0, description="Long-poll: answer as soon as the job ends, or after this many seconds (at most BLAZE_MAX_WAIT_S).")
+        ] = 0,
+    ) -> JSONResponse:
+        """The job as it stands now; with `wait`, once it ends (or when the wait runs out)."""
+        record = await push.job_after_wait(request, job_id, wait)
         return JSONResponse(job_view(record, base_url=base_url(request)))
 
     @app.get("/v1/jobs", response_model=JobPage)
@@ -179,5 +192,22 @@ def check_bounds(body: JobCreate, settings: Settings) -> None:
                 raise InputProblem(field, f"{value} exceeds the limit of {bound} {unit}")
         if job.width and job.height and job.width * job.height > settings.max_pixels:
             raise InputProblem("input.width", f"{job.width}x{job.height} exceeds the limit of {settings.max_pixels} pixels")
+    elif isinstance(body, LLMJobCreate):
+        _check_text_bounds(body.input, settings)
     elif body.input.sleep_ms > settings.max_sleep_ms:
         raise InputProblem("input.sleep_ms", f"{body.input.sleep_ms} exceeds the limit of {settings.max_sleep_ms} ms")
+
+
+def _check_text_bounds(job: LLMInput, settings: Settings) -> None:
+    chars = len(job.prompt) if job.prompt is not None else sum(len(m.content) for m in job.messages or [])
+    stop = job.stop or []
+    limits = (
+        ("input.max_new_tokens", job.max_new_tokens, settings.llm_max_new_tokens, "tokens"),
+        ("input.prompt" if job.prompt is not None else "input.messages", chars, settings.llm_max_prompt_chars, "characters"),
+        ("input.messages", len(job.messages or []), settings.llm_max_messages, "messages"),
+        ("input.stop", len(stop), settings.llm_max_stop, "strings"),
+        ("input.stop", max(map(len, stop), default=0), settings.llm_max_stop_chars, "characters in a stop string"),
+    )
+    for field, value, bound, unit in limits:
+        if value > bound:
+            raise InputProblem(field, f"{value} exceeds the limit of {bound} {unit}")

@@ -14,6 +14,21 @@ from blaze_jobs.errors import JobConflict, JobNotFound
 from blaze_jobs.settings import ENGINES
 
 PROBLEM_JSON = "application/problem+json"
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "description": "One entry per faulty field, e.g. `input.width`.",
+            "items": {"type": "object", "properties": {"field": {"type": "string"}, "message": {"type": "string"}}},
+        },
+    },
+}
 #: How long a client should wait before retrying while Redis is unreachable.
 RETRY_AFTER_S = 2
 
@@ -52,7 +67,7 @@ def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         if error.get("type") == "json_invalid":
             errors.append({"field": "body", "message": "the body is not valid JSON"})
             continue
-        if error.get("type") == "union_tag_invalid":
+        if error.get("type") in ("union_tag_invalid", "union_tag_not_found"):
             loc.append(error.get("ctx", {}).get("discriminator", "").strip("'"))
         errors.append({"field": field_name(loc), "message": error.get("msg", "invalid")})
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)

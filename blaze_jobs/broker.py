@@ -69,6 +69,9 @@ def task_message(*, job_id: str, engine: str, input: dict[str, Any]) -> str:
                 "kwargsrepr": repr(kwargs),
                 "origin": _ORIGIN,
                 "ignore_result": True,
+                "replaced_task_nesting": 0,
+                "stamped_headers": None,
+                "stamps": {},
             },
             "properties": {
                 "correlation_id": job_id,

@@ -29,6 +29,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    if args.engine == "webhooks":
+        _exec(["-m", "workers.webhooks", *(["--concurrency", str(args.concurrency)] if args.concurrency else [])])
     argv = ["-m", "workers.engine", "--engine", args.engine]
     for flag, value in (("--device", args.device), ("--max-batch", args.max_batch), ("--max-wait-ms", args.max_wait_ms), ("--concurrency", args.concurrency)):
         if value is not None:
@@ -93,17 +95,38 @@ def save_images(client: BlazeClient, job: dict[str, Any], out: Path) -> list[Pat
 
 def cmd_submit(args: argparse.Namespace) -> int:
     with BlazeClient(get_settings().api_url) as client:
-        job = client.submit(args.engine, parse_inputs(args.input), model=args.model)
-        if not args.wait and not args.out:
+        job = client.submit(args.engine, parse_inputs(args.input), model=args.model, webhook=args.webhook)
+        if not args.wait and not args.out and not args.stream:
             print(json.dumps(job, indent=2))
             return 0
         print(f"submitted job {job['id']}", file=sys.stderr)
+        if args.stream:
+            job = stream_text(client, job["id"])
+            print(timeline(job), file=sys.stderr)
+            return 0 if job["status"] == "succeeded" else 1
         job = client.wait(job["id"], timeout=args.timeout)
         print(timeline(job))
         if args.out and job["status"] == "succeeded":
             for path in save_images(client, job, Path(args.out)):
                 print(f"wrote {path}")
         return 0 if job["status"] == "succeeded" else 1
+
+
+def stream_text(client: BlazeClient, job_id: str) -> dict[str, Any]:
+    """Print a text job's output to stdout as it is generated; returns the job once it ended."""
+    printed, job = "", None
+    for event in client.events(job_id):
+        if event.event == "job.delta":
+            sys.stdout.write(event.data["text"])
+            sys.stdout.flush()
+            printed += event.data["text"]
+        elif event.final:
+            job = event.data
+    job = job or client.get(job_id)
+    # Whatever was not streamed (all of it, from a worker that does not stream) comes now.
+    text = (job.get("output") or {}).get("text") or ""
+    print(text[len(printed) :] if text.startswith(printed) else "", flush=True)
+    return job
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -153,11 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=cmd_api)
 
     worker = commands.add_parser("worker", help="run jobs of one engine on one device")
-    worker.add_argument("--engine", required=True, choices=ENGINES)
+    worker.add_argument("--engine", required=True, choices=(*ENGINES, "webhooks"), help="an engine, or webhooks (deliveries)")
     worker.add_argument("--device", help="cpu, cuda:0 … (default BLAZE_DEVICE)")
     worker.add_argument("--max-batch", type=int, help="most jobs in one batch (default BLAZE_MAX_BATCH)")
     worker.add_argument("--max-wait-ms", type=float, help="longest wait for a fuller batch (default BLAZE_MAX_WAIT_MS)")
-    worker.add_argument("--concurrency", type=int, help="task threads (default: the max batch)")
+    worker.add_argument("--concurrency", type=int, help="task threads (default: twice the max batch)")
     worker.set_defaults(func=cmd_worker)
 
     flower = commands.add_parser("flower", help="serve Flower, the Celery monitor")
@@ -168,9 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="submit a job over HTTP (BLAZE_API_URL)")
     submit.add_argument("--engine", required=True, choices=ENGINES)
     submit.add_argument("--model")
+    submit.add_argument("--webhook", help="a URL that receives the job's events as signed POSTs")
     submit.add_argument("--input", action="append", default=[], metavar="NAME=VALUE", help="an input field (repeat)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end and print its timeline")
     submit.add_argument("--out", help="write the job's image here (implies --wait)")
+    submit.add_argument("--stream", action="store_true", help="print a text job's output as it is generated (implies --wait)")
     submit.add_argument("--timeout", type=float, default=600)
     submit.set_defaults(func=cmd_submit)
 

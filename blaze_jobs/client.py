@@ -1,15 +1,26 @@
-"""The Python client of the Blaze Jobs HTTP API."""
+"""The Python clients of the Blaze Jobs HTTP API: ``BlazeClient`` (blocking) and
+``AsyncBlazeClient`` (asyncio), with the same methods."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterable, Iterator, Mapping
 
 import httpx
 
 from blaze_jobs.errors import BlazeError
+from blaze_jobs.webhooks import verify
 
 ENDED = ("succeeded", "failed", "canceled")
+#: Longest wait one long-poll asks for (the API allows up to BLAZE_MAX_WAIT_S, 60 s by default).
+LONG_POLL_S = 30.0
+#: An event stream sends a keep-alive every 15 s; a read this long without one is a dead link.
+STREAM_READ_TIMEOUT_S = 60.0
+#: Times an event stream reconnects (with ``Last-Event-ID``) before giving up.
+STREAM_RECONNECTS = 5
 
 
 class APIError(BlazeError):
@@ -24,9 +35,16 @@ class APIError(BlazeError):
 class BlazeClient:
     """Submit jobs, follow them and fetch their artifacts over HTTP."""
 
-    def __init__(self, base_url: str, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str, *, timeout: float = 30.0, webhook_secret: str | None = None, admin_token: str | None = None
+    ) -> None:
+        """``webhook_secret`` verifies webhooks; without it, ``verify_webhook`` fetches the
+        deployment's secret once (``admin_token`` authorises that from another host)."""
         self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self._secret = webhook_secret
+        self._admin_token = admin_token
 
     def __enter__(self) -> "BlazeClient":
         return self
@@ -37,29 +55,48 @@ class BlazeClient:
     def close(self) -> None:
         self.http.close()
 
-    def submit(self, engine: str, input: dict[str, Any], *, model: str | None = None) -> dict[str, Any]:
-        """Create a job; returns it as accepted (``queued``)."""
-        body: dict[str, Any] = {"engine": engine, "input": input}
-        if model:
-            body["model"] = model
-        return self._json(self.http.post("/v1/jobs", json=body))
+    def submit(
+        self,
+        engine: str,
+        input: dict[str, Any],
+        *,
+        model: str | None = None,
+        webhook: str | None = None,
+        webhook_events_filter: Iterable[str] | None = None,
+        wait: float | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Create a job; returns it as accepted (``queued``), or, with ``wait``, once it ended
+        if it did within that many seconds. ``options`` are further fields (``cache``)."""
+        body = _create_body(engine, input, model=model, webhook=webhook, webhook_events_filter=webhook_events_filter, **options)
+        headers, timeout = _wait_request(wait, self.timeout)
+        return self._json(self.http.post("/v1/jobs", json=body, headers=headers, timeout=timeout))
 
-    def get(self, job_id: str) -> dict[str, Any]:
-        return self._json(self.http.get(f"/v1/jobs/{job_id}"))
+    def get(self, job_id: str, *, wait: float | None = None) -> dict[str, Any]:
+        """The job; with ``wait``, as soon as it ends or after ``wait`` seconds (long-poll)."""
+        params = {"wait": wait} if wait else None
+        return self._json(self.http.get(f"/v1/jobs/{job_id}", params=params, timeout=self.timeout + (wait or 0)))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._json(self.http.post(f"/v1/jobs/{job_id}/cancel"))
 
-    def wait(self, job_id: str, *, timeout: float = 600.0, interval: float = 0.1) -> dict[str, Any]:
-        """The job once it has ended; ``TimeoutError`` if it has not within ``timeout`` seconds."""
+    def wait(self, job_id: str, *, timeout: float = 600.0) -> dict[str, Any]:
+        """The job once it has ended, long-polling (no busy loop); ``TimeoutError`` if it has
+        not within ``timeout`` seconds. Rides out the API's brief 503s (Redis restarting)."""
         deadline = time.monotonic() + timeout
         while True:
-            job = self.get(job_id)
+            left = deadline - time.monotonic()
+            try:
+                job = self.get(job_id, wait=max(0.0, min(left, LONG_POLL_S)))
+            except (APIError, httpx.TransportError) as error:
+                if (isinstance(error, APIError) and error.status != 503) or left <= 0:
+                    raise
+                time.sleep(min(1.0, max(left, 0)))
+                continue
             if job["status"] in ENDED:
                 return job
-            if time.monotonic() > deadline:
+            if time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f} s")
-            time.sleep(interval)
 
     def download(self, url: str) -> bytes:
         """The bytes of an artifact, by the URL in a job's output."""
@@ -77,3 +114,232 @@ class BlazeClient:
                 problem = {"detail": response.text[:200]}
             raise APIError(response.status_code, problem)
         return response.json()
+
+    def events(self, job_id: str, *, last_event_id: str | None = None) -> Iterator["ServerEvent"]:
+        """The job's server-sent events until its end: first ``job`` (the job as it stands),
+        then ``job.started``, ``job.progress`` …, last ``job.completed`` (the final job). A
+        dropped connection is resumed with ``Last-Event-ID``, so no event is missed."""
+        last, failures = last_event_id, 0
+        while True:
+            headers = {"Last-Event-ID": last} if last else {}
+            timeout = httpx.Timeout(self.timeout, read=STREAM_READ_TIMEOUT_S)
+            try:
+                with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        self._json(response)
+                    parser = SSEParser()
+                    for line in response.iter_lines():
+                        event = parser.feed(line)
+                        if event is None:
+                            continue
+                        last, failures = event.id or last, 0
+                        yield event
+                        if event.final:
+                            return
+                return  # the server ended the stream: the client had seen everything
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                failures += 1
+                if failures > STREAM_RECONNECTS:
+                    raise
+                time.sleep(min(2.0, 0.1 * 2**failures))
+
+    #: DESIGN.md's name for ``events``.
+    stream = events
+
+    def deliveries(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's webhook deliveries, each with its attempts."""
+        return self._json(self.http.get(f"/v1/jobs/{job_id}/deliveries"))["deliveries"]
+
+    def redeliver(self, job_id: str, delivery_id: str) -> dict[str, Any]:
+        """Send a delivery's event to the webhook again; returns the new delivery."""
+        return self._json(self.http.post(f"/v1/jobs/{job_id}/deliveries/{delivery_id}/redeliver"))
+
+    def webhook_secret(self) -> str:
+        """The ``whsec_`` secret the deployment signs webhooks with."""
+        if self._secret is None:
+            headers = {"Authorization": f"Bearer {self._admin_token}"} if self._admin_token else {}
+            self._secret = self._json(self.http.get("/v1/webhooks/secret", headers=headers))["secret"]
+        return self._secret
+
+    def verify_webhook(self, headers: Mapping[str, str], body: bytes | str) -> dict[str, Any]:
+        """The event a webhook request carries, once its signature holds; raises
+        ``blaze_jobs.webhooks.WebhookVerificationError`` otherwise."""
+        return verify(self.webhook_secret(), headers, body)
+
+
+# --- shared by both clients ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerEvent:
+    """One server-sent event of a job's stream."""
+
+    id: str | None
+    event: str
+    data: Any
+
+    @property
+    def final(self) -> bool:
+        """The job's last event: it ended (``data`` is the final job)."""
+        return self.event == "job.completed" or (self.event == "job" and self.data.get("status") in ENDED)
+
+
+class SSEParser:
+    """Server-sent events from lines of text, per the HTML standard's rules."""
+
+    def __init__(self) -> None:
+        self._id: str | None = None
+        self._event = ""
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> ServerEvent | None:
+        """Take one line (without its end); returns an event when a blank line completes one."""
+        if not line:
+            if not self._data:
+                self._event = ""
+                return None
+            event = ServerEvent(id=self._id, event=self._event or "message", data=json.loads("\n".join(self._data)))
+            self._event, self._data = "", []
+            return event
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            self._id = value
+        return None
+
+
+def _create_body(
+    engine: str, input: dict[str, Any], *, model: str | None, webhook: str | None, webhook_events_filter: Iterable[str] | None, **options: Any
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"engine": engine, "input": input, **options}
+    if model:
+        body["model"] = model
+    if webhook:
+        body["webhook"] = webhook
+    if webhook_events_filter is not None:
+        body["webhook_events_filter"] = list(webhook_events_filter)
+    return body
+
+
+def _wait_request(wait: float | None, timeout: float) -> tuple[dict[str, str], float]:
+    """Headers and HTTP timeout of a create that waits (``Prefer: wait=N``)."""
+    if not wait:
+        return {}, timeout
+    return {"Prefer": f"wait={wait:g}"}, timeout + wait
+
+
+class AsyncBlazeClient:
+    """``BlazeClient`` for asyncio: the same methods, awaited (``events`` is an async iterator)."""
+
+    def __init__(
+        self, base_url: str, *, timeout: float = 30.0, webhook_secret: str | None = None, admin_token: str | None = None
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
+        self._secret = webhook_secret
+        self._admin_token = admin_token
+
+    async def __aenter__(self) -> "AsyncBlazeClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def submit(
+        self,
+        engine: str,
+        input: dict[str, Any],
+        *,
+        model: str | None = None,
+        webhook: str | None = None,
+        webhook_events_filter: Iterable[str] | None = None,
+        wait: float | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        body = _create_body(engine, input, model=model, webhook=webhook, webhook_events_filter=webhook_events_filter, **options)
+        headers, timeout = _wait_request(wait, self.timeout)
+        return BlazeClient._json(await self.http.post("/v1/jobs", json=body, headers=headers, timeout=timeout))
+
+    async def get(self, job_id: str, *, wait: float | None = None) -> dict[str, Any]:
+        params = {"wait": wait} if wait else None
+        response = await self.http.get(f"/v1/jobs/{job_id}", params=params, timeout=self.timeout + (wait or 0))
+        return BlazeClient._json(response)
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        return BlazeClient._json(await self.http.post(f"/v1/jobs/{job_id}/cancel"))
+
+    async def wait(self, job_id: str, *, timeout: float = 600.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                job = await self.get(job_id, wait=max(0.0, min(left, LONG_POLL_S)))
+            except (APIError, httpx.TransportError) as error:
+                if (isinstance(error, APIError) and error.status != 503) or left <= 0:
+                    raise
+                await asyncio.sleep(min(1.0, max(left, 0)))
+                continue
+            if job["status"] in ENDED:
+                return job
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f} s")
+
+    async def events(self, job_id: str, *, last_event_id: str | None = None) -> AsyncIterator[ServerEvent]:
+        last, failures = last_event_id, 0
+        while True:
+            headers = {"Last-Event-ID": last} if last else {}
+            timeout = httpx.Timeout(self.timeout, read=STREAM_READ_TIMEOUT_S)
+            try:
+                async with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        BlazeClient._json(response)
+                    parser = SSEParser()
+                    async for line in response.aiter_lines():
+                        event = parser.feed(line)
+                        if event is None:
+                            continue
+                        last, failures = event.id or last, 0
+                        yield event
+                        if event.final:
+                            return
+                return
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                failures += 1
+                if failures > STREAM_RECONNECTS:
+                    raise
+                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+
+    stream = events
+
+    async def download(self, url: str) -> bytes:
+        response = await self.http.get(url)
+        if response.status_code != 200:
+            BlazeClient._json(response)
+        return response.content
+
+    async def deliveries(self, job_id: str) -> list[dict[str, Any]]:
+        return BlazeClient._json(await self.http.get(f"/v1/jobs/{job_id}/deliveries"))["deliveries"]
+
+    async def redeliver(self, job_id: str, delivery_id: str) -> dict[str, Any]:
+        return BlazeClient._json(await self.http.post(f"/v1/jobs/{job_id}/deliveries/{delivery_id}/redeliver"))
+
+    async def webhook_secret(self) -> str:
+        if self._secret is None:
+            headers = {"Authorization": f"Bearer {self._admin_token}"} if self._admin_token else {}
+            self._secret = BlazeClient._json(await self.http.get("/v1/webhooks/secret", headers=headers))["secret"]
+        return self._secret
+
+    async def verify_webhook(self, headers: Mapping[str, str], body: bytes | str) -> dict[str, Any]:
+        return verify(await self.webhook_secret(), headers, body)

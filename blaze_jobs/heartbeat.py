@@ -26,6 +26,10 @@ from blaze_jobs.store import JobStore, decode
 
 log = logging.getLogger("blaze_jobs.heartbeat")
 
+#: How often the worker reads the status of the jobs it runs, to see cancels: one pipelined
+#: read for all of them, rather than one per job per denoising step on the device thread.
+CANCEL_POLL_S = 0.1
+
 # Renew a lease only while it is still ours: after a reap another worker may hold the job.
 RENEW_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -49,10 +53,12 @@ class Heartbeat:
         self.name = name
         self.state = state
         self.held: dict[str, str] = {}  # job id -> lease owner token
+        self.canceled: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._renew = self.redis.register_script(RENEW_LUA)
         self._thread = threading.Thread(target=self._loop, name="blaze-heartbeat", daemon=True)
+        self._watcher = threading.Thread(target=self._watch, name="blaze-cancel-watch", daemon=True)
 
     @property
     def interval_s(self) -> float:
@@ -60,6 +66,7 @@ class Heartbeat:
 
     def start(self) -> None:
         self._thread.start()
+        self._watcher.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -70,9 +77,6 @@ class Heartbeat:
         except redis.RedisError:
             pass
 
-    def lease_token(self, job_id: str, attempt: int) -> str:
-        return f"{self.name}:{attempt}"
-
     def hold(self, job_id: str, token: str) -> None:
         with self._lock:
             self.held[job_id] = token
@@ -80,6 +84,29 @@ class Heartbeat:
     def release(self, job_id: str) -> None:
         with self._lock:
             self.held.pop(job_id, None)
+            self.canceled.discard(job_id)
+
+    def is_canceled(self, job_id: str) -> bool:
+        """Was the job canceled (as of the last read, at most ``CANCEL_POLL_S`` ago)?"""
+        return job_id in self.canceled
+
+    def _watch(self) -> None:
+        while not self._stop.wait(CANCEL_POLL_S):
+            with self._lock:
+                held = list(self.held)
+            if not held:
+                continue
+            try:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for job_id in held:
+                        pipe.hget(self.store.keys.job(job_id), "status")
+                    statuses = pipe.execute()
+            except (redis.RedisError, OSError):
+                continue
+            with self._lock:
+                for job_id, status in zip(held, statuses):
+                    if status == JobStatus.canceled.value.encode() and job_id in self.held:
+                        self.canceled.add(job_id)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 
 class JobStatus(str, Enum):
@@ -65,6 +65,54 @@ class EchoInput(BaseModel):
     sleep_ms: int = Field(0, ge=0, description="Wait this long before answering (bounded by BLAZE_MAX_SLEEP_MS).")
 
 
+class ChatMessage(BaseModel):
+    """One turn of a chat."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
+    content: str = Field(description="What they say.")
+
+
+class LLMInput(BaseModel):
+    """Input of a text job: a `prompt` to continue, or chat `messages` to answer (exactly one).
+    Bounds beyond the ones shown are deployment settings (``BLAZE_LLM_MAX_NEW_TOKENS``,
+    ``BLAZE_LLM_MAX_PROMPT_CHARS``, ``BLAZE_LLM_MAX_MESSAGES``, ``BLAZE_LLM_MAX_STOP`` …)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str | None = Field(None, min_length=1, description="Text for the model to continue.")
+    messages: list[ChatMessage] | None = Field(
+        None,
+        min_length=1,
+        description="A chat, rendered with the model's chat template; the model writes the assistant's next turn.",
+    )
+    max_new_tokens: int = Field(128, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(
+        1.0, ge=0, le=2, description="Sampling temperature; 0 takes the likeliest token every time (greedy)."
+    )
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Nucleus sampling: draw from the likeliest tokens whose probabilities add up to this."
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**32 - 1,
+        description="Random seed for sampling. The same seed and input give the same text, whatever other jobs "
+        "share the batch (up to the rounding of batched kernels). Drawn at random (and reported in the output) "
+        "when absent.",
+    )
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="Generation ends where the first of these strings appears; it is not part of the text."
+    )
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> "LLMInput":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`")
+        return self
+
+
 class _JobCreateBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -73,6 +121,16 @@ class _JobCreateBase(BaseModel):
         "use",
         description="`use`: a deterministic request (seed given) computed before answers at once from the "
         "cache; `bypass`: always compute.",
+    )
+    webhook: HttpUrl | None = Field(
+        None,
+        description="An http(s) URL that receives the job's events as signed POSTs (Standard Webhooks). "
+        "It must resolve to a public address.",
+    )
+    webhook_events_filter: list[Literal["started", "progress", "completed"]] = Field(
+        ["started", "completed"],
+        min_length=1,
+        description="Which events the webhook receives; `progress` comes at most twice a second.",
     )
 
 
@@ -90,7 +148,16 @@ class EchoJobCreate(_JobCreateBase):
     input: EchoInput = Field(default_factory=EchoInput)
 
 
-JobCreate = Annotated[Union[DiffusionJobCreate, EchoJobCreate], Field(discriminator="engine")]
+class LLMJobCreate(_JobCreateBase):
+    """A text job, run by a transformers causal language model. The output is `{text,
+    finish_reason, usage: {prompt_tokens, completion_tokens}}`, with `seed` when sampling;
+    `finish_reason` is `stop` (end of sequence or a stop string), `length` or `canceled`."""
+
+    engine: Literal["llm"] = Field(description="Which engine runs the job.")
+    input: LLMInput
+
+
+JobCreate = Annotated[Union[DiffusionJobCreate, EchoJobCreate, LLMJobCreate], Field(discriminator="engine")]
 
 
 # --- what a client reads ----------------------------------------------------------------
@@ -111,6 +178,12 @@ class JobMetrics(BaseModel):
 class JobUrls(BaseModel):
     get: str
     cancel: str
+    events: str = Field(description="The job's server-sent events.")
+
+
+class JobProgress(BaseModel):
+    step: int = Field(description="Steps done, e.g. denoising steps.")
+    total: int = Field(description="Steps the job takes in all.")
 
 
 class Job(BaseModel):
@@ -129,6 +202,10 @@ class Job(BaseModel):
     started_at: datetime | None = None
     completed_at: datetime | None = None
     attempts: int = Field(0, description="How many times a worker started the job.")
+    worker: str | None = Field(None, description="The worker that ran (or runs) the job's latest attempt.")
+    progress: JobProgress | None = Field(None, description="How far a running job is, reported at most twice a second.")
+    webhook: str | None = Field(None, description="Where the job's events are POSTed.")
+    webhook_events_filter: list[str] | None = Field(None, description="Which events the webhook receives.")
     metrics: JobMetrics
     urls: JobUrls
 
@@ -184,13 +261,17 @@ def job_view(record: dict[str, str], *, base_url: str) -> dict[str, Any]:
         "started_at": _iso(record.get("started_at")),
         "completed_at": _iso(record.get("completed_at")),
         "attempts": int(record.get("attempts") or 0),
+        "worker": record.get("worker"),
+        "progress": json.loads(record["progress"]) if record.get("progress") else None,
+        "webhook": record.get("webhook"),
+        "webhook_events_filter": record.get("webhook_events", "").split(",") if record.get("webhook") else None,
         "metrics": {
             "queue_time_s": _elapsed(record["created_at"], record.get("started_at")),
             "run_time_s": _elapsed(record.get("started_at"), record.get("completed_at")),
             "batch_size": int(record["batch_size"]) if record.get("batch_size") else None,
             "cache_hit": record.get("cache_hit") == "1",
         },
-        "urls": {"get": job_url, "cancel": f"{job_url}/cancel"},
+        "urls": {"get": job_url, "cancel": f"{job_url}/cancel", "events": f"{job_url}/events"},
     }
 
 

@@ -1,8 +1,10 @@
-"""Built-in tiny models: real diffusers pipelines with small seeded random weights.
+"""Built-in tiny models: a real diffusers pipeline and a real transformers causal language
+model, each with small seeded random weights.
 
 They exist so that workers, tests and demos run end to end with no network and no
-downloaded weights. Their images look like noise, but every code path (tokenizer, text
-encoder, UNet, scheduler, VAE, image encoding) is the one a real Stable Diffusion takes.
+downloaded weights. Their images look like noise and their text is gibberish, but every code
+path (tokenizer, text encoder, UNet, scheduler, VAE, image encoding; chat template, KV cache,
+sampling, detokenizing) is the one a real Stable Diffusion or Llama takes.
 """
 
 from __future__ import annotations
@@ -12,15 +14,20 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from blaze_jobs.errors import RequestError
 
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
 #: Built-in model ids and the folder (under the model dir) each is built into.
-BUILTIN_MODELS: dict[str, str] = {"builtin:tiny-sd": "tiny-sd"}
+BUILTIN_MODELS: dict[str, str] = {"builtin:tiny-sd": "tiny-sd", "builtin:tiny-lm": "tiny-lm"}
+#: The file whose presence says a built-in model's folder is complete.
+_MARKERS = {"tiny-sd": "model_index.json", "tiny-lm": "config.json"}
 
 # CLIP's real context length: prompts are padded to it, so the text encoder sees the same
 # shapes a full-size model would.
@@ -43,7 +50,8 @@ def builtin_path(model: str, model_dir: Path) -> Path:
     except KeyError:
         raise RequestError(f"unknown built-in model {model!r}; known: {sorted(BUILTIN_MODELS)}") from None
     target = Path(model_dir) / folder
-    if (target / "model_index.json").exists():
+    marker = target / _MARKERS[folder]
+    if marker.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename into place: a rename is atomic on one filesystem,
@@ -51,12 +59,16 @@ def builtin_path(model: str, model_dir: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder}-", dir=target.parent))
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; other users' workers read it too
-        _build_tiny_sd().save_pretrained(staging)
+        # Seeding must not disturb the caller's global random state.
+        with torch.random.fork_rng(devices=[]):
+            parts = _build_tiny_lm() if folder == "tiny-lm" else (_build_tiny_sd(),)
+        for part in parts:  # a pipeline, or a model and its tokenizer
+            part.save_pretrained(staging)
         try:
             os.rename(staging, target)
         except OSError:
             # Another process won the race (the target now exists and is not empty).
-            if not (target / "model_index.json").exists():
+            if not marker.exists():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -64,6 +76,9 @@ def builtin_path(model: str, model_dir: Path) -> Path:
 
 
 def _build_tiny_sd() -> StableDiffusionPipeline:
+    # Imported here: importing diffusers takes seconds, which a text worker need not wait.
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
     # Each component is seeded on its own, so the weights do not depend on build order.
     torch.manual_seed(0)
     # Latents are 8x8 and the VAE upsamples 8 times: the default image is 64x64 pixels.
@@ -158,3 +173,99 @@ def _byte_alphabet() -> list[str]:
             chars.append(chr(256 + shift))
             shift += 1
     return chars
+
+
+# --- builtin:tiny-lm ----------------------------------------------------------------------
+
+# A Llama of 4 layers x 256 wide: the shape of the smallest test models, big enough that
+# batching pays on a CPU as it does for real models on a GPU (the per-step cost is mostly
+# fixed), small enough to build in a second and run hundreds of tokens a second.
+_LM_LAYERS, _LM_WIDTH, _LM_HEADS, _LM_FFN = 4, 256, 4, 688
+_LM_CONTEXT = 2048
+_LM_VOCAB = 1024  # at most: the text above yields about 900 tokens
+_LM_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# ChatML, the template many real chat models ship: each turn is wrapped in <|im_start|>role
+# ... <|im_end|>, and the model answers after "<|im_start|>assistant\n".
+_LM_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# What the tokenizer learns its merges from: plain English, so common words and word pieces
+# become single tokens (" the", "ing", " morning") as they do in a real tokenizer.
+_LM_TEXT = """\
+The morning was cold and clear, and the river ran fast under the old stone bridge.
+A small boat with a red sail moved slowly past the houses on the other side of the water.
+She opened the window, looked at the sky, and decided that it was a good day for a long walk.
+People in the town said that the baker woke up before the birds and went to bed after the moon.
+When the train arrived at the station, everyone on the platform stepped back from the edge.
+The teacher asked the class to write a short story about a place they would like to visit.
+It is often easier to start a new project than to finish an old one, but finishing is what counts.
+The library kept its oldest books in a room with thick walls, low light and a single wooden table.
+If you want to learn how a machine works, take it apart carefully and put it back together again.
+The weather changed in the afternoon: dark clouds came from the west, and the wind grew stronger.
+A good question is worth more than a quick answer, because it shows you where to look next.
+The market opened at nine, and by ten the streets were full of voices, colours and the smell of fruit.
+The lighthouse stood at the end of the rocky point, and its light turned all night long.
+Writing clear instructions is hard: you must imagine a reader who knows nothing of what you know.
+A queue is a line of things that wait their turn, and the first to arrive is the first to leave.
+Workers take jobs from the queue, do the work, and report the results to anyone who asks.
+When there is too much work for one worker, you can start another, and the line moves faster.
+He read the letter twice, folded it, and put it in the pocket of his coat without a word.
+In the winter the lake froze, and families came to skate on the ice under the bright blue sky.
+Good tools make good work easier, but they cannot replace care, patience and practice.
+We planned to leave at six, but the car would not start, so we took the bus instead.
+What do you think will happen next? Nobody knows, and that is what makes the future interesting.
+Please answer the question in one sentence, and then explain your answer in a few more.
+The numbers one, two, three, four, five, six, seven, eight, nine and ten are easy to learn.
+Monday, Tuesday, Wednesday, Thursday, Friday, Saturday and Sunday make up the week.
+A user asked the assistant for a poem about the sea, and the assistant wrote four short lines.
+Hello! How are you today? I am fine, thank you. What would you like to talk about?
+"""
+
+
+def _build_tiny_lm() -> tuple[Any, Any]:
+    """A Llama causal LM with seeded random weights and its tokenizer, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    # 1. A byte-level BPE (GPT-2's scheme: any text encodes, nothing is unknown) trained on
+    #    the text above. Training is deterministic, so every build gives the same tokens.
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_LM_VOCAB,
+        special_tokens=_LM_SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_LM_TEXT.splitlines(), trainer=trainer)
+    eos, _, end_of_turn = (bpe.token_to_id(t) for t in _LM_SPECIAL)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        chat_template=_LM_CHAT_TEMPLATE,
+        model_max_length=_LM_CONTEXT,
+    )
+
+    # 2. The model, seeded, sized to the tokenizer. A chat turn ends at <|im_end|>, a plain
+    #    text at <|endoftext|>: both end generation.
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=_LM_WIDTH,
+        intermediate_size=_LM_FFN,
+        num_hidden_layers=_LM_LAYERS,
+        num_attention_heads=_LM_HEADS,
+        num_key_value_heads=_LM_HEADS,
+        max_position_embeddings=_LM_CONTEXT,
+        bos_token_id=eos,
+        eos_token_id=[eos, end_of_turn],
+        pad_token_id=eos,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=[eos, end_of_turn], pad_token_id=eos)
+    return model, tokenizer

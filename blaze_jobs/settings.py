@@ -10,7 +10,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-ENGINES = ("diffusion", "echo")
+ENGINES = ("diffusion", "echo", "llm")
 
 
 class Settings(BaseSettings):
@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     #: load arbitrary weights.
     diffusion_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     echo_model: str = "builtin:echo"
+    #: The text model: ``builtin:tiny-lm``, a Hugging Face id or a local path.
+    llm_model: str = "builtin:tiny-lm"
+    #: Text models a request may name besides ``llm_model`` (comma-separated), refused
+    #: otherwise, as for diffusion.
+    llm_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     device: str = "cpu"
 
     # Bounds on diffusion input. A 1024x1024 image is the largest common SD size; 150 steps
@@ -61,6 +66,16 @@ class Settings(BaseSettings):
     max_prompt_chars: int = 2_000
     #: The echo engine sleeps at most this long (it exists for tests and benchmarks).
     max_sleep_ms: int = 60_000
+    # Bounds on text input. 1,024 new tokens is a long answer and keeps one job from holding
+    # a batch slot for minutes; the prompt is bounded in characters here, and in tokens by
+    # the worker against the model's context length.
+    llm_max_new_tokens: int = 1_024
+    llm_max_prompt_chars: int = 16_000
+    #: Turns in one chat.
+    llm_max_messages: int = 64
+    #: Stop strings per job (four, as OpenAI's API allows), and characters in each.
+    llm_max_stop: int = 4
+    llm_max_stop_chars: int = 64
 
     # --- workers: batching, faults, leases ------------------------------------------------
     #: Most jobs one batch holds; a worker runs this many task threads so it can fill one.
@@ -80,6 +95,10 @@ class Settings(BaseSettings):
     #: A running job's lease: its worker renews it every third of this; when a worker dies,
     #: any live worker hands the job to the queue again once the lease has run out.
     lease_s: float = 30.0
+    #: torch's CPU threads in a worker; 0 keeps torch's default (one per core). On a CPU that
+    #: the worker shares with the API or Redis, fewer threads than cores avoids threads that
+    #: spin waiting for a core (measured 10x slower steps on 2 busy cores).
+    torch_threads: int = 0
     #: Most models one worker keeps loaded (least recently used leave first).
     max_loaded_models: int = 2
 
@@ -93,6 +112,34 @@ class Settings(BaseSettings):
     #: Revisions of models given by path or id (JSON object), so a new revision misses the cache.
     model_revisions: dict[str, str] = Field(default_factory=dict)
 
+    # --- results pushed: long-poll, events, webhooks ------------------------------------
+    #: Longest ``?wait=`` (and ``Prefer: wait=``) one request may hold: 60 s stays under the
+    #: idle timeout of common proxies and load balancers.
+    max_wait_s: float = 60.0
+    #: Long-polls and event streams one API process serves at once; each holds a Redis
+    #: connection while it waits.
+    max_waiters: int = 1000
+    #: A running job reports progress at most this often, in seconds; 0 turns progress off.
+    progress_interval_s: float = 0.5
+    #: The ``whsec_`` secret webhooks are signed with. Empty: one is generated on first use
+    #: and kept in Redis, so every API process and webhook worker shares it.
+    webhook_secret: str = ""
+    #: Deliver to loopback, private, link-local and metadata addresses. For local development
+    #: and tests only: otherwise a webhook could probe the deployment's own network.
+    webhook_allow_private: bool = False
+    #: Seconds before each retry of a failed delivery (comma-separated), each drawn within
+    #: ±20 % so retries of many jobs spread out: ten retries over about 23.7 hours.
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800]
+    )
+    #: How long a receiver has to answer one delivery.
+    webhook_timeout_s: float = 10.0
+    #: Deliveries one webhook worker sends at once: threads, since the work is waiting.
+    webhook_concurrency: int = 16
+    #: Bearer token of administrative endpoints (``GET /v1/webhooks/secret``). Empty: they
+    #: answer only callers on the API's own host (loopback).
+    admin_token: str = ""
+
     # --- Celery -------------------------------------------------------------------------
     #: Seconds before Redis hands an unacknowledged job to another worker. It must exceed
     #: the longest job plus its queue wait, or a long job would run twice: 12 hours.
@@ -100,7 +147,7 @@ class Settings(BaseSettings):
     #: ``user:password`` for Flower's login; empty leaves Flower open (local use only).
     flower_basic_auth: str = ""
 
-    @field_validator("diffusion_models", mode="before")
+    @field_validator("diffusion_models", "llm_models", "webhook_retry_schedule", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
         if isinstance(value, str):
@@ -109,12 +156,12 @@ class Settings(BaseSettings):
 
     def allowed_models(self, engine: str) -> list[str]:
         """The models a request for ``engine`` may name, the default first."""
-        if engine == "diffusion":
-            return [self.diffusion_model, *[m for m in self.diffusion_models if m != self.diffusion_model]]
-        return [self.default_model(engine)]
+        default = self.default_model(engine)
+        others = {"diffusion": self.diffusion_models, "llm": self.llm_models}.get(engine, [])
+        return [default, *[m for m in others if m != default]]
 
     def default_model(self, engine: str) -> str:
-        return {"diffusion": self.diffusion_model, "echo": self.echo_model}[engine]
+        return {"diffusion": self.diffusion_model, "echo": self.echo_model, "llm": self.llm_model}[engine]
 
     def key(self, *parts: str) -> str:
         """A Redis key under this deployment's prefix."""

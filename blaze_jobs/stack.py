@@ -226,7 +226,7 @@ def run_up(*, api_port: int, flower_port: int) -> int:
     with Stack() as stack:
         redis_url = stack.redis(settings.redis_url)
         stack.env["BLAZE_REDIS_URL"] = redis_url
-        api_url = _start_services(stack, api_port=api_port, flower_port=flower_port, engines=("diffusion", "echo"))
+        api_url = _start_services(stack, api_port=api_port, flower_port=flower_port, engines=("diffusion", "echo", "llm", "webhooks"))
         print(f"Redis   {redis_url}")
         print(f"API     {api_url}")
         print(f"docs    {api_url}/docs")

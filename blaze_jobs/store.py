@@ -20,6 +20,7 @@ import redis
 import redis.asyncio
 
 from blaze_jobs.errors import JobConflict, JobNotFound
+from blaze_jobs.events import EVENT_FUNCTIONS_LUA, queue_born_ended
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.settings import Settings
 
@@ -30,8 +31,10 @@ from blaze_jobs.settings import Settings
 #   release: a lease key to drop; unleased: move only if this lease key is gone (its worker
 #   died); push: {key, message} to RPUSH onto a queue in the same step, so a requeued job
 #   can never be left without a message.
+# A change of status is also appended to the job's event stream, with the webhook delivery
+# it calls for (see events.py).
 # Returns {1, old status} when moved, {0, current status} when not, {-1} when no such job.
-TRANSITION_LUA = """
+TRANSITION_LUA = EVENT_FUNCTIONS_LUA + """
 local spec = cjson.decode(ARGV[2])
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {-1} end
@@ -54,6 +57,7 @@ if current ~= spec['to'] then
   redis.call('ZADD', ARGV[1] .. 'idx:status:' .. spec['to'], score, id)
 end
 redis.call('PUBLISH', ARGV[1] .. 'job-events:' .. id, spec['to'])
+if current ~= spec['to'] then blaze_status_event(KEYS[1], ARGV[1], id, spec['to']) end
 return {1, current}
 """
 
@@ -102,6 +106,8 @@ def queue_create(pipe: Any, keys: Keys, record: dict[str, str], *, ttl_s: int) -
     pipe.expire(key, ttl_s)
     for index in (keys.all, keys.status(record["status"]), keys.engine(record["engine"])):
         pipe.zadd(index, {record["id"]: score})
+    if JobStatus(record["status"]).ended:
+        queue_born_ended(pipe, prefix=keys.prefix, job_key=key)
 
 
 def transition_args(keys: Keys, *, allowed: Iterable[JobStatus], to: JobStatus, fields: dict[str, Any], **options: Any) -> list[str]:

@@ -16,8 +16,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
-from blaze_jobs import cache
+from blaze_jobs import cache, events
 from blaze_jobs.artifacts import ArtifactStore, artifact_store, artifact_url
 from blaze_jobs.batching import Batcher
 from blaze_jobs.breaker import CircuitBreaker
@@ -31,6 +33,9 @@ from blaze_jobs.settings import Settings, get_settings
 from blaze_jobs.store import JobStore
 
 log = logging.getLogger("blaze_jobs.worker")
+
+#: Retries of a Redis command (at most a second apart) before a worker gives up on it.
+REDIS_RETRIES = 60
 
 
 class HandedBack(WorkerFault):
@@ -56,12 +61,19 @@ class Runtime:
         self.engine_name = engine
         self.device = device or settings.device
         self.name = name or f"{engine}-{os.getpid()}@{socket.gethostname()}"
+        # A worker rides out a Redis restart: each command retries with back-off for about a
+        # minute instead of failing the job it was recording.
         self.redis = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10, retry_on_timeout=True
+            settings.redis_url,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            health_check_interval=10,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), REDIS_RETRIES),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
         )
         self.store = JobStore(self.redis, settings)
         self.artifacts: ArtifactStore = artifact_store(settings, self.redis)
-        self.engine: Engine = create_engine(engine, settings, device=self.device)
+        self.engine: Engine = create_engine(engine, settings, device=self.device, max_batch=max_batch)
         self.local_cache = cache.LocalCache(entries=settings.cache_local_entries, ttl_s=settings.cache_ttl_s)
         self.cache_keys = cache.CacheKeys(settings.redis_prefix)
         self.inflight = cache.InFlight()
@@ -155,6 +167,7 @@ def run_job(job_id: str, *, engine: str, runtime: Runtime | None = None) -> str:
             attempts=attempt - 1,
             lease={"key": store.keys.lease(job_id), "owner": token, "ms": int(settings.lease_s * 1000)},
             started_at=repr(time.time()),
+            worker=runtime.name,
         )
     except JobNotFound:
         runtime.breaker.release_probe()
@@ -174,7 +187,7 @@ def run_job(job_id: str, *, engine: str, runtime: Runtime | None = None) -> str:
 
 
 def _run_taken(runtime: Runtime, record: dict[str, str], attempt: int) -> str:
-    store, settings = runtime.store, runtime.settings
+    settings = runtime.settings
     job_id, job_input = record["id"], json.loads(record["input"])
     finish = _Finisher(runtime, job_id, attempt)
 
@@ -197,11 +210,16 @@ def _run_taken(runtime: Runtime, record: dict[str, str], attempt: int) -> str:
 
 
 def _compute(runtime: Runtime, record: dict[str, str], job_input: dict[str, Any], finish: "_Finisher", key: str | None) -> str:
-    store, settings, job_id = runtime.store, runtime.settings, record["id"]
+    settings, job_id = runtime.settings, record["id"]
 
     # 3. Hand the job to the batcher and wait for its batch, at most the watchdog's time.
     request = EngineRequest(
-        job_id=job_id, model=record["model"], input=job_input, should_stop=lambda: store.status(job_id) is JobStatus.canceled
+        job_id=job_id,
+        model=record["model"],
+        input=job_input,
+        should_stop=lambda: runtime.heartbeat.is_canceled(job_id),
+        # Progress leaves from a thread of its own, throttled: a step pays a dict assignment.
+        on_progress=events.progress_callback(runtime.redis, settings, job_id),
     )
     try:
         result = runtime.batcher.submit(request).result(timeout=settings.batch_timeout_s)
@@ -223,6 +241,9 @@ def _compute(runtime: Runtime, record: dict[str, str], job_input: dict[str, Any]
 
     # 4. Store what it made, remember it for the next identical request, record success.
     output_json = json.dumps(_store_artifacts(result.output, runtime.artifacts), separators=(",", ":"))
+    if result.output.get("finish_reason") == "canceled":
+        # A text job stopped by a cancel keeps the text it had; a partial text is never cached.
+        return finish.canceled(output_json)
     if key is not None:
         runtime.local_cache.put(key, output_json)
         runtime.inflight.publish(key, output_json)
@@ -292,6 +313,15 @@ class _Finisher:
         if cache_hit:
             fields["cache_hit"] = 1
         return JobStatus.succeeded.value if self._end(JobStatus.succeeded, **fields) else self._now()
+
+    def canceled(self, output_json: str) -> str:
+        """Keep the partial output of a job that a cancel stopped (the cancel already ended it)."""
+        try:
+            self.store.transition(self.job_id, allowed=(JobStatus.canceled,), to=JobStatus.canceled, output=output_json)
+        except (JobConflict, JobNotFound):
+            pass
+        self.release_lease()
+        return JobStatus.canceled.value
 
     def failed(self, kind: str, message: str) -> str:
         error = json.dumps({"type": kind, "message": message})

@@ -60,6 +60,10 @@ def test_env(redis_prefix: str, model_dir: Path) -> dict[str, str]:
         BLAZE_REDIS_PREFIX=redis_prefix,
         BLAZE_MODEL_DIR=str(model_dir),
         BLAZE_FLOWER_BASIC_AUTH=FLOWER_AUTH,
+        # Webhook receivers in tests listen on 127.0.0.1, and retries come within seconds.
+        BLAZE_WEBHOOK_ALLOW_PRIVATE="1",
+        BLAZE_WEBHOOK_RETRY_SCHEDULE="0.2,0.5,1",
+        BLAZE_WEBHOOK_TIMEOUT_S="2",
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -75,11 +79,15 @@ def stack(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
     """``blaze api``, a diffusion and an echo worker, and Flower, as real processes."""
     with Stack(env=test_env, log_dir=tmp_path_factory.mktemp("stack-logs")) as running:
         api_port, flower_port = free_port(), free_port()
-        flower = running.blaze("flower", "flower", "--port", str(flower_port))
+        running.blaze("flower", "flower", "--port", str(flower_port))
         api = running.blaze("api", "api", "--port", str(api_port))
         diffusion = running.blaze("worker-diffusion", "worker", "--engine", "diffusion")
         # One task thread: a second echo job waits in the queue (the cancel tests rely on it).
         echo = running.blaze("worker-echo", "worker", "--engine", "echo", "--concurrency", "1")
+        webhooks = running.blaze("worker-webhooks", "worker", "--engine", "webhooks")
+        # One torch thread for the text worker: on two cores shared by every process here,
+        # a second thread spins waiting for the first and slows each step several times over.
+        llm = running.blaze("worker-llm", "worker", "--engine", "llm", OMP_NUM_THREADS="1")
         api_url = f"http://127.0.0.1:{api_port}"
         flower_url = f"http://127.0.0.1:{flower_port}"
         try:
@@ -94,12 +102,14 @@ def stack(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
                     workers = flower_http.get("/api/workers", params={"status": 1})
                 except httpx.HTTPError:
                     return False
-                return workers.status_code == 200 and sum(workers.json().values()) >= 2
+                return workers.status_code == 200 and sum(workers.json().values()) >= 4
 
-            # Both workers up and known to Flower: the diffusion one has loaded its model.
+            # All four workers up and known to Flower: the diffusion and text ones have loaded their models.
             with flower_http:
                 running.wait_for("the workers (as Flower sees them)", diffusion, flower_sees_workers, timeout=150)
             running.wait_for("the echo worker", echo, echo.alive, timeout=1)
+            running.wait_for("the webhook worker", webhooks, webhooks.alive, timeout=1)
+            running.wait_for("the text worker", llm, llm.alive, timeout=1)
         except StackError as error:
             pytest.fail(str(error))
         yield {"api_url": api_url, "flower_url": flower_url, "flower_auth": (user, password), "stack": running}
@@ -116,3 +126,43 @@ def http(stack: dict[str, Any]) -> Iterator[httpx.Client]:
     """Raw HTTP to the API, for checking status codes and headers."""
     with httpx.Client(base_url=stack["api_url"], timeout=30) as session:
         yield session
+
+
+@pytest.fixture()
+def own_stack(test_env: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
+    """An empty stack of this test's own, under a fresh key prefix: the test starts the
+    processes it needs (with its own settings) and they all stop, by pid, when it ends."""
+    prefix = f"blaze-test-{uuid.uuid4().hex[:8]}:"
+    with Stack(env={**test_env, "BLAZE_REDIS_PREFIX": prefix}, log_dir=tmp_path) as running:
+        yield running
+    client = redis.Redis.from_url(running.env["BLAZE_REDIS_URL"])
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    except redis.RedisError:
+        pass  # a test that ran its own Redis has stopped it
+    finally:
+        client.close()
+
+
+def start_api(stack: Stack, **env: str) -> str:
+    """Start ``blaze api`` in ``stack``; returns its URL once it is ready."""
+    port = free_port()
+    api = stack.blaze("api", "api", "--port", str(port), **env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        stack.wait_http("the API", api, f"{url}/readyz", timeout=60)
+    except StackError as error:
+        pytest.fail(str(error))
+    return url
+
+
+def wait_for_workers(api_url: str, count: int, *, timeout: float = 120) -> list[dict[str, Any]]:
+    """Wait until ``GET /v1/workers`` lists ``count`` workers (they publish once loaded)."""
+
+    def listed() -> list[dict[str, Any]] | None:
+        workers = httpx.get(f"{api_url}/v1/workers", timeout=5).json()["workers"]
+        return workers if len(workers) >= count else None
+
+    return wait_until(listed, timeout=timeout, what=f"{count} workers in GET /v1/workers", interval=0.2)

@@ -28,13 +28,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0 … (default BLAZE_DEVICE)")
     parser.add_argument("--max-batch", type=int, default=settings.max_batch, help="most jobs in one batch")
     parser.add_argument("--max-wait-ms", type=float, default=settings.max_wait_ms, help="longest wait for a fuller batch")
-    parser.add_argument("--concurrency", type=int, default=None, help="task threads (default: --max-batch)")
+    parser.add_argument("--concurrency", type=int, default=None, help="task threads (default: twice --max-batch)")
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = f"{args.engine}-{os.getpid()}@{socket.gethostname()}"
 
     # 1. Load the engine and its default model before taking any job.
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     def stop_consuming() -> None:
         app.control.cancel_consumer(args.engine, destination=[name], reply=False)
 
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
             "worker",
             f"--queues={args.engine}",
             "--pool=threads",
-            f"--concurrency={args.concurrency or args.max_batch}",
+            # Twice the batch: while one batch runs, the next one gathers, so batches stay full.
+            f"--concurrency={args.concurrency or 2 * args.max_batch}",
             "--task-events",
             f"--hostname={name}",
             f"--loglevel={args.loglevel}",

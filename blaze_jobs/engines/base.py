@@ -38,6 +38,7 @@ class EngineRequest:
     input: dict[str, Any]  # validated by the API; optional keys may be missing or None
     should_stop: Callable[[], bool] = _never  # polled at each step; True ends the job with JobCanceled
     on_progress: Callable[[int, int], None] | None = None  # called with (step, total)
+    on_delta: Callable[[str], None] | None = None  # text engines: each new piece of output text, in order
 
 
 class Engine:

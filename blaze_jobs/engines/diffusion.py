@@ -318,8 +318,9 @@ def _encode(image: Any, job: _Job, seed: int) -> Artifact:
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    # CUDA says "out of memory"; the CPU allocator says "can't allocate memory".
+    # torch.cuda.OutOfMemoryError exists since torch 1.13 (torch.OutOfMemoryError only since
+    # 2.5). CUDA says "out of memory"; the CPU allocator says "can't allocate memory".
     message = str(exc).lower()
-    return isinstance(exc, torch.OutOfMemoryError) or (
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
     )

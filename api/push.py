@@ -1,0 +1,274 @@
+"""Results pushed to clients: long-poll (``?wait=``, ``Prefer: wait=``), server-sent events,
+webhook deliveries and the webhook signing secret.
+
+Waiting never polls: a waiting request blocks on the job's event stream (``XREAD BLOCK``)
+on a Redis connection of its own, from a pool bounded by ``BLAZE_MAX_WAITERS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import re
+import socket
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, AsyncIterator
+
+import redis.asyncio
+from fastapi import APIRouter, FastAPI, Header, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from api.problems import PROBLEM_JSON, PROBLEM_SCHEMA, InputProblem, problem
+from blaze_jobs import events
+from blaze_jobs.errors import JobNotFound
+from blaze_jobs.jobs import job_view
+from blaze_jobs.settings import Settings, get_settings
+from blaze_jobs.webhooks import (
+    REDELIVER_LUA,
+    Delivery,
+    DeliveryPage,
+    WebhookRefused,
+    check_addresses,
+    delivery_list,
+    signing_secret_async,
+)
+
+#: Longest single block on Redis: an event stream sends a keep-alive comment this often,
+#: which also finds clients that went away.
+BLOCK_S = 15.0
+#: How long a webhook host may take to resolve when a job is created.
+DNS_TIMEOUT_S = 5.0
+EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+PROBLEM = {"content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}, "description": "A problem+json body naming the fault."}
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings = settings_of(app)
+    # Blocking reads get connections of their own, with a socket timeout longer than a block.
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.max_waiters,
+        timeout=settings.redis_timeout_s,
+        socket_timeout=BLOCK_S + settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+    )
+    app.state.waiting_redis = redis.asyncio.Redis(connection_pool=pool)
+    yield
+    await app.state.waiting_redis.aclose()
+    await pool.aclose()
+
+
+router = APIRouter(lifespan=lifespan)
+
+
+def settings_of(app: FastAPI) -> Settings:
+    store = getattr(app.state, "store", None)
+    return store.settings if store is not None else get_settings()
+
+
+def base_url(request: Request) -> str:
+    return settings_of(request.app).public_url or str(request.base_url).rstrip("/")
+
+
+# --- used by the create and get routes ----------------------------------------------------
+
+
+async def webhook_fields(body: Any, settings: Settings) -> dict[str, str]:
+    """The job record's webhook fields, once the URL is known to lead to a public address
+    (unless ``BLAZE_WEBHOOK_ALLOW_PRIVATE``); a 422 naming ``webhook`` otherwise."""
+    if body.webhook is None:
+        return {}
+    if not settings.webhook_allow_private:
+        host, port = body.webhook.host or "", body.webhook.port or 443
+        try:
+            try:
+                addresses = [str(ipaddress.ip_address(host.strip("[]")))]
+            except ValueError:
+                loop = asyncio.get_running_loop()
+                infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), DNS_TIMEOUT_S)
+                addresses = [info[4][0] for info in infos]
+            check_addresses(host, addresses)
+        except (socket.gaierror, asyncio.TimeoutError):
+            raise InputProblem("webhook", f"{host} does not resolve") from None
+        except WebhookRefused as refused:
+            raise InputProblem("webhook", str(refused)) from None
+    return {"webhook": str(body.webhook), "webhook_events": ",".join(dict.fromkeys(body.webhook_events_filter))}
+
+
+def preferred_wait(prefer: str | None, *, bound: float) -> float:
+    """Seconds a ``Prefer: wait=N`` header (RFC 7240) asks for, within ``bound``; 0 without one."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.split(";", 1)[0].strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                return max(0.0, min(float(value.strip().strip('"')), bound))
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
+async def wait_if_preferred(request: Request, record: dict[str, str]) -> dict[str, str]:
+    """After ``POST /v1/jobs``: the job once it ended, when the client sent ``Prefer: wait=N``
+    and it ended within N seconds; otherwise the job as created."""
+    seconds = preferred_wait(request.headers.get("prefer"), bound=settings_of(request.app).max_wait_s)
+    if seconds <= 0 or events.ended(record):
+        return record
+    return await wait_for_end(request.app, record["id"], seconds)
+
+
+async def job_after_wait(request: Request, job_id: str, wait: float) -> dict[str, str]:
+    """``GET /v1/jobs/{id}?wait=N``: the job as soon as it ends, or as it stands after N seconds."""
+    settings = settings_of(request.app)
+    if wait > settings.max_wait_s:
+        raise InputProblem("wait", f"must be at most {settings.max_wait_s:g} seconds")
+    if wait <= 0:
+        return await request.app.state.store.get(job_id)
+    return await wait_for_end(request.app, job_id, wait)
+
+
+async def wait_for_end(app: FastAPI, job_id: str, seconds: float) -> dict[str, str]:
+    prefix = settings_of(app).redis_prefix
+    record, position = await events.job_and_position(app.state.store.redis, prefix=prefix, job_id=job_id)
+    if not record:
+        raise JobNotFound(job_id)
+    deadline = time.monotonic() + seconds
+    while not events.ended(record):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        block_ms = max(1, int(min(left, BLOCK_S) * 1000))
+        for event in await events.read_events(app.state.waiting_redis, prefix=prefix, job_id=job_id, after=position, block_ms=block_ms):
+            position = event.id
+            # A status change carries the whole job; progress updates the job's progress.
+            record = event.record or {**record, **{k: v for k, v in event.fields.items() if k == "progress"}}
+    return record
+
+
+# --- server-sent events -------------------------------------------------------------------
+
+
+def sse(event_id: str, kind: str, data: Any) -> str:
+    return f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def event_data(event: events.JobEvent, *, base: str) -> Any:
+    record = event.record
+    if record is not None:
+        return job_view(record, base_url=base)
+    if event.type == "job.progress":
+        return json.loads(event.fields["progress"])
+    return event.fields
+
+
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "An event stream."}, 404: PROBLEM},
+)
+async def job_events(
+    request: Request,
+    job_id: str,
+    last_event_id: Annotated[str | None, Header(description="Resume after this event id.")] = None,
+) -> StreamingResponse:
+    """The job's events as server-sent events, ending with the final job.
+
+    The first event, `job`, is the job as it stands; then `job.started`, `job.progress`
+    (`{step, total}`), `job.queued` (handed back to the queue after a worker fault) and
+    `job.completed` (the final job), each with its event id. A client that reconnects with
+    `Last-Event-ID` gets every event after that one and no `job` event; `Last-Event-ID: 0-0`
+    replays the whole stream."""
+    app, prefix = request.app, settings_of(request.app).redis_prefix
+    record, position = await events.job_and_position(app.state.store.redis, prefix=prefix, job_id=job_id)
+    if not record:
+        raise JobNotFound(job_id)
+    resume = last_event_id.strip() if last_event_id and EVENT_ID.match(last_event_id.strip()) else None
+    stream = _event_stream(app, job_id, record=record, position=position, resume=resume, base=base_url(request))
+    return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _event_stream(
+    app: FastAPI, job_id: str, *, record: dict[str, str], position: str, resume: str | None, base: str
+) -> AsyncIterator[str]:
+    prefix = settings_of(app).redis_prefix
+    yield "retry: 1000\n\n"
+    if resume is None:
+        yield sse(position, "job", job_view(record, base_url=base))
+        if events.ended(record):
+            return
+        after = position
+    else:
+        after = resume
+        # A client that already saw the end of an ended job has nothing left to get.
+        missed = await events.read_events(app.state.waiting_redis, prefix=prefix, job_id=job_id, after=after, block_ms=None)
+        if not missed and events.ended(record):
+            return
+    while True:
+        new = await events.read_events(app.state.waiting_redis, prefix=prefix, job_id=job_id, after=after, block_ms=int(BLOCK_S * 1000))
+        if not new:
+            yield ": keep-alive\n\n"
+            continue
+        for event in new:
+            after = event.id
+            yield sse(event.id, event.type, event_data(event, base=base))
+            if event.type == events.COMPLETED:
+                return
+
+
+# --- webhook deliveries and the secret ----------------------------------------------------
+
+
+@router.get("/v1/jobs/{job_id}/deliveries", response_model=DeliveryPage, responses={404: PROBLEM})
+async def list_deliveries(request: Request, job_id: str) -> JSONResponse:
+    """Every webhook delivery of the job, oldest first, with each attempt: when, the
+    receiver's status code or the error, and how long it took."""
+    store = request.app.state.store
+    async with store.redis.pipeline(transaction=False) as pipe:
+        pipe.exists(store.keys.job(job_id))
+        pipe.hgetall(events.deliveries_key(store.keys.prefix, job_id))
+        exists, raw = await pipe.execute()
+    if not exists:
+        raise JobNotFound(job_id)
+    return JSONResponse({"deliveries": delivery_list(raw)})
+
+
+@router.post(
+    "/v1/jobs/{job_id}/deliveries/{delivery_id}/redeliver", status_code=202, response_model=Delivery, responses={404: PROBLEM}
+)
+async def redeliver(request: Request, job_id: str, delivery_id: str) -> JSONResponse:
+    """Send a delivery's event again: a new delivery with the same `webhook-id` and body. It
+    also lifts a receiver's earlier `410 Gone` for the job."""
+    store = request.app.state.store
+    script = store.redis.register_script(REDELIVER_LUA)
+    reply = await script(keys=[events.deliveries_key(store.keys.prefix, job_id)], args=[store.keys.prefix, job_id, delivery_id])
+    if reply is None:
+        await store.get(job_id)  # 404 for the job first
+        return problem(404, "Delivery not found", f"job {job_id} has no delivery {delivery_id!r}")
+    (delivery,) = delivery_list({"new": reply})
+    return JSONResponse(delivery, status_code=202)
+
+
+@router.get("/v1/webhooks/secret", responses={401: PROBLEM, 403: PROBLEM})
+async def webhook_secret(request: Request, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+    """The `whsec_` secret webhooks are signed with, for receivers to verify them. Needs
+    `Authorization: Bearer <BLAZE_ADMIN_TOKEN>`; with no token configured, only callers on
+    the API's own host get it."""
+    settings = settings_of(request.app)
+    if settings.admin_token:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.admin_token.encode()):
+            raise HTTPException(401, "a valid admin bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+    elif not _loopback(request):
+        raise HTTPException(403, "set BLAZE_ADMIN_TOKEN to hand the secret to callers on other hosts")
+    return JSONResponse({"secret": await signing_secret_async(request.app.state.store.redis, settings)})
+
+
+def _loopback(request: Request) -> bool:
+    try:
+        return request.client is not None and ipaddress.ip_address(request.client.host).is_loopback
+    except ValueError:
+        return False

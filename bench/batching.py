@@ -1,0 +1,605 @@
+"""``python bench/batching.py``: diffusion throughput through the whole system against the
+bare pipeline at the same batch size, in one run.
+
+For each batch size B the raw baseline is ``StableDiffusionPipeline.__call__`` with B prompts
+(same model, size, steps, guidance, dtype and device as the worker), timed in this process,
+half of its calls before the system run and half after, so a drift in the machine shows.
+The system is the real thing: ``blaze api`` and ``blaze worker --engine diffusion
+--max-batch B --max-wait-ms 50`` as child processes under a private key prefix. After a
+warm-up batch, ``--jobs-per-batch`` × B jobs, each with its own seed (so the cache never
+answers), are posted over HTTP all at once; throughput is images over the span from the
+first job's ``started_at`` to the last job's ``completed_at`` in the job records. The mean
+batch is jobs / batches, read from each job's ``metrics.batch_size`` (a batch of s jobs
+holds s records saying s); the mean of ``metrics.batch_size`` itself, which leans to the
+larger batches, is printed beside it. ``--concurrency-factor 1 2`` also runs 2×B task threads in
+the worker instead of its default B, so that the next batch can form while one runs.
+
+``--sd15`` builds (once, into the model dir, with no download) a pipeline of the Stable
+Diffusion 1.5 architecture with random weights, and the worker loads it by path
+(``BLAZE_DIFFUSION_MODEL``): use it on a GPU at 512×512 (fp16). On a CPU the API, Redis,
+Celery and the worker's task threads share the cores with the device work, and torch's
+default of one thread per core degrades badly when something else wants a core: ``--threads
+0 1`` repeats the run with the default and with one torch thread in both the baseline and
+the worker. The CPU seconds the baseline and the worker spend per image are printed too:
+on a shared machine they say more than the wall clock.
+
+Exit status: 0 when every job succeeded and both goals were met, 1 when a job failed or a
+part did not start, 2 when a goal was missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import random
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+# The GPU machine has no network: never ask the Hugging Face hub for anything.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import httpx
+import redis
+
+from blaze_jobs.settings import get_settings
+from blaze_jobs.stack import Stack, StackError
+from blaze_jobs.store import Keys
+from common import cpu_seconds, forget, machine, start_api, unique_prefix, write_json
+
+#: The issue's goals: the system keeps this share of the raw pipeline's images/s …
+GOAL_RATIO = 0.9
+#: … and its batches are on average at least this share of ``--max-batch`` full.
+GOAL_BATCH = 0.9
+ENDED = {"succeeded", "failed", "canceled"}
+PROMPT = "a lighthouse at dusk, oil on canvas"
+#: Folder (under the model dir) of the random-weight SD 1.5 pipeline; bump when the builder changes.
+SD15_FOLDER = "sd15-random-v1"
+
+
+# --- the model ----------------------------------------------------------------------------
+
+
+def build_sd15(model_dir: Path, *, device: str) -> Path:
+    """A Stable Diffusion 1.5-shaped pipeline with random weights, saved under ``model_dir``.
+
+    The UNet, VAE and text encoder take SD 1.5's published config values; the tokenizer and
+    the scheduler are the built-in tiny-sd's (CLIP-style BPE, SD 1.5's PNDM settings), so
+    nothing is downloaded. Weights are stored in fp16 (about 2 GB).
+    """
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from blaze_jobs.models import builtin_path
+
+    target = model_dir / SD15_FOLDER
+    if (target / "model_index.json").exists():
+        return target
+    started = time.perf_counter()
+    tiny = builtin_path("builtin:tiny-sd", model_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny, subfolder="tokenizer")
+    scheduler = PNDMScheduler.from_pretrained(tiny, subfolder="scheduler")
+    # Build on the GPU when there is one: initialising ~1.1 B parameters is much faster there.
+    where = torch.device(device if device.startswith("cuda") else "cpu")
+    with torch.random.fork_rng(devices=[]), where:
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=512,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                vocab_size=49408,
+                hidden_act="quick_gelu",
+                projection_dim=768,
+                # The tiny-sd tokenizer's ids for <|startoftext|> and <|endoftext|>.
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(dtype=torch.float16)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{SD15_FOLDER}-", dir=model_dir))
+    pipe.save_pretrained(staging)
+    staging.chmod(0o755)
+    os.rename(staging, target)
+    del pipe, unet, vae, text_encoder
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    print(f"built the random-weight SD 1.5 pipeline into {target} in {time.perf_counter() - started:.1f} s", flush=True)
+    return target
+
+
+def load_pipeline(path: Path, *, device: str) -> Any:
+    """The pipeline as the diffusion engine loads it: from disk, then cast and moved."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, torch.float16 if device.startswith("cuda") else torch.float32)
+
+
+# --- the raw baseline ---------------------------------------------------------------------
+
+
+def raw_calls(pipe: Any, *, batch: int, calls: int, size: int, steps: int, device: str, seed: int) -> tuple[list[float], float]:
+    """Seconds of each of ``calls`` bare pipeline calls of ``batch`` images, and the CPU
+    seconds this process spent on them (all its threads)."""
+    import torch
+
+    times = []
+    cpu = time.process_time()
+    for call in range(calls):
+        generators = [torch.Generator("cpu").manual_seed(seed + call * batch + i) for i in range(batch)]
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            pipe(
+                prompt=[f"{PROMPT}, study {i}" for i in range(batch)],
+                negative_prompt=[""] * batch,
+                width=size,
+                height=size,
+                num_inference_steps=steps,
+                guidance_scale=7.5,
+                generator=generators,
+                output_type="pil",
+            )
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return times, time.process_time() - cpu
+
+
+def engine_calls(engine: Any, *, model: str, batch: int, calls: int, size: int, steps: int, seed: int) -> list[float]:
+    """Seconds of each of ``calls`` ``DiffusionEngine.run_batch`` calls of ``batch`` requests
+    (the pipeline call plus the engine's own work: noise per job, PNG encoding)."""
+    from blaze_jobs.engines.base import EngineRequest
+
+    times = []
+    for call in range(calls):
+        requests = [
+            EngineRequest(
+                job_id=f"raw-{call}-{i}",
+                model=model,
+                input={"prompt": f"{PROMPT}, study {i}", "width": size, "height": size, "num_inference_steps": steps, "seed": seed + call * batch + i},
+            )
+            for i in range(batch)
+        ]
+        started = time.perf_counter()
+        results = engine.run_batch(requests)
+        times.append(time.perf_counter() - started)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise RuntimeError(f"DiffusionEngine.run_batch failed: {failed[0]!r}")
+    return times
+
+
+# --- the system ---------------------------------------------------------------------------
+
+
+def job_body(*, size: int, steps: int, seed: int, index: int) -> dict[str, Any]:
+    return {
+        "engine": "diffusion",
+        "input": {"prompt": f"{PROMPT}, study {index}", "width": size, "height": size, "num_inference_steps": steps, "seed": seed},
+    }
+
+
+async def _post_all(api_url: str, bodies: list[dict[str, Any]]) -> list[str]:
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=api_url, timeout=60, limits=limits) as client:
+        responses = await asyncio.gather(*(client.post("/v1/jobs", json=body) for body in bodies))
+    refused = [r for r in responses if r.status_code != 202]
+    if refused:
+        raise RuntimeError(f"{len(refused)} of {len(bodies)} submissions refused; first: {refused[0].status_code} {refused[0].text[:300]}")
+    return [r.json()["id"] for r in responses]
+
+
+def submit_all(api_url: str, bodies: list[dict[str, Any]]) -> list[str]:
+    """Post every body at once (concurrent connections); the job ids, in order."""
+    return asyncio.run(_post_all(api_url, bodies))
+
+
+def wait_ended(client: redis.Redis, keys: Keys, ids: list[str], *, worker: Any, timeout: float) -> None:
+    """Block until every job has ended, reading only their status fields (one round trip
+    every quarter second, so the waiting costs the machine nothing measurable)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with client.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(keys.job(job_id), "status")
+            statuses = [s.decode() if s else "missing" for s in pipe.execute()]
+        if all(s in ENDED or s == "missing" for s in statuses):
+            return
+        if not worker.alive():
+            raise StackError(f"the worker exited with code {worker.process.returncode}:\n{worker.log_tail()}")
+        if time.monotonic() > deadline:
+            counts = {s: statuses.count(s) for s in set(statuses)}
+            raise StackError(f"jobs not ended after {timeout:.0f} s: {counts}\n{worker.log_tail()}")
+        time.sleep(0.25)
+
+
+def fetch_jobs(api_url: str, ids: list[str]) -> list[dict[str, Any]]:
+    with httpx.Client(base_url=api_url, timeout=30) as client:
+        return [client.get(f"/v1/jobs/{job_id}").raise_for_status().json() for job_id in ids]
+
+
+def _ts(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+def system_figures(jobs: list[dict[str, Any]], *, posted_at: float) -> dict[str, Any]:
+    """Throughput and batch figures from the job records."""
+    ok = [j for j in jobs if j["status"] == "succeeded"]
+    figures: dict[str, Any] = {"jobs": len(jobs), "succeeded": len(ok), "failed": len(jobs) - len(ok)}
+    if not ok:
+        return figures
+    images = sum(len(j["output"]["images"]) for j in ok)
+    first_start = min(_ts(j["started_at"]) for j in ok)
+    last_end = max(_ts(j["completed_at"]) for j in ok)
+    sizes = [j["metrics"]["batch_size"] or 1 for j in ok]
+    batches = sum(1 / s for s in sizes)
+    figures.update(
+        images=images,
+        span_s=round(last_end - first_start, 4),
+        images_per_s=images / (last_end - first_start),
+        # From the first POST to the last job's end: the span plus the first batch's fill.
+        images_per_s_from_submit=images / (last_end - posted_at),
+        batches=round(batches, 2),
+        # Per batch: every batch of size s holds s jobs, so sum(1/s) counts the batches.
+        mean_batch=len(sizes) / batches,
+        # Per job (what the mean of metrics.batch_size is): leans towards the larger batches.
+        mean_batch_per_job=sum(sizes) / len(sizes),
+        batch_sizes={str(s): sizes.count(s) for s in sorted(set(sizes))},
+        first_queue_s=round(min(j["metrics"]["queue_time_s"] or 0 for j in ok), 4),
+    )
+    return figures
+
+
+def run_system(
+    stack: Stack,
+    *,
+    api_url: str,
+    api_pid: int,
+    client: redis.Redis,
+    keys: Keys,
+    batch: int,
+    args: argparse.Namespace,
+    threads: int,
+    factor: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Start a worker for ``batch`` (with ``factor``×``batch`` task threads unless 1: then the
+    worker's default), warm it with one batch, then measure a saturating load."""
+    argv = ["worker", "--engine", "diffusion", "--device", args.device, "--max-batch", str(batch), "--max-wait-ms", f"{args.max_wait_ms:g}"]
+    if factor != 1:
+        argv += ["--concurrency", str(batch * factor)]
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
+    worker = stack.blaze(f"worker-b{batch}-t{threads}-c{factor}", *argv, **env)
+    try:
+        # 1. Warm-up: one batch, which also tells that the worker has loaded its model.
+        warm = [job_body(size=args.size, steps=args.steps, seed=seed + i, index=i) for i in range(batch)]
+        started = time.monotonic()
+        ids = submit_all(api_url, warm)
+        wait_ended(client, keys, ids, worker=worker, timeout=args.timeout)
+        warm_jobs = fetch_jobs(api_url, ids)
+        if any(j["status"] != "succeeded" for j in warm_jobs):
+            bad = next(j for j in warm_jobs if j["status"] != "succeeded")
+            raise StackError(f"a warm-up job {bad['status']}: {bad['error']}\n{worker.log_tail()}")
+        print(f"  worker ready and warm after {time.monotonic() - started:.1f} s", flush=True)
+
+        # 2. The measured load: many more jobs than one batch, all posted at once.
+        count = batch * args.jobs_per_batch
+        bodies = [job_body(size=args.size, steps=args.steps, seed=seed + batch + i, index=i) for i in range(count)]
+        cpu_before = {"worker": cpu_seconds(worker.pid), "api": cpu_seconds(api_pid)}
+        posted_at = time.time()
+        ids = submit_all(api_url, bodies)
+        wait_ended(client, keys, ids, worker=worker, timeout=args.timeout)
+        cpu_after = {"worker": cpu_seconds(worker.pid), "api": cpu_seconds(api_pid)}
+        jobs = fetch_jobs(api_url, ids)
+    finally:
+        worker.stop()
+    figures = system_figures(jobs, posted_at=posted_at)
+    # CPU seconds each process spent from the first POST until every job had ended: on a
+    # shared CPU this tells the worker's own cost apart from time lost waiting for a core.
+    figures["cpu_s"] = {
+        name: round(cpu_after[name] - cpu_before[name], 3) if cpu_after[name] is not None and cpu_before[name] is not None else None
+        for name in cpu_before
+    }
+    failures = [j for j in jobs if j["status"] != "succeeded"]
+    if failures:
+        figures["failure_sample"] = failures[0]["error"]
+    return figures
+
+
+def measure(
+    pipe: Any,
+    engine: Any,
+    stack: Stack,
+    *,
+    api_url: str,
+    api_pid: int,
+    client: redis.Redis,
+    keys: Keys,
+    model: str,
+    batch: int,
+    threads: int,
+    args: argparse.Namespace,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Rows for max batch ``batch``, one per concurrency factor: the raw pipeline (half its
+    calls before the system runs, half after) and the system."""
+    calls = args.raw_calls or args.jobs_per_batch
+    before, after = math.ceil(calls / 2), calls // 2
+    shape = {"size": args.size, "steps": args.steps, "device": args.device}
+
+    # 1. Raw: a warm-up call, then half the calls before the system runs …
+    raw_calls(pipe, batch=batch, calls=1, seed=seed, **shape)
+    times_before, cpu_before = raw_calls(pipe, batch=batch, calls=before, seed=seed, **shape)
+    print(f"  raw pipeline   {batch * before / sum(times_before):8.3f} images/s ({before} calls)", flush=True)
+
+    # 2. … the system, with each number of task threads …
+    systems = {}
+    for factor in args.concurrency_factor:
+        system = run_system(
+            stack, api_url=api_url, api_pid=api_pid, client=client, keys=keys, batch=batch, args=args, threads=threads, factor=factor, seed=seed
+        )
+        seed += batch * (args.jobs_per_batch + 2)
+        images, worker_cpu = system.get("images") or 0, system["cpu_s"].get("worker")
+        system["worker_cpu_s_per_image"] = worker_cpu / images if images and worker_cpu is not None else None
+        systems[factor] = system
+        print(
+            f"  system {factor}×B    {system.get('images_per_s', math.nan):8.3f} images/s over {system.get('span_s', math.nan):.2f} s, "
+            f"mean batch {system.get('mean_batch', math.nan):.2f} (per job {system.get('mean_batch_per_job', math.nan):.2f}), "
+            f"batches {system.get('batch_sizes')}, failed {system['failed']}, CPU s {system['cpu_s']}",
+            flush=True,
+        )
+
+    # 3. … and the other half after them, so a drift in the machine shows.
+    times_after, cpu_after = raw_calls(pipe, batch=batch, calls=after, seed=seed + 1, **shape) if after else ([], 0.0)
+    if times_after:
+        print(f"  raw pipeline   {batch * after / sum(times_after):8.3f} images/s ({after} calls, after)", flush=True)
+    times = times_before + times_after
+    raw = {
+        "images_per_s": batch * len(times) / sum(times),
+        "call_s": [round(t, 4) for t in times],
+        "images_per_s_before": batch * before / sum(times_before),
+        "images_per_s_after": batch * after / sum(times_after) if times_after else None,
+        "cpu_s_per_image": (cpu_before + cpu_after) / (batch * len(times)),
+    }
+    engine_row = None
+    if engine is not None:
+        engine_times = engine_calls(engine, model=model, batch=batch, calls=before, size=args.size, steps=args.steps, seed=seed)
+        engine_row = {"images_per_s": batch * len(engine_times) / sum(engine_times)}
+        print(f"  engine         {engine_row['images_per_s']:8.3f} images/s (DiffusionEngine.run_batch)", flush=True)
+
+    rows = []
+    raw_batch_s = sum(times) / len(times)
+    for factor, system in systems.items():
+        row: dict[str, Any] = {"batch": batch, "factor": factor, "raw": raw, "system": system, "engine": engine_row}
+        row["ratio"] = system.get("images_per_s", 0.0) / raw["images_per_s"]
+        row["batch_fill"] = system.get("mean_batch", 0.0) / batch
+        # CPU seconds per image, raw over the worker's: what the ratio is where cores are shared.
+        worker_cpu = system["worker_cpu_s_per_image"]
+        row["cpu_ratio"] = raw["cpu_s_per_image"] / worker_cpu if worker_cpu else None
+        # What the span holds beyond the raw compute of its batches, per batch.
+        batches = system.get("batches") or math.nan
+        row["ms_lost_per_batch"] = (system.get("span_s", math.nan) - batches * raw_batch_s) / batches * 1000
+        print(
+            f"  {factor}×B: ratio {row['ratio']:.3f}   mean batch / B {row['batch_fill']:.3f}   "
+            f"≈ {row['ms_lost_per_batch']:.1f} ms per batch beyond the raw call of {raw_batch_s * 1000:.0f} ms; "
+            f"CPU s/image raw {raw['cpu_s_per_image']:.3f}, worker {worker_cpu or math.nan:.3f}",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+# --- reporting ----------------------------------------------------------------------------
+
+
+def header(args: argparse.Namespace, model: str) -> str:
+    return (
+        f"batching: {model} {args.size}x{args.size}, {args.steps} steps, guidance 7.5, {args.device}, "
+        f"max-wait {args.max_wait_ms:g} ms, {args.jobs_per_batch}×B jobs per run, "
+        f"task threads {' or '.join(f'{f}×B' for f in args.concurrency_factor)}"
+    )
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"\n{'threads':>7} {'B':>3} {'tasks':>5} {'raw img/s':>10} {'system img/s':>13} {'ratio':>6} {'mean batch':>11} {'/B':>5}"
+        f" {'ms lost/batch':>14} {'CPU s/img raw':>14} {'worker':>7} {'CPU ratio':>10} {'engine img/s':>13} {'jobs':>5} {'failed':>6}"
+    )
+    for r in rows:
+        s = r["system"]
+        engine = f"{r['engine']['images_per_s']:>13.3f}" if r.get("engine") else f"{'-':>13}"
+        print(
+            f"{r['threads_label']:>7} {r['batch']:>3} {str(r['factor']) + '×B':>5} {r['raw']['images_per_s']:>10.3f}"
+            f" {s.get('images_per_s', math.nan):>13.3f} {r['ratio']:>6.3f} {s.get('mean_batch', math.nan):>11.2f} {r['batch_fill']:>5.2f}"
+            f" {r['ms_lost_per_batch']:>14.1f} {r['raw']['cpu_s_per_image']:>14.3f} {s.get('worker_cpu_s_per_image') or math.nan:>7.3f}"
+            f" {r['cpu_ratio'] or math.nan:>10.3f} {engine} {s['jobs']:>5} {s['failed']:>6}"
+        )
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8], help="max batch sizes to measure")
+    parser.add_argument("--size", type=int, default=64, help="image width and height in pixels")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0 …")
+    parser.add_argument("--jobs-per-batch", type=int, default=6, help="jobs posted per measured run, as a multiple of B")
+    parser.add_argument("--raw-calls", type=int, default=None, help="bare pipeline calls per B (default: --jobs-per-batch)")
+    parser.add_argument("--max-wait-ms", type=float, default=50.0, help="the worker's --max-wait-ms")
+    parser.add_argument(
+        "--concurrency-factor", type=int, nargs="+", default=[1], help="run factor×B task threads in the worker (1: its default, B)"
+    )
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[0], help="torch threads in both the baseline and the worker; 0: the library default"
+    )
+    parser.add_argument("--engine-baseline", action="store_true", help="also time DiffusionEngine.run_batch in this process")
+    parser.add_argument("--sd15", action="store_true", help="a random-weight pipeline of the SD 1.5 architecture (for a GPU at 512)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="where models are built (default BLAZE_MODEL_DIR)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one run's jobs (model load included)")
+    parser.add_argument("--json", help="also write a JSON summary here")
+    args = parser.parse_args(argv)
+    if min(args.batch) < 1 or args.jobs_per_batch < 1 or args.size % 8 or args.steps < 1:
+        parser.error("batches and jobs per batch must be at least 1, the size a multiple of 8")
+
+    import torch
+
+    settings = get_settings()
+    model_dir = (args.model_dir or settings.model_dir).expanduser().resolve()
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench/batching.py: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 1
+    if args.sd15:
+        path = build_sd15(model_dir, device=device)
+        model = str(path)
+    else:
+        from blaze_jobs.models import builtin_path
+
+        model = "builtin:tiny-sd"
+        path = builtin_path(model, model_dir)
+    default_threads = torch.get_num_threads()
+
+    summary: dict[str, Any] = {
+        "benchmark": "batching",
+        "model": model,
+        "size": args.size,
+        "steps": args.steps,
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+        "max_wait_ms": args.max_wait_ms,
+        "jobs_per_batch": args.jobs_per_batch,
+        "concurrency_factors": args.concurrency_factor,
+        "default_torch_threads": default_threads,
+        "machine_before": machine(),
+        "goals": {"ratio": GOAL_RATIO, "batch_fill": GOAL_BATCH},
+        "rows": [],
+    }
+    print(header(args, model), flush=True)
+    print(f"device {summary['device_name']}; torch {torch.__version__}; default torch threads {default_threads}; "
+          f"load average {summary['machine_before']['loadavg']}", flush=True)
+
+    pipe = load_pipeline(path, device=device)
+    engine = None
+    if args.engine_baseline:
+        from blaze_jobs.engines.diffusion import DiffusionEngine
+
+        engine = DiffusionEngine(model_dir=model_dir, device=device)
+        engine.prepare(model)
+
+    prefix = unique_prefix("batching")
+    seed = random.randrange(1 << 30)
+    rows: list[dict[str, Any]] = summary["rows"]
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        with Stack() as stack:
+            redis_url = stack.redis(settings.redis_url)
+            if redis_url != settings.redis_url:
+                client = redis.Redis.from_url(redis_url)
+                print(f"no Redis at {settings.redis_url}; started one at {redis_url}", flush=True)
+            stack.env.update(
+                BLAZE_REDIS_URL=redis_url,
+                BLAZE_REDIS_PREFIX=prefix,
+                BLAZE_MODEL_DIR=str(model_dir),
+                BLAZE_DIFFUSION_MODEL=model,
+                BLAZE_DEVICE=device,
+                HF_HUB_OFFLINE="1",
+                TRANSFORMERS_OFFLINE="1",
+            )
+            api, api_url = start_api(stack)
+            keys = Keys(prefix)
+            for threads in args.threads:
+                torch.set_num_threads(threads or default_threads)
+                label = str(threads or f"{default_threads}*")
+                for batch in args.batch:
+                    print(f"\nB={batch}, torch threads {label}", flush=True)
+                    measured = measure(
+                        pipe, engine, stack, api_url=api_url, api_pid=api.pid, client=client, keys=keys,
+                        model=model, batch=batch, threads=threads, args=args, seed=seed,
+                    )
+                    seed += batch * (args.jobs_per_batch + 2) * (len(args.concurrency_factor) + 1)
+                    for row in measured:
+                        row["threads"], row["threads_label"] = threads or default_threads, label
+                    rows.extend(measured)
+    except (StackError, RuntimeError) as error:
+        print(f"bench/batching.py: {error}", file=sys.stderr)
+        summary["error"] = str(error)
+        write_json(args.json, summary)
+        return 1
+    finally:
+        try:
+            forget(client, prefix)
+        except redis.RedisError:
+            pass
+        client.close()
+
+    summary["machine_after"] = machine()
+    print("\n" + header(args, model))
+    print_table(rows)
+    print("(threads: torch intra-op threads in the baseline and the worker, * the default here; tasks: the worker's task threads;"
+          " mean batch: jobs / batches; ms lost/batch: span minus batches × the raw call, per batch;"
+          " CPU s/img: the baseline's process, the worker's; CPU ratio: raw CPU s/img over the worker's)")
+    print(f"goals: ratio >= {GOAL_RATIO}, mean batch / B >= {GOAL_BATCH}; load average now {summary['machine_after']['loadavg']}")
+    failed = sum(r["system"]["failed"] for r in rows)
+    met = all(r["ratio"] >= GOAL_RATIO and r["batch_fill"] >= GOAL_BATCH for r in rows)
+    summary["all_goals_met"] = met
+    summary["failed_jobs"] = failed
+    write_json(args.json, summary)
+    if failed:
+        return 1
+    return 0 if met else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

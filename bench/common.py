@@ -1,0 +1,88 @@
+"""What the end-to-end benchmarks share: a private key prefix, the real API as a child
+process, latency percentiles, a description of the machine, and the JSON summary.
+
+Run the benchmarks as scripts (``python bench/batching.py``): this module and
+``bench/submit.py`` are imported from the script's own folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+from blaze_jobs.stack import Child, Stack, free_port
+from submit import cpu_seconds, forget  # noqa: F401  (re-exported for the benchmarks)
+
+HOST = "127.0.0.1"
+#: Packages whose versions a summary records, so figures from two runs can be compared.
+PACKAGES = ("blaze-jobs", "celery", "kombu", "redis", "fastapi", "uvicorn", "torch", "diffusers", "transformers")
+
+
+def unique_prefix(name: str) -> str:
+    """A Redis key prefix no other run (or deployment sharing the Redis) uses."""
+    return f"blaze-bench-{name}-{os.getpid()}-{uuid.uuid4().hex[:6]}:"
+
+
+def start_api(stack: Stack, *, timeout: float = 60) -> tuple[Child, str]:
+    """``blaze api`` on a free port, with the stack's environment; returns it and its URL once ready."""
+    port = free_port()
+    api = stack.blaze("api", "api", "--port", str(port))
+    url = f"http://{HOST}:{port}"
+    stack.wait_http("the API", api, f"{url}/readyz", timeout=timeout)
+    return api, url
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest rank of an ascending sequence, as ``bench/loadgen.py`` computes it."""
+    if not ordered:
+        return math.nan
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
+    """p50/p90/p99, mean, min and max of latencies given in seconds, in milliseconds."""
+    ordered = sorted(seconds)
+    if not ordered:
+        return {"n": 0}
+    ms = [v * 1000 for v in ordered]
+    return {
+        "n": len(ms),
+        "p50_ms": round(percentile(ms, 0.50), 3),
+        "p90_ms": round(percentile(ms, 0.90), 3),
+        "p99_ms": round(percentile(ms, 0.99), 3),
+        "mean_ms": round(sum(ms) / len(ms), 3),
+        "min_ms": round(ms[0], 3),
+        "max_ms": round(ms[-1], 3),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures came from: CPUs, load, Python and package versions."""
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "loadavg": [round(v, 2) for v in os.getloadavg()],
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "packages": {},
+    }
+    for name in PACKAGES:
+        try:
+            info["packages"][name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return info
+
+
+def write_json(path: str | None, summary: dict[str, Any]) -> None:
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    print(f"wrote {path}", flush=True)

@@ -1,0 +1,221 @@
+"""Text generation with transformers causal language models, continuously batched.
+
+Each loaded model gets a ``TextGenerator`` (``blaze_jobs/textgen.py``): jobs join its running
+generation at the next token and leave it when they finish, up to ``max_batch`` at once. So
+the engine is ``continuous``: the batcher hands it each job through ``submit`` as the job
+arrives, instead of grouping jobs into static batches for ``run_batch``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from blaze_jobs.engines.base import Engine, EngineRequest
+from blaze_jobs.errors import BlazeError, RequestError, WorkerFault
+from blaze_jobs.models import builtin_path
+from blaze_jobs.textgen import TextGenerator, TextRequest
+
+logger = logging.getLogger(__name__)
+
+#: Tokens a job generates when its input names no ``max_new_tokens`` (the API's default too).
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+class LLMEngine(Engine):
+    """Runs text jobs on causal language models, keeping the last few models loaded."""
+
+    name: ClassVar[str] = "llm"
+    #: Jobs go to ``submit`` one by one and join the running generation at a token boundary.
+    continuous: ClassVar[bool] = True
+
+    def __init__(self, *, model_dir: Path, device: str = "cpu", max_batch: int = 8, max_loaded_models: int = 2) -> None:
+        self.model_dir = Path(model_dir)
+        self.device = device
+        self.max_batch = max(1, max_batch)
+        self.max_loaded_models = max(1, max_loaded_models)
+        if device.startswith("cuda"):
+            self._dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            self._dtype = torch.float32
+        self._generators: OrderedDict[str, TextGenerator] = OrderedDict()
+        # Held while a job is tokenized and queued (tokenizers are not safe across threads)
+        # and while a model loads.
+        self._lock = threading.Lock()
+        # Models loaded together take turns on the device, one step at a time.
+        self._device_lock = threading.Lock()
+
+    def loaded_models(self) -> list[str]:
+        """The models now in memory, least recently used first."""
+        with self._lock:
+            return list(self._generators)
+
+    def batch_key(self, request: EngineRequest) -> tuple:
+        return (request.model,)
+
+    def submit(self, request: EngineRequest) -> Future:
+        """Queue ``request`` to join its model's running generation.
+
+        The future resolves to ``{"text", "finish_reason", "usage", ["seed"]}`` (a canceled
+        job too, with the text so far and ``finish_reason`` "canceled"), or to the job's
+        RequestError or WorkerFault. Its ``batch_size`` attribute is the most jobs the job
+        shared the device with.
+        """
+        try:
+            with self._lock:
+                generator = self._generator(request.model)
+                text_request = _resolve(request, generator)
+                return generator.submit(text_request)
+        except BlazeError as error:
+            future: Future = Future()
+            future.set_exception(error)
+            return future
+
+    def run_batch(self, requests: list[EngineRequest]) -> list[dict[str, Any] | BaseException]:
+        """Run ``requests`` together: all join the generation at once, each leaves when done."""
+        futures = [self.submit(request) for request in requests]
+        return [future.exception() or future.result() for future in futures]
+
+    def prepare(self, model: str) -> None:
+        """Load (for a built-in model, build) ``model`` and run two tokens through it, so the
+        first job finds the worker warm."""
+        self.run(EngineRequest(job_id="warm-up", model=model, input={"prompt": "Hello", "max_new_tokens": 2, "temperature": 0}))
+
+    def close(self) -> None:
+        """Stop every generator (jobs still running fail as worker faults) and free the models."""
+        with self._lock:
+            generators, self._generators = list(self._generators.values()), OrderedDict()
+        for generator in generators:
+            generator.close()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    # --- loading ------------------------------------------------------------------------
+
+    def _generator(self, model: str) -> TextGenerator:
+        generator = self._generators.get(model)
+        if generator is not None:
+            self._generators.move_to_end(model)
+            return generator
+        # Make room first, evicting only idle models: a busy one keeps its jobs.
+        while len(self._generators) >= self.max_loaded_models:
+            idle = next((name for name, g in self._generators.items() if not g.busy()), None)
+            if idle is None:
+                break
+            self._generators.pop(idle).close()
+            logger.info("evicted text model %s", idle)
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        generator = self._load(model)
+        self._generators[model] = generator
+        return generator
+
+    def _load(self, model: str) -> TextGenerator:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            path: str | Path = builtin_path(model, self.model_dir) if model.startswith("builtin:") else model
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            # Cast after loading, as the diffusion engine does: from_pretrained's dtype
+            # keyword changed names across versions.
+            lm = AutoModelForCausalLM.from_pretrained(path).to(self.device, self._dtype).eval()
+        except BlazeError:
+            raise
+        except Exception as exc:  # the model was configured here: a failure is this worker's
+            raise WorkerFault(f"could not load text model {model!r} on {self.device}: {exc}") from exc
+        eos = lm.generation_config.eos_token_id if lm.generation_config is not None else None
+        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        generator = TextGenerator(lm, tokenizer, max_batch=self.max_batch, eos_token_ids=eos_ids, device_lock=self._device_lock)
+        try:
+            generator.check_cache_layout()
+        except BaseException:
+            generator.close()
+            raise
+        logger.info("loaded text model %s on %s", model, self.device)
+        return generator
+
+
+def _resolve(request: EngineRequest, generator: TextGenerator) -> TextRequest:
+    """The request's prompt as token ids and every option with its default.
+
+    The API validated the input already; these checks guard direct callers and name the
+    field of anything a model cannot take (a prompt beyond its context, no chat template).
+    """
+    data, tokenizer = request.input, generator.tokenizer
+    prompt, messages = data.get("prompt"), data.get("messages")
+    # 1. The prompt's tokens: a plain prompt as it is, a chat through the model's template.
+    if (prompt is None) == (messages is None):
+        raise RequestError("input: give exactly one of prompt or messages")
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError("prompt: must be a non-empty string")
+        ids = tokenizer(prompt).input_ids
+    else:
+        if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
+            raise RequestError("messages: must be a non-empty list of {role, content} strings")
+        if not getattr(tokenizer, "chat_template", None):
+            raise RequestError(f"messages: model {request.model!r} has no chat template; send a prompt instead")
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # a template may refuse, e.g. roles that do not alternate
+            raise RequestError(f"messages: the chat template of {request.model!r} refused them: {exc}") from exc
+        # The template writes any special tokens (a BOS) itself.
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+    if not ids:
+        raise RequestError("prompt: encodes to no tokens")
+    if len(ids) >= generator.context_length:
+        raise RequestError(
+            f"prompt: {len(ids)} tokens leave no room to generate in {request.model!r}, "
+            f"which reads at most {generator.context_length}"
+        )
+
+    # 2. The options.
+    temperature, top_p = _number(data, "temperature", 1.0), _number(data, "top_p", 1.0)
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise RequestError("temperature must be at least 0, and top_p in (0, 1]")
+    seed = data.get("seed")
+    stop = data.get("stop") or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("stop: must be a list of non-empty strings")
+    return TextRequest(
+        prompt_ids=list(ids),
+        max_new_tokens=_int(data, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS, minimum=1),
+        temperature=temperature,
+        top_p=top_p,
+        seed=secrets.randbits(32) if seed is None else _int(data, "seed", 0, minimum=0),
+        stop=tuple(stop),
+        should_stop=request.should_stop,
+        on_delta=getattr(request, "on_delta", None),
+        on_progress=request.on_progress,
+    )
+
+
+def _is_message(message: Any) -> bool:
+    return isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)
+
+
+def _int(data: dict[str, Any], field: str, default: int, *, minimum: int) -> int:
+    value = data.get(field)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RequestError(f"{field}: must be an integer of at least {minimum}, got {value!r}")
+    return value
+
+
+def _number(data: dict[str, Any], field: str, default: float) -> float:
+    value = data.get(field)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{field}: must be a number, got {value!r}")
+    return float(value)

@@ -1,0 +1,60 @@
+"""The result cache: a deterministic request (a seed given) is computed once; the next one
+is answered from the cache, at creation (L2) or by the worker."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from blaze_jobs.client import BlazeClient
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_a_repeated_seeded_request_is_born_succeeded_from_the_cache(client: BlazeClient) -> None:
+    # Given a seeded image job that has run
+    request = {"prompt": f"a lighthouse {uuid.uuid4()}", "seed": 11, "num_inference_steps": 4}
+    first = client.wait(client.submit("diffusion", request)["id"], timeout=90)
+    assert first["status"] == "succeeded" and first["metrics"]["cache_hit"] is False
+
+    # When the same request comes again
+    again = client.submit("diffusion", request)
+
+    # Then it is answered at once, already succeeded, with the same image and no worker
+    assert again["status"] == "succeeded" and again["metrics"]["cache_hit"] is True
+    assert again["attempts"] == 0 and again["worker"] is None
+    assert again["output"]["images"][0]["sha256"] == first["output"]["images"][0]["sha256"]
+    assert client.download(again["output"]["images"][0]["url"]) == client.download(first["output"]["images"][0]["url"])
+
+
+def test_unseeded_and_bypassing_requests_are_computed(client: BlazeClient) -> None:
+    marker = str(uuid.uuid4())
+    # An unseeded request is never cached: it runs each time
+    for _ in range(2):
+        job = client.submit("echo", {"marker": marker})
+        assert job["status"] == "queued"
+        assert client.wait(job["id"], timeout=30)["metrics"]["cache_hit"] is False
+
+    # A seeded one is cached, unless the client asks to bypass the cache
+    seeded = {"marker": marker, "seed": 1}
+    assert client.wait(client.submit("echo", seeded)["id"], timeout=30)["metrics"]["cache_hit"] is False
+    assert client.submit("echo", seeded)["metrics"]["cache_hit"] is True
+    bypass = client.submit("echo", seeded, cache="bypass")
+    assert bypass["status"] == "queued"
+    assert client.wait(bypass["id"], timeout=30)["metrics"]["cache_hit"] is False
+
+
+def test_the_worker_answers_from_the_cache_when_the_result_came_in_meanwhile(client: BlazeClient) -> None:
+    # Given two identical seeded jobs queued before either ran (the echo worker runs one at a time)
+    request = {"marker": str(uuid.uuid4()), "seed": 5, "sleep_ms": 300}
+    ids = [client.submit("echo", request)["id"] for _ in range(2)]
+
+    # When both have ended
+    jobs = [client.wait(i, timeout=30) for i in ids]
+
+    # Then the second was taken by the worker but not computed: the worker found the result
+    assert [j["status"] for j in jobs] == ["succeeded", "succeeded"]
+    assert [j["metrics"]["cache_hit"] for j in jobs] == [False, True]
+    assert jobs[1]["attempts"] == 1 and jobs[1]["metrics"]["run_time_s"] < 0.3
+    assert jobs[0]["output"] == jobs[1]["output"]

@@ -1,0 +1,170 @@
+"""Long-poll and server-sent events: a client learns of a job's end the moment it happens,
+sees its progress on the way, and misses nothing across a reconnect."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from typing import Iterator
+
+import httpx
+import pytest
+
+from blaze_jobs.client import BlazeClient, SSEParser, ServerEvent
+from tests.conftest import wait_until
+
+# Generous: the first test to use the stack also waits for it to start.
+pytestmark = pytest.mark.timeout(180)
+
+
+def read_events(http: httpx.Client, job_id: str, *, last_event_id: str | None = None, limit: int = 1000) -> Iterator[ServerEvent]:
+    """Raw SSE from the API, parsed, until the server ends the stream (or ``limit`` events)."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30, read=30)) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        parser = SSEParser()
+        count = 0
+        for line in response.iter_lines():
+            event = parser.feed(line)
+            if event is not None:
+                yield event
+                count += 1
+                if count >= limit:
+                    return
+
+
+def seconds(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+# --- long-poll ----------------------------------------------------------------------------
+
+
+def test_a_long_poll_returns_as_soon_as_the_job_ends(client: BlazeClient, http: httpx.Client) -> None:
+    # Given a job that runs for a second
+    job = client.submit("echo", {"sleep_ms": 1000})
+
+    # When a client long-polls it for up to ten seconds
+    response = http.get(f"/v1/jobs/{job['id']}", params={"wait": 10})
+    answered = time.time()
+
+    # Then the answer is the ended job, within a few hundred milliseconds of its end
+    ended = response.json()
+    assert response.status_code == 200 and ended["status"] == "succeeded"
+    assert 0 <= answered - seconds(ended["completed_at"]) < 0.4
+    assert ended == client.get(job["id"])
+
+
+def test_a_long_poll_returns_the_job_as_it_stands_when_the_wait_runs_out(client: BlazeClient, http: httpx.Client) -> None:
+    job = client.submit("echo", {"sleep_ms": 3000})
+    started = time.monotonic()
+    response = http.get(f"/v1/jobs/{job['id']}", params={"wait": 0.5})
+    took = time.monotonic() - started
+    assert response.status_code == 200 and response.json()["status"] in ("queued", "running")
+    assert 0.45 <= took < 1.5
+    client.cancel(job["id"])
+
+
+def test_a_wait_beyond_the_bound_or_for_no_job_is_refused(http: httpx.Client) -> None:
+    too_long = http.get("/v1/jobs/anything", params={"wait": 61})
+    assert too_long.status_code == 422 and too_long.json()["errors"][0]["field"] == "wait"
+    missing = http.get("/v1/jobs/no-such-job", params={"wait": 1})
+    assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
+
+
+def test_create_honours_prefer_wait(http: httpx.Client) -> None:
+    # Given a quick job, created with Prefer: wait
+    started = time.monotonic()
+    response = http.post("/v1/jobs", json={"engine": "echo", "input": {"sleep_ms": 200}}, headers={"Prefer": "wait=5"})
+
+    # Then the answer is the ended job, as soon as it ended
+    assert response.status_code == 202 and response.json()["status"] == "succeeded"
+    assert time.monotonic() - started < 2
+    # and without the preference, the job as accepted
+    plain = http.post("/v1/jobs", json={"engine": "echo", "input": {"sleep_ms": 200}})
+    assert plain.json()["status"] == "queued"
+
+
+# --- server-sent events -------------------------------------------------------------------
+
+
+def test_an_event_stream_shows_progress_and_ends_with_the_final_job(client: BlazeClient, http: httpx.Client) -> None:
+    # Given an image job of 30 steps
+    job = client.submit("diffusion", {"prompt": "a harbour at night", "num_inference_steps": 30})
+
+    # When a client follows its events
+    events = list(read_events(http, job["id"]))
+
+    # Then the first is the job as it stood, then it started, made progress, and ended
+    kinds = [e.event for e in events]
+    assert kinds[0] == "job" and events[0].data["id"] == job["id"]
+    assert kinds[-1] == "job.completed" and kinds.count("job.completed") == 1
+    assert "job.started" in kinds
+    progress = [e.data for e in events if e.event == "job.progress"]
+    assert len(progress) >= 2, kinds
+    assert all(p["total"] == 30 for p in progress)
+    steps = [p["step"] for p in progress]
+    assert steps == sorted(set(steps)) and 1 <= steps[0] and steps[-1] <= 30
+    # at most one progress event per half second
+    times = [int(e.id.split("-")[0]) / 1000 for e in events if e.event == "job.progress"]
+    assert all(b - a >= 0.45 for a, b in zip(times, times[1:])), times
+    # and the last event is the final job, as GET shows it, progress complete
+    final = events[-1].data
+    assert final["status"] == "succeeded" and final["progress"] == {"step": 30, "total": 30}
+    assert final == client.get(job["id"])
+    ids = [e.id for e in events]
+    assert len(set(ids[1:])) == len(ids) - 1
+
+
+def test_a_late_client_gets_the_final_job_at_once(client: BlazeClient, http: httpx.Client) -> None:
+    job = client.wait(client.submit("echo", {"n": 1})["id"], timeout=30)
+    started = time.monotonic()
+    events = list(read_events(http, job["id"]))
+    assert [e.event for e in events] == ["job"] and events[0].data == job
+    assert time.monotonic() - started < 1
+
+
+def test_a_client_that_reconnects_with_last_event_id_misses_nothing(client: BlazeClient, http: httpx.Client) -> None:
+    # Given a client that saw only the first event of a running job, then lost its connection
+    job = client.submit("echo", {"sleep_ms": 800})
+    (first,) = read_events(http, job["id"], limit=1)
+    assert first.event == "job" and first.data["status"] in ("queued", "running")
+    client.wait(job["id"], timeout=30)
+
+    # When it reconnects with the id of the last event it saw
+    resumed = list(read_events(http, job["id"], last_event_id=first.id))
+
+    # Then it gets exactly what happened since: no `job` snapshot, no repeats, up to the end
+    replay = list(read_events(http, job["id"], last_event_id="0-0"))
+    assert [e.event for e in replay] == ["job.started", "job.completed"]
+    expected = [e for e in replay if tuple(map(int, e.id.split("-"))) > tuple(map(int, first.id.split("-")))]
+    assert [(e.id, e.event) for e in resumed] == [(e.id, e.event) for e in expected]
+    assert resumed[-1].event == "job.completed" and resumed[-1].data == client.get(job["id"])
+
+    # and a client that had seen the end gets nothing more, at once
+    assert list(read_events(http, job["id"], last_event_id=replay[-1].id)) == []
+
+
+def test_events_of_no_job_are_a_404(http: httpx.Client) -> None:
+    response = http.get("/v1/jobs/no-such-job/events")
+    assert response.status_code == 404 and response.headers["content-type"] == "application/problem+json"
+
+
+def test_an_event_stream_says_when_a_running_job_is_canceled(client: BlazeClient, http: httpx.Client) -> None:
+    job = client.submit("echo", {"sleep_ms": 10_000})
+    wait_until(lambda: client.get(job["id"])["status"] == "running", timeout=10, what="the job to start")
+    stream = read_events(http, job["id"])
+    assert next(stream).event == "job"
+    client.cancel(job["id"])
+    rest = list(stream)
+    assert rest[-1].event == "job.completed" and rest[-1].data["status"] == "canceled"
+
+
+def test_the_raw_stream_is_plain_server_sent_events(client: BlazeClient, http: httpx.Client) -> None:
+    job = client.wait(client.submit("echo", {"n": 2})["id"], timeout=30)
+    text = http.get(f"/v1/jobs/{job['id']}/events").text
+    blocks = [b for b in text.split("\n\n") if b]
+    assert blocks[0] == "retry: 1000"
+    lines = blocks[1].split("\n")
+    assert lines[0].startswith("id: ") and lines[1] == "event: job" and json.loads(lines[2][len("data: ") :]) == job

@@ -1,0 +1,450 @@
+"""Webhooks: signed per Standard Webhooks, delivered in order by their own worker, retried
+with back-off, stopped by 410, recorded attempt by attempt, and never sent to private
+addresses unless allowed. A real receiver on 127.0.0.1 checks every signature with the
+``standardwebhooks`` reference library."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from datetime import datetime, timezone
+from email.utils import formatdate
+from typing import Any, Iterator
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from kombu import Connection
+from standardwebhooks import Webhook
+
+from api.app import create_app
+from blaze_jobs import tasks, webhooks
+from blaze_jobs.celery_app import app as celery_app
+from blaze_jobs.client import BlazeClient
+from blaze_jobs.events import DELIVER_TASK, ProgressReporter, append_event, deliveries_key, stream_key
+from blaze_jobs.jobs import JobStatus, new_record
+from blaze_jobs.settings import Settings
+from blaze_jobs.store import JobStore
+from tests.conftest import REDIS_URL, wait_until
+from tests.receiver import Answer, Receiver, verified
+
+# Generous: the first test to use the stack also waits for it to start.
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture()
+def own() -> Iterator[Settings]:
+    """Settings under a key prefix of this test's own (no stack serves it), deleted after."""
+    prefix = f"blaze-test-webhooks-{uuid.uuid4().hex[:8]}:"
+    yield Settings(redis_url=REDIS_URL, redis_prefix=prefix, webhook_retry_schedule=[0.2, 0.5])
+    with redis.Redis.from_url(REDIS_URL) as client:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def secret(stack: dict[str, Any]) -> str:
+    with BlazeClient(stack["api_url"]) as api:
+        return api.webhook_secret()
+
+
+def path() -> str:
+    """A receiver path of the test's own."""
+    return f"/hook/{uuid.uuid4().hex[:8]}"
+
+
+def without_urls(job: dict[str, Any]) -> dict[str, Any]:
+    images = [{k: v for k, v in image.items() if k != "url"} for image in (job["output"] or {}).get("images", [])]
+    return {**job, "urls": None, "output": {**(job["output"] or {}), "images": images}}
+
+
+def create_job(store: JobStore, **fields: str) -> str:
+    job_id = str(uuid.uuid4())
+    record = new_record(job_id=job_id, engine="echo", model="builtin:echo", input={"n": 1}, created_at=time.time())
+    store.create({**record, **fields})
+    return job_id
+
+
+# --- signing ------------------------------------------------------------------------------
+
+
+def test_signatures_interoperate_with_the_standard_webhooks_library() -> None:
+    # Given a secret and a body
+    secret = webhooks.new_secret()
+    body = b'{"type":"job.completed","data":{"id":"j1"}}'
+
+    # When we sign, the reference library verifies; when it signs, we verify
+    headers = webhooks.signed_headers(secret, msg_id="msg_1", body=body)
+    assert Webhook(secret).verify(body, headers) == json.loads(body)
+    theirs = Webhook(secret).sign("msg_2", datetime.now(tz=timezone.utc), body.decode())
+    ours = {"webhook-id": "msg_2", "webhook-timestamp": str(int(time.time())), "webhook-signature": theirs}
+    assert webhooks.verify(secret, ours, body)["type"] == "job.completed"
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda h, b: (h, b.replace(b"j1", b"j2")),
+        lambda h, b: ({**h, "webhook-id": "msg_other"}, b),
+        lambda h, b: ({**h, "webhook-signature": "v1," + "A" * 44}, b),
+        lambda h, b: ({k: v for k, v in h.items() if k != "webhook-signature"}, b),
+    ],
+    ids=["body", "id", "signature", "missing header"],
+)
+def test_a_tampered_webhook_fails_verification(tamper: Any) -> None:
+    secret = webhooks.new_secret()
+    body = b'{"data":{"id":"j1"}}'
+    headers, body = tamper(webhooks.signed_headers(secret, msg_id="msg_1", body=body), body)
+    with pytest.raises(webhooks.WebhookVerificationError):
+        webhooks.verify(secret, headers, body)
+
+
+def test_a_stale_timestamp_fails_verification() -> None:
+    secret = webhooks.new_secret()
+    headers = webhooks.signed_headers(secret, msg_id="msg_1", body=b"{}", timestamp=int(time.time()) - 600)
+    with pytest.raises(webhooks.WebhookVerificationError, match="five minutes"):
+        webhooks.verify(secret, headers, b"{}")
+
+
+# --- retries ------------------------------------------------------------------------------
+
+
+def test_retry_delays_follow_the_schedule_with_jitter_and_retry_after() -> None:
+    rng = random.Random(7)
+    schedule = [5.0, 30.0, 120.0]
+    delays = [webhooks.retry_delay(n, schedule, rng=rng) for n in (1, 2, 3)]
+    for delay, planned in zip(delays, schedule):
+        assert planned * 0.8 <= delay <= planned * 1.2
+    # The schedule spent, the delivery has failed; a longer Retry-After wins, a shorter does not
+    assert webhooks.retry_delay(4, schedule) is None
+    assert webhooks.retry_delay(1, schedule, retry_after=90) == 90
+    assert webhooks.retry_delay(1, schedule, retry_after=1, rng=rng) >= 4
+    assert webhooks.parse_retry_after("120") == 120
+    assert 55 <= webhooks.parse_retry_after(formatdate(time.time() + 60, usegmt=True)) <= 60
+    assert webhooks.parse_retry_after("soon") is None
+
+
+def test_a_retry_is_queued_once_when_due(own: Settings) -> None:
+    # Given a retry scheduled for a second from now
+    client = redis.Redis.from_url(REDIS_URL)
+    mover = webhooks.RetryMover(client, own)
+    now = time.time()
+    client.zadd(webhooks.retries_key(own), {"job-1 1700000000000-0 2": now + 1})
+
+    # Then it stays until due, is queued once when due, and the mover knows when to look next
+    assert mover.move_due(now=now) == (0, pytest.approx(now + 1))
+    assert mover.move_due(now=now + 1.01) == (1, None)
+    assert mover.move_due(now=now + 2) == (0, None)
+    (raw,) = client.lrange(own.key("webhooks"), 0, -1)
+    headers = json.loads(raw)["headers"]
+    assert headers["task"] == DELIVER_TASK and headers["id"] == "job-1:1700000000000-0:2"
+    client.close()
+
+
+def test_the_default_schedule_reaches_about_a_day() -> None:
+    total_h = sum(Settings().webhook_retry_schedule) / 3600
+    assert 20 <= total_h <= 28
+
+
+# --- addresses ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address, public",
+    [
+        ("93.184.215.14", True),
+        ("2606:4700:4700::1111", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.9", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.100.100.200", False),  # shared address space (another cloud's metadata)
+        ("0.0.0.0", False),
+        ("::1", False),
+        ("fd00:ec2::254", False),
+        ("fe80::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("224.0.0.1", False),
+    ],
+)
+def test_only_public_addresses_are_public(address: str, public: bool) -> None:
+    assert webhooks.public_address(address) is public
+
+
+def test_a_private_webhook_is_refused_at_creation_unless_allowed(own: Settings) -> None:
+    # Given an API that does not allow private addresses
+    with TestClient(create_app(own.model_copy(update={"webhook_allow_private": False}))) as api:
+        # When jobs name webhooks on loopback, private, link-local and metadata addresses
+        for url in ("http://127.0.0.1:9/h", "http://localhost:8080/h", "http://10.0.0.7/h", "http://169.254.169.254/latest", "http://[::1]/h"):
+            response = api.post("/v1/jobs", json={"engine": "echo", "input": {}, "webhook": url})
+            # Then each is refused, naming the field
+            assert response.status_code == 422, (url, response.text)
+            assert response.json()["errors"][0]["field"] == "webhook"
+        # and a public address (no DNS needed) and a bad scheme are told apart
+        accepted = api.post("/v1/jobs", json={"engine": "echo", "input": {}, "webhook": "https://93.184.215.14/hook"})
+        assert accepted.status_code == 202 and accepted.json()["webhook"] == "https://93.184.215.14/hook"
+        assert api.post("/v1/jobs", json={"engine": "echo", "input": {}, "webhook": "ftp://93.184.215.14/"}).status_code == 422
+
+    # When the same API allows private addresses, Then loopback is accepted
+    with TestClient(create_app(own.model_copy(update={"webhook_allow_private": True}))) as api:
+        response = api.post("/v1/jobs", json={"engine": "echo", "input": {}, "webhook": "http://127.0.0.1:9/h"})
+        assert response.status_code == 202
+
+
+def test_delivery_refuses_a_private_address_even_if_the_job_names_one(own: Settings, receiver: Receiver) -> None:
+    # Given a job whose webhook points at loopback (as if DNS had changed since creation)
+    settings = own.model_copy(update={"webhook_allow_private": False})
+    client = redis.Redis.from_url(REDIS_URL)
+    store, hook = JobStore(client, settings), path()
+    job_id = create_job(store, webhook=receiver.url(hook), webhook_events="started")
+    store.transition(job_id, allowed=(JobStatus.queued,), to=JobStatus.running)
+
+    # When a webhook worker (not allowing private addresses) delivers its event
+    deliverer = webhooks.Deliverer(settings, client=client)
+    (delivery,) = webhooks.delivery_list(client.hgetall(deliveries_key(settings.redis_prefix, job_id)))
+    state = deliverer.deliver(job_id, delivery["id"])
+
+    # Then nothing reached the receiver, and the attempt says why
+    assert state == "retrying"
+    (attempt,) = webhooks.delivery_list(client.hgetall(deliveries_key(settings.redis_prefix, job_id)))[0]["attempts"]
+    assert attempt["status_code"] is None and "refused" in attempt["error"] and "127.0.0.1" in attempt["error"]
+    assert receiver.received(hook) == []
+    deliverer.close()
+    client.close()
+
+
+def test_the_secret_goes_only_to_authorised_callers(own: Settings) -> None:
+    with TestClient(create_app(own.model_copy(update={"admin_token": "t0ken"}))) as api:
+        assert api.get("/v1/webhooks/secret").status_code == 401
+        assert api.get("/v1/webhooks/secret", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        first = api.get("/v1/webhooks/secret", headers={"Authorization": "Bearer t0ken"})
+        assert first.status_code == 200 and first.json()["secret"].startswith("whsec_")
+        again = api.get("/v1/webhooks/secret", headers={"Authorization": "Bearer t0ken"})
+        assert again.json() == first.json()  # generated once, kept in Redis
+    # With no token configured, a caller from another host is refused
+    with TestClient(create_app(own)) as api:
+        assert api.get("/v1/webhooks/secret").status_code == 403
+
+
+# --- the event step -----------------------------------------------------------------------
+
+
+def test_a_status_change_queues_the_deliveries_its_webhook_asks_for(own: Settings) -> None:
+    # Given a job whose webhook wants only completion
+    client = redis.Redis.from_url(REDIS_URL)
+    store = JobStore(client, own)
+    job_id = create_job(store, webhook="http://127.0.0.1:9/h", webhook_events="completed")
+
+    # When it starts and ends
+    store.transition(job_id, allowed=(JobStatus.queued,), to=JobStatus.running)
+    store.transition(job_id, allowed=(JobStatus.running,), to=JobStatus.succeeded, output='{"n":1}')
+
+    # Then both changes are events of its stream, expiring with the job
+    events = client.xrange(stream_key(own.redis_prefix, job_id))
+    assert [e[1][b"type"] for e in events] == [b"job.started", b"job.completed"]
+    assert json.loads(events[1][1][b"job"])["status"] == "succeeded"
+    assert 0 < client.pttl(stream_key(own.redis_prefix, job_id)) <= own.job_ttl_s * 1000
+    # and only the completion became a delivery, whose Celery message a worker decodes
+    (delivery,) = webhooks.delivery_list(client.hgetall(deliveries_key(own.redis_prefix, job_id)))
+    assert (delivery["type"], delivery["state"]) == ("job.completed", "pending")
+    (raw,) = client.lrange(own.key("webhooks"), 0, -1)
+    with Connection(REDIS_URL) as connection:
+        message = connection.default_channel.Message(json.loads(raw), channel=connection.default_channel)
+        args, kwargs, _ = message.decode()
+    assert message.headers["task"] == DELIVER_TASK == tasks.deliver_webhook.name and DELIVER_TASK in celery_app.tasks
+    assert (args, kwargs) == ([job_id, delivery["id"]], {})
+    client.close()
+
+
+def test_progress_is_throttled_and_lands_only_while_the_job_runs(own: Settings) -> None:
+    # Given a running job whose webhook wants progress, and a reporter sending every 0.2 s
+    client = redis.Redis.from_url(REDIS_URL)
+    store = JobStore(client, own)
+    job_id = create_job(store, webhook="http://127.0.0.1:9/h", webhook_events="progress")
+    assert append_event(client, prefix=own.redis_prefix, job_id=job_id, kind="job.progress", fields={"progress": "{}"}) is None
+    store.transition(job_id, allowed=(JobStatus.queued,), to=JobStatus.running)
+    reporter = ProgressReporter(client, prefix=own.redis_prefix, interval_s=0.2)
+
+    # When a pipeline reports 50 steps within about half a second
+    for step in range(1, 51):
+        reporter.report(job_id, step, 50)
+        time.sleep(0.01)
+    reporter.flush()
+    reporter.close()
+
+    # Then a handful of events went out, the latest step last, each a delivery
+    events = [e for e in client.xrange(stream_key(own.redis_prefix, job_id)) if e[1][b"type"] == b"job.progress"]
+    steps = [json.loads(e[1][b"progress"])["step"] for e in events]
+    assert 2 <= len(steps) <= 5 and steps == sorted(steps) and steps[-1] == 50, steps
+    assert json.loads(store.get(job_id)["progress"]) == {"step": 50, "total": 50}
+    assert len(webhooks.delivery_list(client.hgetall(deliveries_key(own.redis_prefix, job_id)))) == len(steps)
+    # and once the job has ended, a late report changes nothing
+    store.transition(job_id, allowed=(JobStatus.running,), to=JobStatus.canceled)
+    assert append_event(client, prefix=own.redis_prefix, job_id=job_id, kind="job.progress", fields={"progress": "{}"}) is None
+    types = [e[1][b"type"] for e in client.xrange(stream_key(own.redis_prefix, job_id))]
+    assert types == [b"job.started", *[b"job.progress"] * len(steps), b"job.completed"]
+    client.close()
+
+
+# --- against the running stack ------------------------------------------------------------
+
+
+def test_events_arrive_in_order_signed_with_stable_ids(client: BlazeClient, receiver: Receiver, secret: str) -> None:
+    # Given an image job whose webhook wants every event, progress included
+    hook = path()
+    job = client.submit(
+        "diffusion",
+        {"prompt": "a lighthouse", "num_inference_steps": 30, "seed": random.randrange(2**31)},
+        webhook=receiver.url(hook),
+        webhook_events_filter=["started", "progress", "completed"],
+    )
+
+    # When it runs to the end
+    final = client.wait(job["id"], timeout=60)
+    assert final["status"] == "succeeded"
+    deliveries = wait_until(
+        lambda: (d := client.deliveries(job["id"])) and all(x["state"] == "succeeded" for x in d) and d,
+        timeout=10,
+        what="every delivery to succeed",
+    )
+
+    # Then every request verifies, and the events came in order: started, progress, completed
+    requests = receiver.wait_for(hook, len(deliveries), timeout=5)
+    events = [verified(secret, r) for r in requests]
+    types = [e["type"] for e in events]
+    assert types[0] == "job.started" and types[-1] == "job.completed"
+    assert set(types[1:-1]) == {"job.progress"} and len(types) >= 3
+    steps = [e["data"]["progress"]["step"] for e in events[1:-1]]
+    assert steps == sorted(steps) and all(e["data"]["progress"]["total"] == 30 for e in events[1:-1])
+    stamps = [e["timestamp"] for e in events]
+    assert stamps == sorted(stamps)
+    # each event has its own id, the one the deliveries show
+    ids = [r.headers["webhook-id"] for r in requests]
+    assert len(set(ids)) == len(ids) and ids == [d["webhook_id"] for d in deliveries]
+    # and the last carries the whole final job: no further call needed
+    completed = events[-1]["data"]
+    assert final["progress"] == {"step": 30, "total": 30}
+    # (URLs in a webhook name the API by BLAZE_PUBLIC_URL or BLAZE_API_URL, which the
+    # test stack leaves at its default.)
+    assert without_urls(completed) == without_urls(final)
+    assert completed["output"]["images"][0]["url"].endswith(final["output"]["images"][0]["url"].split("/v1/")[1])
+
+
+def test_a_failing_receiver_gets_the_event_later_with_the_same_id(client: BlazeClient, receiver: Receiver, secret: str) -> None:
+    # Given a receiver that fails twice, the second time asking for a second's pause
+    hook = path()
+    receiver.answer(hook, Answer(500), Answer(503, {"Retry-After": "1"}))
+    job = client.submit("echo", {"n": 1}, webhook=receiver.url(hook), webhook_events_filter=["completed"])
+
+    # When the job completes
+    requests = receiver.wait_for(hook, 3, timeout=15)
+
+    # Then the same event came three times, with one webhook-id, each signed afresh
+    assert {r.headers["webhook-id"] for r in requests} == {requests[0].headers["webhook-id"]}
+    assert [verified(secret, r)["type"] for r in requests] == ["job.completed"] * 3
+    assert len({r.body for r in requests}) == 1
+    # after the schedule's 0.2 s (± jitter), then after the 1 s Retry-After asked for
+    assert 0.1 < requests[1].at - requests[0].at < 0.9
+    assert requests[2].at - requests[1].at >= 0.95
+    # and every attempt is on record
+    (delivery,) = wait_until(
+        lambda: [d for d in client.deliveries(job["id"]) if d["state"] == "succeeded"], timeout=5, what="the delivery to succeed"
+    )
+    assert [a["status_code"] for a in delivery["attempts"]] == [500, 503, 200]
+    assert [a["error"] for a in delivery["attempts"]] == ["HTTP 500", "HTTP 503", None]
+    assert all(a["duration_ms"] > 0 for a in delivery["attempts"])
+
+    # When the delivery is asked for again
+    again = client.redeliver(job["id"], delivery["id"])
+
+    # Then the receiver gets the same event, same id, same body once more
+    assert again["redelivery_of"] == delivery["id"] and again["webhook_id"] == delivery["webhook_id"]
+    fourth = receiver.wait_for(hook, 4, timeout=10)[3]
+    assert fourth.headers["webhook-id"] == delivery["webhook_id"] and fourth.body == requests[0].body
+    verified(secret, fourth)
+
+
+def test_410_gone_stops_deliveries_for_the_job(client: BlazeClient, receiver: Receiver) -> None:
+    # Given a receiver that answers 410 Gone
+    hook = path()
+    receiver.answer(hook, *[Answer(410)] * 5)
+    job = client.submit("echo", {"sleep_ms": 300}, webhook=receiver.url(hook))
+
+    # When the job starts (410) and then completes
+    client.wait(job["id"], timeout=30)
+    wait_until(lambda: client.deliveries(job["id"])[0]["state"] == "gone", timeout=10, what="the 410 to be recorded")
+    time.sleep(0.5)
+
+    # Then the receiver heard once: the completion was neither sent nor queued, nothing retried
+    assert len(receiver.received(hook)) == 1
+    deliveries = client.deliveries(job["id"])
+    assert [(d["type"], d["state"], len(d["attempts"])) for d in deliveries] == [("job.started", "gone", 1)]
+
+
+def test_a_receiver_that_never_answers_does_not_delay_the_next_job(client: BlazeClient, receiver: Receiver) -> None:
+    # Given a receiver that holds every request past the delivery timeout (2 s in tests)
+    hook = path()
+    receiver.answer(hook, *[Answer(200, delay_s=5)] * 8)
+
+    # When echo jobs with that webhook run, and then a job without one
+    slow = [client.submit("echo", {"n": n}, webhook=receiver.url(hook)) for n in range(3)]
+    started = time.monotonic()
+    for job in slow:
+        assert client.wait(job["id"], timeout=10)["status"] == "succeeded"
+    after = client.wait(client.submit("echo", {"after": True})["id"], timeout=10)
+
+    # Then the worker never waited for the receiver (that would take 2 s a job)
+    assert time.monotonic() - started < 3.0
+    assert after["metrics"]["queue_time_s"] < 1.0
+    # and the deliveries record the timeouts, to be retried
+    attempt = wait_until(
+        lambda: next((a for d in client.deliveries(slow[0]["id"]) for a in d["attempts"]), None),
+        timeout=10,
+        what="a recorded attempt",
+    )
+    assert attempt["status_code"] is None and "timed out" in attempt["error"]
+
+
+def test_canceling_a_job_sends_its_completion(client: BlazeClient, receiver: Receiver, secret: str) -> None:
+    hook = path()
+    job = client.submit("echo", {"sleep_ms": 10_000}, webhook=receiver.url(hook))
+    wait_until(lambda: client.get(job["id"])["status"] == "running", timeout=10, what="the job to start")
+    client.cancel(job["id"])
+    started, completed = (verified(secret, r) for r in receiver.wait_for(hook, 2, timeout=10))
+    assert (started["type"], completed["type"]) == ("job.started", "job.completed")
+    assert completed["data"]["status"] == "canceled" and completed["data"]["error"]["type"] == "canceled"
+
+
+def test_a_job_born_from_the_cache_sends_its_completion(client: BlazeClient, receiver: Receiver, secret: str) -> None:
+    # Given a deterministic echo job computed once
+    data = {"seed": random.randrange(2**31), "word": "again"}
+    client.wait(client.submit("echo", data)["id"], timeout=30)
+
+    # When the same request comes with a webhook, answered from the cache at creation
+    hook = path()
+    job = client.submit("echo", data, webhook=receiver.url(hook))
+    assert job["status"] == "succeeded" and job["metrics"]["cache_hit"]
+
+    # Then its webhook still hears of the completion
+    (request,) = receiver.wait_for(hook, 1, timeout=10)
+    event = verified(secret, request)
+    assert event["type"] == "job.completed" and event["data"]["id"] == job["id"] and event["data"]["output"] == job["output"]
+
+
+def test_a_webhook_worker_runs_without_torch(test_env: dict[str, str]) -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, workers.webhooks, blaze_jobs.tasks; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], env=test_env, timeout=60).returncode == 0

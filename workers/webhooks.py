@@ -1,0 +1,60 @@
+"""``python -m workers.webhooks`` (``blaze worker --engine webhooks``): a worker that sends
+webhook deliveries. It needs no GPU and imports no model library; its task threads spend
+their time waiting on receivers, so a slow or dead receiver holds up only this queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+
+from celery.signals import worker_shutdown
+
+from blaze_jobs.celery_app import app
+from blaze_jobs.events import WEBHOOK_QUEUE
+from blaze_jobs.settings import get_settings
+from blaze_jobs.webhooks import Deliverer, RetryMover, install_deliverer
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = get_settings()
+    parser = argparse.ArgumentParser(prog="blaze worker --engine webhooks", description="Send webhook deliveries.")
+    parser.add_argument("--concurrency", type=int, default=settings.webhook_concurrency, help="deliveries sent at once")
+    parser.add_argument("--loglevel", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Each attempt is logged once, with its outcome, by blaze_jobs.webhooks.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    # 1. The HTTP client and the signing secret, once; the thread that queues due retries.
+    deliverer = Deliverer(settings)
+    install_deliverer(deliverer)
+    retries = RetryMover(deliverer.redis, settings)
+    deliverer.retry_scheduled = retries.wake
+    retries.start()
+
+    def stop(**_: object) -> None:
+        retries.stop()
+        deliverer.close()
+
+    worker_shutdown.connect(stop, weak=False)
+
+    # 2. Consume the webhooks queue with threads. Events on, so Flower sees each delivery.
+    app.worker_main(
+        [
+            "worker",
+            f"--queues={WEBHOOK_QUEUE}",
+            "--pool=threads",
+            f"--concurrency={args.concurrency}",
+            "--task-events",
+            f"--hostname={WEBHOOK_QUEUE}-{os.getpid()}@{socket.gethostname()}",
+            f"--loglevel={args.loglevel}",
+            "--without-mingle",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()
