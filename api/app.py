@@ -82,11 +82,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             key = cache.cache_key(engine=engine, model=model, input=job_input, settings=settings)
             cached = await store.redis.get(cache_keys.entry(key))
         # 3. Store the job and publish its Celery message (or its cached result) in one round trip.
-        async with store.redis.pipeline(transaction=True) as pipe:
-            if cached is None:
-                queue_create(pipe, store.keys, record, ttl_s=settings.job_ttl_s)
-                pipe.lpush(queue_key(settings, engine), task_message(job_id=job_id, engine=engine, input=job_input))
-            else:
+        if cached is None:
+            message = task_message(job_id=job_id, engine=engine, input=job_input)
+            await store.create_queued(record, queue=queue_key(settings, engine), message=message)
+        else:
+            async with store.redis.pipeline(transaction=True) as pipe:
                 output = cached.decode()
                 now = repr(time.time())
                 record.update(status="succeeded", output=output, started_at=now, completed_at=now, cache_hit="1")
@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 # The images outlive the new job as long as the job itself.
                 for artifact in cache.artifact_keys(json.loads(output), settings.redis_prefix):
                     pipe.expire(artifact, settings.job_ttl_s)
-            await pipe.execute()
+                await pipe.execute()
         # 4. With ``Prefer: wait=N``, answer once the job ends (within N seconds).
         record = await push.wait_if_preferred(request, record)
         view = job_view(record, base_url=base_url(request))

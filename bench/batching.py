@@ -30,7 +30,6 @@ part did not start, 2 when a goal was missed.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import math
 import os
 import random
@@ -51,7 +50,7 @@ import redis
 from blaze_jobs.settings import get_settings
 from blaze_jobs.stack import Stack, StackError
 from blaze_jobs.store import Keys
-from common import cpu_seconds, forget, machine, start_api, unique_prefix, write_json
+from common import cpu_seconds, forget, machine, start_api, submit_all, unique_prefix, write_json
 
 #: The issue's goals: the system keeps this share of the raw pipeline's images/s …
 GOAL_RATIO = 0.9
@@ -229,19 +228,6 @@ def job_body(*, size: int, steps: int, seed: int, index: int) -> dict[str, Any]:
     }
 
 
-async def _post_all(api_url: str, bodies: list[dict[str, Any]]) -> list[str]:
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=api_url, timeout=60, limits=limits) as client:
-        responses = await asyncio.gather(*(client.post("/v1/jobs", json=body) for body in bodies))
-    refused = [r for r in responses if r.status_code != 202]
-    if refused:
-        raise RuntimeError(f"{len(refused)} of {len(bodies)} submissions refused; first: {refused[0].status_code} {refused[0].text[:300]}")
-    return [r.json()["id"] for r in responses]
-
-
-def submit_all(api_url: str, bodies: list[dict[str, Any]]) -> list[str]:
-    """Post every body at once (concurrent connections); the job ids, in order."""
-    return asyncio.run(_post_all(api_url, bodies))
 
 
 def wait_ended(client: redis.Redis, keys: Keys, ids: list[str], *, worker: Any, timeout: float) -> None:

@@ -12,10 +12,13 @@ import math
 import os
 import platform
 import sys
+import asyncio
 import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
+
+import httpx
 
 from blaze_jobs.stack import Child, Stack, free_port
 from submit import cpu_seconds, forget  # noqa: F401  (re-exported for the benchmarks)
@@ -86,3 +89,18 @@ def write_json(path: str | None, summary: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"wrote {path}", flush=True)
+
+
+async def _post_all(api_url: str, bodies: list[dict[str, Any]]) -> list[str]:
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=api_url, timeout=60, limits=limits) as client:
+        responses = await asyncio.gather(*(client.post("/v1/jobs", json=body) for body in bodies))
+    refused = [r for r in responses if r.status_code != 202]
+    if refused:
+        raise RuntimeError(f"{len(refused)} of {len(bodies)} submissions refused; first: {refused[0].status_code} {refused[0].text[:300]}")
+    return [r.json()["id"] for r in responses]
+
+
+def submit_all(api_url: str, bodies: list[dict[str, Any]]) -> list[str]:
+    """Post every body at once (concurrent connections); the job ids, in order."""
+    return asyncio.run(_post_all(api_url, bodies))

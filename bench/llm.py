@@ -27,7 +27,6 @@ failed or a part did not start, 2 when a goal was missed.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import time
@@ -41,7 +40,7 @@ import redis
 from blaze_jobs.settings import get_settings
 from blaze_jobs.stack import Stack, StackError
 from blaze_jobs.store import Keys
-from common import forget, machine, start_api, unique_prefix, write_json
+from common import forget, machine, start_api, submit_all, unique_prefix, write_json
 
 GOAL_SEQUENTIAL = 5.0  # at 16 jobs, x the sequential tokens/s
 GOAL_STATIC = 0.8  # at 16 jobs, x the raw static batch's tokens/s
@@ -122,19 +121,6 @@ def body(prompt: str, tokens: int) -> dict[str, Any]:
     return {"engine": "llm", "cache": "bypass", "input": {"prompt": prompt, "max_new_tokens": tokens, "temperature": 0}}
 
 
-async def _post_all(api_url: str, bodies: list[dict[str, Any]]) -> list[str]:
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=api_url, timeout=60, limits=limits) as client:
-        responses = await asyncio.gather(*(client.post("/v1/jobs", json=b) for b in bodies))
-    refused = [r for r in responses if r.status_code != 202]
-    if refused:
-        raise RuntimeError(f"{len(refused)} of {len(bodies)} submissions refused; first: {refused[0].status_code} {refused[0].text[:300]}")
-    return [r.json()["id"] for r in responses]
-
-
-def submit_all(api_url: str, bodies: list[dict[str, Any]]) -> list[str]:
-    """Post every body at once (concurrent connections); the job ids, in order."""
-    return asyncio.run(_post_all(api_url, bodies))
 
 
 def wait_ended(client: redis.Redis, keys: Keys, ids: list[str], *, worker: Any, timeout: float, poll_s: float = 0.25) -> list[str]:

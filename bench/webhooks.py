@@ -273,7 +273,7 @@ def system_progress_cost(stack: Stack, api_url: str, api_pid: int, *, rounds: in
         for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
             stack.env["BLAZE_PROGRESS_INTERVAL_S"] = "0.5" if mode == "on" else "0"
             figures = run_system(
-                stack, api_url=api_url, api_pid=api_pid, client=client, keys=keys, batch=args.system_batch, args=shape, threads=args.threads, seed=random.randrange(2**30)
+                stack, api_url=api_url, api_pid=api_pid, client=client, keys=keys, batch=args.system_batch, args=shape, threads=args.threads, factor=1, seed=random.randrange(2**30)
             )
             if figures["failed"]:
                 raise StackError(f"system run failed: {figures.get('failure_sample')}")

@@ -128,7 +128,7 @@ class _JobCreateBase(BaseModel):
         "It must resolve to a public address.",
     )
     webhook_events_filter: list[Literal["started", "progress", "completed"]] = Field(
-        ["started", "completed"],
+        default_factory=lambda: ["started", "completed"],
         min_length=1,
         description="Which events the webhook receives; `progress` comes at most twice a second.",
     )

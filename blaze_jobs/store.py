@@ -62,6 +62,22 @@ return {1, current}
 """
 
 
+# Creating a queued job is the API's hot path: one script (HSET, EXPIRE, three index ZADDs
+# and the Celery message's LPUSH, atomic like MULTI) costs the API about half the client CPU
+# of the same commands in a MULTI/EXEC pipeline, whose every reply redis-py parses.
+# KEYS: the job hash, idx:all, idx:status:queued, idx:engine:<engine>, the engine's queue.
+# ARGV: ttl, score, job id, Celery message, then the hash's field/value pairs.
+CREATE_LUA = """
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+for i = 2, 4 do redis.call('ZADD', KEYS[i], ARGV[2], ARGV[3]) end
+redis.call('LPUSH', KEYS[5], ARGV[4])
+return 1
+"""
+
+
 class Keys:
     """Every Redis key the job store uses, under one prefix."""
 
@@ -193,6 +209,18 @@ class AsyncJobStore:
         self.settings = settings
         self.keys = Keys(settings.redis_prefix)
         self._transition = client.register_script(TRANSITION_LUA)
+        self._create = client.register_script(CREATE_LUA)
+
+    async def create_queued(self, record: dict[str, str], *, queue: str, message: str) -> None:
+        """Store a new queued job, index it and push its Celery message, in one round trip."""
+        score = str(score_of(float(record["created_at"])))
+        keys = self.keys
+        job_id = record["id"]
+        args: list[str] = [str(self.settings.job_ttl_s), score, job_id, message, "score", score]
+        for name, value in record.items():
+            args += [name, value]
+        index = [keys.all, keys.status(JobStatus.queued.value), keys.engine(record["engine"])]
+        await self._create(keys=[keys.job(job_id), *index, queue], args=args)
 
     async def get(self, job_id: str) -> dict[str, str]:
         record = decode(await self.redis.hgetall(self.keys.job(job_id)))

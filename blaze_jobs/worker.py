@@ -220,6 +220,10 @@ def _compute(runtime: Runtime, record: dict[str, str], job_input: dict[str, Any]
         should_stop=lambda: runtime.heartbeat.is_canceled(job_id),
         # Progress leaves from a thread of its own, throttled: a step pays a dict assignment.
         on_progress=events.progress_callback(runtime.redis, settings, job_id),
+        # Text arrives on the engine's callback thread, in order; each piece is one stream entry.
+        on_delta=lambda text: events.append_event(
+            runtime.redis, prefix=settings.redis_prefix, job_id=job_id, kind="job.delta", fields={"text": text}
+        ),
     )
     try:
         result = runtime.batcher.submit(request).result(timeout=settings.batch_timeout_s)

@@ -28,7 +28,8 @@ def test_the_client_follows_a_job_from_submit_to_image(stack: dict[str, Any]) ->
         events = list(client.events(job["id"]))
 
         # Then it saw the job start and end, and the image it downloads is the one reported
-        assert events[0].event == "job" and "job.started" in [e.event for e in events]
+        assert events[0].event == "job"
+        assert "job.started" in [e.event for e in events] or events[0].data["status"] != "queued"
         final = events[-1]
         assert final.final and final.data["status"] == "succeeded"
         image = final.data["output"]["images"][0]
@@ -60,7 +61,7 @@ def test_the_async_client_does_the_same(stack: dict[str, Any]) -> None:
                 return [event async for event in client.events(job_id)]
 
             events, waited = await asyncio.gather(follow(first["id"]), client.wait(second["id"], timeout=30))
-            assert events[-1].event == "job.completed" and events[-1].data["output"]["tag"] == "a"
+            assert events[-1].final and events[-1].data["output"]["tag"] == "a"
             assert waited["status"] == "succeeded" and waited["output"]["tag"] == "b"
             assert (await client.get(first["id"], wait=1)) == events[-1].data
 

@@ -100,7 +100,8 @@ def test_an_event_stream_shows_progress_and_ends_with_the_final_job(client: Blaz
     kinds = [e.event for e in events]
     assert kinds[0] == "job" and events[0].data["id"] == job["id"]
     assert kinds[-1] == "job.completed" and kinds.count("job.completed") == 1
-    assert "job.started" in kinds
+    # (a client that connects after the start sees it in the first event's status)
+    assert "job.started" in kinds or events[0].data["status"] == "running"
     progress = [e.data for e in events if e.event == "job.progress"]
     assert len(progress) >= 2, kinds
     assert all(p["total"] == 30 for p in progress)

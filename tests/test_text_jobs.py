@@ -124,7 +124,6 @@ def test_a_seeded_text_job_is_reproducible_and_served_from_the_cache(client: Bla
     assert again["output"] == first["output"] and again["metrics"]["cache_hit"] is True
 
 
-@pytest.mark.xfail(strict=True, reason="the worker does not yet publish the engine's on_delta as job.delta events")
 def test_streamed_deltas_concatenate_to_the_final_text(client: BlazeClient, http: httpx.Client) -> None:
     # Given a job whose events a client follows from the start
     job = greedy(client, "Streaming: the train arrived at the station", 48)
