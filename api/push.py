@@ -27,6 +27,7 @@ from blaze_jobs import events
 from blaze_jobs.errors import JobNotFound
 from blaze_jobs.jobs import job_view
 from blaze_jobs.settings import Settings, get_settings
+from blaze_jobs.signing import signing_secret_async
 from blaze_jobs.webhooks import (
     REDELIVER_LUA,
     Delivery,
@@ -34,7 +35,6 @@ from blaze_jobs.webhooks import (
     WebhookRefused,
     check_addresses,
     delivery_list,
-    signing_secret_async,
 )
 
 #: Longest single block on Redis: an event stream sends a keep-alive comment this often,

@@ -53,7 +53,7 @@ from blaze_jobs.jobs import JobStatus, new_record
 from blaze_jobs.settings import get_settings
 from blaze_jobs.stack import Stack, StackError
 from blaze_jobs.store import JobStore, Keys
-from blaze_jobs.webhooks import new_secret, signed_headers
+from blaze_jobs.signing import new_secret, signed_headers
 from common import cpu_seconds, forget, latency_summary, machine, start_api, unique_prefix, write_json
 from tests.receiver import Receiver
 

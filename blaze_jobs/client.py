@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Mapping
 import httpx
 
 from blaze_jobs.errors import BlazeError
-from blaze_jobs.webhooks import verify
+from blaze_jobs.signing import verify
 
 ENDED = ("succeeded", "failed", "canceled")
 #: Longest wait one long-poll asks for (the API allows up to BLAZE_MAX_WAIT_S, 60 s by default).
@@ -164,7 +164,7 @@ class BlazeClient:
 
     def verify_webhook(self, headers: Mapping[str, str], body: bytes | str) -> dict[str, Any]:
         """The event a webhook request carries, once its signature holds; raises
-        ``blaze_jobs.webhooks.WebhookVerificationError`` otherwise."""
+        ``blaze_jobs.signing.WebhookVerificationError`` otherwise."""
         return verify(self.webhook_secret(), headers, body)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from blaze_jobs.client import AsyncBlazeClient, BlazeClient, SSEParser
-from blaze_jobs.webhooks import WebhookVerificationError, new_secret
+from blaze_jobs.signing import WebhookVerificationError, new_secret
 from tests.receiver import Receiver
 
 # Generous: the first test to use the stack also waits for it to start.

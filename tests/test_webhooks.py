@@ -20,7 +20,7 @@ from kombu import Connection
 from standardwebhooks import Webhook
 
 from api.app import create_app
-from blaze_jobs import tasks, webhooks
+from blaze_jobs import signing, tasks, webhooks
 from blaze_jobs.celery_app import app as celery_app
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.events import DELIVER_TASK, ProgressReporter, append_event, deliveries_key, stream_key
@@ -80,15 +80,15 @@ def create_job(store: JobStore, **fields: str) -> str:
 
 def test_signatures_interoperate_with_the_standard_webhooks_library() -> None:
     # Given a secret and a body
-    secret = webhooks.new_secret()
+    secret = signing.new_secret()
     body = b'{"type":"job.completed","data":{"id":"j1"}}'
 
     # When we sign, the reference library verifies; when it signs, we verify
-    headers = webhooks.signed_headers(secret, msg_id="msg_1", body=body)
+    headers = signing.signed_headers(secret, msg_id="msg_1", body=body)
     assert Webhook(secret).verify(body, headers) == json.loads(body)
     theirs = Webhook(secret).sign("msg_2", datetime.now(tz=timezone.utc), body.decode())
     ours = {"webhook-id": "msg_2", "webhook-timestamp": str(int(time.time())), "webhook-signature": theirs}
-    assert webhooks.verify(secret, ours, body)["type"] == "job.completed"
+    assert signing.verify(secret, ours, body)["type"] == "job.completed"
 
 
 @pytest.mark.parametrize(
@@ -102,18 +102,18 @@ def test_signatures_interoperate_with_the_standard_webhooks_library() -> None:
     ids=["body", "id", "signature", "missing header"],
 )
 def test_a_tampered_webhook_fails_verification(tamper: Any) -> None:
-    secret = webhooks.new_secret()
+    secret = signing.new_secret()
     body = b'{"data":{"id":"j1"}}'
-    headers, body = tamper(webhooks.signed_headers(secret, msg_id="msg_1", body=body), body)
-    with pytest.raises(webhooks.WebhookVerificationError):
-        webhooks.verify(secret, headers, body)
+    headers, body = tamper(signing.signed_headers(secret, msg_id="msg_1", body=body), body)
+    with pytest.raises(signing.WebhookVerificationError):
+        signing.verify(secret, headers, body)
 
 
 def test_a_stale_timestamp_fails_verification() -> None:
-    secret = webhooks.new_secret()
-    headers = webhooks.signed_headers(secret, msg_id="msg_1", body=b"{}", timestamp=int(time.time()) - 600)
-    with pytest.raises(webhooks.WebhookVerificationError, match="five minutes"):
-        webhooks.verify(secret, headers, b"{}")
+    secret = signing.new_secret()
+    headers = signing.signed_headers(secret, msg_id="msg_1", body=b"{}", timestamp=int(time.time()) - 600)
+    with pytest.raises(signing.WebhookVerificationError, match="five minutes"):
+        signing.verify(secret, headers, b"{}")
 
 
 # --- retries ------------------------------------------------------------------------------
