@@ -10,6 +10,9 @@ broker_transport_options = {
     "global_keyprefix": _settings.redis_prefix,
     # Redis redelivers an unacknowledged message after this long: it must outlast any job.
     "visibility_timeout": _settings.visibility_timeout_s,
+    # Look for such messages every 10 s (kombu's default scans every 100 s).
+    "unacked_restore_interval": 10,
+    "unacked_restore_throttle": 1,
     "socket_timeout": 10,
     "socket_connect_timeout": 5,
     # Let a worker notice a Redis restart within seconds instead of on its next blocking read.

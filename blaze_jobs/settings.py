@@ -141,9 +141,12 @@ class Settings(BaseSettings):
     admin_token: str = ""
 
     # --- Celery -------------------------------------------------------------------------
-    #: Seconds before Redis hands an unacknowledged job to another worker. It must exceed
-    #: the longest job plus its queue wait, or a long job would run twice: 12 hours.
-    visibility_timeout_s: int = 43_200
+    #: Seconds before Redis hands a delivered but unacknowledged message to another worker.
+    #: A message lost in flight (its worker's connection died between taking it and starting
+    #: it) comes back after this. Redelivering the message of a job that is still running is
+    #: harmless: the job record says it is running and the duplicate is dropped. Running
+    #: jobs whose worker died are leases' business (``BLAZE_LEASE_S``), not this.
+    visibility_timeout_s: int = 300
     #: ``user:password`` for Flower's login; empty leaves Flower open (local use only).
     flower_basic_auth: str = ""
 

@@ -82,7 +82,8 @@ def test_redis_restarting_under_load_loses_no_accepted_job(own_stack: Stack, tmp
     argv += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
     server = own_stack.start("redis", argv)
     own_stack.wait_for("redis", server, lambda: redis_reachable(url), timeout=15)
-    env = {"BLAZE_REDIS_URL": url}
+    # A message taken from Redis just before it stopped comes back after the visibility timeout.
+    env = {"BLAZE_REDIS_URL": url, "BLAZE_VISIBILITY_TIMEOUT_S": "5"}
     api_url = start_api(own_stack, **env)
     for n in range(2):
         own_stack.blaze(f"echo-{n}", "worker", "--engine", "echo", "--concurrency", "4", **env)
