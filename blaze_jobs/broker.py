@@ -83,3 +83,9 @@ def task_message(*, job_id: str, engine: str, input: dict[str, Any]) -> str:
             },
         }
     )
+
+
+def requeue_push(settings: Settings, record: dict[str, str]) -> dict[str, str]:
+    """Where, and what, to push so a stored job (a Redis record) is queued again."""
+    message = task_message(job_id=record["id"], engine=record["engine"], input=json.loads(record["input"]))
+    return {"key": queue_key(settings, record["engine"]), "message": message}

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import redis
 
-from blaze_jobs.broker import queue_key, task_message
+from blaze_jobs.broker import requeue_push
 from blaze_jobs.errors import BlazeError
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.settings import Settings
@@ -168,14 +168,13 @@ class Heartbeat:
                 )
                 log.warning("job %s failed: %s", job_id, reason)
             else:
-                message = task_message(job_id=job_id, engine=record["engine"], input=json.loads(record["input"]))
                 self.store.transition(
                     job_id,
                     allowed=(JobStatus.running,),
                     to=JobStatus.queued,
                     attempts=attempts,
                     unleased=lease,
-                    push={"key": queue_key(self.settings, record["engine"]), "message": message},
+                    push=requeue_push(self.settings, record),
                 )
                 log.warning("job %s lost its worker (lease ran out); queued again", job_id)
         except BlazeError:

@@ -23,7 +23,7 @@ from blaze_jobs import cache, events
 from blaze_jobs.artifacts import ArtifactStore, artifact_store, artifact_url
 from blaze_jobs.batching import Batcher
 from blaze_jobs.breaker import CircuitBreaker
-from blaze_jobs.broker import queue_key, task_message
+from blaze_jobs.broker import requeue_push
 from blaze_jobs.engines import create_engine
 from blaze_jobs.engines.base import Artifact, Engine, EngineRequest
 from blaze_jobs.errors import JobCanceled, JobConflict, JobNotFound, RequestError, WorkerFault
@@ -280,8 +280,8 @@ def hand_back(runtime: Runtime, job_id: str) -> str:
         return "missing"
     if record["status"] != JobStatus.queued.value:
         return record["status"]
-    message = task_message(job_id=job_id, engine=record["engine"], input=json.loads(record["input"]))
-    runtime.redis.rpush(queue_key(runtime.settings, record["engine"]), message)
+    push = requeue_push(runtime.settings, record)
+    runtime.redis.rpush(push["key"], push["message"])
     log.info("job %s handed back to the queue (breaker %s)", job_id, runtime.breaker.state.value)
     return "handed_back"
 
@@ -333,10 +333,8 @@ class _Finisher:
 
     def requeue(self, *, count_attempt: bool) -> str:
         record = self.store.get(self.job_id)
-        message = task_message(job_id=self.job_id, engine=record["engine"], input=json.loads(record["input"]))
         fields: dict[str, Any] = {} if count_attempt else {"attempts": self.attempt - 1}
-        push = {"key": queue_key(self.runtime.settings, record["engine"]), "message": message}
-        if self._end(JobStatus.queued, push=push, **fields):
+        if self._end(JobStatus.queued, push=requeue_push(self.runtime.settings, record), **fields):
             log.warning("job %s queued again (attempt %d)", self.job_id, self.attempt)
             return JobStatus.queued.value
         return self._now()
