@@ -11,8 +11,8 @@ answers), are posted over HTTP all at once; throughput is images over the span f
 first job's ``started_at`` to the last job's ``completed_at`` in the job records. The mean
 batch is jobs / batches, read from each job's ``metrics.batch_size`` (a batch of s jobs
 holds s records saying s); the mean of ``metrics.batch_size`` itself, which leans to the
-larger batches, is printed beside it. ``--concurrency-factor 1 2`` also runs 2×B task threads in
-the worker instead of its default B, so that the next batch can form while one runs.
+larger batches, is printed beside it. The worker runs 2×B task threads, its default, so that
+the next batch can form while one runs; ``--concurrency-factor 1 2`` also runs it with B.
 
 ``--sd15`` builds (once, into the model dir, with no download) a pipeline of the Stable
 Diffusion 1.5 architecture with random weights, and the worker loads it by path
@@ -299,11 +299,10 @@ def run_system(
     factor: int,
     seed: int,
 ) -> dict[str, Any]:
-    """Start a worker for ``batch`` (with ``factor``×``batch`` task threads unless 1: then the
-    worker's default), warm it with one batch, then measure a saturating load."""
+    """Start a worker for ``batch`` with ``factor``×``batch`` task threads, warm it with one
+    batch, then measure a saturating load."""
     argv = ["worker", "--engine", "diffusion", "--device", args.device, "--max-batch", str(batch), "--max-wait-ms", f"{args.max_wait_ms:g}"]
-    if factor != 1:
-        argv += ["--concurrency", str(batch * factor)]
+    argv += ["--concurrency", str(batch * factor)]
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
     worker = stack.blaze(f"worker-b{batch}-t{threads}-c{factor}", *argv, **env)
     try:
@@ -465,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-calls", type=int, default=None, help="bare pipeline calls per B (default: --jobs-per-batch)")
     parser.add_argument("--max-wait-ms", type=float, default=50.0, help="the worker's --max-wait-ms")
     parser.add_argument(
-        "--concurrency-factor", type=int, nargs="+", default=[1], help="run factor×B task threads in the worker (1: its default, B)"
+        "--concurrency-factor", type=int, nargs="+", default=[2], help="run factor×B task threads in the worker (2: its default)"
     )
     parser.add_argument(
         "--threads", type=int, nargs="+", default=[0], help="torch threads in both the baseline and the worker; 0: the library default"
