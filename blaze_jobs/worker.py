@@ -241,10 +241,17 @@ def _compute(runtime: Runtime, record: dict[str, str], job_input: dict[str, Any]
         return _worker_fault(runtime, finish, f"batch overran its watchdog of {settings.batch_timeout_s:.0f} s")
     except Exception as error:  # WorkerFault, or an engine bug: the worker, not the request, is at fault
         return _worker_fault(runtime, finish, str(error) if isinstance(error, WorkerFault) else f"{type(error).__name__}: {error}")
-    runtime.breaker.record_success()
 
-    # 4. Store what it made, remember it for the next identical request, record success.
-    output_json = json.dumps(_store_artifacts(result.output, runtime.artifacts), separators=(",", ":"))
+    # 4. Store what it made (its files are encoded here, off the device thread), remember it
+    #    for the next identical request, record success.
+    try:
+        output = _store_artifacts(result.output, runtime.artifacts)
+    except redis.RedisError:
+        raise
+    except Exception as error:  # an encoder failed on what the engine made
+        return _worker_fault(runtime, finish, f"could not encode the output: {type(error).__name__}: {error}")
+    runtime.breaker.record_success()
+    output_json = json.dumps(output, separators=(",", ":"))
     if result.output.get("finish_reason") == "canceled":
         # A text job stopped by a cancel keeps the text it had; a partial text is never cached.
         return finish.canceled(output_json)

@@ -258,3 +258,19 @@ def test_concurrent_runs_share_one_loaded_pipeline(model_dir: Path) -> None:
 
     assert engine.loaded_models() == [MODEL]
     assert len({output["images"][0].data for output in outputs}) == 1
+
+
+@pytest.mark.timeout(120)
+def test_images_are_encoded_by_whoever_reads_them_not_by_the_device_call(engine: DiffusionEngine) -> None:
+    # Given a batch of two jobs run on the device
+    outputs = engine.run_batch([request("a", prompt="one", seed=1), request("b", prompt="two", seed=2)])
+    artifacts = [output["images"][0] for output in outputs]
+
+    # Then no image was encoded during the call: each job's task thread encodes its own
+    assert all("data" not in vars(artifact) for artifact in artifacts)
+    with ThreadPoolExecutor(2) as pool:
+        encoded = list(pool.map(lambda artifact: artifact.data, artifacts))
+    assert [Image.open(io.BytesIO(data)).format for data in encoded] == ["PNG", "PNG"]
+    # and reading again gives the same bytes without encoding twice
+    assert [artifact.data for artifact in artifacts] == encoded
+    assert all(artifact.data is data for artifact, data in zip(artifacts, encoded))

@@ -7,17 +7,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Artifact:
-    """A file an engine produced; the worker stores it and puts its URL in the job's output."""
+    """A file an engine produced; the worker stores it and puts its URL in the job's output.
 
-    data: bytes = field(repr=False)
+    ``render`` makes its bytes, once, on the first read of ``data``. Engines hand a batch's
+    artifacts back unrendered, so that encoding (tens of ms of CPU for one 512×512 PNG) runs
+    on each job's own task thread while the device thread starts the next batch.
+    """
+
+    render: Callable[[], bytes] = field(repr=False)
     content_type: str  # e.g. "image/png"
     extension: str  # e.g. "png", without the dot
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. {"width": 64, "height": 64, "seed": 7}
+
+    @cached_property
+    def data(self) -> bytes:
+        """The file's bytes."""
+        return self.render()
 
     @property
     def size(self) -> int:

@@ -245,7 +245,7 @@ class DiffusionEngine(Engine):
                 callback_on_step_end=on_step_end,
             ).images
 
-        # 5. Encode each job's images, unless it was canceled meanwhile.
+        # 5. Each job's images, unless it was canceled meanwhile; its task thread encodes them.
         results: list[dict[str, Any] | BaseException] = []
         for i, job in enumerate(jobs):
             if stopped[i] or job.request.should_stop():
@@ -303,14 +303,17 @@ def _default_size(pipe: StableDiffusionPipeline) -> tuple[int, int]:
 
 
 def _encode(image: Any, job: _Job, seed: int) -> Artifact:
-    buffer = io.BytesIO()
-    # PIL writes no timestamp or metadata unless asked, so equal pixels give equal bytes.
-    if job.output_format == "png":
-        image.save(buffer, format="PNG")
-    else:
-        image.save(buffer, format=job.output_format.upper(), quality=90)
+    def render() -> bytes:
+        buffer = io.BytesIO()
+        # PIL writes no timestamp or metadata unless asked, so equal pixels give equal bytes.
+        if job.output_format == "png":
+            image.save(buffer, format="PNG")
+        else:
+            image.save(buffer, format=job.output_format.upper(), quality=90)
+        return buffer.getvalue()
+
     return Artifact(
-        data=buffer.getvalue(),
+        render=render,
         content_type=_FORMATS[job.output_format],
         extension=job.output_format,
         meta={"width": image.width, "height": image.height, "seed": seed},
