@@ -33,6 +33,7 @@ import argparse
 import math
 import os
 import random
+import re
 import sys
 import time
 from datetime import datetime
@@ -60,6 +61,8 @@ ENDED = {"succeeded", "failed", "canceled"}
 PROMPT = "a lighthouse at dusk, oil on canvas"
 #: Folder (under the model dir) of the random-weight SD 1.5 pipeline; bump when the builder changes.
 SD15_FOLDER = "sd15-random-v1"
+#: The line a worker logs for each batch it runs.
+BATCH_LOG = re.compile(r"batch of \d+ ran in ([0-9.]+) s")
 
 
 # --- the model ----------------------------------------------------------------------------
@@ -335,6 +338,9 @@ def run_system(
         name: round(cpu_after[name] - cpu_before[name], 3) if cpu_after[name] is not None and cpu_before[name] is not None else None
         for name in cpu_before
     }
+    # The worker logs each batch's device time: the measured ones follow the warm-up batch.
+    device_s = [float(m.group(1)) for m in BATCH_LOG.finditer(worker.log_path.read_text(errors="replace"))][1:]
+    figures["device_s_per_batch"] = round(sum(device_s) / len(device_s), 4) if device_s else None
     failures = [j for j in jobs if j["status"] != "succeeded"]
     if failures:
         figures["failure_sample"] = failures[0]["error"]
@@ -414,9 +420,11 @@ def measure(
         # What the span holds beyond the raw compute of its batches, per batch.
         batches = system.get("batches") or math.nan
         row["ms_lost_per_batch"] = (system.get("span_s", math.nan) - batches * raw_batch_s) / batches * 1000
+        device_s = system.get("device_s_per_batch") or math.nan
         print(
             f"  {factor}×B: ratio {row['ratio']:.3f}   mean batch / B {row['batch_fill']:.3f}   "
-            f"≈ {row['ms_lost_per_batch']:.1f} ms per batch beyond the raw call of {raw_batch_s * 1000:.0f} ms; "
+            f"≈ {row['ms_lost_per_batch']:.1f} ms per batch beyond the raw call of {raw_batch_s * 1000:.0f} ms, "
+            f"of which {(device_s - raw_batch_s) * 1000:.1f} ms in the worker's device call ({device_s * 1000:.0f} ms); "
             f"CPU s/image raw {raw['cpu_s_per_image']:.3f}, worker {worker_cpu or math.nan:.3f}",
             flush=True,
         )

@@ -79,6 +79,7 @@ class Runtime:
         self.inflight = cache.InFlight()
         self.jobs_run = 0
         self.batched_jobs = 0
+        self.device_busy_s = 0.0  # seconds the device thread spent running batches
         self.batcher = Batcher(
             self.engine,
             max_batch=max_batch or settings.max_batch,
@@ -102,6 +103,8 @@ class Runtime:
 
     def _count_batch(self, size: int, elapsed: float) -> None:
         self.batched_jobs += size
+        self.device_busy_s += elapsed
+        log.info("batch of %d ran in %.3f s on %s", size, elapsed, self.device)
 
     def state(self) -> dict[str, Any]:
         """What ``GET /v1/workers`` shows of this worker."""
@@ -113,6 +116,7 @@ class Runtime:
             "models": self.engine.loaded_models() if hasattr(self.engine, "loaded_models") else [],
             "batches_run": batches,
             "mean_batch_size": round(self.batched_jobs / batches, 3) if batches else None,
+            "device_busy_s": round(self.device_busy_s, 3),
             "max_batch": self.batcher.max_batch,
             "jobs_run": self.jobs_run,
         }

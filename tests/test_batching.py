@@ -41,3 +41,4 @@ def test_compatible_jobs_run_as_one_batch_and_others_apart(own_stack: Stack) -> 
         assert worker["models"] == ["builtin:tiny-sd"]
         assert worker["breaker"]["state"] == "closed"
         assert worker["batches_run"] >= 2 and worker["mean_batch_size"] >= 2
+        assert worker["device_busy_s"] > 0
