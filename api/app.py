@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import time
@@ -12,10 +13,12 @@ from typing import Annotated, AsyncIterator, Literal
 import redis
 import redis.asyncio
 from fastapi import Body, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from api import problems, push
 from api.problems import InputProblem
+from api.push import base_url
+from api.responses import JSONResponse
 from blaze_jobs import cache
 from blaze_jobs.artifacts import KEY_PATTERN, artifact_store, content_type
 from blaze_jobs.broker import queue_key, task_message
@@ -42,6 +45,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = AsyncJobStore(app.state.redis, settings)
         # Artifacts are read in FastAPI's thread pool through the same store workers write with.
         app.state.artifacts = artifact_store(settings, redis.Redis.from_url(settings.redis_url, **timeouts))
+        # What start-up made (modules, schemas, routes: ~80,000 objects) lives as long as the
+        # process: move it out of the cyclic collector's reach. Requests in flight survive
+        # into its oldest generation, whose full collections would otherwise walk it all again,
+        # at about 100 µs per request under load.
+        gc.collect()
+        gc.freeze()
         yield
         await app.state.redis.aclose()
 
@@ -53,12 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={422: PROBLEM, 503: PROBLEM},
     )
     problems.install(app)
-    app.include_router(push.router)
 
     cache_keys = cache.CacheKeys(settings.redis_prefix)
-
-    def base_url(request: Request) -> str:
-        return settings.public_url or str(request.base_url).rstrip("/")
 
     @app.post("/v1/jobs", status_code=202, response_model=Job, responses={202: {"headers": {"Location": {"description": "The job's URL.", "schema": {"type": "string", "format": "uri"}}}}})
     async def create_job(request: Request, body: Annotated[JobCreate, Body()]) -> JSONResponse:
@@ -172,6 +177,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await request.app.state.redis.ping()
         return JSONResponse({"status": "ready"})
 
+    # Events, deliveries and the webhook secret: after the routes above, so that the create
+    # route, the hot one, is matched first.
+    app.include_router(push.router)
     return app
 
 

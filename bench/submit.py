@@ -55,14 +55,22 @@ class Submit(BaseModel):
     input: Prompt
 
 
-def baseline_app(*, redis_url: str, prefix: str) -> Any:
-    """Validate, HSET + LPUSH in one pipelined round trip, answer 202: nothing more."""
+def baseline_app(*, redis_url: str, prefix: str, gc_freeze: bool = False) -> Any:
+    """Validate, HSET + LPUSH in one pipelined round trip, answer 202: nothing more
+    (with ``gc_freeze``, also freeze the start-up heap out of the garbage collector, as
+    ``blaze api`` does)."""
+    import gc
+
     import redis.asyncio
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.redis = redis.asyncio.Redis.from_url(redis_url)
+        if gc_freeze:
+            gc.collect()
+            gc.freeze()
         yield
         await app.state.redis.aclose()
 
@@ -85,10 +93,10 @@ def baseline_app(*, redis_url: str, prefix: str) -> Any:
     return app
 
 
-def serve_baseline(*, port: int, redis_url: str, prefix: str) -> None:
+def serve_baseline(*, port: int, redis_url: str, prefix: str, gc_freeze: bool) -> None:
     import uvicorn
 
-    app = baseline_app(redis_url=redis_url, prefix=prefix)
+    app = baseline_app(redis_url=redis_url, prefix=prefix, gc_freeze=gc_freeze)
     uvicorn.run(app, host=HOST, port=port, loop="uvloop", http="httptools", log_level="warning", access_log=False)
 
 
@@ -147,7 +155,7 @@ def median_of(results: list[dict[str, Any]], name: str) -> float:
 def row(label: str, results: list[dict[str, Any]]) -> str:
     failed = sum(r["non_2xx"] + r["errors"] for r in results)
     return (
-        f"{label:<34}{median_of(results, 'rate'):>10,.0f}{median_of(results, 'p50_ms'):>9.2f}"
+        f"{label:<44}{median_of(results, 'rate'):>10,.0f}{median_of(results, 'p50_ms'):>9.2f}"
         f"{median_of(results, 'p99_ms'):>9.2f}{median_of(results, 'cpu_us_per_req'):>12.0f}"
         f"{median_of(results, 'client_cpu_us_per_req'):>12.0f}{failed:>8}"
     )
@@ -158,12 +166,12 @@ def report(base: list[dict[str, Any]], blaze: list[dict[str, Any]], *, args: arg
     ratio = median_of(blaze, "rate") / median_of(base, "rate") if median_of(base, "rate") else 0.0
     runs = f", median of {len(base)} runs" if len(base) > 1 else ""
     print(f"\nsubmit: {args.connections} connections, {args.seconds:g} s measured after {args.warmup:g} s warm-up{runs}")
-    print(f"{'endpoint':<34}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'server µs/req':>14}{'loadgen µs':>12}{'failed':>8}")
-    print(row("bare validate + HSET + LPUSH", base))
+    print(f"{'endpoint':<44}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'server µs/req':>14}{'loadgen µs':>12}{'failed':>8}")
+    print(row("bare validate + HSET + LPUSH" + (" (gc.freeze)" if args.bare_gc_freeze else ""), base))
     print(row("POST /v1/jobs (blaze api)", blaze))
     verdict = "met" if ratio >= GOAL else "NOT met"
     per_run = ", ".join(f"{r:.2f}" for r in ratios)
-    print(f"{'ratio blaze / bare':<34}{ratio:>10.2f}   goal >= {GOAL}: {verdict}" + (f"   (runs: {per_run})" if len(ratios) > 1 else ""))
+    print(f"{'ratio blaze / bare':<44}{ratio:>10.2f}   goal >= {GOAL}: {verdict}" + (f"   (runs: {per_run})" if len(ratios) > 1 else ""))
     for name, results in (("bare", base), ("blaze", blaze)):
         for result in results:
             if not result["ok"]:
@@ -181,12 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--runs", type=int, default=1, help="alternate the endpoints this many times; report medians")
     parser.add_argument("--min-ratio", type=float, default=GOAL, help="exit 2 when the ratio is below this")
+    parser.add_argument(
+        "--bare-gc-freeze", action="store_true", help="give the bare endpoint blaze api's gc.freeze() after start-up too"
+    )
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     redis_url = get_settings().redis_url
     if args.serve_baseline:
-        serve_baseline(port=args.serve_baseline, redis_url=redis_url, prefix=args.prefix)
+        serve_baseline(port=args.serve_baseline, redis_url=redis_url, prefix=args.prefix, gc_freeze=args.bare_gc_freeze)
         return 0
     if not 1 <= args.runs <= 20:
         parser.error("--runs must lie within [1, 20]")
@@ -200,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         with Stack() as stack:
             stack.env.update(BLAZE_REDIS_URL=redis_url)
             base_port, blaze_port = free_port(), free_port()
-            bare = stack.start("bare", [sys.executable, str(Path(__file__).resolve()), "--serve-baseline", str(base_port), "--prefix", base_prefix])
+            bare_argv = [sys.executable, str(Path(__file__).resolve()), "--serve-baseline", str(base_port), "--prefix", base_prefix]
+            bare = stack.start("bare", bare_argv + (["--bare-gc-freeze"] if args.bare_gc_freeze else []))
             api = stack.blaze("api", "api", "--port", str(blaze_port), BLAZE_REDIS_PREFIX=blaze_prefix)
             stack.wait_http("the bare server", bare, f"http://{HOST}:{base_port}/healthz", timeout=60)
             stack.wait_http("the API", api, f"http://{HOST}:{blaze_port}/readyz", timeout=60)

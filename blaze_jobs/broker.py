@@ -13,7 +13,6 @@ import base64
 import json
 import os
 import socket
-import uuid
 from typing import Any
 
 from blaze_jobs.settings import Settings
@@ -46,10 +45,27 @@ def task_message(*, job_id: str, engine: str, input: dict[str, Any]) -> str:
     """The JSON envelope, as kombu's Redis transport stores it, of the job's Celery task."""
     args = [job_id]
     kwargs = {"summary": summary(input)}
-    body = json.dumps([args, kwargs, _EMBED]).encode()
-    return json.dumps(
-        {
-            "body": base64.b64encode(body).decode(),
+    body = base64.b64encode(json.dumps([args, kwargs, _EMBED]).encode()).decode()
+    # The envelope is the engine's template with this job's values in its slots: a third
+    # of the cost of dumping the whole nested dict (this runs on every create).
+    # Only the summary (a prompt) needs JSON escaping: ids, base64 and hex never do.
+    return _template(engine).format(
+        ID=job_id, BODY=body, ARGS=f"['{job_id}']", KWARGS=json.dumps(repr(kwargs))[1:-1], TAG=os.urandom(16).hex()
+    )
+
+
+_TEMPLATES: dict[str, str] = {}
+_SLOT = "\x01{}\x01"
+
+
+def _template(engine: str) -> str:
+    """The engine's envelope as a ``str.format`` template with the slots ID, BODY, ARGS,
+    KWARGS and TAG."""
+    template = _TEMPLATES.get(engine)
+    if template is None:
+        job_id, slot = _SLOT.format("ID"), _SLOT.format
+        envelope = {
+            "body": slot("BODY"),
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": {
@@ -65,8 +81,8 @@ def task_message(*, job_id: str, engine: str, input: dict[str, Any]) -> str:
                 "timelimit": [None, None],
                 "root_id": job_id,
                 "parent_id": None,
-                "argsrepr": repr(args),
-                "kwargsrepr": repr(kwargs),
+                "argsrepr": slot("ARGS"),
+                "kwargsrepr": slot("KWARGS"),
                 "origin": _ORIGIN,
                 "ignore_result": True,
                 "replaced_task_nesting": 0,
@@ -79,10 +95,13 @@ def task_message(*, job_id: str, engine: str, input: dict[str, Any]) -> str:
                 "delivery_info": {"exchange": "", "routing_key": engine},
                 "priority": 0,
                 "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
+                "delivery_tag": slot("TAG"),
             },
         }
-    )
+        # json.dumps writes each \x01 as \u0001, and nothing else in the envelope does.
+        parts = json.dumps(envelope).replace("{", "{{").replace("}", "}}").split("\\u0001")
+        template = _TEMPLATES[engine] = "".join(part if i % 2 == 0 else "{" + part + "}" for i, part in enumerate(parts))
+    return template
 
 
 def requeue_push(settings: Settings, record: dict[str, str]) -> dict[str, str]:

@@ -201,3 +201,28 @@ def test_the_status_indexes_follow_the_job(store: JobStore, settings: Settings) 
     assert indexed_under(store, job_id) == ["canceled"]
     assert store.redis.zscore(store.keys.engine("echo"), job_id) == score
     assert store.redis.zscore(store.keys.all, job_id) == score
+
+
+def test_a_created_job_keeps_every_character_of_its_input_and_is_queued_and_indexed(store: JobStore, settings: Settings) -> None:
+    # Given input with quotes, escapes, control characters and text outside ASCII
+    job_input = {"prompt": 'é 漢字 🦊 "q" \\ \n \u2028 \u0000', "seed": 7}
+    record = new_record(job_id=str(uuid.uuid4()), engine="echo", model="builtin:echo", input=job_input, created_at=time.time())
+
+    # When the API's create path stores it and pushes its message
+    async def create() -> None:
+        client = redis.asyncio.Redis.from_url(settings.redis_url)
+        try:
+            await AsyncJobStore(client, settings).create_queued(record, queue=f"{settings.redis_prefix}echo", message="the message")
+        finally:
+            await client.aclose()
+
+    asyncio.run(create())
+
+    # Then the stored job is the record, byte for byte, queued, indexed, with a retention
+    stored = store.get(record["id"])
+    assert json.loads(stored["input"]) == job_input
+    assert {name: stored[name] for name in record} == record
+    assert indexed_under(store, record["id"]) == ["queued"]
+    assert store.redis.zscore(store.keys.all, record["id"]) == float(stored["score"])
+    assert 0 < store.redis.ttl(store.keys.job(record["id"])) <= settings.job_ttl_s
+    assert store.redis.lrange(f"{settings.redis_prefix}echo", 0, -1) == [b"the message"]
