@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark run, for one device call from the repo root:
-#   bash bench/gpu/run.sh [bench/batching.py options]   (carry: .whl and bench/gpu/redis-server)
+#   bash bench/gpu/run.sh [bench/batching.py options]   (carry: .whl and bench/gpu/redis-server,
+#   which bench/gpu/prepare.sh makes on a machine with a package index)
 # Installs the carried wheels (.whl: celery, kombu, redis, fastapi, pydantic, uvicorn,
 # httptools, diffusers … that the GPU image lacks) into /tmp/site, puts the carried
 # redis-server (bench/gpu, glibc-only) on PATH for blaze_jobs.stack, and runs
@@ -25,7 +26,7 @@ for dist, mod in [("torch", "torch"), ("diffusers", "diffusers"), ("transformers
                   ("accelerate", "accelerate"), ("safetensors", "safetensors"), ("tokenizers", "tokenizers"), ("celery", "celery"),
                   ("kombu", "kombu"), ("redis", "redis"), ("fastapi", "fastapi"), ("starlette", "starlette"), ("pydantic", "pydantic"),
                   ("uvicorn", "uvicorn"), ("uvloop", "uvloop"), ("httptools", "httptools"), ("click", "click"),
-                  ("typing-extensions", "typing_extensions"), ("anyio", "anyio"), ("httpx", "httpx")]:
+                  ("typing-extensions", "typing_extensions"), ("anyio", "anyio"), ("httpx", "httpx"), ("orjson", "orjson")]:
     print(f"{dist:18} {version(dist):14} {importlib.import_module(mod).__file__}")
 import torch
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
