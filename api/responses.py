@@ -13,4 +13,7 @@ class JSONResponse(_StandardJSONResponse):
     standard library's time, which counts on the create path."""
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
+        try:
+            return orjson.dumps(content)
+        except TypeError:  # what orjson refuses, such as integers beyond 64 bits in an echo input
+            return super().render(content)

@@ -77,3 +77,13 @@ def test_an_echo_job_returns_its_input(client: BlazeClient) -> None:
     job = client.wait(client.submit("echo", {"greeting": "hello", "n": [1, 2]})["id"], timeout=30)
     assert job["status"] == "succeeded"
     assert job["output"] == {"greeting": "hello", "n": [1, 2], "sleep_ms": 0}
+
+
+def test_an_echo_job_returns_any_json_it_was_given(client: BlazeClient) -> None:
+    # Integers beyond 64 bits, floats, text outside ASCII: the job's JSON carries them all
+    given = {"big": 10**30, "small": -(2**70), "ratio": 0.1, "text": "é 漢字 🦊", "nested": {"list": [None, True, {}]}}
+    created = client.submit("echo", given)
+    assert created["input"] == {**given, "sleep_ms": 0}
+    job = client.wait(created["id"], timeout=30)
+    assert job["status"] == "succeeded"
+    assert job["output"] == {**given, "sleep_ms": 0}
