@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import json
-import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -25,9 +24,8 @@ from blaze_jobs.broker import queue_key, task_message
 from blaze_jobs.jobs import DiffusionJobCreate, Job, JobCreate, JobPage, JobStatus, LLMInput, LLMJobCreate, job_view, new_record
 from blaze_jobs.settings import ENGINES, Settings, get_settings
 from blaze_jobs.heartbeat import workers_index
-from blaze_jobs.store import AsyncJobStore, queue_create
+from blaze_jobs.store import CURSOR, AsyncJobStore, queue_create
 
-CURSOR = re.compile(r"^\d{1,20}$")
 PROBLEM = {
     "content": {problems.PROBLEM_JSON: {"schema": problems.PROBLEM_SCHEMA}},
     "description": "A problem+json body naming the fault.",

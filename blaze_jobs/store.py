@@ -13,6 +13,7 @@ waiting on the job.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any, Iterable
 
@@ -113,6 +114,17 @@ class Keys:
         if engine:
             return self.engine(engine)
         return self.all
+
+
+CURSOR = re.compile(r"^(\d{1,20})(?::([0-9A-Za-z-]{1,64}))?$")
+
+
+def parse_cursor(cursor: str) -> tuple[int, str | None]:
+    """The (score, job id) a ``next_cursor`` names; ValueError if it is not one."""
+    match = CURSOR.match(cursor)
+    if match is None:
+        raise ValueError(f"not a cursor: {cursor!r}")
+    return int(match[1]), match[2]
 
 
 def score_of(created_at: float) -> int:
@@ -265,22 +277,26 @@ class AsyncJobStore:
     async def list(
         self, *, status: str | None, engine: str | None, limit: int, cursor: str | None
     ) -> tuple[list[dict[str, str]], str | None]:
-        """A page of jobs, newest first, and the cursor of the next page (None on the last)."""
+        """A page of jobs, newest first, and the cursor of the next page (None on the last).
+
+        A cursor is ``<score>:<job id>`` of the last job of the page: jobs created in the same
+        microsecond share a score, and the id orders them (as Redis does), so none is skipped
+        or repeated at a page's edge. A bare ``<score>`` (older cursors) starts below it."""
         index = self.keys.index_for(status=status, engine=engine)
         oldest = score_of(time.time() - self.settings.job_ttl_s)
         # Index entries outlive their jobs by at most one retention period; drop them here.
         await self.redis.zremrangebyscore(index, "-inf", f"({oldest}")
-        upper = f"({cursor}" if cursor else "+inf"
+        position = parse_cursor(cursor) if cursor else None
         page: list[dict[str, str]] = []
         # Filters the index cannot answer (engine under a status index, expired records)
         # are applied here; fetch in rounds until the page is full or the index ends.
         while len(page) <= limit:
-            ids = await self.redis.zrevrangebyscore(index, upper, oldest, start=0, num=limit + 1, withscores=True)
+            ids = await self._entries_after(index, position, oldest=oldest, count=limit + 1)
             if not ids:
                 break
             async with self.redis.pipeline(transaction=False) as pipe:
                 for job_id, _ in ids:
-                    pipe.hgetall(self.keys.job(job_id.decode()))
+                    pipe.hgetall(self.keys.job(job_id))
                 raws = await pipe.execute()
             for (job_id, score), raw in zip(ids, raws):
                 record = decode(raw)
@@ -290,6 +306,25 @@ class AsyncJobStore:
                         break
             if len(ids) <= limit:
                 break
-            upper = f"({int(ids[-1][1])}"
-        next_cursor = page[limit - 1]["score"] if len(page) > limit else None
+            position = (ids[-1][1], ids[-1][0])
+        next_cursor = f"{page[limit - 1]['score']}:{page[limit - 1]['id']}" if len(page) > limit else None
         return page[:limit], next_cursor
+
+    async def _entries_after(
+        self, index: str, position: tuple[int, str | None] | None, *, oldest: int, count: int
+    ) -> list[tuple[str, int]]:
+        """Up to ``count`` (job id, score) of ``index`` after ``position``, newest first."""
+        if position is None:
+            raw = await self.redis.zrevrangebyscore(index, "+inf", oldest, start=0, num=count, withscores=True)
+            return [(member.decode(), int(score)) for member, score in raw]
+        score, after = position
+        entries: list[tuple[str, int]] = []
+        if after is not None:
+            # The rest of the jobs of the same microsecond (a handful at most): Redis orders
+            # equal scores by member, so newest first they come in descending id order.
+            ties = await self.redis.zrangebyscore(index, score, score)
+            entries = [(m, score) for m in sorted((t.decode() for t in ties), reverse=True) if m < after][:count]
+        if len(entries) < count:
+            raw = await self.redis.zrevrangebyscore(index, f"({score}", oldest, start=0, num=count - len(entries), withscores=True)
+            entries += [(member.decode(), int(score)) for member, score in raw]
+        return entries

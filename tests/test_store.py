@@ -226,3 +226,33 @@ def test_a_created_job_keeps_every_character_of_its_input_and_is_queued_and_inde
     assert store.redis.zscore(store.keys.all, record["id"]) == float(stored["score"])
     assert 0 < store.redis.ttl(store.keys.job(record["id"])) <= settings.job_ttl_s
     assert store.redis.lrange(f"{settings.redis_prefix}echo", 0, -1) == [b"the message"]
+
+
+def test_jobs_of_the_same_microsecond_are_each_listed_once_across_pages(store: JobStore, settings: Settings) -> None:
+    # Given five jobs created in the same microsecond (two API processes, a fast client)
+    # between two older ones
+    created_at = time.time()
+    ids = []
+    for offset in (-2.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0):
+        job_id = str(uuid.uuid4())
+        store.create(new_record(job_id=job_id, engine="echo", model="builtin:echo", input={}, created_at=created_at + offset))
+        ids.append(job_id)
+
+    # When a client pages through the listing one, two and three jobs at a time
+    async def every_page(limit: int) -> list[str]:
+        client = redis.asyncio.Redis.from_url(settings.redis_url)
+        listed, cursor = [], None
+        try:
+            while True:
+                page, cursor = await AsyncJobStore(client, settings).list(status=None, engine=None, limit=limit, cursor=cursor)
+                listed += [record["id"] for record in page]
+                if cursor is None:
+                    return listed
+        finally:
+            await client.aclose()
+
+    # Then every job comes exactly once, newest first, whatever the page size
+    same_microsecond = sorted(ids[1:6], reverse=True)
+    expected = [*same_microsecond, ids[6], ids[0]]
+    for limit in (1, 2, 3):
+        assert asyncio.run(every_page(limit)) == expected
