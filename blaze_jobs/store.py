@@ -30,13 +30,15 @@ from blaze_jobs.settings import Settings
 # KEYS[1] is the job hash; ARGV[1] the key prefix; ARGV[2] a JSON spec:
 #   from: statuses the job may be in; to: the new status; attempt: count a start;
 #   fields: hash fields to set; attempts: only if the attempt count is this (a stale worker
-#   cannot finish a job that was handed to another); lease: {key, owner, ms} to take, or
+#   cannot finish a job that was handed to another); lease: {key, owner, ms, numbered} to
+#   take (numbered: the owner is suffixed with ':<attempts>' after the count), or
 #   release: a lease key to drop; unleased: move only if this lease key is gone (its worker
 #   died); push: {key, message} to RPUSH onto a queue in the same step, so a requeued job
-#   can never be left without a message.
+#   can never be left without a message; read: also return the job's fields after the move.
 # A change of status is also appended to the job's event stream, with the webhook delivery
 # it calls for (see events.py).
-# Returns {1, old status} when moved, {0, current status} when not, {-1} when no such job.
+# Returns {1, old status} (with read: {1, old status, HGETALL}) when moved, {0, current status}
+# when not, {-1} when no such job.
 TRANSITION_LUA = EVENT_FUNCTIONS_LUA + """
 local spec = cjson.decode(ARGV[2])
 local current = redis.call('HGET', KEYS[1], 'status')
@@ -50,7 +52,11 @@ local args = {'status', spec['to']}
 for name, value in pairs(spec['fields'] or {}) do args[#args + 1] = name; args[#args + 1] = value end
 redis.call('HSET', KEYS[1], unpack(args))
 if spec['attempt'] then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
-if spec['lease'] then redis.call('SET', spec['lease']['key'], spec['lease']['owner'], 'PX', spec['lease']['ms']) end
+if spec['lease'] then
+  local owner = spec['lease']['owner']
+  if spec['lease']['numbered'] then owner = owner .. ':' .. redis.call('HGET', KEYS[1], 'attempts') end
+  redis.call('SET', spec['lease']['key'], owner, 'PX', spec['lease']['ms'])
+end
 if spec['release'] then redis.call('DEL', spec['release']) end
 if spec['push'] then redis.call('RPUSH', spec['push']['key'], spec['push']['message']) end
 local id = redis.call('HGET', KEYS[1], 'id')
@@ -61,6 +67,7 @@ if current ~= spec['to'] then
 end
 redis.call('PUBLISH', ARGV[1] .. 'job-events:' .. id, spec['to'])
 if current ~= spec['to'] then blaze_status_event(KEYS[1], ARGV[1], id, spec['to']) end
+if spec['read'] then return {1, current, redis.call('HGETALL', KEYS[1])} end
 return {1, current}
 """
 
@@ -218,6 +225,19 @@ class JobStore:
             push=push,
         )
         return transition_result(job_id, self._transition(keys=[self.keys.job(job_id)], args=args), wanted=to.value)
+
+    def take(self, job_id: str, *, worker: str, lease_ms: int, **fields: Any) -> dict[str, str]:
+        """A worker's start of a queued job, in one round trip: the job becomes running, its
+        attempt is counted, the worker holds its lease as ``<worker>:<attempt>``; returns the
+        job's fields after the move. Raises JobNotFound, or JobConflict unless it was queued."""
+        lease = {"key": self.keys.lease(job_id), "owner": worker, "ms": lease_ms, "numbered": True}
+        args = transition_args(
+            self.keys, allowed=(JobStatus.queued,), to=JobStatus.running, fields={**fields, "worker": worker}, attempt=True, lease=lease, read=True
+        )
+        reply = self._transition(keys=[self.keys.job(job_id)], args=args)
+        transition_result(job_id, reply, wanted=JobStatus.running.value)
+        flat = reply[2]
+        return decode(dict(zip(flat[::2], flat[1::2])))
 
 
 class AsyncJobStore:

@@ -160,19 +160,7 @@ def run_job(job_id: str, *, engine: str, runtime: Runtime | None = None) -> str:
     if not runtime.breaker.allow():
         return hand_back(runtime, job_id)
     try:
-        before = store.get(job_id)
-        attempt = int(before.get("attempts") or 0) + 1
-        token = f"{runtime.name}:{attempt}"
-        store.transition(
-            job_id,
-            allowed=(JobStatus.queued,),
-            to=JobStatus.running,
-            count_attempt=True,
-            attempts=attempt - 1,
-            lease={"key": store.keys.lease(job_id), "owner": token, "ms": int(settings.lease_s * 1000)},
-            started_at=repr(time.time()),
-            worker=runtime.name,
-        )
+        record = store.take(job_id, worker=runtime.name, lease_ms=int(settings.lease_s * 1000), started_at=repr(time.time()))
     except JobNotFound:
         runtime.breaker.release_probe()
         log.warning("job %s not found (expired before it ran); dropping its message", job_id)
@@ -182,9 +170,10 @@ def run_job(job_id: str, *, engine: str, runtime: Runtime | None = None) -> str:
         status = store.status(job_id)
         log.info("job %s is %s; not running it again", job_id, status.value if status else "gone")
         return status.value if status else "missing"
-    runtime.heartbeat.hold(job_id, token)
+    attempt = int(record["attempts"])
+    runtime.heartbeat.hold(job_id, f"{runtime.name}:{attempt}")
     try:
-        return _run_taken(runtime, before, attempt)
+        return _run_taken(runtime, record, attempt)
     finally:
         runtime.heartbeat.release(job_id)
         runtime.jobs_run += 1

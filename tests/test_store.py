@@ -256,3 +256,23 @@ def test_jobs_of_the_same_microsecond_are_each_listed_once_across_pages(store: J
     expected = [*same_microsecond, ids[6], ids[0]]
     for limit in (1, 2, 3):
         assert asyncio.run(every_page(limit)) == expected
+
+
+def test_a_worker_takes_a_queued_job_in_one_step_and_only_once(store: JobStore, settings: Settings) -> None:
+    # Given a queued job
+    job_id = queued_job(store)
+
+    # When a worker takes it
+    record = store.take(job_id, worker="w1", lease_ms=30_000, started_at="1.5")
+
+    # Then it gets the job as it now stands: running, first attempt, its lease held as w1:1
+    assert (record["id"], record["status"], record["attempts"], record["worker"], record["started_at"]) == (job_id, "running", "1", "w1", "1.5")
+    assert json.loads(record["input"]) == {"n": 1}
+    assert store.redis.get(store.keys.lease(job_id)) == b"w1:1"
+    assert 0 < store.redis.pttl(store.keys.lease(job_id)) <= 30_000
+    assert indexed_under(store, job_id) == ["running"]
+    # and no other worker can take it again, nor take a job that does not exist
+    with pytest.raises(JobConflict):
+        store.take(job_id, worker="w2", lease_ms=30_000, started_at="2.5")
+    with pytest.raises(JobNotFound):
+        store.take(str(uuid.uuid4()), worker="w2", lease_ms=30_000, started_at="2.5")
