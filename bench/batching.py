@@ -45,7 +45,7 @@ import redis
 from blaze_jobs.settings import get_settings
 from blaze_jobs.stack import Stack, StackError
 from blaze_jobs.store import Keys
-from common import cpu_seconds, forget, machine, start_api, submit_all, unique_prefix, write_json
+from common import broke_off, cpu_seconds, forget_all, machine, start_api, submit_all, unique_prefix, write_json
 from pipelines import PROMPT, build_sd15, engine_calls, load_pipeline, raw_calls  # keeps the Hugging Face hub offline
 
 #: The issue's goals: the system keeps this share of the raw pipeline's images/s …
@@ -407,16 +407,9 @@ def main(argv: list[str] | None = None) -> int:
                         row["threads"], row["threads_label"] = threads or default_threads, label
                     rows.extend(measured)
     except (StackError, RuntimeError) as error:
-        print(f"bench/batching.py: {error}", file=sys.stderr)
-        summary["error"] = str(error)
-        write_json(args.json, summary)
-        return 1
+        return broke_off("bench/batching.py", error, summary, args.json)
     finally:
-        try:
-            forget(client, prefix)
-        except redis.RedisError:
-            pass
-        client.close()
+        forget_all(client, prefix)
 
     summary["machine_after"] = machine()
     print("\n" + header(args, model))

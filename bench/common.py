@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import httpx
+import redis
 
 from blaze_jobs.stack import Child, Stack, free_port
 from submit import cpu_seconds, forget  # noqa: F401  (re-exported for the benchmarks)
@@ -89,6 +90,27 @@ def write_json(path: str | None, summary: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"wrote {path}", flush=True)
+
+
+def broke_off(script: str, error: BaseException, summary: dict[str, Any], json_path: str | None) -> int:
+    """Say why a benchmark run broke off, keep that in its JSON summary; the exit status 1."""
+    print(f"{script}: {error}", file=sys.stderr)
+    summary["error"] = str(error)
+    write_json(json_path, summary)
+    return 1
+
+
+def forget_all(client: redis.Redis | None, *prefixes: str) -> None:
+    """Delete every key a run wrote under ``prefixes`` (as far as Redis lets), then close."""
+    if client is None:
+        return
+    try:
+        for prefix in prefixes:
+            forget(client, prefix)
+    except redis.RedisError:
+        pass
+    finally:
+        client.close()
 
 
 async def _post_all(api_url: str, bodies: list[dict[str, Any]]) -> list[str]:

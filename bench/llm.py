@@ -40,7 +40,7 @@ import redis
 from blaze_jobs.settings import get_settings
 from blaze_jobs.stack import Stack, StackError
 from blaze_jobs.store import Keys
-from common import forget, machine, start_api, submit_all, unique_prefix, write_json
+from common import broke_off, forget_all, machine, start_api, submit_all, unique_prefix, write_json
 
 GOAL_SEQUENTIAL = 5.0  # at 16 jobs, x the sequential tokens/s
 GOAL_STATIC = 0.8  # at 16 jobs, x the raw static batch's tokens/s
@@ -309,16 +309,9 @@ def main(argv: list[str] | None = None) -> int:
             summary["ttft_system"] = system_ttft(ctx, prompts, probes=args.probes, late_batch=args.late_batch, late_tokens=late_tokens)
             worker.stop()
     except (StackError, RuntimeError) as error:
-        print(f"bench/llm.py: {error}", file=sys.stderr)
-        summary["error"] = str(error)
-        write_json(args.json, summary)
-        return 1
+        return broke_off("bench/llm.py", error, summary, args.json)
     finally:
-        try:
-            forget(client, prefix)
-        except redis.RedisError:
-            pass
-        client.close()
+        forget_all(client, prefix)
     del lm
     summary["ttft_engine"] = engine_ttft(
         args.model, model_dir, args.device, prompts, probes=args.probes, late_batch=args.late_batch, late_tokens=late_tokens

@@ -44,7 +44,7 @@ import redis
 
 from blaze_jobs.settings import get_settings
 from blaze_jobs.stack import Stack, StackError
-from common import HOST, cpu_seconds, forget, latency_summary, machine, start_api, unique_prefix, write_json
+from common import HOST, broke_off, cpu_seconds, forget_all, latency_summary, machine, start_api, unique_prefix, write_json
 from redis_trace import print_trace, profile
 
 #: The issue's goal: an echo job's p50 is at most this many times the bare round trip's.
@@ -316,15 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                 traced["bare"] = profile(redis_url, bare_pids, count=args.profile, work=lambda: one_bare("bare"), publisher="client")
             http.close()
     except (StackError, RuntimeError) as error:
-        print(f"bench/overhead.py: {error}", file=sys.stderr)
-        summary["error"] = str(error)
-        write_json(args.json, summary)
-        return 1
+        return broke_off("bench/overhead.py", error, summary, args.json)
     finally:
-        if client is not None:
-            for p in (prefix, *bare_prefixes.values()):
-                forget(client, p)
-            client.close()
+        forget_all(client, prefix, *bare_prefixes.values())
 
     # 5. Latencies and ratios.
     bare_s = latency_summary(latencies["bare"])
