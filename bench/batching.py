@@ -45,14 +45,13 @@ import redis
 from blaze_jobs.settings import get_settings
 from blaze_jobs.stack import Stack, StackError
 from blaze_jobs.store import Keys
-from common import broke_off, cpu_seconds, forget_all, machine, start_api, submit_all, unique_prefix, write_json
+from common import broke_off, cpu_seconds, forget_all, machine, start_api, submit_all, unique_prefix, wait_ended, write_json
 from pipelines import PROMPT, build_sd15, engine_calls, load_pipeline, raw_calls  # keeps the Hugging Face hub offline
 
 #: The issue's goals: the system keeps this share of the raw pipeline's images/s …
 GOAL_RATIO = 0.9
 #: … and its batches are on average at least this share of ``--max-batch`` full.
 GOAL_BATCH = 0.9
-ENDED = {"succeeded", "failed", "canceled"}
 #: The line a worker logs for each batch it runs.
 BATCH_LOG = re.compile(r"batch of \d+ ran in ([0-9.]+) s")
 
@@ -65,25 +64,6 @@ def job_body(*, size: int, steps: int, seed: int, index: int) -> dict[str, Any]:
         "engine": "diffusion",
         "input": {"prompt": f"{PROMPT}, study {index}", "width": size, "height": size, "num_inference_steps": steps, "seed": seed},
     }
-
-
-def wait_ended(client: redis.Redis, keys: Keys, ids: list[str], *, worker: Any, timeout: float) -> None:
-    """Block until every job has ended, reading only their status fields (one round trip
-    every quarter second, so the waiting costs the machine nothing measurable)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with client.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hget(keys.job(job_id), "status")
-            statuses = [s.decode() if s else "missing" for s in pipe.execute()]
-        if all(s in ENDED or s == "missing" for s in statuses):
-            return
-        if not worker.alive():
-            raise StackError(f"the worker exited with code {worker.process.returncode}:\n{worker.log_tail()}")
-        if time.monotonic() > deadline:
-            counts = {s: statuses.count(s) for s in set(statuses)}
-            raise StackError(f"jobs not ended after {timeout:.0f} s: {counts}\n{worker.log_tail()}")
-        time.sleep(0.25)
 
 
 def fetch_jobs(api_url: str, ids: list[str]) -> list[dict[str, Any]]:

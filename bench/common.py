@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 import asyncio
+import time
 import uuid
 from importlib import metadata
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Any, Sequence
 import httpx
 import redis
 
-from blaze_jobs.stack import Child, Stack, free_port
+from blaze_jobs.stack import Child, Stack, StackError, free_port
+from blaze_jobs.store import Keys
 from submit import cpu_seconds, forget  # noqa: F401  (re-exported for the benchmarks)
 
 HOST = "127.0.0.1"
@@ -111,6 +113,28 @@ def forget_all(client: redis.Redis | None, *prefixes: str) -> None:
         pass
     finally:
         client.close()
+
+
+ENDED = {"succeeded", "failed", "canceled"}
+
+
+def wait_ended(client: redis.Redis, keys: Keys, ids: list[str], *, worker: Child, timeout: float, poll_s: float = 0.25) -> list[str]:
+    """Block until every job has ended, reading only their status fields (one round trip
+    every ``poll_s``, so the waiting costs the machine nothing measurable); their statuses."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with client.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(keys.job(job_id), "status")
+            statuses = [s.decode() if s else "missing" for s in pipe.execute()]
+        if all(s in ENDED or s == "missing" for s in statuses):
+            return statuses
+        if not worker.alive():
+            raise StackError(f"the worker exited with code {worker.process.returncode}:\n{worker.log_tail()}")
+        if time.monotonic() > deadline:
+            counts = {s: statuses.count(s) for s in set(statuses)}
+            raise StackError(f"jobs not ended after {timeout:.0f} s: {counts}\n{worker.log_tail()}")
+        time.sleep(poll_s)
 
 
 async def _post_all(api_url: str, bodies: list[dict[str, Any]]) -> list[str]:

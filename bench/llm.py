@@ -40,12 +40,11 @@ import redis
 from blaze_jobs.settings import get_settings
 from blaze_jobs.stack import Stack, StackError
 from blaze_jobs.store import Keys
-from common import broke_off, forget_all, machine, start_api, submit_all, unique_prefix, write_json
+from common import broke_off, forget_all, machine, start_api, submit_all, unique_prefix, wait_ended, write_json
 
 GOAL_SEQUENTIAL = 5.0  # at 16 jobs, x the sequential tokens/s
 GOAL_STATIC = 0.8  # at 16 jobs, x the raw static batch's tokens/s
 GOAL_TTFT = 2.0  # late arrival's first token, x the idle one's
-ENDED = {"succeeded", "failed", "canceled"}
 MODEL = "builtin:tiny-lm"
 
 
@@ -121,22 +120,6 @@ def body(prompt: str, tokens: int) -> dict[str, Any]:
     return {"engine": "llm", "cache": "bypass", "input": {"prompt": prompt, "max_new_tokens": tokens, "temperature": 0}}
 
 
-
-
-def wait_ended(client: redis.Redis, keys: Keys, ids: list[str], *, worker: Any, timeout: float, poll_s: float = 0.25) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        with client.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hget(keys.job(job_id), "status")
-            statuses = [s.decode() if s else "missing" for s in pipe.execute()]
-        if all(s in ENDED or s == "missing" for s in statuses):
-            return statuses
-        if not worker.alive():
-            raise StackError(f"the worker exited with code {worker.process.returncode}:\n{worker.log_tail()}")
-        if time.monotonic() > deadline:
-            raise StackError(f"jobs not ended after {timeout:.0f} s: {statuses}\n{worker.log_tail()}")
-        time.sleep(poll_s)
 
 
 def fetch_jobs(api_url: str, ids: list[str]) -> list[dict[str, Any]]:
