@@ -355,12 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     prefix = unique_prefix("batching")
     seed = random.randrange(1 << 30)
     rows: list[dict[str, Any]] = summary["rows"]
-    client = redis.Redis.from_url(settings.redis_url)
+    client = None
     try:
         with Stack() as stack:
             redis_url = stack.redis(settings.redis_url)
+            client = redis.Redis.from_url(redis_url)
             if redis_url != settings.redis_url:
-                client = redis.Redis.from_url(redis_url)
                 print(f"no Redis at {settings.redis_url}; started one at {redis_url}", flush=True)
             stack.env.update(
                 BLAZE_REDIS_URL=redis_url,

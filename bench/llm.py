@@ -265,12 +265,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. The system, and time to first token.
     prefix = unique_prefix("llm")
-    client = redis.Redis.from_url(settings.redis_url)
+    client = None
     try:
         with Stack() as stack:
             redis_url = stack.redis(settings.redis_url)
+            client = redis.Redis.from_url(redis_url)
             if redis_url != settings.redis_url:
-                client = redis.Redis.from_url(redis_url)
+                print(f"no Redis at {settings.redis_url}; started one at {redis_url}", flush=True)
             env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
             stack.env.update(BLAZE_REDIS_URL=redis_url, BLAZE_REDIS_PREFIX=prefix, BLAZE_MODEL_DIR=str(model_dir),
                              BLAZE_LLM_MODEL=args.model, BLAZE_DEVICE=args.device, HF_HUB_OFFLINE="1", **env)
