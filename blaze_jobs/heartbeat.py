@@ -6,6 +6,10 @@ A lease is a Redis key ``<prefix>lease:<job>`` holding ``<worker>:<attempt>``, s
 same Lua step that starts the job. A worker killed with SIGKILL stops renewing; within
 ``lease_s`` (plus one reaping interval) a live worker moves the job back to ``queued`` and
 pushes a fresh message in one atomic step, or fails it once it has used all its attempts.
+
+It also gives a fresh message to a queued job whose message was lost: a worker's BRPOP takes
+a message off its queue and records it as unacknowledged only in a second step, so Redis
+stopping between the two drops it while the job record still says ``queued``.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ from typing import Any, Callable
 
 import redis
 
-from blaze_jobs.broker import requeue_push
+from blaze_jobs.broker import queue_key, requeue_push
 from blaze_jobs.errors import BlazeError
 from blaze_jobs.jobs import JobStatus
-from blaze_jobs.settings import Settings
-from blaze_jobs.store import JobStore, decode
+from blaze_jobs.settings import ENGINES, Settings
+from blaze_jobs.store import JobStore, decode, score_of
 
 log = logging.getLogger("blaze_jobs.heartbeat")
 
@@ -113,6 +117,7 @@ class Heartbeat:
             try:
                 self.beat()
                 self.reap()
+                self.rescue()
             except (redis.RedisError, OSError) as error:
                 # Redis away: leases cannot be renewed now; the next beat tries again.
                 log.warning("heartbeat: %s", error)
@@ -148,6 +153,42 @@ class Heartbeat:
                 reaped += self._reap_one(job_id)
         return reaped
 
+    def rescue(self) -> int:
+        """Queue again the jobs queued for longer than the broker's visibility timeout whose
+        message is in no queue and not unacknowledged; returns how many. While there are at
+        least as many messages as queued jobs, nothing can be lost: five counters, no scan."""
+        keys, queued_index = self.store.keys, self.store.keys.status(JobStatus.queued.value)
+        queues = [queue_key(self.settings, engine) for engine in ENGINES]
+        unacked = self.settings.redis_prefix + "unacked"  # kombu's, under the same key prefix
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(queued_index)
+            for queue in queues:
+                pipe.llen(queue)
+            pipe.hlen(unacked)
+            queued, *messages = pipe.execute()
+        if sum(messages) >= queued:
+            return 0
+        old = [r.decode() for r in self.redis.zrangebyscore(queued_index, "-inf", score_of(time.time() - self.settings.visibility_timeout_s))]
+        if not old:
+            return 0
+        present = {_job_of(m) for queue in queues for m in self.redis.lrange(queue, 0, -1)}
+        present |= {_job_of(v, unacked=True) for v in self.redis.hvals(unacked)}
+        rescued = 0
+        for job_id in old:
+            if job_id in present:
+                continue
+            record = decode(self.redis.hgetall(keys.job(job_id)))
+            if not record:  # the job expired: only its index entry was left
+                self.redis.zrem(queued_index, job_id)
+                continue
+            try:
+                self.store.transition(job_id, allowed=(JobStatus.queued,), to=JobStatus.queued, push=requeue_push(self.settings, record))
+            except BlazeError:
+                continue  # taken or canceled meanwhile
+            log.warning("job %s was queued without a message (lost in flight); queued again", job_id)
+            rescued += 1
+        return rescued
+
     def _reap_one(self, job_id: str) -> int:
         record = decode(self.redis.hgetall(self.store.keys.job(job_id)))
         if record.get("status") != JobStatus.running.value:
@@ -180,3 +221,12 @@ class Heartbeat:
         except BlazeError:
             return 0  # another worker reaped it first, or it ended meanwhile
         return 1
+
+
+def _job_of(raw: bytes, *, unacked: bool = False) -> str | None:
+    """The job id of a Celery message in a queue (or, ``unacked``, in kombu's unacked hash)."""
+    try:
+        message = json.loads(raw)
+        return (message[0] if unacked else message)["headers"]["id"]
+    except (ValueError, LookupError, TypeError):
+        return None
