@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -34,15 +35,31 @@ def wait_until(condition: Callable[[], Any], *, timeout: float, what: str, inter
     pytest.fail(f"timed out after {timeout} s waiting for {what}; last saw {last!r}")
 
 
+def delete_keys(prefix: str, *, redis_url: str = REDIS_URL) -> None:
+    """Delete every key under ``prefix`` (nothing if that Redis is gone: a test stopped it)."""
+    try:
+        with redis.Redis.from_url(redis_url) as client:
+            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+    except redis.RedisError:
+        pass
+
+
+@contextmanager
+def own_prefix(name: str) -> Iterator[str]:
+    """A fresh key prefix for ``name``'s tests, whose keys are deleted after."""
+    prefix = f"blaze-test-{name}-{uuid.uuid4().hex[:8]}:"
+    try:
+        yield prefix
+    finally:
+        delete_keys(prefix)
+
+
 @pytest.fixture(scope="session")
 def redis_prefix() -> Iterator[str]:
-    prefix = f"blaze-test-{uuid.uuid4().hex[:8]}:"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with own_prefix("session") as prefix:
+        yield prefix
 
 
 @pytest.fixture(scope="session")
@@ -135,15 +152,7 @@ def own_stack(test_env: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
     prefix = f"blaze-test-{uuid.uuid4().hex[:8]}:"
     with Stack(env={**test_env, "BLAZE_REDIS_PREFIX": prefix}, log_dir=tmp_path) as running:
         yield running
-    client = redis.Redis.from_url(running.env["BLAZE_REDIS_URL"])
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    except redis.RedisError:
-        pass  # a test that ran its own Redis has stopped it
-    finally:
-        client.close()
+    delete_keys(prefix, redis_url=running.env["BLAZE_REDIS_URL"])
 
 
 def start_api(stack: Stack, **env: str) -> str:

@@ -19,7 +19,7 @@ from blaze_jobs.celery_app import app as blaze_app
 from blaze_jobs.jobs import new_record
 from blaze_jobs.settings import Settings
 from blaze_jobs.store import JobStore
-from tests.conftest import REDIS_URL, wait_until
+from tests.conftest import REDIS_URL, own_prefix, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,13 +40,8 @@ DIFFERENT_PROPERTIES = {"reply_to", "delivery_tag"}
 @pytest.fixture()
 def prefix() -> Iterator[str]:
     """A key prefix of this test's own, deleted after."""
-    prefix = f"blaze-test-broker-{uuid.uuid4().hex[:8]}:"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with own_prefix("broker") as prefix:
+        yield prefix
 
 
 def sent_by_celery(prefix: str, *, job_id: str, engine: str, input: dict[str, Any]) -> dict[str, Any]:

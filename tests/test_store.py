@@ -17,7 +17,7 @@ from blaze_jobs.errors import JobConflict, JobNotFound
 from blaze_jobs.jobs import JobStatus, new_record
 from blaze_jobs.settings import Settings
 from blaze_jobs.store import AsyncJobStore, JobStore
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, own_prefix
 
 pytestmark = pytest.mark.timeout(15)
 
@@ -25,13 +25,8 @@ pytestmark = pytest.mark.timeout(15)
 @pytest.fixture()
 def settings() -> Iterator[Settings]:
     # Shadows the session fixture: this module needs no stack, only a prefix of its own.
-    prefix = f"blaze-test-store-{uuid.uuid4().hex[:8]}:"
-    yield Settings(redis_url=REDIS_URL, redis_prefix=prefix)
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with own_prefix("store") as prefix:
+        yield Settings(redis_url=REDIS_URL, redis_prefix=prefix)
 
 
 @pytest.fixture()

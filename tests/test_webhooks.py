@@ -27,7 +27,7 @@ from blaze_jobs.events import DELIVER_TASK, ProgressReporter, append_event, deli
 from blaze_jobs.jobs import JobStatus, new_record
 from blaze_jobs.settings import Settings
 from blaze_jobs.store import JobStore
-from tests.conftest import REDIS_URL, wait_until
+from tests.conftest import REDIS_URL, own_prefix, wait_until
 from tests.receiver import Answer, Receiver, verified
 
 # Generous: the first test to use the stack also waits for it to start.
@@ -37,12 +37,8 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture()
 def own() -> Iterator[Settings]:
     """Settings under a key prefix of this test's own (no stack serves it), deleted after."""
-    prefix = f"blaze-test-webhooks-{uuid.uuid4().hex[:8]}:"
-    yield Settings(redis_url=REDIS_URL, redis_prefix=prefix, webhook_retry_schedule=[0.2, 0.5])
-    with redis.Redis.from_url(REDIS_URL) as client:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
+    with own_prefix("webhooks") as prefix:
+        yield Settings(redis_url=REDIS_URL, redis_prefix=prefix, webhook_retry_schedule=[0.2, 0.5])
 
 
 @pytest.fixture(scope="module")
