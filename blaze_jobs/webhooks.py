@@ -13,23 +13,24 @@ Receivers check signatures with any Standard Webhooks library, or ``signing.veri
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import random
-import socket
 import threading
 import time
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import httpcore
 import httpx
 import redis
 from pydantic import BaseModel, Field
 
-from blaze_jobs.errors import BlazeError
+# WebhookRefused and check_addresses are named here for api/push.py, which imports them from here.
+from blaze_jobs.addresses import WebhookRefused as WebhookRefused
+from blaze_jobs.addresses import check_addresses as check_addresses
+from blaze_jobs.addresses import resolve
 from blaze_jobs.events import EVENT_FUNCTIONS_LUA, deliveries_key, delivery_order_key, event_order
 from blaze_jobs.jobs import job_view
 from blaze_jobs.settings import Settings
@@ -51,42 +52,7 @@ ORDER_GRACE_S = 5.0
 ENDED_STATES = ("succeeded", "failed", "gone", "skipped")
 
 
-class WebhookRefused(BlazeError):
-    """The webhook URL resolves to an address deliveries must not reach."""
-
-
 # --- addresses ----------------------------------------------------------------------------
-
-
-def public_address(address: str) -> bool:
-    """True for an address on the public internet; false for loopback, private, link-local
-    (cloud metadata at 169.254.169.254 among them), shared, multicast and reserved ones."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
-def check_addresses(host: str, addresses: Iterable[str]) -> list[str]:
-    """``addresses`` when every one is public; raises ``WebhookRefused`` otherwise."""
-    found = list(dict.fromkeys(addresses))
-    if not found:
-        raise WebhookRefused(f"{host} does not resolve to any address")
-    for address in found:
-        if not public_address(address):
-            raise WebhookRefused(
-                f"{host} resolves to {address}, a loopback, private, link-local or reserved address "
-                "(set BLAZE_WEBHOOK_ALLOW_PRIVATE to allow it)"
-            )
-    return found
-
-
-def resolve(host: str, port: int) -> list[str]:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as error:
-        raise WebhookRefused(f"{host} does not resolve: {error.strerror}") from None
-    return [info[4][0] for info in infos]
 
 
 class PublicOnlyBackend(httpcore.SyncBackend):

@@ -20,7 +20,7 @@ from kombu import Connection
 from standardwebhooks import Webhook
 
 from api.app import create_app
-from blaze_jobs import signing, tasks, webhooks
+from blaze_jobs import addresses, signing, tasks, webhooks
 from blaze_jobs.celery_app import app as celery_app
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.events import DELIVER_TASK, ProgressReporter, append_event, deliveries_key, stream_key
@@ -172,10 +172,64 @@ def test_the_default_schedule_reaches_about_a_day() -> None:
         ("fe80::1", False),
         ("::ffff:127.0.0.1", False),
         ("224.0.0.1", False),
+        # IPv6 forms of a public IPv4 address stay public (an IPv6-only host reaches IPv4
+        # sites through NAT64)
+        ("::ffff:93.184.215.14", True),
+        ("64:ff9b::5db8:d70e", True),
+        ("2002:5db8:d70e::1", True),
     ],
 )
 def test_only_public_addresses_are_public(address: str, public: bool) -> None:
-    assert webhooks.public_address(address) is public
+    assert addresses.public_address(address) is public
+
+
+#: IPv6 addresses that lead to an IPv4 address the guard refuses, each in another form.
+IPV6_FORMS_OF_REFUSED_IPV4 = {
+    "mapped": "::ffff:7f00:1",
+    "compatible": "::7f00:1",
+    "translated": "::ffff:0:7f00:1",
+    "nat64": "64:ff9b::7f00:1",
+    "nat64-metadata": "64:ff9b::a9fe:a9fe",
+    "nat64-local-use": "64:ff9b:1:7f00:1::",
+    "6to4": "2002:7f00:1::",
+    "6to4-private": "2002:a00:7::1",
+    "teredo": "2001:0:4136:e378:8000:63bf:80ff:fffe",  # client 127.0.0.1, stored inverted
+    "isatap": "2606:4700::5efe:a9fe:a9fe",
+}
+
+
+@pytest.mark.parametrize("address", IPV6_FORMS_OF_REFUSED_IPV4.values(), ids=IPV6_FORMS_OF_REFUSED_IPV4.keys())
+def test_a_webhook_on_an_ipv6_form_of_a_refused_ipv4_address_is_refused_at_creation(own: Settings, address: str) -> None:
+    # Given an API that does not allow private addresses
+    with TestClient(create_app(own.model_copy(update={"webhook_allow_private": False}))) as api:
+        # When a job names a webhook on that address
+        response = api.post("/v1/jobs", json={"engine": "echo", "input": {}, "webhook": f"http://[{address}]:8080/h"})
+
+    # Then it is refused, naming the field and the address
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["errors"]
+    assert error["field"] == "webhook" and "loopback, private" in error["message"], error
+
+
+@pytest.mark.parametrize("address", IPV6_FORMS_OF_REFUSED_IPV4.values(), ids=IPV6_FORMS_OF_REFUSED_IPV4.keys())
+def test_delivery_refuses_an_ipv6_form_of_a_refused_ipv4_address(own: Settings, address: str) -> None:
+    # Given a job whose webhook names such an address (stored before the guard knew better)
+    settings = own.model_copy(update={"webhook_allow_private": False})
+    client = redis.Redis.from_url(REDIS_URL)
+    store = JobStore(client, settings)
+    job_id = create_job(store, webhook=f"http://[{address}]:8080/h", webhook_events="started")
+    store.transition(job_id, allowed=(JobStatus.queued,), to=JobStatus.running)
+
+    # When a webhook worker that does not allow private addresses sends its event
+    deliverer = webhooks.Deliverer(settings, client=client)
+    (delivery,) = webhooks.delivery_list(client.hgetall(deliveries_key(settings.redis_prefix, job_id)))
+    deliverer.deliver(job_id, delivery["id"])
+
+    # Then no connection was tried: the attempt says the address was refused
+    (attempt,) = webhooks.delivery_list(client.hgetall(deliveries_key(settings.redis_prefix, job_id)))[0]["attempts"]
+    assert attempt["status_code"] is None and "refused" in attempt["error"] and address in attempt["error"], attempt
+    deliverer.close()
+    client.close()
 
 
 def test_a_private_webhook_is_refused_at_creation_unless_allowed(own: Settings) -> None:
