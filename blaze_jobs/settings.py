@@ -132,8 +132,14 @@ class Settings(BaseSettings):
     webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800]
     )
-    #: How long a receiver has to answer one delivery.
+    #: How long a receiver has to answer one delivery, all told (connecting, sending the
+    #: body, the answer's headers): a receiver that trickles its answer is cut off here too.
     webhook_timeout_s: float = 10.0
+    #: A delivery in flight is known in Redis with a deadline: the receiver's timeout plus
+    #: this margin, for DNS, recording the attempt and clocks that differ between hosts. A
+    #: live webhook worker sends one past its deadline again (its worker died mid-attempt),
+    #: so it waits seconds, not the visibility timeout.
+    webhook_attempt_margin_s: float = 5.0
     #: Deliveries one webhook worker sends at once: threads, since the work is waiting.
     webhook_concurrency: int = 16
     #: Bearer token of administrative endpoints (``GET /v1/webhooks/secret``). Empty: they

@@ -8,14 +8,19 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
 class Answer:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
+    #: Hold the request this long before answering.
     delay_s: float = 0.0
+    #: Send ``TRICKLED`` (a whole answer of its own) a byte at a time, this long apart.
+    trickle_s: float = 0.0
+
+    TRICKLED: ClassVar[bytes] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,12 @@ class Receiver:
                 if answer.delay_s:
                     time.sleep(answer.delay_s)
                 try:
+                    if answer.trickle_s:
+                        for byte in answer.TRICKLED:
+                            self.wfile.write(bytes([byte]))
+                            time.sleep(answer.trickle_s)
+                        self.close_connection = True
+                        return
                     self.send_response(answer.status)
                     for name, value in answer.headers.items():
                         self.send_header(name, value)

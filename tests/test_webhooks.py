@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import formatdate
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import redis
@@ -20,14 +22,14 @@ from kombu import Connection
 from standardwebhooks import Webhook
 
 from api.app import create_app
-from blaze_jobs import addresses, signing, tasks, webhooks
+from blaze_jobs import addresses, signing, tasks, webhook_retries, webhooks
 from blaze_jobs.celery_app import app as celery_app
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.events import DELIVER_TASK, ProgressReporter, append_event, deliveries_key, stream_key
 from blaze_jobs.jobs import JobStatus, new_record
 from blaze_jobs.settings import Settings
 from blaze_jobs.store import JobStore
-from tests.conftest import REDIS_URL, own_prefix, wait_until
+from tests.conftest import ADMIN_TOKEN, REDIS_URL, own_prefix, wait_until
 from tests.receiver import Answer, Receiver, verified
 
 # Generous: the first test to use the stack also waits for it to start.
@@ -50,7 +52,7 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture(scope="module")
 def secret(stack: dict[str, Any]) -> str:
-    with BlazeClient(stack["api_url"]) as api:
+    with BlazeClient(stack["api_url"], admin_token=ADMIN_TOKEN) as api:
         return api.webhook_secret()
 
 
@@ -69,6 +71,59 @@ def create_job(store: JobStore, **fields: str) -> str:
     record = new_record(job_id=job_id, engine="echo", model="builtin:echo", input={"n": 1}, created_at=time.time())
     store.create({**record, **fields})
     return job_id
+
+
+def started_job(client: redis.Redis, settings: Settings, webhook: str) -> str:
+    """A running job whose webhook wants ``job.started``: one delivery, pending."""
+    store = JobStore(client, settings)
+    job_id = create_job(store, webhook=webhook, webhook_events="started")
+    store.transition(job_id, allowed=(JobStatus.queued,), to=JobStatus.running)
+    return job_id
+
+
+def only_delivery(client: redis.Redis, settings: Settings, job_id: str) -> dict[str, Any]:
+    """The job's one delivery, as ``GET /v1/jobs/{id}/deliveries`` shows it."""
+    (delivery,) = webhooks.delivery_list(client.hgetall(deliveries_key(settings.redis_prefix, job_id)))
+    return delivery
+
+
+@dataclass
+class OneDelivery:
+    """A running job with one pending delivery, and a webhook worker's ``Deliverer``."""
+
+    client: redis.Redis
+    settings: Settings
+    deliverer: webhooks.Deliverer
+    job_id: str
+    delivery_id: str
+    hook: str
+
+    def deliver(self) -> str:
+        return self.deliverer.deliver(self.job_id, self.delivery_id)
+
+    def record(self) -> dict[str, Any]:
+        return only_delivery(self.client, self.settings, self.job_id)
+
+
+@pytest.fixture()
+def one_delivery(own: Settings, receiver: Receiver) -> Iterator[Callable[..., OneDelivery]]:
+    """``one_delivery(*answers, url=None, **settings)``: a delivery to a receiver path of its
+    own answered with ``answers`` (or to ``url``), private addresses allowed unless told."""
+    made: list[OneDelivery] = []
+
+    def make(*answers: Answer, url: str | None = None, **update: Any) -> OneDelivery:
+        settings = own.model_copy(update={"webhook_allow_private": True, **update})
+        client, hook = redis.Redis.from_url(REDIS_URL), path()
+        receiver.answer(hook, *answers)
+        job_id = started_job(client, settings, url or receiver.url(hook))
+        delivery_id = only_delivery(client, settings, job_id)["id"]
+        made.append(OneDelivery(client, settings, webhooks.Deliverer(settings, client=client), job_id, delivery_id, hook))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.deliverer.close()
+        one.client.close()
 
 
 # --- signing ------------------------------------------------------------------------------
@@ -118,24 +173,27 @@ def test_a_stale_timestamp_fails_verification() -> None:
 def test_retry_delays_follow_the_schedule_with_jitter_and_retry_after() -> None:
     rng = random.Random(7)
     schedule = [5.0, 30.0, 120.0]
-    delays = [webhooks.retry_delay(n, schedule, rng=rng) for n in (1, 2, 3)]
+    delays = [webhook_retries.retry_delay(n, schedule, rng=rng) for n in (1, 2, 3)]
     for delay, planned in zip(delays, schedule):
         assert planned * 0.8 <= delay <= planned * 1.2
     # The schedule spent, the delivery has failed; a longer Retry-After wins, a shorter does not
-    assert webhooks.retry_delay(4, schedule) is None
-    assert webhooks.retry_delay(1, schedule, retry_after=90) == 90
-    assert webhooks.retry_delay(1, schedule, retry_after=1, rng=rng) >= 4
-    assert webhooks.parse_retry_after("120") == 120
-    assert 55 <= webhooks.parse_retry_after(formatdate(time.time() + 60, usegmt=True)) <= 60
-    assert webhooks.parse_retry_after("soon") is None
+    assert webhook_retries.retry_delay(4, schedule) is None
+    assert webhook_retries.retry_delay(1, schedule, retry_after=90) == 90
+    assert webhook_retries.retry_delay(1, schedule, retry_after=1, rng=rng) >= 4
+    assert webhook_retries.parse_retry_after("120") == 120
+    assert 55 <= webhook_retries.parse_retry_after(formatdate(time.time() + 60, usegmt=True)) <= 60
+    assert webhook_retries.parse_retry_after("soon") is None
 
 
 def test_a_retry_is_queued_once_when_due(own: Settings) -> None:
-    # Given a retry scheduled for a second from now
+    # Given a delivery whose second attempt is scheduled for a second from now
     client = redis.Redis.from_url(REDIS_URL)
-    mover = webhooks.RetryMover(client, own)
+    job_id = started_job(client, own, "http://127.0.0.1:9/h")
+    delivery = only_delivery(client, own, job_id)
+    client.delete(own.key("webhooks"))  # the first attempt's message
+    mover = webhook_retries.RetryMover(client, own)
     now = time.time()
-    client.zadd(webhooks.retries_key(own), {"job-1 1700000000000-0 2": now + 1})
+    client.zadd(webhook_retries.retries_key(own), {f"{job_id} {delivery['id']} 2": now + 1})
 
     # Then it stays until due, is queued once when due, and the mover knows when to look next
     assert mover.move_due(now=now) == (0, pytest.approx(now + 1))
@@ -143,13 +201,69 @@ def test_a_retry_is_queued_once_when_due(own: Settings) -> None:
     assert mover.move_due(now=now + 2) == (0, None)
     (raw,) = client.lrange(own.key("webhooks"), 0, -1)
     headers = json.loads(raw)["headers"]
-    assert headers["task"] == DELIVER_TASK and headers["id"] == "job-1:1700000000000-0:2"
+    assert headers["task"] == DELIVER_TASK and headers["id"] == f"{job_id}:{delivery['id']}:2"
     client.close()
 
 
-def test_the_default_schedule_reaches_about_a_day() -> None:
-    total_h = sum(Settings().webhook_retry_schedule) / 3600
-    assert 20 <= total_h <= 28
+def test_a_receiver_that_stays_down_is_retried_for_about_a_day_then_the_delivery_fails(
+    one_delivery: Callable[..., OneDelivery], receiver: Receiver
+) -> None:
+    # Given the default retry schedule and a receiver that answers 500 to everything
+    schedule = Settings.model_fields["webhook_retry_schedule"].default_factory()  # type: ignore[misc]
+    one = one_delivery(*[Answer(500)] * (len(schedule) + 1), webhook_retry_schedule=schedule)
+    mover = webhook_retries.RetryMover(one.client, one.settings)
+
+    # When a webhook worker makes each attempt as it comes due (the clock skipped ahead)
+    waits_s: list[float] = []
+    while (state := one.deliver()) == "retrying":
+        delivery = one.record()
+        due = datetime.fromisoformat(delivery["next_attempt_at"]).timestamp()
+        waits_s.append(due - datetime.fromisoformat(delivery["attempts"][-1]["at"]).timestamp())
+        assert mover.move_due(now=due + 0.001)[0] == 1
+        assert len(waits_s) <= len(schedule), "the delivery never gave up"
+
+    # Then the receiver had about a day to come back, each wait longer than the first, and
+    # then the delivery failed with every attempt on record
+    assert state == "failed"
+    assert 20 <= sum(waits_s) / 3600 <= 28, waits_s
+    assert min(waits_s) == waits_s[0] < 10 and max(waits_s) > 6 * 3600, waits_s
+    assert [a["status_code"] for a in one.record()["attempts"]] == [500] * (len(waits_s) + 1)
+    assert len(receiver.received(one.hook)) == len(waits_s) + 1
+
+
+def test_a_duplicate_message_does_not_send_a_delivery_twice(one_delivery: Callable[..., OneDelivery], receiver: Receiver) -> None:
+    # Given a delivery being sent to a receiver that takes half a second to answer
+    one = one_delivery(Answer(200, delay_s=0.5))
+    states: list[str] = []
+    sending = threading.Thread(target=lambda: states.append(one.deliver()))
+    sending.start()
+    receiver.wait_for(one.hook, 1, timeout=10)
+
+    # When the same task message comes again while it is in flight, and after it succeeded
+    # (as Redis hands back a message whose worker it did not hear from)
+    during = one.deliver()
+    sending.join(timeout=10)
+    after = one.deliver()
+
+    # Then the receiver heard once, and the record shows one attempt
+    assert (during, states, after) == ("duplicate", ["succeeded"], "succeeded")
+    assert len(receiver.received(one.hook)) == 1
+    assert [a["status_code"] for a in one.record()["attempts"]] == [200]
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_timeout(one_delivery: Callable[..., OneDelivery]) -> None:
+    # Given a receiver that sends its answer a byte at a time, each well within the timeout
+    one = one_delivery(Answer(200, trickle_s=0.25), webhook_timeout_s=1.0)
+
+    # When a webhook worker sends the delivery
+    state = one.deliver()
+
+    # Then the attempt ended at the receiver's timeout, long before the answer would have
+    # (so it ends within the deadline by which another worker would send it again)
+    assert state == "retrying"
+    (attempt,) = one.record()["attempts"]
+    assert attempt["status_code"] is None and attempt["error"] == "timed out after 1 s", attempt
+    assert attempt["duration_ms"] < 0.25 * len(Answer.TRICKLED) * 1000 / 2, attempt
 
 
 # --- addresses ----------------------------------------------------------------------------
@@ -212,24 +326,16 @@ def test_a_webhook_on_an_ipv6_form_of_a_refused_ipv4_address_is_refused_at_creat
 
 
 @pytest.mark.parametrize("address", IPV6_FORMS_OF_REFUSED_IPV4.values(), ids=IPV6_FORMS_OF_REFUSED_IPV4.keys())
-def test_delivery_refuses_an_ipv6_form_of_a_refused_ipv4_address(own: Settings, address: str) -> None:
+def test_delivery_refuses_an_ipv6_form_of_a_refused_ipv4_address(one_delivery: Callable[..., OneDelivery], address: str) -> None:
     # Given a job whose webhook names such an address (stored before the guard knew better)
-    settings = own.model_copy(update={"webhook_allow_private": False})
-    client = redis.Redis.from_url(REDIS_URL)
-    store = JobStore(client, settings)
-    job_id = create_job(store, webhook=f"http://[{address}]:8080/h", webhook_events="started")
-    store.transition(job_id, allowed=(JobStatus.queued,), to=JobStatus.running)
+    one = one_delivery(url=f"http://[{address}]:8080/h", webhook_allow_private=False)
 
     # When a webhook worker that does not allow private addresses sends its event
-    deliverer = webhooks.Deliverer(settings, client=client)
-    (delivery,) = webhooks.delivery_list(client.hgetall(deliveries_key(settings.redis_prefix, job_id)))
-    deliverer.deliver(job_id, delivery["id"])
+    one.deliver()
 
     # Then no connection was tried: the attempt says the address was refused
-    (attempt,) = webhooks.delivery_list(client.hgetall(deliveries_key(settings.redis_prefix, job_id)))[0]["attempts"]
+    (attempt,) = one.record()["attempts"]
     assert attempt["status_code"] is None and "refused" in attempt["error"] and address in attempt["error"], attempt
-    deliverer.close()
-    client.close()
 
 
 def test_a_private_webhook_is_refused_at_creation_unless_allowed(own: Settings) -> None:
@@ -252,26 +358,18 @@ def test_a_private_webhook_is_refused_at_creation_unless_allowed(own: Settings) 
         assert response.status_code == 202
 
 
-def test_delivery_refuses_a_private_address_even_if_the_job_names_one(own: Settings, receiver: Receiver) -> None:
+def test_delivery_refuses_a_private_address_even_if_the_job_names_one(one_delivery: Callable[..., OneDelivery], receiver: Receiver) -> None:
     # Given a job whose webhook points at loopback (as if DNS had changed since creation)
-    settings = own.model_copy(update={"webhook_allow_private": False})
-    client = redis.Redis.from_url(REDIS_URL)
-    store, hook = JobStore(client, settings), path()
-    job_id = create_job(store, webhook=receiver.url(hook), webhook_events="started")
-    store.transition(job_id, allowed=(JobStatus.queued,), to=JobStatus.running)
+    one = one_delivery(webhook_allow_private=False)
 
     # When a webhook worker (not allowing private addresses) delivers its event
-    deliverer = webhooks.Deliverer(settings, client=client)
-    (delivery,) = webhooks.delivery_list(client.hgetall(deliveries_key(settings.redis_prefix, job_id)))
-    state = deliverer.deliver(job_id, delivery["id"])
+    state = one.deliver()
 
     # Then nothing reached the receiver, and the attempt says why
     assert state == "retrying"
-    (attempt,) = webhooks.delivery_list(client.hgetall(deliveries_key(settings.redis_prefix, job_id)))[0]["attempts"]
+    (attempt,) = one.record()["attempts"]
     assert attempt["status_code"] is None and "refused" in attempt["error"] and "127.0.0.1" in attempt["error"]
-    assert receiver.received(hook) == []
-    deliverer.close()
-    client.close()
+    assert receiver.received(one.hook) == []
 
 
 def test_the_secret_goes_only_to_authorised_callers(own: Settings) -> None:
@@ -306,7 +404,7 @@ def test_a_status_change_queues_the_deliveries_its_webhook_asks_for(own: Setting
     assert json.loads(events[1][1][b"job"])["status"] == "succeeded"
     assert 0 < client.pttl(stream_key(own.redis_prefix, job_id)) <= own.job_ttl_s * 1000
     # and only the completion became a delivery, whose Celery message a worker decodes
-    (delivery,) = webhooks.delivery_list(client.hgetall(deliveries_key(own.redis_prefix, job_id)))
+    delivery = only_delivery(client, own, job_id)
     assert (delivery["type"], delivery["state"]) == ("job.completed", "pending")
     (raw,) = client.lrange(own.key("webhooks"), 0, -1)
     with Connection(REDIS_URL) as connection:

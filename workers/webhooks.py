@@ -15,7 +15,8 @@ from celery.signals import worker_shutdown
 from blaze_jobs.celery_app import app
 from blaze_jobs.events import WEBHOOK_QUEUE
 from blaze_jobs.settings import get_settings
-from blaze_jobs.webhooks import Deliverer, RetryMover, install_deliverer
+from blaze_jobs.webhook_retries import RetryMover
+from blaze_jobs.webhooks import Deliverer, install_deliverer
 
 
 def main(argv: list[str] | None = None) -> None:
