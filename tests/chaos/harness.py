@@ -170,3 +170,17 @@ def tally(row: Row, records: dict[str, dict[str, str]], *, expect_attempts: int 
         statuses[record.get("status", "gone")] = statuses.get(record.get("status", "gone"), 0) + 1
     row.notes["statuses"] = statuses
     return row
+
+
+def redis_and_api(stack: Stack, tmp_path: Path, *, prefix: str, **extra: str) -> tuple[PrivateRedis, str]:
+    """Start a persistent private Redis and ``blaze api`` on it in ``stack``, under ``prefix``
+    and with ``extra`` settings (which every process started in ``stack`` afterwards shares);
+    returns the Redis and the API's URL once it is ready."""
+    server = PrivateRedis(stack, data_dir=tmp_path / "redis", persist=True)
+    server.start()
+    stack.env.update(chaos_env(stack.env, redis_url=server.url, prefix=prefix, **extra))
+    port = free_port()
+    api = stack.blaze("api", "api", "--port", str(port))
+    api_url = f"http://127.0.0.1:{port}"
+    wait_http(stack, api, f"{api_url}/readyz")
+    return server, api_url
