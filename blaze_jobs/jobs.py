@@ -98,9 +98,9 @@ class LLMInput(BaseModel):
         None,
         ge=0,
         le=2**32 - 1,
-        description="Random seed for sampling. The same seed and input give the same text, whatever other jobs "
-        "share the batch (up to the rounding of batched kernels). Drawn at random (and reported in the output) "
-        "when absent.",
+        description="Random seed for sampling. The same seed and input give the same text alone (and the cached "
+        "text on a repeat); beside other jobs, the same text except where a draw falls within the rounding of "
+        "batched kernels of another token. Drawn at random (and reported in the output) when absent.",
     )
     stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, description="Generation ends where the first of these strings appears; it is not part of the text."

@@ -367,30 +367,43 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 
 
 def _sample(logits: torch.Tensor, rows: list[_Sequence]) -> list[int]:
+    return sample(
+        logits,
+        temperature=[s.request.temperature for s in rows],
+        top_p=[s.request.top_p for s in rows],
+        generators=[s.generator for s in rows],
+    )
+
+
+def sample(logits: torch.Tensor, *, temperature: list[float], top_p: list[float], generators: list[torch.Generator]) -> list[int]:
     """Each row's next token: greedy at temperature 0, else drawn from its own generator.
 
-    A row's draw uses only its own logits and its own generator, one uniform number per
-    token, so its text for a seed does not depend on which rows share the batch.
+    A row's draw uses only its own logits, options and generator, one uniform number per
+    token, so for given logits its token does not depend on which rows share the batch.
+    The draw inverts the cumulative probabilities in vocabulary order, the nucleus only
+    zeroing tokens less likely than its least likely one: in sorted order, rounding could
+    swap two tokens of equal probability and so change the draw (docs/workers.md).
     """
     chosen = logits.argmax(-1)
-    sampled = [i for i, s in enumerate(rows) if s.request.temperature > 0]
+    sampled = [i for i, t in enumerate(temperature) if t > 0]
     if sampled:
-        index = torch.tensor(sampled, device=logits.device)
-        temperature = torch.tensor([rows[i].request.temperature for i in sampled], device=logits.device)
-        probs = torch.softmax(logits[index] / temperature[:, None], dim=-1)
-        top_p = [rows[i].request.top_p for i in sampled]
-        if all(p >= 1.0 for p in top_p):
-            order = None
-        else:
-            # Nucleus: keep the likeliest tokens until their mass reaches top_p (the first always).
-            probs, order = probs.sort(dim=-1, descending=True)
-            before = probs.cumsum(-1) - probs
-            probs = probs.masked_fill(before >= torch.tensor(top_p, device=logits.device)[:, None], 0.0)
+        device = logits.device
+        index = torch.tensor(sampled, device=device)
+        temperatures = torch.tensor([temperature[i] for i in sampled], device=device)
+        probs = torch.softmax(logits[index] / temperatures[:, None], dim=-1)
+        nucleus = torch.tensor([top_p[i] for i in sampled], device=device)[:, None]
+        if bool((nucleus < 1.0).any()):
+            # Keep the likeliest tokens until their mass reaches top_p (the first always).
+            ranked = probs.sort(dim=-1, descending=True).values
+            kept = ((ranked.cumsum(-1) - ranked) < nucleus).sum(-1, keepdim=True)
+            least = torch.where(nucleus < 1.0, ranked.gather(-1, kept - 1), 0.0)
+            probs = probs.masked_fill(probs < least, 0.0)
         cdf = probs.cumsum(-1)
         # Uniform draws come from each row's CPU generator, so a seed means the same on any device.
-        u = torch.stack([torch.rand((), generator=rows[i].generator, dtype=torch.float64) for i in sampled])
-        u = u.to(device=logits.device, dtype=cdf.dtype) * cdf[:, -1]
+        u = torch.stack([torch.rand((), generator=generators[i], dtype=torch.float64) for i in sampled])
+        total = cdf[:, -1]
+        # Below the total, so the draw never lands past the last token that has any mass.
+        u = torch.minimum(u.to(device=device, dtype=cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
         pick = torch.searchsorted(cdf, u[:, None].contiguous(), right=True).clamp_(max=cdf.shape[-1] - 1)
-        tokens = pick if order is None else order.gather(-1, pick)
-        chosen[index] = tokens.squeeze(-1)
+        chosen[index] = pick.squeeze(-1)
     return chosen.tolist()

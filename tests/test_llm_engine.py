@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -22,6 +23,7 @@ from blaze_jobs.engines.base import EngineRequest
 from blaze_jobs.engines.llm import LLMEngine
 from blaze_jobs.errors import RequestError, WorkerFault
 from blaze_jobs.models import builtin_path
+from tests.test_textgen import LOGIT_TOL, greedy_alone, sampled_alone
 
 MODEL = "builtin:tiny-lm"
 PROMPT = "The morning was cold"
@@ -63,6 +65,28 @@ def greedy_tokens(reference: tuple[Any, Any], prompt: str, n: int) -> list[int]:
     return out[0, len(prompt_ids) :].tolist()
 
 
+def decisive(reference: tuple[Any, Any], prompt: str, n: int) -> bool:
+    """Whether every greedy step of the prompt alone leads by more than rounding can move
+    (tests/test_textgen.py), so another computation of it must pick the same tokens."""
+    model, tokenizer = reference
+    return greedy_alone(model, tokenizer(prompt).input_ids, n)[1] > 2 * LOGIT_TOL
+
+
+@contextmanager
+def a_long_job_running(engine: LLMEngine) -> Iterator[None]:
+    """A greedy job generating throughout (canceled at the end), so jobs submitted meanwhile
+    join a running batch: sharing it is then a matter of steps, not of timing."""
+    first_text, done = threading.Event(), threading.Event()
+    data = {"prompt": "A long story", "max_new_tokens": 2000, "temperature": 0}
+    holder = engine.submit(EngineRequest("holder", MODEL, data, on_delta=lambda _: first_text.set(), should_stop=done.is_set))
+    assert first_text.wait(30)
+    try:
+        yield
+    finally:
+        done.set()
+        holder.result(timeout=30)
+
+
 @pytest.mark.timeout(60)
 def test_the_builtin_model_loads_through_from_pretrained_and_generates_as_generate_does(
     engine: LLMEngine, model_dir: Path, reference: tuple[Any, Any]
@@ -74,7 +98,8 @@ def test_the_builtin_model_loads_through_from_pretrained_and_generates_as_genera
     assert model.config.model_type == "llama"
     assert tokenizer.chat_template and len(tokenizer("The morning").input_ids) == 2  # multi-character tokens
 
-    # When a greedy job runs
+    # When a greedy job runs (each step decisive: generate's rounding cannot pick another token)
+    assert decisive(reference, PROMPT, 24)
     deltas: list[str] = []
     output = engine.run(request("j1", max_new_tokens=24, on_delta=deltas.append))
 
@@ -88,14 +113,20 @@ def test_the_builtin_model_loads_through_from_pretrained_and_generates_as_genera
 
 
 @pytest.mark.timeout(60)
-def test_concurrent_jobs_of_different_lengths_share_the_batch_and_each_gets_its_own_text(engine: LLMEngine) -> None:
-    # Given eight jobs of different prompts and lengths, and what each makes alone
-    jobs = [request(str(n), prompt=PROMPT + " and clear" * n, max_new_tokens=4 + 5 * n) for n in range(8)]
+def test_concurrent_jobs_of_different_lengths_share_the_batch_and_each_gets_its_own_text(
+    engine: LLMEngine, reference: tuple[Any, Any]
+) -> None:
+    # Given eight greedy jobs of different prompts and lengths, each step of each decisive,
+    # and what each makes alone
+    prompts = [(PROMPT + " and clear" * n, 4 + 5 * n) for n in range(8)]
+    assert all(decisive(reference, prompt, length) for prompt, length in prompts)
+    jobs = [request(str(n), prompt=prompt, max_new_tokens=length) for n, (prompt, length) in enumerate(prompts)]
     alone = [engine.run(job) for job in jobs]
 
-    # When they run together
-    futures = [engine.submit(job) for job in jobs]
-    together = [future.result(timeout=30) for future in futures]
+    # When they run together, joining a running batch
+    with a_long_job_running(engine):
+        futures = [engine.submit(job) for job in jobs]
+        together = [future.result(timeout=30) for future in futures]
 
     # Then each got exactly what it gets alone, with its own usage
     assert together == alone
@@ -109,43 +140,71 @@ def test_concurrent_jobs_of_different_lengths_share_the_batch_and_each_gets_its_
 def test_a_short_job_joins_a_running_long_one_and_finishes_first(engine: LLMEngine) -> None:
     # Given a long job that has produced its first tokens
     first_text = threading.Event()
-    long = engine.submit(request("long", max_new_tokens=400, on_delta=lambda _: first_text.set()))
-    assert first_text.wait(10)
+    long_tokens = [0]
+    data = {"prompt": PROMPT, "max_new_tokens": 400, "temperature": 0}
+    long = engine.submit(
+        EngineRequest("long", MODEL, data, on_delta=lambda _: first_text.set(), on_progress=lambda done, _: long_tokens.__setitem__(0, done))
+    )
+    assert first_text.wait(30)
 
-    # When a short job arrives
-    arrived = time.monotonic()
-    short_first: list[float] = []
-    short = engine.submit(request("short", max_new_tokens=4, on_delta=lambda _: short_first.append(time.monotonic())))
+    # When a short job arrives (noting, at each of its tokens, how far the long one is)
+    seen: list[int] = []
+    data = {"prompt": PROMPT, "max_new_tokens": 4, "temperature": 0}
+    short = engine.submit(EngineRequest("short", MODEL, data, on_progress=lambda *_: seen.append(long_tokens[0])))
 
-    # Then it finishes while the long one still runs, having joined its batch
-    output = short.result(timeout=10)
+    # Then it finishes while the long one still runs, having joined its batch: each of its
+    # decoding steps made a token of the long job too
+    output = short.result(timeout=30)
     assert not long.done(), "the short job waited for the long one"
     assert output["usage"]["completion_tokens"] == 4 and short.batch_size == 2
-    assert short_first[0] - arrived < 1.0
+    assert [n - seen[0] for n in seen] == [0, 1, 2, 3]
     assert long.result(timeout=30)["usage"]["completion_tokens"] == 400
 
 
-@pytest.mark.timeout(60)
-def test_a_seeded_job_gets_the_same_text_whatever_shares_its_batch(engine: LLMEngine) -> None:
-    # Given sampled jobs with seeds, and the text each makes alone
-    seeds = range(6)
-    alone = {seed: engine.run(request("a", temperature=1.0, top_p=0.9, seed=seed, max_new_tokens=24)) for seed in seeds}
+@pytest.mark.timeout(90)
+def test_a_seeded_job_gets_its_text_alone_whatever_shares_its_batch_where_rounding_cannot_decide(
+    engine: LLMEngine, reference: tuple[Any, Any]
+) -> None:
+    # Given seeds whose every draw alone is further from a neighbouring token than batched
+    # rounding reaches (tests/test_textgen.py); the random-weight model's flat distributions
+    # put about one draw in ten closer, and there batched text may part from solo text
+    model, tokenizer = reference
+    end = set(model.generation_config.eos_token_id)
+    prompt_ids = tokenizer(PROMPT).input_ids
+    drawn = {seed: sampled_alone(model, prompt_ids, 12, seed=seed, temperature=1.0, end=end) for seed in range(32)}
+    seeds = [seed for seed, (_, closest) in drawn.items() if closest > 1]
+    assert len(seeds) >= 4, {seed: closest for seed, (_, closest) in drawn.items()}
+    alone = {seed: engine.run(request("a", temperature=1.0, seed=seed, max_new_tokens=12)) for seed in seeds}
+    for seed in seeds:
+        assert alone[seed]["usage"]["completion_tokens"] == len(drawn[seed][0])
+        assert alone[seed]["text"] == tokenizer.decode(drawn[seed][0], skip_special_tokens=True)
 
     # When they run again, arriving at different moments among unseeded companions
     futures: dict[int, Future] = {}
     noise = []
-    for seed in seeds:
-        noise.append(engine.submit(request("noise", temperature=1.2, prompt="Hello! " * (seed + 1), max_new_tokens=5 + 7 * seed)))
-        futures[seed] = engine.submit(request("b", temperature=1.0, top_p=0.9, seed=seed, max_new_tokens=24))
-        time.sleep(0.02)
-    for future in noise:
-        future.result(timeout=30)
+    with a_long_job_running(engine):
+        for n, seed in enumerate(seeds):
+            noise.append(engine.submit(request("noise", temperature=1.2, prompt="Hello! " * (n + 1), max_new_tokens=5 + 7 * n)))
+            futures[seed] = engine.submit(request("b", temperature=1.0, seed=seed, max_new_tokens=12))
+            time.sleep(0.02)
+        for future in [*noise, *futures.values()]:
+            future.result(timeout=30)
 
-    # Then each seed gave the same text as alone, and different seeds different texts
+    # Then each seed gave its text alone, and different seeds different texts
     for seed in seeds:
         assert futures[seed].result(timeout=30) == alone[seed]
         assert alone[seed]["seed"] == seed
+    assert min(f.batch_size for f in futures.values()) > 1
     assert len({output["text"] for output in alone.values()}) == len(alone)
+
+
+@pytest.mark.timeout(30)
+def test_a_seeded_job_alone_repeats_exactly_whatever_its_draws(engine: LLMEngine) -> None:
+    # Given seeded jobs with a nucleus, every seed (none chosen): alone, nothing else rounds
+    first = {seed: engine.run(request("a", temperature=1.0, top_p=0.9, seed=seed, max_new_tokens=24)) for seed in range(4)}
+
+    # When each runs alone again, Then it repeats bit for bit
+    assert {seed: engine.run(request("b", temperature=1.0, top_p=0.9, seed=seed, max_new_tokens=24)) for seed in range(4)} == first
 
 
 @pytest.mark.timeout(30)
@@ -204,11 +263,9 @@ def test_cancel_stops_at_the_next_token_and_keeps_the_text(engine: LLMEngine) ->
     )
 
     # When it runs
-    started = time.monotonic()
     output = engine.run(job)
 
-    # Then it ended soon, canceled, with the text made so far (all of it streamed)
-    assert time.monotonic() - started < 5
+    # Then it ended long before its end, canceled, with the text made so far (all of it streamed)
     assert output["finish_reason"] == "canceled"
     assert 5 <= output["usage"]["completion_tokens"] < 1000
     assert output["text"] == "".join(deltas) and output["text"]
@@ -251,6 +308,7 @@ def test_a_local_model_path_with_its_own_end_of_sequence_and_context(
     # makes (the first after the first token that it had not made before), and another
     # copy whose context holds 10 tokens
     builtin = builtin_path(MODEL, model_dir)
+    assert decisive(reference, PROMPT, 48)
     tokens = greedy_tokens(reference, PROMPT, 48)
     k = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])
     ends_early, short_context = tmp_path / "ends-early", tmp_path / "short-context"
