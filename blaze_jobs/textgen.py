@@ -391,8 +391,8 @@ def sample(logits: torch.Tensor, *, temperature: list[float], top_p: list[float]
         index = torch.tensor(sampled, device=device)
         temperatures = torch.tensor([temperature[i] for i in sampled], device=device)
         probs = torch.softmax(logits[index] / temperatures[:, None], dim=-1)
-        nucleus = torch.tensor([top_p[i] for i in sampled], device=device)[:, None]
-        if bool((nucleus < 1.0).any()):
+        if any(top_p[i] < 1.0 for i in sampled):
+            nucleus = torch.tensor([top_p[i] for i in sampled], device=device)[:, None]
             # Keep the likeliest tokens until their mass reaches top_p (the first always).
             ranked = probs.sort(dim=-1, descending=True).values
             kept = ((ranked.cumsum(-1) - ranked) < nucleus).sum(-1, keepdim=True)
