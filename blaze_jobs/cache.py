@@ -17,8 +17,11 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from typing import Any
 
+from blaze_jobs.artifacts import KEY_PATTERN, artifact_url
 from blaze_jobs.settings import Settings
 
+#: Where the API serves artifacts; a stored output's artifact URLs are these paths.
+ARTIFACT_PATH = artifact_url("")
 #: Inputs that never change an engine's output (the echo engine's wait).
 NOT_OUTPUT = {"echo": {"sleep_ms"}}
 #: Revisions of the built-in models: bumping one when its builder changes orphans old entries.
@@ -78,13 +81,28 @@ class CacheKeys:
         return f"{self.prefix}cache:{key}"
 
 
-def artifact_keys(output: dict[str, Any], prefix: str) -> list[str]:
-    """The Redis keys of the artifacts an output refers to."""
-    keys = []
-    for image in output.get("images", []) if isinstance(output, dict) else []:
-        url = image.get("url", "")
-        keys.append(f"{prefix}artifact:{url.rsplit('/', 1)[-1]}")
-    return keys
+def artifact_keys(output: Any, prefix: str) -> list[str]:
+    """The Redis keys of every artifact an output refers to, wherever it sits (images, or
+    any other file an engine makes): each is a ``{"url": "/v1/artifacts/<key>", …}``."""
+    keys: list[str] = []
+    pending = [output]
+    while pending:  # a stack, not recursion: an output may nest deeper than the recursion limit
+        value = pending.pop()
+        if isinstance(value, dict):
+            url = value.get("url")
+            if isinstance(url, str) and url.startswith(ARTIFACT_PATH) and KEY_PATTERN.match(url[len(ARTIFACT_PATH) :]):
+                keys.append(f"{prefix}artifact:{url[len(ARTIFACT_PATH) :]}")
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return list(dict.fromkeys(keys))
+
+
+def queue_renew(pipe: Any, output: Any, *, settings: Settings) -> None:
+    """Queue on a pipeline the commands that keep an output's artifacts as long as a job that
+    shows it now (a cache hit's new job)."""
+    for key in artifact_keys(output, settings.redis_prefix):
+        pipe.expire(key, settings.job_ttl_s)
 
 
 def queue_store(pipe: Any, keys: CacheKeys, key: str, output_json: str, *, settings: Settings) -> None:

@@ -3,11 +3,17 @@ is answered from the cache, at creation (L2) or by the worker."""
 
 from __future__ import annotations
 
+import json
 import uuid
+from typing import Any
 
 import pytest
+import redis
 
+from blaze_jobs import cache
+from blaze_jobs.artifacts import RedisArtifactStore, artifact_url
 from blaze_jobs.client import BlazeClient
+from blaze_jobs.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,3 +64,30 @@ def test_the_worker_answers_from_the_cache_when_the_result_came_in_meanwhile(cli
     assert [j["metrics"]["cache_hit"] for j in jobs] == [False, True]
     assert jobs[1]["attempts"] == 1 and jobs[1]["metrics"]["run_time_s"] < 0.3
     assert jobs[0]["output"] == jobs[1]["output"]
+
+
+def cached_output_with_artifacts(settings: Settings, engine: str, input: dict[str, Any], *, ttl_s: int) -> list[str]:
+    """Store, as a worker would, a cached output for this request that points at two
+    artifacts (an image, and a file outside ``images``) expiring in ``ttl_s``; their keys."""
+    client = redis.Redis.from_url(settings.redis_url)
+    artifacts = RedisArtifactStore(client, prefix=settings.redis_prefix, ttl_s=ttl_s)
+    image, mask = artifacts.put(uuid.uuid4().bytes, "png"), artifacts.put(uuid.uuid4().bytes, "json")
+    output = {"images": [{"url": artifact_url(image)}], "extra": {"mask": {"url": artifact_url(mask)}}}
+    key = cache.cache_key(engine=engine, model=settings.default_model(engine), input=input, settings=settings)
+    with client.pipeline() as pipe:
+        cache.queue_store(pipe, cache.CacheKeys(settings.redis_prefix), key, json.dumps(output), settings=settings)
+        pipe.execute()
+    return [f"{settings.redis_prefix}artifact:{k}" for k in (image, mask)]
+
+
+def test_a_hit_at_creation_renews_every_artifact_the_output_points_at(client: BlazeClient, settings: Settings) -> None:
+    # Given a cached output whose artifacts (an image and another file) expire in a minute
+    request = {"marker": str(uuid.uuid4()), "seed": 3}
+    keys = cached_output_with_artifacts(settings, "echo", request, ttl_s=60)
+    # When the same request is made
+    job = client.submit("echo", request)
+    # Then the job is born from the cache and every artifact lives as long as the job
+    assert job["metrics"]["cache_hit"] is True
+    with redis.Redis.from_url(settings.redis_url) as r:
+        assert [r.ttl(k) > 3600 for k in keys] == [True, True]
+
