@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from api.connections import Busy
 from blaze_jobs.errors import JobConflict, JobNotFound
 from blaze_jobs.settings import ENGINES
 
@@ -96,6 +97,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
         return problem(exc.status_code, str(exc.detail), str(exc.detail))
+
+    @app.exception_handler(Busy)
+    async def on_busy(request: Request, exc: Busy) -> JSONResponse:
+        # A bound of the API process (its Redis pool, its waiters), not a Redis fault.
+        return problem(503, "API busy", f"{exc}; retry shortly", **{"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)

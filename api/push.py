@@ -1,8 +1,8 @@
 """Results pushed to clients: long-poll (``?wait=``, ``Prefer: wait=``), server-sent events,
 webhook deliveries and the webhook signing secret.
 
-Waiting never polls: a waiting request blocks on the job's event stream (``XREAD BLOCK``)
-on a Redis connection of its own, from a pool bounded by ``BLAZE_MAX_WAITERS``.
+Waiting never polls and holds no Redis connection: a waiting request takes a feed of the
+job's events from the process's one reader (``api/waiting.py``).
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, AsyncIterator
 
-import redis.asyncio
 from fastapi import APIRouter, FastAPI, Header, Request
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
 from api.problems import PROBLEM_JSON, PROBLEM_SCHEMA, InputProblem, problem
 from api.responses import JSONResponse
+from api.waiting import EventReader
 from blaze_jobs import events
 from blaze_jobs.errors import JobNotFound
+from blaze_jobs.events import event_order
 from blaze_jobs.jobs import job_view
 from blaze_jobs.settings import Settings, get_settings
 from blaze_jobs.signing import signing_secret_async
@@ -38,9 +39,9 @@ from blaze_jobs.webhooks import (
     delivery_list,
 )
 
-#: Longest single block on Redis: an event stream sends a keep-alive comment this often,
-#: which also finds clients that went away.
-BLOCK_S = 15.0
+#: An event stream with nothing new sends a keep-alive comment this often, which also finds
+#: clients that went away.
+KEEP_ALIVE_S = 15.0
 #: How long a webhook host may take to resolve when a job is created.
 DNS_TIMEOUT_S = 5.0
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -49,19 +50,10 @@ PROBLEM = {"content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}, "description":
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings = settings_of(app)
-    # Blocking reads get connections of their own, with a socket timeout longer than a block.
-    pool = redis.asyncio.BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.max_waiters,
-        timeout=settings.redis_timeout_s,
-        socket_timeout=BLOCK_S + settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-    )
-    app.state.waiting_redis = redis.asyncio.Redis(connection_pool=pool)
+    app.state.reader = EventReader(settings_of(app), app.state.redis)
+    await app.state.reader.start()
     yield
-    await app.state.waiting_redis.aclose()
-    await pool.aclose()
+    await app.state.reader.close()
 
 
 router = APIRouter(lifespan=lifespan)
@@ -163,15 +155,14 @@ async def wait_for_end(app: FastAPI, job_id: str, seconds: float) -> dict[str, s
     if not record:
         raise JobNotFound(job_id)
     deadline = time.monotonic() + seconds
-    while not events.ended(record):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        block_ms = max(1, int(min(left, BLOCK_S) * 1000))
-        for event in await events.read_events(app.state.waiting_redis, prefix=prefix, job_id=job_id, after=position, block_ms=block_ms):
-            position = event.id
-            # A status change carries the whole job; progress updates the job's progress.
-            record = event.record or {**record, **{k: v for k, v in event.fields.items() if k == "progress"}}
+    reader: EventReader = app.state.reader
+    async with reader.watch(job_id, after=position) as feed:
+        while not events.ended(record):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for event in await feed.next_events(left):
+                record = events.apply(record, event)
     return record
 
 
@@ -182,9 +173,10 @@ def sse(event_id: str, kind: str, data: Any) -> str:
     return f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def event_data(event: events.JobEvent, *, base: str) -> Any:
-    record = event.record
-    if record is not None:
+def event_data(event: events.JobEvent, record: dict[str, str], *, base: str) -> Any:
+    """What an SSE event carries: at a status change the job (``record`` is the job before
+    it), with progress its ``{step, total}``, otherwise the event's fields."""
+    if event.record is not None:
         return job_view(record, base_url=base)
     if event.type == "job.progress":
         return json.loads(event.fields["progress"])
@@ -220,29 +212,27 @@ async def job_events(
 async def _event_stream(
     app: FastAPI, job_id: str, *, record: dict[str, str], position: str, resume: str | None, base: str
 ) -> AsyncIterator[str]:
-    prefix = settings_of(app).redis_prefix
     yield "retry: 1000\n\n"
     if resume is None:
         yield sse(position, "job", job_view(record, base_url=base))
-        if events.ended(record):
-            return
         after = position
     else:
         after = resume
-        # A client that already saw the end of an ended job has nothing left to get.
-        missed = await events.read_events(app.state.waiting_redis, prefix=prefix, job_id=job_id, after=after, block_ms=None)
-        if not missed and events.ended(record):
-            return
-    while True:
-        new = await events.read_events(app.state.waiting_redis, prefix=prefix, job_id=job_id, after=after, block_ms=int(BLOCK_S * 1000))
-        if not new:
-            yield ": keep-alive\n\n"
-            continue
-        for event in new:
-            after = event.id
-            yield sse(event.id, event.type, event_data(event, base=base))
-            if event.type == events.COMPLETED:
-                return
+    # A client that has seen the end of an ended job has nothing left to get.
+    if events.ended(record) and event_order(after) >= event_order(position):
+        return
+    reader: EventReader = app.state.reader
+    async with reader.watch(job_id, after=after) as feed:
+        while True:
+            new = await feed.next_events(KEEP_ALIVE_S)
+            if not new:
+                yield ": keep-alive\n\n"
+                continue
+            for event in new:
+                record = events.apply(record, event)
+                yield sse(event.id, event.type, event_data(event, record, base=base))
+                if event.type == events.COMPLETED:
+                    return
 
 
 # --- webhook deliveries and the secret ----------------------------------------------------

@@ -198,6 +198,17 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def apply(record: dict[str, str], event: JobEvent) -> dict[str, str]:
+    """The job after ``event``, given the job before it: a status change carries every field
+    but the input (which never changes), progress carries the progress."""
+    snapshot = event.record
+    if snapshot is not None:
+        return {"input": record.get("input", "null"), **snapshot}
+    if "progress" in event.fields:
+        return {**record, "progress": event.fields["progress"]}
+    return record
+
+
 def ended(record: dict[str, str]) -> bool:
     return record.get("status") in ("succeeded", "failed", "canceled")
 
@@ -213,10 +224,10 @@ async def job_and_position(client: Any, *, prefix: str, job_id: str) -> tuple[di
     return record, (_text(last[0][0]) if last else "0-0")
 
 
-async def read_events(client: Any, *, prefix: str, job_id: str, after: str, block_ms: int | None) -> list[JobEvent]:
-    """Events after ``after``; with ``block_ms``, waits that long for the first one."""
-    reply = await client.xread({stream_key(prefix, job_id): after}, count=100, block=block_ms)
-    return [JobEvent.parse(entry_id, raw) for _, entries in reply or [] for entry_id, raw in entries]
+async def events_between(client: Any, key: str, *, after: str, until: str) -> list[JobEvent]:
+    """The events of stream ``key`` after ``after``, up to and including ``until``."""
+    entries = await client.xrange(key, min=f"({after}", max=until)
+    return [JobEvent.parse(entry_id, raw) for entry_id, raw in entries]
 
 
 # --- progress -----------------------------------------------------------------------------
