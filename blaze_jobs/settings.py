@@ -151,7 +151,7 @@ class Settings(BaseSettings):
     #: Deliveries one webhook worker sends at once: threads, since the work is waiting.
     webhook_concurrency: int = 16
     #: Bearer token of administrative endpoints (``GET /v1/webhooks/secret``). Empty: they
-    #: answer only callers on the API's own host (loopback).
+    #: answer nobody (403), since a caller's address proves nothing.
     admin_token: str = ""
 
     # --- Celery -------------------------------------------------------------------------

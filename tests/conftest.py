@@ -21,6 +21,8 @@ from blaze_jobs.stack import Stack, StackError, free_port
 #: The Redis the tests use; each run writes only under its own prefix and deletes it after.
 REDIS_URL = os.environ.get("BLAZE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 FLOWER_AUTH = "blaze:test-secret"
+#: The test stack's BLAZE_ADMIN_TOKEN: clients that read the webhook secret send it.
+ADMIN_TOKEN = "blaze-test-admin-token"
 
 
 def wait_until(condition: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -77,6 +79,7 @@ def test_env(redis_prefix: str, model_dir: Path) -> dict[str, str]:
         BLAZE_REDIS_PREFIX=redis_prefix,
         BLAZE_MODEL_DIR=str(model_dir),
         BLAZE_FLOWER_BASIC_AUTH=FLOWER_AUTH,
+        BLAZE_ADMIN_TOKEN=ADMIN_TOKEN,
         # Webhook receivers in tests listen on 127.0.0.1, and retries come within seconds.
         BLAZE_WEBHOOK_ALLOW_PRIVATE="1",
         BLAZE_WEBHOOK_RETRY_SCHEDULE="0.2,0.5,1",

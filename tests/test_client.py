@@ -13,6 +13,7 @@ import pytest
 
 from blaze_jobs.client import AsyncBlazeClient, BlazeClient, SSEParser
 from blaze_jobs.signing import WebhookVerificationError, new_secret
+from tests.conftest import ADMIN_TOKEN
 from tests.receiver import Receiver
 
 # Generous: the first test to use the stack also waits for it to start.
@@ -52,7 +53,7 @@ def test_wait_long_polls_and_submit_can_wait(stack: dict[str, Any]) -> None:
 
 def test_the_async_client_does_the_same(stack: dict[str, Any]) -> None:
     async def story() -> None:
-        async with AsyncBlazeClient(stack["api_url"]) as client:
+        async with AsyncBlazeClient(stack["api_url"], admin_token=ADMIN_TOKEN) as client:
             # Two jobs followed at once: one by its events, one by long-poll
             first = await client.submit("echo", {"sleep_ms": 300, "tag": "a"})
             second = await client.submit("echo", {"sleep_ms": 300, "tag": "b"})
@@ -78,7 +79,7 @@ def test_a_receiver_verifies_webhooks_with_the_client(stack: dict[str, Any]) -> 
     receiver = Receiver()
     hook = f"/hook/{uuid.uuid4().hex[:8]}"
     try:
-        with BlazeClient(stack["api_url"]) as client:
+        with BlazeClient(stack["api_url"], admin_token=ADMIN_TOKEN) as client:
             # Given a job whose webhook reaches a receiver
             job = client.submit("echo", {"n": 1}, webhook=receiver.url(hook), webhook_events_filter=["completed"])
             (request,) = receiver.wait_for(hook, 1, timeout=10)
