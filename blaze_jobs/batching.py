@@ -15,8 +15,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from blaze_jobs.engines.base import Engine, EngineRequest
-from blaze_jobs.errors import WorkerFault
+from blaze_jobs.engines.base import Engine, EngineRequest, request_territory
+from blaze_jobs.errors import BlazeError, WorkerFault
 
 log = logging.getLogger("blaze_jobs.batching")
 
@@ -68,8 +68,9 @@ class Batcher:
             _run_alone(self.engine, request, future)
             return future
         try:
-            key = self.engine.batch_key(request)
-        except Exception as error:  # a bad request or a model that will not load
+            with request_territory("batch key"):
+                key = self.engine.batch_key(request)
+        except BlazeError as error:  # a bad request, or a model that will not load
             future.set_exception(error)
             return future
         with self._cond:

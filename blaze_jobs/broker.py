@@ -41,10 +41,20 @@ def summary(input: dict[str, Any]) -> str:
     return text if len(text) <= SUMMARY_CHARS else text[: SUMMARY_CHARS - 1] + "…"
 
 
-def task_message(*, job_id: str, engine: str, input: dict[str, Any]) -> str:
-    """The JSON envelope, as kombu's Redis transport stores it, of the job's Celery task."""
+def task_message(
+    *, job_id: str, engine: str, input: dict[str, Any], faulted_on: list[str] | None = None, passes: int = 0
+) -> str:
+    """The JSON envelope, as kombu's Redis transport stores it, of the job's Celery task.
+
+    ``faulted_on`` names the workers the job met a worker fault on, and ``passes`` counts the
+    times such a worker put it back for a peer: the task reads them before it takes the job,
+    so a worker can pass on a job it faulted without touching the record."""
     args = [job_id]
-    kwargs = {"summary": summary(input)}
+    kwargs: dict[str, Any] = {"summary": summary(input)}
+    if faulted_on:
+        kwargs["faulted_on"] = faulted_on
+    if passes:
+        kwargs["passes"] = passes
     body = base64.b64encode(json.dumps([args, kwargs, _EMBED]).encode()).decode()
     # The envelope is the engine's template with this job's values in its slots: a third
     # of the cost of dumping the whole nested dict (this runs on every create).
@@ -104,7 +114,23 @@ def _template(engine: str) -> str:
     return template
 
 
-def requeue_push(settings: Settings, record: dict[str, str]) -> dict[str, str]:
-    """Where, and what, to push so a stored job (a Redis record) is queued again."""
-    message = task_message(job_id=record["id"], engine=record["engine"], input=json.loads(record["input"]))
-    return {"key": queue_key(settings, record["engine"]), "message": message}
+def faulted_workers(record: dict[str, str]) -> list[str]:
+    """The workers a stored job met a worker fault on, in order (its ``faulted_on`` field)."""
+    return json.loads(record["faulted_on"]) if record.get("faulted_on") else []
+
+
+def requeue_push(settings: Settings, record: dict[str, str], *, passes: int = 0) -> dict[str, Any]:
+    """Where, and what, to push so a stored job (a Redis record) is queued again.
+
+    Kombu takes a queue's messages from its right end. A job that never faulted goes back
+    there, to run next (its worker died or stepped aside); one that faulted a worker goes to
+    the left end, behind the jobs waiting, so that a poison job is not the next job of the
+    worker it just faulted nor the half-open probe of a peer."""
+    workers = faulted_workers(record)
+    message = task_message(
+        job_id=record["id"], engine=record["engine"], input=json.loads(record["input"]), faulted_on=workers, passes=passes
+    )
+    push: dict[str, Any] = {"key": queue_key(settings, record["engine"]), "message": message}
+    if workers:
+        push["back"] = True
+    return push

@@ -33,8 +33,9 @@ from blaze_jobs.settings import Settings
 #   cannot finish a job that was handed to another); lease: {key, owner, ms, numbered} to
 #   take (numbered: the owner is suffixed with ':<attempts>' after the count), or
 #   release: a lease key to drop; unleased: move only if this lease key is gone (its worker
-#   died); push: {key, message} to RPUSH onto a queue in the same step, so a requeued job
-#   can never be left without a message; read: also return the job's fields after the move.
+#   died); push: {key, message, back} to RPUSH (with back: LPUSH) onto a queue in the same
+#   step, so a requeued job can never be left without a message; read: also return the
+#   job's fields after the move.
 # A change of status is also appended to the job's event stream, with the webhook delivery
 # it calls for (see events.py).
 # Returns {1, old status} (with read: {1, old status, HGETALL}) when moved, {0, current status}
@@ -58,7 +59,10 @@ if spec['lease'] then
   redis.call('SET', spec['lease']['key'], owner, 'PX', spec['lease']['ms'])
 end
 if spec['release'] then redis.call('DEL', spec['release']) end
-if spec['push'] then redis.call('RPUSH', spec['push']['key'], spec['push']['message']) end
+if spec['push'] then
+  -- kombu pops from the right: back=true queues the job behind every job waiting (LPUSH)
+  redis.call(spec['push']['back'] and 'LPUSH' or 'RPUSH', spec['push']['key'], spec['push']['message'])
+end
 local id = redis.call('HGET', KEYS[1], 'id')
 local score = redis.call('HGET', KEYS[1], 'score')
 if current ~= spec['to'] then
@@ -207,7 +211,7 @@ class JobStore:
         lease: dict[str, Any] | None = None,
         release: str | None = None,
         unleased: str | None = None,
-        push: dict[str, str] | None = None,
+        push: dict[str, Any] | None = None,
         **fields: Any,
     ) -> str:
         """Move the job to ``to`` if it is in one of ``allowed`` (and the conditions hold);

@@ -11,9 +11,10 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -22,12 +23,12 @@ from redis.retry import Retry
 from blaze_jobs import cache, events
 from blaze_jobs.artifacts import ArtifactStore, artifact_store, artifact_url
 from blaze_jobs.batching import Batcher
-from blaze_jobs.breaker import CircuitBreaker
-from blaze_jobs.broker import requeue_push
+from blaze_jobs.breaker import BreakerState, CircuitBreaker
+from blaze_jobs.broker import faulted_workers, requeue_push
 from blaze_jobs.engines import create_engine
 from blaze_jobs.engines.base import Artifact, Engine, EngineRequest
 from blaze_jobs.errors import JobCanceled, JobConflict, JobNotFound, RequestError, WorkerFault
-from blaze_jobs.heartbeat import Heartbeat
+from blaze_jobs.heartbeat import Heartbeat, worker_key, workers_index
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.settings import Settings, get_settings
 from blaze_jobs.store import JobStore
@@ -36,6 +37,9 @@ log = logging.getLogger("blaze_jobs.worker")
 
 #: Retries of a Redis command (at most a second apart) before a worker gives up on it.
 REDIS_RETRIES = 60
+#: A worker passing on a job that faulted on it waits this long times the passes so far: a
+#: peer whose task threads are all busy gets a moment to free one and draw the job.
+HANDBACK_PAUSE_S = 0.05
 
 
 class HandedBack(WorkerFault):
@@ -131,32 +135,43 @@ class Runtime:
         self.engine.close()
 
 
-_runtime: Runtime | None = None
+# The process's runtimes, by engine: a job of one engine never runs on another's engine.
+_runtimes: dict[str, Runtime] = {}
+_runtimes_lock = threading.Lock()
 
 
 def install_runtime(runtime: Runtime) -> None:
-    """Make ``runtime`` the one this process's tasks use (worker start-up calls this)."""
-    global _runtime
-    _runtime = runtime
+    """Make ``runtime`` the one this process's tasks of its engine use (worker start-up calls this)."""
+    with _runtimes_lock:
+        _runtimes[runtime.engine_name] = runtime
 
 
 def current_runtime(engine: str) -> Runtime:
-    """The process's runtime; created on first use when no start-up installed one."""
-    global _runtime
-    if _runtime is None:
-        _runtime = Runtime(get_settings(), engine=engine)
-        _runtime.start()
-    return _runtime
+    """The process's runtime for ``engine``; created on first use when no start-up installed one."""
+    with _runtimes_lock:
+        runtime = _runtimes.get(engine)
+        if runtime is None:
+            runtime = _runtimes[engine] = Runtime(get_settings(), engine=engine)
+            runtime.start()
+        return runtime
 
 
-def run_job(job_id: str, *, engine: str, runtime: Runtime | None = None) -> str:
-    """Run the job and record its end. Returns the status the job ended in (or was found in)."""
+def run_job(
+    job_id: str, *, engine: str, runtime: Runtime | None = None, faulted_on: Sequence[str] = (), passes: int = 0
+) -> str:
+    """Run the job and record its end. Returns the status the job ended in (or was found in).
+
+    ``faulted_on`` and ``passes`` come from the job's message (``broker.task_message``)."""
     runtime = runtime or current_runtime(engine)
     store, settings = runtime.store, runtime.settings
 
-    # 1. Take the job, unless the breaker says this worker must not: then its message goes
-    #    back to the queue for a peer. Only a queued job starts; a canceled one is dropped
-    #    here, one running or ended was delivered twice, and a missing one has expired.
+    # 1. Take the job, unless the breaker says this worker must not, or the job faulted here
+    #    before and a live peer can try it: then its message goes back to the queue. Only a
+    #    queued job starts; a canceled one is dropped here, one running or ended was
+    #    delivered twice, and a missing one has expired.
+    if runtime.name in faulted_on and passes < settings.fault_handbacks and _peers(runtime):
+        time.sleep(HANDBACK_PAUSE_S * passes)
+        return hand_back(runtime, job_id, passes=passes + 1)
     if not runtime.breaker.allow():
         return hand_back(runtime, job_id)
     try:
@@ -181,19 +196,30 @@ def run_job(job_id: str, *, engine: str, runtime: Runtime | None = None) -> str:
 
 def _run_taken(runtime: Runtime, record: dict[str, str], attempt: int) -> str:
     settings = runtime.settings
-    job_id, job_input = record["id"], json.loads(record["input"])
+    job_id = record["id"]
     finish = _Finisher(runtime, job_id, attempt)
 
-    # 2. A deterministic request computed before (here or anywhere) is not computed again,
+    # 2. Read the request. Whatever fails here is the request's content, not this worker.
+    try:
+        job_input = json.loads(record["input"])
+        cacheable = record.get("cache") != "bypass" and cache.cacheable(record["engine"], job_input)
+        key = cache.cache_key(engine=record["engine"], model=record["model"], input=job_input, settings=settings) if cacheable else None
+    except Exception as error:
+        runtime.breaker.release_probe()
+        return finish.failed("request", f"unreadable input: {type(error).__name__}: {error}")
+
+    # 3. A deterministic request computed before (here or anywhere) is not computed again,
     #    nor twice at once in this worker: the first computes, identical ones wait for it.
-    key = None
-    if record.get("cache") != "bypass" and cache.cacheable(record["engine"], job_input):
-        key = cache.cache_key(engine=record["engine"], model=record["model"], input=job_input, settings=settings)
+    if key is not None:
         cached = runtime.local_cache.get(key) or _l2_get(runtime, key)
         if cached is None:
             cached = runtime.inflight.follow(key, timeout=settings.batch_timeout_s)
         if cached is not None:
             runtime.breaker.release_probe()
+            # The artifacts it points at live on as long as the job that now shows them.
+            with runtime.redis.pipeline(transaction=False) as pipe:
+                cache.queue_renew(pipe, json.loads(cached), settings=settings)
+                pipe.execute()
             return finish.succeeded(cached, batch_size=None, cache_hit=True)
     try:
         return _compute(runtime, record, job_input, finish, key)
@@ -205,7 +231,7 @@ def _run_taken(runtime: Runtime, record: dict[str, str], attempt: int) -> str:
 def _compute(runtime: Runtime, record: dict[str, str], job_input: dict[str, Any], finish: "_Finisher", key: str | None) -> str:
     settings, job_id = runtime.settings, record["id"]
 
-    # 3. Hand the job to the batcher and wait for its batch, at most the watchdog's time.
+    # 4. Hand the job to the batcher and wait for its batch, at most the watchdog's time.
     request = EngineRequest(
         job_id=job_id,
         model=record["model"],
@@ -231,18 +257,19 @@ def _compute(runtime: Runtime, record: dict[str, str], job_input: dict[str, Any]
     except HandedBack:
         return finish.requeue(count_attempt=False)
     except FutureTimeout:
-        return _worker_fault(runtime, finish, f"batch overran its watchdog of {settings.batch_timeout_s:.0f} s")
-    except Exception as error:  # WorkerFault, or an engine bug: the worker, not the request, is at fault
-        return _worker_fault(runtime, finish, str(error) if isinstance(error, WorkerFault) else f"{type(error).__name__}: {error}")
+        return _worker_fault(runtime, finish, record, f"batch overran its watchdog of {settings.batch_timeout_s:.0f} s")
+    except Exception as error:  # on the device: WorkerFault, or an engine bug (engines.base)
+        reason = str(error) if isinstance(error, WorkerFault) else f"{type(error).__name__}: {error}"
+        return _worker_fault(runtime, finish, record, reason)
 
-    # 4. Store what it made (its files are encoded here, off the device thread), remember it
+    # 5. Store what it made (its files are encoded here, off the device thread), remember it
     #    for the next identical request, record success.
     try:
         output = _store_artifacts(result.output, runtime.artifacts)
     except redis.RedisError:
         raise
     except Exception as error:  # an encoder failed on what the engine made
-        return _worker_fault(runtime, finish, f"could not encode the output: {type(error).__name__}: {error}")
+        return _worker_fault(runtime, finish, record, f"could not encode the output: {type(error).__name__}: {error}")
     runtime.breaker.record_success()
     output_json = json.dumps(output, separators=(",", ":"))
     if result.output.get("finish_reason") == "canceled":
@@ -263,16 +290,58 @@ def _l2_get(runtime: Runtime, key: str) -> str | None:
     return value.decode() if value is not None else None
 
 
-def _worker_fault(runtime: Runtime, finish: "_Finisher", reason: str) -> str:
-    """Count the fault against the breaker; retry the job elsewhere while attempts remain."""
+def _worker_fault(runtime: Runtime, finish: "_Finisher", record: dict[str, str], reason: str) -> str:
+    """A fault on the device: the job's own once it has faulted on two workers, else this
+    worker's. Retry it elsewhere while attempts remain.
+
+    A faulty device faults every job, so its breaker opens on the first faults of a few
+    jobs; a poison job faults every worker. So each job counts against a breaker at most
+    once (a repeat on the same worker says nothing new), and a fault on a second worker
+    counts against none: the job fails as the request's fault, naming the workers."""
     log.error("worker fault on job %s: %s", finish.job_id, reason)
-    runtime.breaker.record_failure(reason)
+    before = faulted_workers(record)
+    if any(name != runtime.name for name in before):
+        runtime.breaker.release_probe()
+        workers = [*dict.fromkeys([*before, runtime.name])]
+        return finish.failed(
+            "request",
+            f"the job faulted on {len(workers)} workers ({', '.join(workers)}), so the job, not a worker, "
+            f"is at fault; last: {reason}",
+        )
+    if before:
+        runtime.breaker.release_probe()
+    else:
+        runtime.breaker.record_failure(reason)
+        _note_fault(runtime, finish, [runtime.name])
     if finish.attempt < runtime.settings.max_attempts:
         return finish.requeue(count_attempt=True)
-    return finish.failed("worker_fault", f"failed on {finish.attempt} attempts; last: {reason}")
+    return finish.failed("worker_fault", f"failed on {finish.attempt} attempts on {runtime.name}; last: {reason}")
 
 
-def hand_back(runtime: Runtime, job_id: str) -> str:
+def _note_fault(runtime: Runtime, finish: "_Finisher", workers: list[str]) -> None:
+    """Record on the job the workers it faulted on (guarded by the attempt, like every write)."""
+    try:
+        runtime.store.transition(
+            finish.job_id, allowed=(JobStatus.running,), to=JobStatus.running, attempts=finish.attempt, faulted_on=json.dumps(workers)
+        )
+    except (JobConflict, JobNotFound):
+        pass  # the attempt is no longer ours: its end will not be recorded either
+
+
+def _peers(runtime: Runtime) -> list[str]:
+    """Live workers of this engine, besides this one, whose breaker lets them take jobs."""
+    settings = runtime.settings
+    names = [n.decode() for n in runtime.redis.zrangebyscore(workers_index(settings), time.time() - settings.lease_s, "+inf")]
+    names = [name for name in names if name != runtime.name]
+    states = [json.loads(s) for s in runtime.redis.mget([worker_key(settings, n) for n in names]) if s] if names else []
+    return [
+        state["name"]
+        for state in states
+        if state.get("engine") == runtime.engine_name and state.get("breaker", {}).get("state") != BreakerState.open.value
+    ]
+
+
+def hand_back(runtime: Runtime, job_id: str, *, passes: int = 0) -> str:
     """Put a job this worker will not run back on its queue, untouched, for a peer."""
     try:
         record = runtime.store.get(job_id)
@@ -280,9 +349,10 @@ def hand_back(runtime: Runtime, job_id: str) -> str:
         return "missing"
     if record["status"] != JobStatus.queued.value:
         return record["status"]
-    push = requeue_push(runtime.settings, record)
-    runtime.redis.rpush(push["key"], push["message"])
-    log.info("job %s handed back to the queue (breaker %s)", job_id, runtime.breaker.state.value)
+    push = requeue_push(runtime.settings, record, passes=passes)
+    (runtime.redis.lpush if push.get("back") else runtime.redis.rpush)(push["key"], push["message"])
+    why = "it faulted here" if passes else f"breaker {runtime.breaker.state.value}"
+    log.info("job %s handed back to the queue (%s)", job_id, why)
     return "handed_back"
 
 
@@ -345,12 +415,29 @@ class _Finisher:
 
 
 def _store_artifacts(value: Any, artifacts: ArtifactStore) -> Any:
-    """The output with each ``Artifact`` stored and replaced by its URL and digest."""
-    if isinstance(value, Artifact):
-        key = artifacts.put(value.data, value.extension)
-        return {"url": artifact_url(key), "content_type": value.content_type, **value.meta, "sha256": key.split(".", 1)[0]}
-    if isinstance(value, dict):
-        return {k: _store_artifacts(v, artifacts) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_store_artifacts(v, artifacts) for v in value]
-    return value
+    """The output with each ``Artifact`` stored and replaced by its URL and digest.
+
+    It walks the output with a stack of its own, not by recursion: an output (an echo's is
+    its input) may be nested deeper than Python's recursion limit."""
+
+    def stored(item: Any) -> Any:
+        if isinstance(item, Artifact):
+            key = artifacts.put(item.data, item.extension)
+            return {"url": artifact_url(key), "content_type": item.content_type, **item.meta, "sha256": key.split(".", 1)[0]}
+        if isinstance(item, dict):
+            copy: dict[str, Any] = dict(item)
+            pending.append(copy)
+            return copy
+        if isinstance(item, list):
+            copy_list = list(item)
+            pending.append(copy_list)
+            return copy_list
+        return item
+
+    pending: list[Any] = []
+    top = stored(value)
+    while pending:
+        container = pending.pop()
+        for k, v in (container.items() if isinstance(container, dict) else enumerate(container)):
+            container[k] = stored(v)
+    return top

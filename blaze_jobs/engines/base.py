@@ -1,14 +1,23 @@
 """What every engine offers the worker: batch keys, a batched run, and clean-up.
 
+Faults are classified by where they happen, not by their type. Resolving and validating a
+request's input (its defaults, its batch key, its tokens) is the request's territory:
+whatever fails there fails that job alone, as ``RequestError`` (``request_territory``).
+What happens on the device is the worker's: any other exception out of an engine is a
+worker fault, which counts against the worker's breaker, and the job runs elsewhere.
+
 Kept free of heavy imports (torch, diffusers) so the API and tests can import it cheaply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
+
+from blaze_jobs.errors import BlazeError, RequestError
 
 
 @dataclass(eq=False)
@@ -36,6 +45,19 @@ class Artifact:
         return len(self.data)
 
 
+@contextmanager
+def request_territory(what: str) -> Iterator[None]:
+    """Code that reads a request's input: anything it raises (a ``RecursionError`` on a
+    deeply nested input, a ``ValueError`` from a tokenizer) is the request's fault. Errors
+    Blaze Jobs raises on purpose (a ``WorkerFault`` from a model load) pass unchanged."""
+    try:
+        yield
+    except BlazeError:
+        raise
+    except Exception as exc:
+        raise RequestError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
 def _never() -> bool:
     return False
 
@@ -61,7 +83,8 @@ class Engine:
     batches: ClassVar[bool] = True
 
     def batch_key(self, request: EngineRequest) -> tuple:
-        """Requests whose keys are equal may run together in one ``run_batch`` call."""
+        """Requests whose keys are equal may run together in one ``run_batch`` call (the
+        batcher calls it in request territory)."""
         # Safe default for engines that cannot batch: every request is alone.
         return (self.name, request.job_id)
 
@@ -70,7 +93,9 @@ class Engine:
 
         A result is the request's output (a JSON-able dict whose values may include
         Artifacts, also nested in lists or dicts) or the exception that failed only that
-        request; an exception raised out of ``run_batch`` fails the whole batch.
+        request; an exception raised out of ``run_batch`` fails the whole batch. An engine
+        resolves each request's input in ``request_territory``; any other exception is a
+        worker fault.
         """
         raise NotImplementedError
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from diffusers import StableDiffusionPipeline
 
-from blaze_jobs.engines.base import Artifact, Engine, EngineRequest
+from blaze_jobs.engines.base import Artifact, Engine, EngineRequest, request_territory
 from blaze_jobs.errors import BlazeError, JobCanceled, RequestError, WorkerFault
 from blaze_jobs.models import builtin_path
 
@@ -95,9 +95,10 @@ class DiffusionEngine(Engine):
                 for i in members:
                     results[i] = exc
                 continue
+            max_steps = getattr(pipes[model].scheduler.config, "num_train_timesteps", None)
             for i in members:
                 try:
-                    jobs[i] = _resolve(requests[i], default_size=self._default_sizes[model])
+                    jobs[i] = _resolve(requests[i], default_size=self._default_sizes[model], max_steps=max_steps)
                 except RequestError as exc:
                     results[i] = exc
         # 2. One pipeline call per group of equal keys (a caller normally sends one group).
@@ -177,6 +178,10 @@ class DiffusionEngine(Engine):
         return [result for job in jobs for result in self._run_group(pipe, [job])]
 
     def _fault(self, exc: Exception, job: _Job) -> BaseException:
+        # On the device every error is the worker's, whatever its type: the request was
+        # resolved and checked before (``_resolve``), so a ValueError here is an engine or
+        # library bug, and one that a request's content still provokes faults every worker
+        # it meets, which fails it as the request's own (worker.py).
         if isinstance(exc, BlazeError):
             return exc
         if _is_out_of_memory(exc):
@@ -186,9 +191,6 @@ class DiffusionEngine(Engine):
                 torch.cuda.empty_cache()
             what = f"{job.num_outputs} image(s) of {job.width}x{job.height} with {job.request.model!r}"
             error: BlazeError = WorkerFault(f"out of memory generating {what} on {self.device}")
-        elif isinstance(exc, (ValueError, TypeError)):
-            # What the pipeline's own input checks raise.
-            error = RequestError(f"invalid input for {job.request.model!r}: {exc}")
         else:
             error = WorkerFault(f"diffusion pipeline failed with {job.request.model!r} on {self.device}: {exc!r}")
         error.__cause__ = exc
@@ -256,7 +258,14 @@ class DiffusionEngine(Engine):
         return results
 
 
-def _resolve(request: EngineRequest, *, default_size: tuple[int, int]) -> _Job:
+def _resolve(request: EngineRequest, *, default_size: tuple[int, int], max_steps: int | None = None) -> _Job:
+    # Resolving a request reads only its input: whatever fails here is the request's
+    # (engines.base), even an error of a kind that no check below foresaw.
+    with request_territory(f"input for {request.model!r}"):
+        return _read(request, default_size=default_size, max_steps=max_steps)
+
+
+def _read(request: EngineRequest, *, default_size: tuple[int, int], max_steps: int | None) -> _Job:
     # The API validated the input already; these checks guard direct callers and keep a
     # bad value from failing a whole batch inside the pipeline.
     data = request.input
@@ -273,13 +282,17 @@ def _resolve(request: EngineRequest, *, default_size: tuple[int, int]) -> _Job:
     if output_format not in _FORMATS:
         raise RequestError(f"output_format: must be one of {sorted(_FORMATS)}, got {output_format!r}")
     guidance = data.get("guidance_scale")
+    steps = _int(data, "num_inference_steps", 20, minimum=1)
+    if max_steps is not None and steps > max_steps:
+        # The scheduler refuses more steps than the model was trained with.
+        raise RequestError(f"num_inference_steps: this model takes at most {max_steps}, got {steps}")
     return _Job(
         request=request,
         prompt=prompt,
         negative_prompt=negative,
         width=width,
         height=height,
-        steps=_int(data, "num_inference_steps", 20, minimum=1),
+        steps=steps,
         guidance_scale=7.5 if guidance is None else float(guidance),
         seed=secrets.randbits(32) if seed is None else _int(data, "seed", 0, minimum=0),
         num_outputs=_int(data, "num_outputs", 1, minimum=1),

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from blaze_jobs.engines.base import Engine, EngineRequest
+from blaze_jobs.engines.base import Engine, EngineRequest, request_territory
 from blaze_jobs.errors import BlazeError, RequestError, WorkerFault
 from blaze_jobs.models import builtin_path
 from blaze_jobs.textgen import TextGenerator, TextRequest
@@ -71,7 +71,9 @@ class LLMEngine(Engine):
         try:
             with self._lock:
                 generator = self._generator(request.model)
-                text_request = _resolve(request, generator)
+                # Tokenizing and checking the input is the request's territory (engines.base).
+                with request_territory(f"input for {request.model!r}"):
+                    text_request = _resolve(request, generator)
                 return generator.submit(text_request)
         except BlazeError as error:
             future: Future = Future()
