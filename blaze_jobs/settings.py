@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     #: First cool-down of an open breaker; it doubles on each failed probe, up to the max.
     breaker_cooldown_s: float = 30.0
     breaker_max_cooldown_s: float = 600.0
+    #: Times a worker puts a job that faulted on it back on the queue for a live peer before
+    #: it runs the job again itself: an idle peer takes it at the first pass; the bound keeps
+    #: a worker whose peers are all busy from cycling one message.
+    fault_handbacks: int = 5
     #: A running job's lease: its worker renews it every third of this; when a worker dies,
     #: any live worker hands the job to the queue again once the lease has run out.
     lease_s: float = 30.0
