@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import copy
+from typing import Any
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
+
+from blaze_jobs.settings import get_settings
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging, with the API's own loggers (``api.*``: every problem answered,
+    under its id) written the same way."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["api"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
 
 
 def main() -> None:
@@ -14,6 +27,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args()
+    # X-Forwarded-For and -Proto are believed only from the proxies configured: uvicorn
+    # alone believes them from 127.0.0.1, so any local process could claim any address.
+    proxies = get_settings().trusted_proxies
     uvicorn.run(
         "api.app:create_app",
         factory=True,
@@ -23,7 +39,10 @@ def main() -> None:
         loop="uvloop",
         http="httptools",
         log_level=args.log_level,
+        log_config=log_config(args.log_level),
         access_log=args.log_level == "debug",
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=",".join(proxies) or None,
     )
 
 

@@ -10,17 +10,18 @@ from contextlib import asynccontextmanager
 from typing import Annotated, AsyncIterator, Literal
 
 import redis
+import redis.asyncio
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import Response
 
-from api import connections, problems, push
+from api import bounds, problems, push
 from api.problems import InputProblem
 from api.push import base_url
 from api.responses import JSONResponse
 from blaze_jobs import cache
 from blaze_jobs.artifacts import KEY_PATTERN, artifact_store, content_type
 from blaze_jobs.broker import queue_key, task_message
-from blaze_jobs.jobs import DiffusionJobCreate, Job, JobCreate, JobPage, JobStatus, LLMInput, LLMJobCreate, job_view, new_record
+from blaze_jobs.jobs import Job, JobCreate, JobPage, JobStatus, job_view, new_record
 from blaze_jobs.settings import ENGINES, Settings, get_settings
 from blaze_jobs.heartbeat import workers_index
 from blaze_jobs.store import CURSOR, AsyncJobStore, queue_create
@@ -38,8 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeouts = {"socket_timeout": settings.redis_timeout_s, "socket_connect_timeout": settings.redis_timeout_s}
-        # One bounded pool that a burst waits for (long-polls and event streams take none).
-        app.state.redis = connections.connect(settings)
+        app.state.redis = redis.asyncio.Redis.from_url(settings.redis_url, **timeouts)
         app.state.store = AsyncJobStore(app.state.redis, settings)
         # Artifacts are read in FastAPI's thread pool through the same store workers write with.
         app.state.artifacts = artifact_store(settings, redis.Redis.from_url(settings.redis_url, **timeouts))
@@ -57,9 +57,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         summary="An asynchronous job queue for generative AI.",
         lifespan=lifespan,
-        responses={422: PROBLEM, 503: PROBLEM},
+        responses={413: PROBLEM, 422: PROBLEM, 503: PROBLEM},
     )
     problems.install(app)
+    bounds.install(app, settings)
 
     cache_keys = cache.CacheKeys(settings.redis_prefix)
 
@@ -71,10 +72,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         model = body.model or settings.default_model(engine)
         if model not in settings.allowed_models(engine):
             raise InputProblem("model", f"unknown model {model!r} for engine {engine}; known: {settings.allowed_models(engine)}")
-        check_bounds(body, settings)
+        bounds.check_bounds(body, settings)
         job_id = str(uuid.uuid4())
         job_input = body.input.model_dump(exclude_none=True)
         record = new_record(job_id=job_id, engine=engine, model=model, input=job_input, created_at=time.time())
+        bounds.check_input(job_input, stored=record["input"], settings=settings)
         record.update(await push.webhook_fields(body, settings))
         store: AsyncJobStore = request.app.state.store
         # 2. A deterministic request computed before is born succeeded, with no worker involved.
@@ -107,9 +109,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def get_job(
         request: Request,
         job_id: str,
-        wait: Annotated[
-            float, Query(ge=0, description="Long-poll: answer as soon as the job ends, or after this many seconds (at most BLAZE_MAX_WAIT_S).")
-        ] = 0,
+        # Defaults, not Annotated: a bound read from `settings` cannot be named in an annotation.
+        wait: float = Query(
+            0,
+            ge=0,
+            le=settings.max_wait_s,
+            description="Long-poll: answer as soon as the job ends, or after this many seconds (at most BLAZE_MAX_WAIT_S).",
+        ),
     ) -> JSONResponse:
         """The job as it stands now; with `wait`, once it ends (or when the wait runs out)."""
         record = await push.job_after_wait(request, job_id, wait)
@@ -120,14 +126,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request: Request,
         status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
         engine: Annotated[Literal[ENGINES] | None, Query(description="Only jobs of this engine.")] = None,  # type: ignore[valid-type]
-        limit: Annotated[int, Query(ge=1, description="Page size, at most BLAZE_LIST_LIMIT_MAX.")] = 50,
-        cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+        limit: int = Query(50, ge=1, le=settings.list_limit_max, description="Page size, at most BLAZE_LIST_LIMIT_MAX."),
+        cursor: Annotated[str | None, Query(pattern=CURSOR.pattern, description="`next_cursor` of the previous page.")] = None,
     ) -> JSONResponse:
         """Jobs, newest first, a page at a time."""
-        if limit > settings.list_limit_max:
-            raise InputProblem("limit", f"must be at most {settings.list_limit_max}")
-        if cursor is not None and not CURSOR.match(cursor):
-            raise InputProblem("cursor", "not a cursor this API returned")
         records, next_cursor = await request.app.state.store.list(
             status=status.value if status else None, engine=engine, limit=limit, cursor=cursor
         )
@@ -180,40 +182,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(push.router)
     return app
 
-
-def check_bounds(body: JobCreate, settings: Settings) -> None:
-    """Reject input beyond this deployment's bounds, naming the field."""
-    if isinstance(body, DiffusionJobCreate):
-        job = body.input
-        limits = (
-            ("input.prompt", len(job.prompt), settings.max_prompt_chars, "characters"),
-            ("input.negative_prompt", len(job.negative_prompt or ""), settings.max_prompt_chars, "characters"),
-            ("input.width", job.width or 0, settings.max_width, "pixels"),
-            ("input.height", job.height or 0, settings.max_height, "pixels"),
-            ("input.num_inference_steps", job.num_inference_steps, settings.max_steps, "steps"),
-            ("input.num_outputs", job.num_outputs, settings.max_outputs, "images"),
-        )
-        for field, value, bound, unit in limits:
-            if value > bound:
-                raise InputProblem(field, f"{value} exceeds the limit of {bound} {unit}")
-        if job.width and job.height and job.width * job.height > settings.max_pixels:
-            raise InputProblem("input.width", f"{job.width}x{job.height} exceeds the limit of {settings.max_pixels} pixels")
-    elif isinstance(body, LLMJobCreate):
-        _check_text_bounds(body.input, settings)
-    elif body.input.sleep_ms > settings.max_sleep_ms:
-        raise InputProblem("input.sleep_ms", f"{body.input.sleep_ms} exceeds the limit of {settings.max_sleep_ms} ms")
-
-
-def _check_text_bounds(job: LLMInput, settings: Settings) -> None:
-    chars = len(job.prompt) if job.prompt is not None else sum(len(m.content) for m in job.messages or [])
-    stop = job.stop or []
-    limits = (
-        ("input.max_new_tokens", job.max_new_tokens, settings.llm_max_new_tokens, "tokens"),
-        ("input.prompt" if job.prompt is not None else "input.messages", chars, settings.llm_max_prompt_chars, "characters"),
-        ("input.messages", len(job.messages or []), settings.llm_max_messages, "messages"),
-        ("input.stop", len(stop), settings.llm_max_stop, "strings"),
-        ("input.stop", max(map(len, stop), default=0), settings.llm_max_stop_chars, "characters in a stop string"),
-    )
-    for field, value, bound, unit in limits:
-        if value > bound:
-            raise InputProblem(field, f"{value} exceeds the limit of {bound} {unit}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
+from http import HTTPStatus
 from typing import Any, Iterable
 
 import redis.exceptions
@@ -9,8 +12,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.connections import Busy
 from blaze_jobs.errors import JobConflict, JobNotFound
 from blaze_jobs.settings import ENGINES
 
@@ -23,6 +27,7 @@ PROBLEM_SCHEMA = {
         "title": {"type": "string"},
         "status": {"type": "integer"},
         "detail": {"type": "string"},
+        "id": {"type": "string", "description": "This answer's id; the API's log carries it, with the cause."},
         "errors": {
             "type": "array",
             "description": "One entry per faulty field, e.g. `input.width`.",
@@ -32,6 +37,8 @@ PROBLEM_SCHEMA = {
 }
 #: How long a client should wait before retrying while Redis is unreachable.
 RETRY_AFTER_S = 2
+
+log = logging.getLogger("api.problems")
 
 
 class InputProblem(Exception):
@@ -43,8 +50,15 @@ class InputProblem(Exception):
         self.message = message
 
 
-def problem(status: int, title: str, detail: str, *, errors: list[dict[str, str]] | None = None, **headers: str) -> JSONResponse:
-    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+def problem(
+    status: int, title: str, detail: str, *, errors: list[dict[str, str]] | None = None, problem_id: str = "", **headers: str
+) -> JSONResponse:
+    """A problem+json answer with an id the log carries (a caller that logged the cause
+    itself passes its ``problem_id``)."""
+    if not problem_id:
+        problem_id = str(uuid.uuid4())
+        log.log(logging.ERROR if status >= 500 else logging.INFO, "problem %s: %d %s: %s", problem_id, status, title, detail)
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail, "id": problem_id}
     if errors:
         body["errors"] = errors
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers or None)
@@ -66,7 +80,8 @@ def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     for error in exc.errors():
         loc = list(error.get("loc", ()))
         if error.get("type") == "json_invalid":
-            errors.append({"field": "body", "message": "the body is not valid JSON"})
+            why = error.get("ctx", {}).get("error")
+            errors.append({"field": "body", "message": f"the body is not valid JSON ({why})" if why else "the body is not valid JSON"})
             continue
         if error.get("type") in ("union_tag_invalid", "union_tag_not_found"):
             loc.append(error.get("ctx", {}).get("discriminator", "").strip("'"))
@@ -75,8 +90,49 @@ def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     return problem(422, "Invalid request", detail, errors=errors)
 
 
+class UnexpectedErrors:
+    """ASGI middleware: an exception no handler took is a 500 problem whose id the log
+    carries with the traceback. Answered here, below Starlette's last-resort handler, the
+    connection stays open and the traceback is logged once."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_start)
+        except Exception:
+            problem_id = str(uuid.uuid4())
+            log.exception("problem %s: 500 on %s %s", problem_id, scope.get("method"), scope.get("path"))
+            if started:  # half an answer is out: only the server can end it, by closing
+                raise
+            detail = f"an unexpected error; the API's log has its cause under id {problem_id}"
+            await problem(500, "Internal error", detail, problem_id=problem_id)(scope, receive, send)
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route takes at the request's path (Starlette's 405 names only the
+    first route that matched the path, so `GET /v1/jobs` was missing from a `DELETE`'s)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
 def install(app: FastAPI) -> None:
     """Map every error the API can meet to a problem+json answer."""
+    app.add_middleware(UnexpectedErrors)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -96,12 +152,15 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
-        return problem(exc.status_code, str(exc.detail), str(exc.detail))
-
-    @app.exception_handler(Busy)
-    async def on_busy(request: Request, exc: Busy) -> JSONResponse:
-        # A bound of the API process (its Redis pool, its waiters), not a Redis fault.
-        return problem(503, "API busy", f"{exc}; retry shortly", **{"Retry-After": str(RETRY_AFTER_S)})
+        # Its headers say how to go on: `Allow` on a 405, `WWW-Authenticate` on a 401.
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request)
+        try:
+            title = HTTPStatus(exc.status_code).phrase
+        except ValueError:  # a status code Python has no name for
+            title = str(exc.detail)
+        return problem(exc.status_code, title, str(exc.detail), **headers)
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)

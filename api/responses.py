@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import orjson
 from fastapi.responses import JSONResponse as _StandardJSONResponse
+
+#: Half of a UTF-16 pair, alone: Python strings may hold one, UTF-8 text may not.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class JSONResponse(_StandardJSONResponse):
@@ -15,5 +20,17 @@ class JSONResponse(_StandardJSONResponse):
     def render(self, content: Any) -> bytes:
         try:
             return orjson.dumps(content)
-        except TypeError:  # what orjson refuses, such as integers beyond 64 bits in an echo input
-            return super().render(content)
+        except TypeError:  # orjson.JSONEncodeError: see below
+            return render_anything(content)
+
+
+def render_anything(content: Any) -> bytes:
+    """JSON for what orjson refuses: integers beyond 64 bits, kept; and what records stored
+    before the API bounded input may hold and no JSON can (NaN and Infinity, null here as in
+    orjson; lone surrogates, U+FFFD), so such a job is still readable, and so is every page
+    that lists it. Nesting deeper than orjson's 255 is written by the standard encoder."""
+    text = json.dumps(content, ensure_ascii=False, allow_nan=True, separators=(",", ":"))
+    text = LONE_SURROGATE.sub("\ufffd", text)
+    if "NaN" in text or "Infinity" in text:  # as tokens, or only inside strings: read back to tell
+        text = json.dumps(json.loads(text, parse_constant=lambda _: None), ensure_ascii=False, separators=(",", ":"))
+    return text.encode()

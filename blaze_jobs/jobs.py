@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, model_validator
 
 
 class JobStatus(str, Enum):
@@ -29,6 +29,18 @@ class JobStatus(str, Enum):
 # --- what a client sends ----------------------------------------------------------------
 
 
+def _integral(value: Any) -> Any:
+    # JSON has one kind of number, and JSON Schema calls 5.0 an integer; strict mode, which
+    # keeps "64" from passing as a width, would refuse 5.0 too.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+#: An integer as JSON may write it: `5` or `5.0`, never `5.5` or `"5"`.
+JSONInt = Annotated[int, BeforeValidator(_integral)]
+#: The same or null. (`JSONInt | None` would hide the field's bounds from its JSON Schema.)
+OptionalJSONInt = Annotated[int | None, BeforeValidator(_integral)]
+
+
 class DiffusionInput(BaseModel):
     """Input of an image job. Bounds beyond the ones shown are deployment settings
     (``BLAZE_MAX_WIDTH``, ``BLAZE_MAX_PIXELS``, ``BLAZE_MAX_STEPS`` …)."""
@@ -37,22 +49,22 @@ class DiffusionInput(BaseModel):
 
     prompt: str = Field(min_length=1, description="What the image should show.")
     negative_prompt: str | None = Field(None, description="What the image should avoid.")
-    width: int | None = Field(
+    width: OptionalJSONInt = Field(
         None, ge=8, multiple_of=8, description="Width in pixels, a multiple of 8. Defaults to the model's own size."
     )
-    height: int | None = Field(
+    height: OptionalJSONInt = Field(
         None, ge=8, multiple_of=8, description="Height in pixels, a multiple of 8. Defaults to the model's own size."
     )
-    num_inference_steps: int = Field(20, ge=1, description="Denoising steps; more is slower and finer.")
+    num_inference_steps: JSONInt = Field(20, ge=1, description="Denoising steps; more is slower and finer.")
     guidance_scale: float = Field(7.5, ge=0, le=50, description="How strongly the image follows the prompt.")
-    seed: int | None = Field(
+    seed: OptionalJSONInt = Field(
         None,
         ge=0,
         le=2**32 - 1,
         description="Random seed. The same seed and input give the same image bytes. "
         "Drawn at random (and reported in the output) when absent.",
     )
-    num_outputs: int = Field(1, ge=1, description="How many images; image i uses seed + i.")
+    num_outputs: JSONInt = Field(1, ge=1, description="How many images; image i uses seed + i.")
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the images.")
 
 
@@ -62,7 +74,7 @@ class EchoInput(BaseModel):
 
     model_config = ConfigDict(extra="allow", strict=True)
 
-    sleep_ms: int = Field(0, ge=0, description="Wait this long before answering (bounded by BLAZE_MAX_SLEEP_MS).")
+    sleep_ms: JSONInt = Field(0, ge=0, description="Wait this long before answering (bounded by BLAZE_MAX_SLEEP_MS).")
 
 
 class ChatMessage(BaseModel):
@@ -79,7 +91,17 @@ class LLMInput(BaseModel):
     Bounds beyond the ones shown are deployment settings (``BLAZE_LLM_MAX_NEW_TOKENS``,
     ``BLAZE_LLM_MAX_PROMPT_CHARS``, ``BLAZE_LLM_MAX_MESSAGES``, ``BLAZE_LLM_MAX_STOP`` …)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        # The schema says what the validator below checks: a prompt or messages, not both.
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+            ]
+        },
+    )
 
     prompt: str | None = Field(None, min_length=1, description="Text for the model to continue.")
     messages: list[ChatMessage] | None = Field(
@@ -87,14 +109,14 @@ class LLMInput(BaseModel):
         min_length=1,
         description="A chat, rendered with the model's chat template; the model writes the assistant's next turn.",
     )
-    max_new_tokens: int = Field(128, ge=1, description="Most tokens to generate.")
+    max_new_tokens: JSONInt = Field(128, ge=1, description="Most tokens to generate.")
     temperature: float = Field(
         1.0, ge=0, le=2, description="Sampling temperature; 0 takes the likeliest token every time (greedy)."
     )
     top_p: float = Field(
         1.0, gt=0, le=1, description="Nucleus sampling: draw from the likeliest tokens whose probabilities add up to this."
     )
-    seed: int | None = Field(
+    seed: OptionalJSONInt = Field(
         None,
         ge=0,
         le=2**32 - 1,

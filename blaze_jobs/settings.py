@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     #: The API's address as clients reach it, for the URLs it hands out; when empty, the
     #: address each request came in on.
     public_url: str = ""
+    #: Addresses (or networks) of reverse proxies whose ``X-Forwarded-For`` and
+    #: ``X-Forwarded-Proto`` the API believes (comma-separated). Empty: none, so no client
+    #: can claim another address or scheme (uvicorn alone would trust 127.0.0.1).
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: Store artifacts as files under this directory (shared by every host) instead of Redis.
     artifact_dir: Path | None = None
 
@@ -40,13 +44,6 @@ class Settings(BaseSettings):
     list_limit_max: int = 200
     #: How long the API waits for Redis before it answers 503 instead of hanging the client.
     redis_timeout_s: float = 2.0
-    #: Redis connections one API process opens. A request holds one for a round trip
-    #: (well under a millisecond), so 64 keep Redis busy; a burst beyond that waits its
-    #: turn in the pool rather than opening more (long-polls and event streams hold none).
-    redis_max_connections: int = 64
-    #: How long a request waits for a pooled connection before the API answers 503 busy:
-    #: a burst of hundreds of creates drains in well under a second.
-    redis_pool_wait_s: float = 5.0
 
     # --- engines ------------------------------------------------------------------------
     diffusion_model: str = "builtin:tiny-sd"
@@ -73,6 +70,18 @@ class Settings(BaseSettings):
     max_prompt_chars: int = 2_000
     #: The echo engine sleeps at most this long (it exists for tests and benchmarks).
     max_sleep_ms: int = 60_000
+    # Bounds on every request, checked before anything is stored.
+    #: A body is read whole into memory and parsed before any other check: 1 MiB holds the
+    #: largest input allowed below even with every character written as a \u escape.
+    max_body_bytes: int = 1_048_576
+    #: A job's input as stored: 256 KiB is above the largest text input the bounds below
+    #: allow (16,000 characters at 12 bytes each, as stored) and bounds what one echo job
+    #: costs Redis (a 10 MB one cost about 60 MB).
+    max_input_bytes: int = 262_144
+    #: Nesting of a job's input: no engine reads deeper than 3 levels (chat messages); 32
+    #: leaves room for echo's free-form fields and stays far below the depth at which
+    #: orjson (255), Lua's cjson (1,000) and Python's recursion limit (1,000) give up.
+    max_input_depth: int = 32
     # Bounds on text input. 1,024 new tokens is a long answer and keeps one job from holding
     # a batch slot for minutes; the prompt is bounded in characters here, and in tokens by
     # the worker against the model's context length.
@@ -99,10 +108,6 @@ class Settings(BaseSettings):
     #: First cool-down of an open breaker; it doubles on each failed probe, up to the max.
     breaker_cooldown_s: float = 30.0
     breaker_max_cooldown_s: float = 600.0
-    #: Times a worker puts a job that faulted on it back on the queue for a live peer before
-    #: it runs the job again itself: an idle peer takes it at the first pass; the bound keeps
-    #: a worker whose peers are all busy from cycling one message.
-    fault_handbacks: int = 5
     #: A running job's lease: its worker renews it every third of this; when a worker dies,
     #: any live worker hands the job to the queue again once the lease has run out.
     lease_s: float = 30.0
@@ -127,10 +132,9 @@ class Settings(BaseSettings):
     #: Longest ``?wait=`` (and ``Prefer: wait=``) one request may hold: 60 s stays under the
     #: idle timeout of common proxies and load balancers.
     max_wait_s: float = 60.0
-    #: Long-polls and event streams one API process serves at once (more are a 503 busy).
-    #: A waiter holds no Redis connection, only its socket and a few KB: the API raises its
-    #: open-file limit to fit, as far as the hard limit (``ulimit -Hn``) allows.
-    max_waiters: int = 10_000
+    #: Long-polls and event streams one API process serves at once; each holds a Redis
+    #: connection while it waits.
+    max_waiters: int = 1000
     #: A running job reports progress at most this often, in seconds; 0 turns progress off.
     progress_interval_s: float = 0.5
     #: The ``whsec_`` secret webhooks are signed with. Empty: one is generated on first use
@@ -155,7 +159,7 @@ class Settings(BaseSettings):
     #: Deliveries one webhook worker sends at once: threads, since the work is waiting.
     webhook_concurrency: int = 16
     #: Bearer token of administrative endpoints (``GET /v1/webhooks/secret``). Empty: they
-    #: answer nobody (403), since a caller's address proves nothing.
+    #: answer only callers on the API's own host (loopback).
     admin_token: str = ""
 
     # --- Celery -------------------------------------------------------------------------
@@ -168,7 +172,7 @@ class Settings(BaseSettings):
     #: ``user:password`` for Flower's login; empty leaves Flower open (local use only).
     flower_basic_auth: str = ""
 
-    @field_validator("diffusion_models", "llm_models", "webhook_retry_schedule", mode="before")
+    @field_validator("diffusion_models", "llm_models", "webhook_retry_schedule", "trusted_proxies", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
         if isinstance(value, str):

@@ -66,11 +66,12 @@ def jobs_in_redis(settings: Settings) -> Iterator[Callable[[], int]]:
 
 
 def assert_problem(response: httpx.Response, status: int, *, field: str | None = None) -> dict[str, Any]:
-    """The response is an RFC 9457 problem with ``status``, naming ``field`` when given."""
+    """The response is an RFC 9457 problem with ``status`` and an id (which the API's log
+    carries), naming ``field`` when given."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith(PROBLEM_JSON), response.headers
     problem = response.json()
-    assert {"type", "title", "status", "detail"} <= problem.keys(), problem
+    assert {"type", "title", "status", "detail", "id"} <= problem.keys(), problem
     assert problem["status"] == status
     assert problem["title"] and problem["detail"]
     if field is not None:
@@ -130,8 +131,15 @@ def test_a_job_without_an_engine_names_the_engine_field(http: httpx.Client) -> N
 
 @pytest.mark.parametrize(
     "content",
-    [b"{not json", b"", b'{"engine": "diffusion", "input": {"prompt": "a fox"', b"\xff\xfe"],
-    ids=["garbage", "empty", "truncated", "not utf-8"],
+    [
+        b"{not json",
+        b"",
+        b'{"engine": "diffusion", "input": {"prompt": "a fox"',
+        b"\xff\xfe",
+        b'{"engine": "diffusion", "input": {"prompt": "a \xff fox"}}',
+        b'{"engine": "echo", "input": {"deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}",
+    ],
+    ids=["garbage", "empty", "truncated", "not utf-8", "not utf-8 inside a string", "too deep to parse"],
 )
 def test_a_body_that_is_not_json_is_refused(http: httpx.Client, jobs_in_redis: Any, content: bytes) -> None:
     # Given a body that claims to be JSON but is not
@@ -177,6 +185,15 @@ def test_a_bad_read_or_cancel_is_a_problem(
     assert jobs_in_redis() == before
 
 
+def test_a_wrong_method_names_every_method_the_path_takes(http: httpx.Client) -> None:
+    # When a client uses a method no route at `/v1/jobs` takes
+    response = http.delete("/v1/jobs")
+
+    # Then the 405 problem says which methods the path does take: listing and creating
+    assert_problem(response, 405)
+    assert sorted(m.strip() for m in response.headers["allow"].split(",")) == ["GET", "POST"]
+
+
 def test_a_bad_request_changes_no_listing(http: httpx.Client) -> None:
     # Given the job list as it stands
     listed = http.get("/v1/jobs", params={"limit": 200}).json()
@@ -206,6 +223,8 @@ def test_the_openapi_page_documents_the_image_input(http: httpx.Client) -> None:
     assert set(fields["output_format"]["enum"]) == {"png", "jpeg", "webp"}
     # And its problem answers are declared
     assert PROBLEM_JSON in spec["paths"]["/v1/jobs"]["post"]["responses"]["422"]["content"]
+    assert PROBLEM_JSON in spec["paths"]["/v1/jobs"]["post"]["responses"]["413"]["content"]
+    assert "400" not in spec["paths"]["/v1/jobs"]["post"]["responses"]
     assert "404" in spec["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]
 
     # And the interactive docs answer

@@ -1,0 +1,222 @@
+"""Request bounds: what one request may cost before anything is stored.
+
+The body is bounded while it is read (``BLAZE_MAX_BODY_BYTES``, 413);
+it must be UTF-8 JSON; a job's input must be JSON that every reader can read back (no NaN or
+Infinity, no lone UTF-16 surrogates), no deeper than ``BLAZE_MAX_INPUT_DEPTH`` and no larger
+as stored than ``BLAZE_MAX_INPUT_BYTES``; and each engine's fields stay within the
+deployment's bounds. The OpenAPI document states the same bounds, read from the settings the
+app was made with, so a request that the schema allows is one the API accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Coroutine
+
+from fastapi import FastAPI, Request, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.problems import InputProblem, problem
+from api.responses import LONE_SURROGATE
+from blaze_jobs.jobs import ChatMessage, DiffusionInput, DiffusionJobCreate, EchoInput, JobCreate, LLMInput, LLMJobCreate
+from blaze_jobs.settings import Settings
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An upper bound on one input field, set by the deployment: a length for text and
+    lists, a value for numbers."""
+
+    model: type[BaseModel]
+    field: str
+    setting: str
+    unit: str
+
+
+BOUNDS = (
+    Bound(DiffusionInput, "prompt", "max_prompt_chars", "characters"),
+    Bound(DiffusionInput, "negative_prompt", "max_prompt_chars", "characters"),
+    Bound(DiffusionInput, "width", "max_width", "pixels"),
+    Bound(DiffusionInput, "height", "max_height", "pixels"),
+    Bound(DiffusionInput, "num_inference_steps", "max_steps", "steps"),
+    Bound(DiffusionInput, "num_outputs", "max_outputs", "images"),
+    Bound(EchoInput, "sleep_ms", "max_sleep_ms", "ms"),
+    Bound(LLMInput, "max_new_tokens", "llm_max_new_tokens", "tokens"),
+    Bound(LLMInput, "prompt", "llm_max_prompt_chars", "characters"),
+    Bound(LLMInput, "messages", "llm_max_messages", "messages"),
+    Bound(LLMInput, "stop", "llm_max_stop", "strings"),
+)
+
+
+# --- the body ---------------------------------------------------------------------------
+
+
+class BodyLimit:
+    """ASGI middleware: a body longer than ``max_bytes`` is a 413 problem, refused on its
+    Content-Length before a byte is read, or as soon as what arrives passes the bound (a
+    chunked body). FastAPI's own ``max_body_size`` answers a plain-text 413 instead."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((value for key, value in scope["headers"] if key == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self.too_large()(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_bounded() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                # An HTTPException, so that FastAPI's body reading lets it through to the
+                # problem handlers rather than calling it a parse error (400).
+                raise HTTPException(413, self.detail)
+            return message
+
+        await self.app(scope, receive_bounded, send)
+
+    @property
+    def detail(self) -> str:
+        return f"the body exceeds the limit of {self.max_bytes} bytes"
+
+    def too_large(self) -> Response:
+        # The unread body is still on its way: end the connection rather than read it.
+        return problem(413, "Content Too Large", self.detail, Connection="close")
+
+
+class JSONBodyRequest(Request):
+    """A request whose JSON body is read as RFC 8259 says: UTF-8, and a body too deeply
+    nested to read is bad JSON (422), not a fault of the parser (FastAPI's 400)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise json.JSONDecodeError(f"not UTF-8 at byte {error.start}", "", 0) from None
+            try:
+                self._json = json.loads(text)
+            except RecursionError:
+                raise json.JSONDecodeError("nested too deeply to read", "", 0) from None
+        return self._json
+
+
+class JSONBodyRoute(APIRoute):
+    """A route that reads its body with :class:`JSONBodyRequest`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def read_json_strictly(request: Request) -> Response:
+            return await handler(JSONBodyRequest(request.scope, request.receive))
+
+        return read_json_strictly
+
+
+# --- a job's input ----------------------------------------------------------------------
+
+
+def check_input(value: Any, *, stored: str, settings: Settings) -> None:
+    """Refuse an input that is not plain JSON, too deep or too large as ``stored``, naming
+    the field: it would fail every reader of the job (its page, the list, the worker)."""
+    _check_json(value, "input", depth=1, max_depth=settings.max_input_depth)
+    if len(stored) > settings.max_input_bytes:
+        raise InputProblem("input", f"{len(stored)} bytes as stored exceeds the limit of {settings.max_input_bytes} bytes")
+
+
+def _check_json(value: Any, field: str, *, depth: int, max_depth: int) -> None:
+    # Recursion stops at max_depth, so an input nested thousands deep costs no stack.
+    if isinstance(value, str):
+        if LONE_SURROGATE.search(value):
+            raise InputProblem(field, "holds a lone UTF-16 surrogate, which is not Unicode text")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InputProblem(field, f"{value} is not a JSON number (JSON has no NaN or Infinity)")
+    elif isinstance(value, (dict, list)):
+        if depth > max_depth:
+            raise InputProblem(field, f"nested deeper than {max_depth} levels")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and LONE_SURROGATE.search(key):
+                raise InputProblem(field, "a key holds a lone UTF-16 surrogate, which is not Unicode text")
+            _check_json(item, f"{field}.{key}", depth=depth + 1, max_depth=max_depth)
+
+
+def check_bounds(body: JobCreate, settings: Settings) -> None:
+    """Reject input beyond this deployment's bounds, naming the field."""
+    job = body.input
+    for bound in BOUNDS:
+        value = getattr(job, bound.field) if isinstance(job, bound.model) else None
+        if value is None:
+            continue
+        measure = len(value) if isinstance(value, (str, list)) else value
+        limit = getattr(settings, bound.setting)
+        if measure > limit:
+            raise InputProblem(f"input.{bound.field}", f"{measure} exceeds the limit of {limit} {bound.unit}")
+    if isinstance(body, DiffusionJobCreate):
+        image = body.input
+        if image.width and image.height and image.width * image.height > settings.max_pixels:
+            raise InputProblem("input.width", f"{image.width}x{image.height} exceeds the limit of {settings.max_pixels} pixels")
+    elif isinstance(body, LLMJobCreate):
+        text = body.input
+        chars = sum(len(m.content) for m in text.messages or [])
+        if chars > settings.llm_max_prompt_chars:
+            raise InputProblem("input.messages", f"{chars} exceeds the limit of {settings.llm_max_prompt_chars} characters")
+        longest = max(map(len, text.stop or []), default=0)
+        if longest > settings.llm_max_stop_chars:
+            raise InputProblem("input.stop", f"{longest} exceeds the limit of {settings.llm_max_stop_chars} characters in a stop string")
+
+
+# --- the schema -------------------------------------------------------------------------
+
+
+def state_bounds(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """``schema`` (an OpenAPI document) with this deployment's bounds on the input fields."""
+    models = schema.get("components", {}).get("schemas", {})
+
+    def constrain(model: type[BaseModel], field: str, limit: int, *, items: bool = False) -> None:
+        prop = models.get(model.__name__, {}).get("properties", {}).get(field)
+        # An optional field is `anyOf: [{type: ...}, {type: null}]`: bound the branch it fits.
+        for branch in prop.get("anyOf", [prop]) if prop else []:
+            kind = branch.get("type")
+            if items and kind == "array":
+                branch.setdefault("items", {})["maxLength"] = limit
+            elif not items and kind in ("string", "array", "integer", "number"):
+                keyword = {"string": "maxLength", "array": "maxItems"}.get(kind, "maximum")
+                branch[keyword] = limit
+
+    for bound in BOUNDS:
+        constrain(bound.model, bound.field, getattr(settings, bound.setting))
+    # What the schema cannot say exactly (the characters of all messages together), it
+    # says of each part, which the whole bounds anyway.
+    constrain(ChatMessage, "content", settings.llm_max_prompt_chars)
+    constrain(LLMInput, "stop", settings.llm_max_stop_chars, items=True)
+    return schema
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Bound request bodies, read JSON bodies strictly on the routes declared after this,
+    and state the bounds in the app's OpenAPI document."""
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.router.route_class = JSONBodyRoute
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = state_bounds(generate(), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
