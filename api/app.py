@@ -10,11 +10,10 @@ from contextlib import asynccontextmanager
 from typing import Annotated, AsyncIterator, Literal
 
 import redis
-import redis.asyncio
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import Response
 
-from api import bounds, problems, push
+from api import bounds, connections, problems, push
 from api.problems import InputProblem
 from api.push import base_url
 from api.responses import JSONResponse
@@ -39,7 +38,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeouts = {"socket_timeout": settings.redis_timeout_s, "socket_connect_timeout": settings.redis_timeout_s}
-        app.state.redis = redis.asyncio.Redis.from_url(settings.redis_url, **timeouts)
+        # One bounded pool that a burst waits for (long-polls and event streams take none).
+        app.state.redis = connections.connect(settings)
         app.state.store = AsyncJobStore(app.state.redis, settings)
         # Artifacts are read in FastAPI's thread pool through the same store workers write with.
         app.state.artifacts = artifact_store(settings, redis.Redis.from_url(settings.redis_url, **timeouts))

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.connections import Busy
 from blaze_jobs.errors import JobConflict, JobNotFound
 from blaze_jobs.settings import ENGINES
 
@@ -161,6 +162,11 @@ def install(app: FastAPI) -> None:
         except ValueError:  # a status code Python has no name for
             title = str(exc.detail)
         return problem(exc.status_code, title, str(exc.detail), **headers)
+
+    @app.exception_handler(Busy)
+    async def on_busy(request: Request, exc: Busy) -> JSONResponse:
+        # A bound of the API process (its Redis pool, its waiters), not a Redis fault.
+        return problem(503, "API busy", f"{exc}; retry shortly", **{"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)

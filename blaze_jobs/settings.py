@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     list_limit_max: int = 200
     #: How long the API waits for Redis before it answers 503 instead of hanging the client.
     redis_timeout_s: float = 2.0
+    #: Redis connections one API process opens. A request holds one for a round trip
+    #: (well under a millisecond), so 64 keep Redis busy; a burst beyond that waits its
+    #: turn in the pool rather than opening more (long-polls and event streams hold none).
+    redis_max_connections: int = 64
+    #: How long a request waits for a pooled connection before the API answers 503 busy:
+    #: a burst of hundreds of creates drains in well under a second.
+    redis_pool_wait_s: float = 5.0
 
     # --- engines ------------------------------------------------------------------------
     diffusion_model: str = "builtin:tiny-sd"
@@ -108,6 +115,10 @@ class Settings(BaseSettings):
     #: First cool-down of an open breaker; it doubles on each failed probe, up to the max.
     breaker_cooldown_s: float = 30.0
     breaker_max_cooldown_s: float = 600.0
+    #: Times a worker puts a job that faulted on it back on the queue for a live peer before
+    #: it runs the job again itself: an idle peer takes it at the first pass; the bound keeps
+    #: a worker whose peers are all busy from cycling one message.
+    fault_handbacks: int = 5
     #: A running job's lease: its worker renews it every third of this; when a worker dies,
     #: any live worker hands the job to the queue again once the lease has run out.
     lease_s: float = 30.0
@@ -132,9 +143,10 @@ class Settings(BaseSettings):
     #: Longest ``?wait=`` (and ``Prefer: wait=``) one request may hold: 60 s stays under the
     #: idle timeout of common proxies and load balancers.
     max_wait_s: float = 60.0
-    #: Long-polls and event streams one API process serves at once; each holds a Redis
-    #: connection while it waits.
-    max_waiters: int = 1000
+    #: Long-polls and event streams one API process serves at once (more are a 503 busy).
+    #: A waiter holds no Redis connection, only its socket and a few KB: the API raises its
+    #: open-file limit to fit, as far as the hard limit (``ulimit -Hn``) allows.
+    max_waiters: int = 10_000
     #: A running job reports progress at most this often, in seconds; 0 turns progress off.
     progress_interval_s: float = 0.5
     #: The ``whsec_`` secret webhooks are signed with. Empty: one is generated on first use
@@ -159,7 +171,7 @@ class Settings(BaseSettings):
     #: Deliveries one webhook worker sends at once: threads, since the work is waiting.
     webhook_concurrency: int = 16
     #: Bearer token of administrative endpoints (``GET /v1/webhooks/secret``). Empty: they
-    #: answer only callers on the API's own host (loopback).
+    #: answer nobody (403), since a caller's address proves nothing.
     admin_token: str = ""
 
     # --- Celery -------------------------------------------------------------------------
