@@ -32,12 +32,15 @@ class CircuitBreaker:
         max_cooldown_s: float,
         on_open: Callable[[], None] = lambda: None,
         on_half_open: Callable[[], None] = lambda: None,
+        on_change: Callable[[BreakerState], None] = lambda state: None,
     ) -> None:
         self.threshold = failures
         self.base_cooldown_s = cooldown_s
         self.max_cooldown_s = max_cooldown_s
         self.on_open = on_open
         self.on_half_open = on_half_open
+        # Told every new state, outside the lock (the worker publishes its state at once).
+        self.on_change = on_change
         self.state = BreakerState.closed
         self.cooldown_s = cooldown_s
         self.consecutive_failures = 0
@@ -68,10 +71,12 @@ class CircuitBreaker:
     def record_success(self) -> None:
         with self._lock:
             self.consecutive_failures = 0
-            if self.state is BreakerState.half_open:
-                log.warning("breaker closed: the probe succeeded")
-                self.state = BreakerState.closed
-                self.cooldown_s = self.base_cooldown_s
+            if self.state is not BreakerState.half_open:
+                return
+            log.warning("breaker closed: the probe succeeded")
+            self.state = BreakerState.closed
+            self.cooldown_s = self.base_cooldown_s
+        self.on_change(BreakerState.closed)
 
     def record_failure(self, reason: str) -> None:
         with self._lock:
@@ -86,6 +91,7 @@ class CircuitBreaker:
             else:
                 return
         self.on_open()
+        self.on_change(BreakerState.open)
 
     def _open_locked(self) -> None:
         log.warning("breaker open for %.1f s after %d worker faults: %s", self.cooldown_s, self.consecutive_failures, self.last_reason)
@@ -103,6 +109,7 @@ class CircuitBreaker:
             self.state = BreakerState.half_open
             self._probe_taken = False
         self.on_half_open()
+        self.on_change(BreakerState.half_open)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -1,15 +1,12 @@
 """A worker's heartbeat: it renews the lease of every job the worker runs, publishes the
-worker's state for ``GET /v1/workers``, and hands back to the queue any running job whose
-lease has run out because its worker died.
+worker's state for ``GET /v1/workers``, and stands for election as the fleet's reaper
+(``reaper.py``), which hands back the jobs whose worker died.
 
 A lease is a Redis key ``<prefix>lease:<job>`` holding ``<worker>:<attempt>``, set in the
-same Lua step that starts the job. A worker killed with SIGKILL stops renewing; within
-``lease_s`` (plus one reaping interval) a live worker moves the job back to ``queued`` and
-pushes a fresh message in one atomic step, or fails it once it has used all its attempts.
-
-It also gives a fresh message to a queued job whose message was lost: a worker's BRPOP takes
-a message off its queue and records it as unacknowledged only in a second step, so Redis
-stopping between the two drops it while the job record still says ``queued``.
+same Lua step that starts the job. Renewing it recreates it if it ran out while the job
+still runs this attempt on this worker: a Redis outage longer than the lease must not take a
+job from a worker that is still running it. Each beat renews first, then publishes; nothing
+in a beat waits for the engine (a model loading holds the engine's lock for minutes).
 """
 
 from __future__ import annotations
@@ -22,11 +19,10 @@ from typing import Any, Callable
 
 import redis
 
-from blaze_jobs.broker import queue_key, requeue_push
-from blaze_jobs.errors import BlazeError
 from blaze_jobs.jobs import JobStatus
-from blaze_jobs.settings import ENGINES, Settings
-from blaze_jobs.store import JobStore, decode, score_of
+from blaze_jobs.reaper import Reaper
+from blaze_jobs.settings import Settings
+from blaze_jobs.store import JobStore
 
 log = logging.getLogger("blaze_jobs.heartbeat")
 
@@ -34,9 +30,19 @@ log = logging.getLogger("blaze_jobs.heartbeat")
 #: read for all of them, rather than one per job per denoising step on the device thread.
 CANCEL_POLL_S = 0.1
 
-# Renew a lease only while it is still ours: after a reap another worker may hold the job.
+# KEYS[1] is the lease, KEYS[2] the job; ARGV: the owner (``<worker>:<attempt>``), the
+# lease's ms, the worker, the attempt. Extend the lease while it is ours; if it ran out (Redis
+# was away longer than the lease), recreate it only while the job still runs this attempt on
+# this worker: after a reap the job is queued or another attempt's, and its lease not ours.
 RENEW_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+local owner = redis.call('GET', KEYS[1])
+if owner == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if owner then return 0 end
+local job = redis.call('HMGET', KEYS[2], 'status', 'worker', 'attempts')
+if job[1] == 'running' and job[2] == ARGV[3] and job[3] == ARGV[4] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
 return 0
 """
 
@@ -60,7 +66,9 @@ class Heartbeat:
         self.canceled: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # publish now: the worker's state changed
         self._renew = self.redis.register_script(RENEW_LUA)
+        self.reaper = Reaper(store=store, settings=settings, name=name)
         self._thread = threading.Thread(target=self._loop, name="blaze-heartbeat", daemon=True)
         self._watcher = threading.Thread(target=self._watch, name="blaze-cancel-watch", daemon=True)
 
@@ -74,7 +82,9 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=5)
+        self.reaper.resign()
         try:
             self.redis.delete(worker_key(self.settings, self.name))
             self.redis.zrem(workers_index(self.settings), self.name)
@@ -84,6 +94,10 @@ class Heartbeat:
     def hold(self, job_id: str, token: str) -> None:
         with self._lock:
             self.held[job_id] = token
+
+    def publish_soon(self) -> None:
+        """Beat now rather than at the next beat (the breaker changed state, say)."""
+        self._wake.set()
 
     def release(self, job_id: str) -> None:
         with self._lock:
@@ -113,22 +127,35 @@ class Heartbeat:
                         self.canceled.add(job_id)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        # The first beat comes at once: the worker is listed as soon as it is ready.
+        while True:
             try:
                 self.beat()
-                self.reap()
-                self.rescue()
+                self.reaper.step()
             except (redis.RedisError, OSError) as error:
                 # Redis away: leases cannot be renewed now; the next beat tries again.
+                self.reaper.lost_redis()
                 log.warning("heartbeat: %s", error)
+            except Exception:  # a bug in a beat must not stop every later beat (and lose every lease)
+                self.reaper.lost_redis()
+                log.exception("heartbeat failed")
+            self._wake.wait(self.interval_s)
+            if self._stop.is_set():
+                return
+            self._wake.clear()
 
     def beat(self) -> None:
-        """Renew held leases and publish this worker's state."""
+        """Renew (or recreate) held leases, then publish this worker's state."""
         lease_ms = int(self.settings.lease_s * 1000)
         with self._lock:
             held = dict(self.held)
-        for job_id, token in held.items():
-            self._renew(keys=[self.store.keys.lease(job_id)], args=[token, lease_ms])
+        if held:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, owner in held.items():
+                    worker, attempt = owner.rsplit(":", 1)
+                    keys = [self.store.keys.lease(job_id), self.store.keys.job(job_id)]
+                    self._renew(keys=keys, args=[owner, lease_ms, worker, attempt], client=pipe)
+                pipe.execute()
         state = {**self.state(), "name": self.name, "heartbeat_at": time.time(), "jobs_held": len(held)}
         ttl = max(int(self.interval_s * 3), 1)
         with self.redis.pipeline(transaction=False) as pipe:
@@ -136,97 +163,3 @@ class Heartbeat:
             pipe.zadd(workers_index(self.settings), {self.name: time.time()})
             pipe.zremrangebyscore(workers_index(self.settings), "-inf", time.time() - 24 * 3600)
             pipe.execute()
-
-    def reap(self) -> int:
-        """Hand back (or fail) running jobs whose lease ran out; returns how many."""
-        keys = self.store.keys
-        running = [r.decode() for r in self.redis.zrange(keys.status(JobStatus.running.value), 0, -1)]
-        if not running:
-            return 0
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in running:
-                pipe.exists(keys.lease(job_id))
-            leased = pipe.execute()
-        reaped = 0
-        for job_id, has_lease in zip(running, leased):
-            if not has_lease:
-                reaped += self._reap_one(job_id)
-        return reaped
-
-    def rescue(self) -> int:
-        """Queue again the jobs queued for longer than the broker's visibility timeout whose
-        message is in no queue and not unacknowledged; returns how many. While there are at
-        least as many messages as queued jobs, nothing can be lost: five counters, no scan."""
-        keys, queued_index = self.store.keys, self.store.keys.status(JobStatus.queued.value)
-        queues = [queue_key(self.settings, engine) for engine in ENGINES]
-        unacked = self.settings.redis_prefix + "unacked"  # kombu's, under the same key prefix
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcard(queued_index)
-            for queue in queues:
-                pipe.llen(queue)
-            pipe.hlen(unacked)
-            queued, *messages = pipe.execute()
-        if sum(messages) >= queued:
-            return 0
-        old = [r.decode() for r in self.redis.zrangebyscore(queued_index, "-inf", score_of(time.time() - self.settings.visibility_timeout_s))]
-        if not old:
-            return 0
-        present = {_job_of(m) for queue in queues for m in self.redis.lrange(queue, 0, -1)}
-        present |= {_job_of(v, unacked=True) for v in self.redis.hvals(unacked)}
-        rescued = 0
-        for job_id in old:
-            if job_id in present:
-                continue
-            record = decode(self.redis.hgetall(keys.job(job_id)))
-            if not record:  # the job expired: only its index entry was left
-                self.redis.zrem(queued_index, job_id)
-                continue
-            try:
-                self.store.transition(job_id, allowed=(JobStatus.queued,), to=JobStatus.queued, push=requeue_push(self.settings, record))
-            except BlazeError:
-                continue  # taken or canceled meanwhile
-            log.warning("job %s was queued without a message (lost in flight); queued again", job_id)
-            rescued += 1
-        return rescued
-
-    def _reap_one(self, job_id: str) -> int:
-        record = decode(self.redis.hgetall(self.store.keys.job(job_id)))
-        if record.get("status") != JobStatus.running.value:
-            return 0
-        attempts = int(record.get("attempts") or 0)
-        lease = self.store.keys.lease(job_id)
-        try:
-            if attempts >= self.settings.max_attempts:
-                reason = f"its worker was lost on each of {attempts} attempts"
-                self.store.transition(
-                    job_id,
-                    allowed=(JobStatus.running,),
-                    to=JobStatus.failed,
-                    attempts=attempts,
-                    unleased=lease,
-                    error=json.dumps({"type": "worker_fault", "message": reason}),
-                    completed_at=repr(time.time()),
-                )
-                log.warning("job %s failed: %s", job_id, reason)
-            else:
-                self.store.transition(
-                    job_id,
-                    allowed=(JobStatus.running,),
-                    to=JobStatus.queued,
-                    attempts=attempts,
-                    unleased=lease,
-                    push=requeue_push(self.settings, record),
-                )
-                log.warning("job %s lost its worker (lease ran out); queued again", job_id)
-        except BlazeError:
-            return 0  # another worker reaped it first, or it ended meanwhile
-        return 1
-
-
-def _job_of(raw: bytes, *, unacked: bool = False) -> str | None:
-    """The job id of a Celery message in a queue (or, ``unacked``, in kombu's unacked hash)."""
-    try:
-        message = json.loads(raw)
-        return (message[0] if unacked else message)["headers"]["id"]
-    except (ValueError, LookupError, TypeError):
-        return None

@@ -3,8 +3,7 @@
 A job is a hash ``<prefix>job:<id>`` with the job's retention TTL. Sorted sets index jobs by
 creation time (all jobs, per status, per engine) for listing, newest first. Every status
 change goes through one Lua script, so a worker finishing a job and a client canceling it
-can never both win, and each change is published on ``<prefix>job-events:<id>`` for anyone
-waiting on the job.
+can never both win; each change is appended to the job's event stream (``events.py``).
 
 ``JobStore`` serves workers and the CLI (blocking redis-py); the API uses
 ``AsyncJobStore`` (redis.asyncio). Both share the keys, the script and the encoding here.
@@ -32,10 +31,11 @@ from blaze_jobs.settings import Settings
 #   fields: hash fields to set; attempts: only if the attempt count is this (a stale worker
 #   cannot finish a job that was handed to another); lease: {key, owner, ms, numbered} to
 #   take (numbered: the owner is suffixed with ':<attempts>' after the count), or
-#   release: a lease key to drop; unleased: move only if this lease key is gone (its worker
-#   died); push: {key, message, back} to RPUSH (with back: LPUSH) onto a queue in the same
-#   step, so a requeued job can never be left without a message; read: also return the
-#   job's fields after the move.
+#   release: {key, owner} to drop the lease only if it is still this owner's (a stale attempt
+#   must not drop the lease of the attempt that replaced it); unleased: move only if this
+#   lease key is gone (its worker died); push: {key, message, back} to RPUSH (with back:
+#   LPUSH) onto a queue in the same step, so a requeued job can never be left without a
+#   message; read: also return the job's fields after the move.
 # A change of status is also appended to the job's event stream, with the webhook delivery
 # it calls for (see events.py).
 # Returns {1, old status} (with read: {1, old status, HGETALL}) when moved, {0, current status}
@@ -58,7 +58,9 @@ if spec['lease'] then
   if spec['lease']['numbered'] then owner = owner .. ':' .. redis.call('HGET', KEYS[1], 'attempts') end
   redis.call('SET', spec['lease']['key'], owner, 'PX', spec['lease']['ms'])
 end
-if spec['release'] then redis.call('DEL', spec['release']) end
+if spec['release'] and redis.call('GET', spec['release']['key']) == spec['release']['owner'] then
+  redis.call('DEL', spec['release']['key'])
+end
 if spec['push'] then
   -- kombu pops from the right: back=true queues the job behind every job waiting (LPUSH)
   redis.call(spec['push']['back'] and 'LPUSH' or 'RPUSH', spec['push']['key'], spec['push']['message'])
@@ -69,10 +71,16 @@ if current ~= spec['to'] then
   redis.call('ZREM', ARGV[1] .. 'idx:status:' .. current, id)
   redis.call('ZADD', ARGV[1] .. 'idx:status:' .. spec['to'], score, id)
 end
-redis.call('PUBLISH', ARGV[1] .. 'job-events:' .. id, spec['to'])
 if current ~= spec['to'] then blaze_status_event(KEYS[1], ARGV[1], id, spec['to']) end
 if spec['read'] then return {1, current, redis.call('HGETALL', KEYS[1])} end
 return {1, current}
+"""
+
+# Compare-and-delete: an attempt drops its job's lease only while the lease is still its own.
+# KEYS[1] is the lease; ARGV[1] the owner (``<worker>:<attempt>``). Returns 1 if dropped.
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 
@@ -116,9 +124,6 @@ class Keys:
     def lease(self, job_id: str) -> str:
         return f"{self.prefix}lease:{job_id}"
 
-    def events(self, job_id: str) -> str:
-        return f"{self.prefix}job-events:{job_id}"
-
     def index_for(self, *, status: str | None, engine: str | None) -> str:
         if status:
             return self.status(status)
@@ -136,6 +141,11 @@ def parse_cursor(cursor: str) -> tuple[int, str | None]:
     if match is None:
         raise ValueError(f"not a cursor: {cursor!r}")
     return int(match[1]), match[2]
+
+
+def lease_owner(worker: str, attempt: int) -> str:
+    """What a lease holds: the worker and the attempt it runs (``take`` writes the same)."""
+    return f"{worker}:{attempt}"
 
 
 def score_of(created_at: float) -> int:
@@ -184,6 +194,7 @@ class JobStore:
         self.settings = settings
         self.keys = Keys(settings.redis_prefix)
         self._transition = client.register_script(TRANSITION_LUA)
+        self._release = client.register_script(RELEASE_LUA)
 
     def create(self, record: dict[str, str]) -> None:
         with self.redis.pipeline(transaction=True) as pipe:
@@ -209,7 +220,7 @@ class JobStore:
         count_attempt: bool = False,
         attempts: int | None = None,
         lease: dict[str, Any] | None = None,
-        release: str | None = None,
+        release: dict[str, str] | None = None,
         unleased: str | None = None,
         push: dict[str, Any] | None = None,
         **fields: Any,
@@ -242,6 +253,10 @@ class JobStore:
         transition_result(job_id, reply, wanted=JobStatus.running.value)
         flat = reply[2]
         return decode(dict(zip(flat[::2], flat[1::2])))
+
+    def release_lease(self, job_id: str, *, owner: str) -> bool:
+        """Drop the job's lease if ``owner`` still holds it; another attempt's stays."""
+        return bool(self._release(keys=[self.keys.lease(job_id)], args=[owner]))
 
 
 class AsyncJobStore:

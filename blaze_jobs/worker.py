@@ -31,7 +31,7 @@ from blaze_jobs.errors import JobCanceled, JobConflict, JobNotFound, RequestErro
 from blaze_jobs.heartbeat import Heartbeat, worker_key, workers_index
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.settings import Settings, get_settings
-from blaze_jobs.store import JobStore
+from blaze_jobs.store import JobStore, lease_owner
 
 log = logging.getLogger("blaze_jobs.worker")
 
@@ -102,6 +102,8 @@ class Runtime:
             max_cooldown_s=settings.breaker_max_cooldown_s,
             on_open=opened,
             on_half_open=on_half_open,
+            # GET /v1/workers shows each breaker change at once, not at the next beat.
+            on_change=lambda state: self.heartbeat.publish_soon(),
         )
         self.heartbeat = Heartbeat(store=self.store, settings=settings, name=self.name, state=self.state)
 
@@ -365,7 +367,8 @@ class _Finisher:
         self.store = runtime.store
         self.job_id = job_id
         self.attempt = attempt
-        self.lease = runtime.store.keys.lease(job_id)
+        # The lease names this attempt: once the job was handed to another, its lease is not ours.
+        self.lease = {"key": runtime.store.keys.lease(job_id), "owner": lease_owner(runtime.name, attempt)}
 
     def _end(self, to: JobStatus, **fields: Any) -> bool:
         try:
@@ -378,7 +381,7 @@ class _Finisher:
             return False
 
     def release_lease(self) -> None:
-        self.runtime.redis.delete(self.lease)
+        self.store.release_lease(self.job_id, owner=self.lease["owner"])
 
     def succeeded(self, output_json: str, *, batch_size: int | None, cache_hit: bool) -> str:
         fields: dict[str, Any] = {"output": output_json, "completed_at": repr(time.time())}

@@ -57,13 +57,15 @@ class DiffusionEngine(Engine):
         # reads it without loading anything.
         self._default_sizes: dict[str, tuple[int, int]] = {}
         self._load_lock = threading.Lock()
+        # What is loaded, for readers that must not wait for a load (the heartbeat: a load
+        # can take longer than a lease): replaced, never changed, under the load lock.
+        self._loaded: tuple[str, ...] = ()
         # A pipeline call mutates its scheduler, and the device runs one batch at a time anyway.
         self._run_lock = threading.Lock()
 
     def loaded_models(self) -> list[str]:
-        """The models now in memory, least recently used first."""
-        with self._load_lock:
-            return list(self._pipelines)
+        """The models now in memory, least recently used first (never waits for a load)."""
+        return list(self._loaded)
 
     def batch_key(self, request: EngineRequest) -> tuple:
         """Model, size, steps and guidance scale: what one pipeline call must share.
@@ -119,6 +121,7 @@ class DiffusionEngine(Engine):
         """Drop every loaded pipeline and release cached device memory."""
         with self._load_lock:
             self._pipelines.clear()
+            self._loaded = ()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
@@ -126,20 +129,24 @@ class DiffusionEngine(Engine):
 
     def _pipeline(self, model: str) -> StableDiffusionPipeline:
         with self._load_lock:
-            pipe = self._pipelines.get(model)
-            if pipe is not None:
-                self._pipelines.move_to_end(model)
+            try:
+                pipe = self._pipelines.get(model)
+                if pipe is not None:
+                    self._pipelines.move_to_end(model)
+                    return pipe
+                # Evict first, so the new model has the memory the old one held.
+                while len(self._pipelines) >= self.max_loaded_models:
+                    evicted, _ = self._pipelines.popitem(last=False)
+                    logger.info("evicted diffusion model %s", evicted)
+                    if self.device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+                self._loaded = tuple(self._pipelines)
+                pipe = self._load(model)
+                self._pipelines[model] = pipe
+                self._default_sizes[model] = _default_size(pipe)
                 return pipe
-            # Evict first, so the new model has the memory the old one held.
-            while len(self._pipelines) >= self.max_loaded_models:
-                evicted, _ = self._pipelines.popitem(last=False)
-                logger.info("evicted diffusion model %s", evicted)
-                if self.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-            pipe = self._load(model)
-            self._pipelines[model] = pipe
-            self._default_sizes[model] = _default_size(pipe)
-            return pipe
+            finally:
+                self._loaded = tuple(self._pipelines)
 
     def _load(self, model: str) -> StableDiffusionPipeline:
         try:

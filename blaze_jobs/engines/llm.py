@@ -49,13 +49,15 @@ class LLMEngine(Engine):
         # Held while a job is tokenized and queued (tokenizers are not safe across threads)
         # and while a model loads.
         self._lock = threading.Lock()
+        # What is loaded, for readers that must not wait for a load (the heartbeat: a load
+        # can take longer than a lease): replaced, never changed, under the lock.
+        self._loaded: tuple[str, ...] = ()
         # Models loaded together take turns on the device, one step at a time.
         self._device_lock = threading.Lock()
 
     def loaded_models(self) -> list[str]:
-        """The models now in memory, least recently used first."""
-        with self._lock:
-            return list(self._generators)
+        """The models now in memory, least recently used first (never waits for a load)."""
+        return list(self._loaded)
 
     def batch_key(self, request: EngineRequest) -> tuple:
         return (request.model,)
@@ -94,6 +96,7 @@ class LLMEngine(Engine):
         """Stop every generator (jobs still running fail as worker faults) and free the models."""
         with self._lock:
             generators, self._generators = list(self._generators.values()), OrderedDict()
+            self._loaded = ()
         for generator in generators:
             generator.close()
         if self.device.startswith("cuda"):
@@ -102,6 +105,12 @@ class LLMEngine(Engine):
     # --- loading ------------------------------------------------------------------------
 
     def _generator(self, model: str) -> TextGenerator:
+        try:
+            return self._find_or_load(model)
+        finally:
+            self._loaded = tuple(self._generators)
+
+    def _find_or_load(self, model: str) -> TextGenerator:
         generator = self._generators.get(model)
         if generator is not None:
             self._generators.move_to_end(model)
@@ -115,6 +124,7 @@ class LLMEngine(Engine):
             logger.info("evicted text model %s", idle)
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
+        self._loaded = tuple(self._generators)
         generator = self._load(model)
         self._generators[model] = generator
         return generator

@@ -172,6 +172,19 @@ def tally(row: Row, records: dict[str, dict[str, str]], *, expect_attempts: int 
     return row
 
 
+def wait_running(redis_url: str, prefix: str, ids: Iterable[str], *, at_least: int, timeout: float = 30) -> None:
+    """Poll until at least ``at_least`` of the jobs are running."""
+    ids = list(ids)
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while time.monotonic() < deadline:
+        seen = sum(r.get("status") == "running" for r in read_jobs(redis_url, prefix, ids).values())
+        if seen >= at_least:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{seen} of {len(ids)} jobs running after {timeout} s; wanted {at_least}")
+
+
 def redis_and_api(stack: Stack, tmp_path: Path, *, prefix: str, **extra: str) -> tuple[PrivateRedis, str]:
     """Start a persistent private Redis and ``blaze api`` on it in ``stack``, under ``prefix``
     and with ``extra`` settings (which every process started in ``stack`` afterwards shares);

@@ -1,0 +1,203 @@
+"""The reaper: one elected worker at a time hands back to the queue the running jobs whose
+worker died, and gives a fresh message to queued jobs whose message was lost.
+
+Election is a lock key ``<prefix>reaper`` naming its holder, taken with ``SET NX`` and
+renewed at every beat, with the lease's time to live: when the holder dies, another worker
+takes over within a lease and a beat. Only the holder scans, so the fleet costs Redis one
+scan of the running jobs per beat, however many workers there are.
+
+A job's worker is dead when the job's lease (``<prefix>lease:<job>``) is gone. But a lease
+also runs out inside Redis while Redis is away, where no worker can renew it, and its live
+worker recreates it on its first beat once Redis is back (``heartbeat.RENEW_LUA``). So the
+reaper believes a missing lease only once it has itself reached Redis without a break for a
+whole lease: by then every live worker has had a lease's time to renew. A break is an error,
+or a gap between two of its looks longer than two beats (its commands retry with back-off
+while Redis is away, so an outage can look like one slow command). And it reaps a job only
+after seeing its lease missing for a beat, so a beat that comes late is not a death.
+
+A worker killed with SIGKILL: its leases run out within a lease, the reaper sees them gone
+at its next look and reaps them a beat later, within a lease and two beats. If the killed
+worker was the reaper, its lock runs out in the same time and the next one takes over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Callable
+
+import redis
+
+from blaze_jobs.broker import queue_key, requeue_push, task_name
+from blaze_jobs.errors import BlazeError
+from blaze_jobs.jobs import JobStatus
+from blaze_jobs.settings import ENGINES, Settings
+from blaze_jobs.store import RELEASE_LUA, JobStore, decode, score_of
+
+log = logging.getLogger("blaze_jobs.reaper")
+
+# KEYS[1] is the reaper's lock; ARGV[1] the worker standing, ARGV[2] the lock's time to live
+# in ms. The holder keeps it; anyone takes it when nobody holds it. Returns 1 if elected.
+ELECT_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+
+#: Engine task names: an unacknowledged message of any other task (a webhook delivery) is
+#: no job's message.
+JOB_TASKS = frozenset(task_name(engine) for engine in ENGINES)
+
+
+class Reaper:
+    def __init__(self, *, store: JobStore, settings: Settings, name: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.redis: redis.Redis = store.redis
+        self.settings = settings
+        self.name = name
+        self.clock = clock
+        self.lock_key = settings.key("reaper")
+        self.elected = False
+        self._elect = self.redis.register_script(ELECT_LUA)
+        self._unlock = self.redis.register_script(RELEASE_LUA)
+        self._last_look: float | None = None  # when it last reached Redis
+        self._watching_since = 0.0  # since when it has reached Redis without a break
+        self._missing: dict[tuple[str, str], float] = {}  # (job, attempt) -> first seen without lease
+
+    @property
+    def interval_s(self) -> float:
+        return self.settings.lease_s / 3
+
+    def lost_redis(self) -> None:
+        """Redis failed this worker: what it saw before says nothing about who is alive now."""
+        self._last_look = None
+        self._missing.clear()
+
+    def resign(self) -> None:
+        """Give up the lock (a worker stopping), so a peer takes over at its next beat."""
+        try:
+            self._unlock(keys=[self.lock_key], args=[self.name])
+        except redis.RedisError:
+            pass
+        self.elected = False
+
+    def step(self) -> int:
+        """One look, at every beat: stand for election and, if elected, reap the jobs whose
+        worker died and rescue the lost messages. Returns how many jobs it reaped."""
+        lease_ms = int(self.settings.lease_s * 1000)
+        self.elected = bool(self._elect(keys=[self.lock_key], args=[self.name, lease_ms]))
+        if not self.elected:
+            self._looked(self.clock())
+            self._missing.clear()
+            return 0
+        unleased = self._unleased()
+        now = self.clock()
+        self._looked(now)
+        trusted = now - self._watching_since >= self.settings.lease_s
+        missing: dict[tuple[str, str], float] = {}
+        reaped = 0
+        for seen in unleased:
+            first = missing[seen] = self._missing.get(seen, now)
+            if trusted and now - first >= self.interval_s:
+                reaped += self._reap_one(*seen)
+        self._missing = missing
+        self.rescue()
+        return reaped
+
+    def _looked(self, now: float) -> None:
+        if self._last_look is None or now - self._last_look > 2 * self.interval_s:
+            self._watching_since = now
+            self._missing.clear()
+        self._last_look = now
+
+    def _unleased(self) -> list[tuple[str, str]]:
+        """(job, attempt) of every running job without a lease: one pipelined read."""
+        keys = self.store.keys
+        running = [r.decode() for r in self.redis.zrange(keys.status(JobStatus.running.value), 0, -1)]
+        if not running:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in running:
+                pipe.exists(keys.lease(job_id))
+                pipe.hget(keys.job(job_id), "attempts")
+            replies = pipe.execute()
+        found = zip(running, replies[::2], replies[1::2])
+        return [(job_id, attempts.decode()) for job_id, leased, attempts in found if not leased and attempts is not None]
+
+    def _reap_one(self, job_id: str, attempt: str) -> int:
+        record = decode(self.redis.hgetall(self.store.keys.job(job_id)))
+        if record.get("status") != JobStatus.running.value or record.get("attempts") != attempt:
+            return 0
+        attempts = int(attempt)
+        change: dict[str, Any]
+        if attempts >= self.settings.max_attempts:
+            to, reason = JobStatus.failed, f"its worker was lost on each of {attempts} attempts"
+            change = {"error": json.dumps({"type": "worker_fault", "message": reason}), "completed_at": repr(time.time())}
+        else:
+            to, reason = JobStatus.queued, "its worker was lost (its lease ran out)"
+            change = {"push": requeue_push(self.settings, record)}
+        try:
+            lease = self.store.keys.lease(job_id)
+            self.store.transition(job_id, allowed=(JobStatus.running,), to=to, attempts=attempts, unleased=lease, **change)
+        except BlazeError:
+            return 0  # its worker came back, another reaper was first, or it ended meanwhile
+        log.warning("job %s %s: %s", job_id, to.value, reason)
+        return 1
+
+    def rescue(self) -> int:
+        """Queue again the jobs queued for longer than the broker's visibility timeout whose
+        message is in no queue and not unacknowledged; returns how many. While there are at
+        least as many job messages as queued jobs, nothing can be lost: a few counters, and
+        the unacknowledged messages (a handful per worker) only when the queues fall short."""
+        keys, queued_index = self.store.keys, self.store.keys.status(JobStatus.queued.value)
+        queues = [queue_key(self.settings, engine) for engine in ENGINES]
+        unacked = self.settings.redis_prefix + "unacked"  # kombu's, under the same key prefix
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(queued_index)
+            for queue in queues:
+                pipe.llen(queue)
+            queued, *messages = pipe.execute()
+        if sum(messages) >= queued:
+            return 0
+        # Webhook deliveries are unacknowledged messages too: count only the jobs'.
+        held = {job_id for job_id in map(_held_job, self.redis.hvals(unacked)) if job_id is not None}
+        if sum(messages) + len(held) >= queued:
+            return 0
+        old = [r.decode() for r in self.redis.zrangebyscore(queued_index, "-inf", score_of(time.time() - self.settings.visibility_timeout_s))]
+        if not old:
+            return 0
+        present = held | {_queued_job(m) for queue in queues for m in self.redis.lrange(queue, 0, -1)}
+        rescued = 0
+        for job_id in old:
+            if job_id in present:
+                continue
+            record = decode(self.redis.hgetall(keys.job(job_id)))
+            if not record:  # the job expired: only its index entry was left
+                self.redis.zrem(queued_index, job_id)
+                continue
+            try:
+                self.store.transition(job_id, allowed=(JobStatus.queued,), to=JobStatus.queued, push=requeue_push(self.settings, record))
+            except BlazeError:
+                continue  # taken or canceled meanwhile
+            log.warning("job %s was queued without a message (lost in flight); queued again", job_id)
+            rescued += 1
+        return rescued
+
+
+def _queued_job(raw: bytes) -> str | None:
+    """The job id of a Celery message in a queue."""
+    try:
+        return json.loads(raw)["headers"]["id"]
+    except (ValueError, LookupError, TypeError):
+        return None
+
+
+def _held_job(raw: bytes) -> str | None:
+    """The job id of an unacknowledged message (kombu keeps ``[message, exchange, routing
+    key]``), or None if it is not a job's (a webhook delivery)."""
+    try:
+        headers = json.loads(raw)[0]["headers"]
+        return headers["id"] if headers["task"] in JOB_TASKS else None
+    except (ValueError, LookupError, TypeError):
+        return None
