@@ -132,27 +132,35 @@ class JSONBodyRoute(APIRoute):
 def check_input(value: Any, *, stored: str, settings: Settings) -> None:
     """Refuse an input that is not plain JSON, too deep or too large as ``stored``, naming
     the field: it would fail every reader of the job (its page, the list, the worker)."""
-    _check_json(value, "input", depth=1, max_depth=settings.max_input_depth)
+    fault = _json_fault(value, depth=1, max_depth=settings.max_input_depth)
+    if fault is not None:
+        path, message = fault
+        raise InputProblem(".".join(["input", *map(str, reversed(path))]), message)
     if len(stored) > settings.max_input_bytes:
         raise InputProblem("input", f"{len(stored)} bytes as stored exceeds the limit of {settings.max_input_bytes} bytes")
 
 
-def _check_json(value: Any, field: str, *, depth: int, max_depth: int) -> None:
-    # Recursion stops at max_depth, so an input nested thousands deep costs no stack.
+def _json_fault(value: Any, *, depth: int, max_depth: int) -> tuple[list[Any], str] | None:
+    """What JSON cannot carry in ``value``: the path to it, innermost first, and why."""
+    # On the create path: ASCII text skips the search, and a path is built only for a
+    # fault. Recursion stops at max_depth, so an input nested thousands deep costs no stack.
     if isinstance(value, str):
-        if LONE_SURROGATE.search(value):
-            raise InputProblem(field, "holds a lone UTF-16 surrogate, which is not Unicode text")
+        if not value.isascii() and LONE_SURROGATE.search(value):
+            return [], "holds a lone UTF-16 surrogate, which is not Unicode text"
     elif isinstance(value, float):
         if not math.isfinite(value):
-            raise InputProblem(field, f"{value} is not a JSON number (JSON has no NaN or Infinity)")
+            return [], f"{value} is not a JSON number (JSON has no NaN or Infinity)"
     elif isinstance(value, (dict, list)):
         if depth > max_depth:
-            raise InputProblem(field, f"nested deeper than {max_depth} levels")
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            if isinstance(key, str) and LONE_SURROGATE.search(key):
-                raise InputProblem(field, "a key holds a lone UTF-16 surrogate, which is not Unicode text")
-            _check_json(item, f"{field}.{key}", depth=depth + 1, max_depth=max_depth)
+            return [], f"nested deeper than {max_depth} levels"
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            if isinstance(key, str) and not key.isascii() and LONE_SURROGATE.search(key):
+                return [], "a key holds a lone UTF-16 surrogate, which is not Unicode text"
+            fault = _json_fault(item, depth=depth + 1, max_depth=max_depth)
+            if fault is not None:
+                fault[0].append(key)
+                return fault
+    return None
 
 
 def check_bounds(body: JobCreate, settings: Settings) -> None:
