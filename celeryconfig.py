@@ -5,6 +5,8 @@ from blaze_jobs.settings import ENGINES, get_settings
 _settings = get_settings()
 
 broker_url = _settings.redis_url
+# Workers consume through kombu's Redis transport with channels that outlive a Redis restart:
+# ``blaze_jobs.celery_app`` selects ``blaze_jobs.transport`` as each worker starts.
 broker_transport_options = {
     # Celery's queues, bindings and event channels share the job records' key prefix.
     "global_keyprefix": _settings.redis_prefix,

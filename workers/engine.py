@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> None:
             f"--hostname={name}",
             f"--loglevel={args.loglevel}",
             "--without-mingle",
+            # Nothing here listens to other workers' gossip (no elections, no clock sync), and
+            # Celery's restart of it after a lost connection fails (logging an error each time).
+            "--without-gossip",
         ]
     )
 
