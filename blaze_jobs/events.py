@@ -9,10 +9,15 @@ Events are written by Lua, in the same atomic step as the change they report:
 
 * a status change (``TRANSITION_LUA`` in ``store.py`` calls ``blaze_status_event``): the
   types are ``job.queued`` (handed back to the queue), ``job.started`` and
-  ``job.completed`` (succeeded, failed or canceled); the entry holds the whole job as it
-  stood, so a reader never needs a second read, and never sees a later state under an
-  earlier event;
-* progress and other running-job events (``APPEND_LUA``), e.g. ``job.progress``.
+  ``job.completed`` (succeeded, failed or canceled); the entry holds the job as it stood,
+  all but its input (which never changes: a reader has it from the job record, and a
+  large input is not copied at every event), so a reader never sees a later state under
+  an earlier event;
+* progress and other running-job events (``APPEND_LUA``), e.g. ``job.progress``, and a text
+  job's ``job.delta``, one per piece of text.
+
+A stream keeps every event a job can make within the deployment's bounds
+(``stream_maxlen``), so ``Last-Event-ID: 0-0`` replays it whole; only appended events trim it.
 
 When the job has a webhook that wants the event, the same step records a delivery and
 pushes the Celery task that sends it (``blaze.webhooks.deliver`` on the ``webhooks``
@@ -29,13 +34,10 @@ from typing import Any, Callable
 
 import redis
 
-from blaze_jobs.settings import Settings
+from blaze_jobs.settings import Settings, get_settings
 
 log = logging.getLogger("blaze_jobs.events")
 
-#: Entries a job's stream keeps (about: Redis trims whole nodes). Status changes are a
-#: handful; progress is throttled to two a second, so this is minutes of progress.
-STREAM_MAXLEN = 1000
 #: The Celery task that sends one webhook delivery, and its queue.
 DELIVER_TASK = "blaze.webhooks.deliver"
 WEBHOOK_QUEUE = "webhooks"
@@ -62,10 +64,12 @@ def event_order(event_id: str) -> tuple[int, ...]:
 # Lua functions the scripts below (and TRANSITION_LUA) start with. Names carry a ``blaze_``
 # prefix because they share the script's scope with the caller's own locals.
 EVENT_FUNCTIONS_LUA = """
-local function blaze_snapshot(job_key)
+local function blaze_snapshot(job_key, with_input)
   local flat = redis.call('HGETALL', job_key)
   local record = {}
-  for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
+  for i = 1, #flat, 2 do
+    if with_input or flat[i] ~= 'input' then record[flat[i]] = flat[i + 1] end
+  end
   return cjson.encode(record)
 end
 
@@ -93,15 +97,21 @@ local function blaze_webhook_task(prefix, job_id, delivery_id, attempt)
   redis.call('LPUSH', prefix .. '""" + WEBHOOK_QUEUE + """', message)
 end
 
--- Append an event to the job's stream; when the job's webhook wants it, record a delivery
--- (with the job as it stands) and queue its task. Returns the event id.
-local function blaze_event(job_key, prefix, job_id, kind, fields)
+-- Append an event to the job's stream (trimmed to about maxlen entries, when given); when the
+-- job's webhook wants it, record a delivery (with the whole job as it stands, input
+-- included, since a delivery's body is the job) and queue its task. Returns the event id.
+local function blaze_event(job_key, prefix, job_id, kind, fields, maxlen)
   local now = redis.call('TIME')
   local at = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
   local entry = {'type', kind, 'at', at}
   for name, value in pairs(fields) do entry[#entry + 1] = name; entry[#entry + 1] = value end
   local stream = prefix .. 'job-stream:' .. job_id
-  local event_id = redis.call('XADD', stream, 'MAXLEN', '~', '""" + str(STREAM_MAXLEN) + """', '*', unpack(entry))
+  local event_id
+  if maxlen then
+    event_id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(entry))
+  else
+    event_id = redis.call('XADD', stream, '*', unpack(entry))
+  end
   local ttl = redis.call('PTTL', job_key)
   if ttl > 0 then redis.call('PEXPIRE', stream, ttl) end
   local hook = redis.call('HMGET', job_key, 'webhook', 'webhook_events')
@@ -110,7 +120,7 @@ local function blaze_event(job_key, prefix, job_id, kind, fields)
     if redis.call('HEXISTS', deliveries, 'gone') == 0 then
       local delivery = cjson.encode({id = event_id, event_id = event_id, type = kind, at = at, url = hook[1],
         webhook_id = 'msg_' .. job_id .. '_' .. event_id, state = 'pending'})
-      redis.call('HSET', deliveries, event_id, delivery, event_id .. ':job', fields['job'] or blaze_snapshot(job_key))
+      redis.call('HSET', deliveries, event_id, delivery, event_id .. ':job', blaze_snapshot(job_key, true))
       -- Deliveries whose first attempt is still to come, so each goes after the ones before it.
       local order = prefix .. 'job-webhook-order:' .. job_id
       redis.call('ZADD', order, string.match(event_id, '^(%d+)'), event_id)
@@ -131,20 +141,22 @@ local function blaze_status_event(job_key, prefix, job_id, status)
     p['step'] = p['total']
     redis.call('HSET', job_key, 'progress', cjson.encode(p))
   end
-  return blaze_event(job_key, prefix, job_id, kind, {job = blaze_snapshot(job_key)})
+  -- Status changes are bounded by the job's attempts: they never trim the stream.
+  return blaze_event(job_key, prefix, job_id, kind, {job = blaze_snapshot(job_key, false)}, nil)
 end
 """
 
 # KEYS[1] the job hash. ARGV[1] the key prefix, ARGV[2] the event type, ARGV[3] a JSON object
-# of the event's fields, ARGV[4] a JSON object of job fields to set with it. Only a running
-# job takes such events (a late progress report cannot land after the job's end). Returns
-# the event id, or nil when the job was not running.
+# of the event's fields, ARGV[4] a JSON object of job fields to set with it, ARGV[5] the
+# stream's length bound (``stream_maxlen``). Only a running job takes such events (a late
+# progress report cannot land after the job's end). Returns the event id, or nil when the
+# job was not running.
 APPEND_LUA = EVENT_FUNCTIONS_LUA + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return false end
 local args = {}
 for name, value in pairs(cjson.decode(ARGV[4])) do args[#args + 1] = name; args[#args + 1] = value end
 if #args > 0 then redis.call('HSET', KEYS[1], unpack(args)) end
-return blaze_event(KEYS[1], ARGV[1], redis.call('HGET', KEYS[1], 'id'), ARGV[2], cjson.decode(ARGV[3]))
+return blaze_event(KEYS[1], ARGV[1], redis.call('HGET', KEYS[1], 'id'), ARGV[2], cjson.decode(ARGV[3]), ARGV[5])
 """
 
 # KEYS[1] the hash of a job stored already ended (a cache hit at creation). ARGV[1] the prefix.
@@ -153,14 +165,32 @@ return blaze_status_event(KEYS[1], ARGV[1], redis.call('HGET', KEYS[1], 'id'), r
 """
 
 
+def stream_maxlen(settings: Settings) -> int:
+    """Entries a job's stream keeps: every event a job can make within the bounds. Each
+    attempt starts and ends (two status changes) and adds at most one text piece per new
+    token and one progress report per step or token."""
+    per_attempt = 2 + settings.llm_max_new_tokens + max(settings.llm_max_new_tokens, settings.max_steps)
+    # The margin: a cancel, a birth already ended, hand-backs that count no attempt.
+    return settings.max_attempts * per_attempt + 16
+
+
 def append_event(
-    client: redis.Redis, *, prefix: str, job_id: str, kind: str, fields: dict[str, str], job_fields: dict[str, str] | None = None
+    client: redis.Redis,
+    *,
+    prefix: str,
+    job_id: str,
+    kind: str,
+    fields: dict[str, str],
+    job_fields: dict[str, str] | None = None,
+    settings: Settings | None = None,
 ) -> str | None:
-    """Append an event (e.g. ``job.delta`` with ``{"delta": text}``) to a running job's
+    """Append an event (e.g. ``job.delta`` with ``{"text": text}``) to a running job's
     stream, setting ``job_fields`` on the job in the same step; None if it was not running.
-    Its webhook gets it when its filter names the part after ``job.``."""
+    Its webhook gets it when its filter names the part after ``job.``. The stream's bound
+    comes from ``settings`` (the process's own by default)."""
     script = client.register_script(APPEND_LUA)  # EVALSHA, loading the script once per server
-    reply = script(keys=[f"{prefix}job:{job_id}"], args=[prefix, kind, json.dumps(fields), json.dumps(job_fields or {})])
+    maxlen = stream_maxlen(settings or get_settings())
+    reply = script(keys=[f"{prefix}job:{job_id}"], args=[prefix, kind, json.dumps(fields), json.dumps(job_fields or {}), maxlen])
     return _text(reply) if reply is not None else None
 
 
@@ -238,10 +268,11 @@ class ProgressReporter:
     per job (the latest step wins), so a denoising step pays a dict assignment, never a
     Redis round trip."""
 
-    def __init__(self, client: redis.Redis, *, prefix: str, interval_s: float) -> None:
+    def __init__(self, client: redis.Redis, *, prefix: str, interval_s: float, maxlen: int | None = None) -> None:
         self.redis = client
         self.prefix = prefix
         self.interval_s = interval_s
+        self.maxlen = maxlen or stream_maxlen(get_settings())  # the stream's bound
         self._append = client.register_script(APPEND_LUA)
         self._pending: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
@@ -279,7 +310,7 @@ class ProgressReporter:
             for job_id, (step, total) in batch.items():
                 progress = json.dumps({"step": step, "total": total}, separators=(",", ":"))
                 fields = json.dumps({"progress": progress})
-                pipe.evalsha(self._append.sha, 1, f"{self.prefix}job:{job_id}", self.prefix, "job.progress", fields, fields)
+                pipe.evalsha(self._append.sha, 1, f"{self.prefix}job:{job_id}", self.prefix, "job.progress", fields, fields, self.maxlen)
             pipe.execute()
 
     def close(self) -> None:
@@ -309,5 +340,7 @@ def progress_callback(client: redis.Redis, settings: Settings, job_id: str) -> C
         return None
     with _reporter_lock:
         if _reporter is None:
-            _reporter = ProgressReporter(client, prefix=settings.redis_prefix, interval_s=settings.progress_interval_s)
+            _reporter = ProgressReporter(
+                client, prefix=settings.redis_prefix, interval_s=settings.progress_interval_s, maxlen=stream_maxlen(settings)
+            )
     return _reporter.callback(job_id)

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from datetime import datetime
 from typing import Iterator
 
 import httpx
 import pytest
+import redis
 
 from blaze_jobs.client import BlazeClient, SSEParser, ServerEvent
+from blaze_jobs.events import append_event, stream_key
+from blaze_jobs.jobs import JobStatus, new_record
+from blaze_jobs.settings import Settings
+from blaze_jobs.store import JobStore
 from tests.conftest import wait_until
 
 # Generous: the first test to use the stack also waits for it to start.
@@ -169,3 +175,56 @@ def test_the_raw_stream_is_plain_server_sent_events(client: BlazeClient, http: h
     assert blocks[0] == "retry: 1000"
     lines = blocks[1].split("\n")
     assert lines[0].startswith("id: ") and lines[1] == "event: job" and json.loads(lines[2][len("data: ") :]) == job
+
+
+# --- what a stream holds ------------------------------------------------------------------
+
+
+def test_a_job_with_as_many_events_as_the_bounds_allow_replays_whole_from_0_0(http: httpx.Client, settings: Settings) -> None:
+    # Given a running text job that streamed a piece of text and a progress report for each
+    # of the most tokens a job may ask for, through the worker's own event step
+    with redis.Redis.from_url(settings.redis_url) as client:
+        store = JobStore(client, settings)
+        job_id = str(uuid.uuid4())
+        store.create(new_record(job_id=job_id, engine="llm", model=settings.llm_model, input={"prompt": "long"}, created_at=time.time()))
+        store.transition(job_id, allowed=(JobStatus.queued,), to=JobStatus.running, started_at=repr(time.time()))
+        tokens = settings.llm_max_new_tokens
+        for n in range(tokens):
+            append_event(client, prefix=settings.redis_prefix, job_id=job_id, kind="job.delta", fields={"text": f" {n}"}, settings=settings)
+            progress = json.dumps({"step": n + 1, "total": tokens})
+            fields = {"progress": progress}
+            append_event(client, prefix=settings.redis_prefix, job_id=job_id, kind="job.progress", fields=fields, job_fields=fields, settings=settings)
+        text = "".join(f" {n}" for n in range(tokens))
+        output = json.dumps({"text": text, "finish_reason": "length"})
+        store.transition(job_id, allowed=(JobStatus.running,), to=JobStatus.succeeded, output=output, completed_at=repr(time.time()))
+
+    # When a client replays its stream from the start
+    replay = list(read_events(http, job_id, last_event_id="0-0", limit=10_000))
+
+    # Then it is all there: the start, every piece and report in order, the end
+    kinds = [e.event for e in replay]
+    assert kinds[0] == "job.started" and kinds[-1] == "job.completed", (kinds[:3], len(kinds))
+    assert "".join(e.data["text"] for e in replay if e.event == "job.delta") == text
+    assert [e.data["step"] for e in replay if e.event == "job.progress"] == list(range(1, tokens + 1))
+    assert replay[0].data["input"] == {"prompt": "long"} and replay[-1].data["output"]["text"] == text
+
+
+def test_events_do_not_copy_the_jobs_input_yet_show_it(client: BlazeClient, http: httpx.Client, settings: Settings) -> None:
+    # Given a job with a large input (echo answers with it, so its output is as large)
+    blob = "x" * 100_000
+    job = client.submit("echo", {"blob": blob, "sleep_ms": 200})
+    ended = http.get(f"/v1/jobs/{job['id']}", params={"wait": 30}).json()
+    assert ended["status"] == "succeeded" and ended["input"]["blob"] == blob
+
+    # When its events are read back, from Redis and as a client sees them
+    with redis.Redis.from_url(settings.redis_url) as redis_client:
+        entries = redis_client.xrange(stream_key(settings.redis_prefix, job["id"]))
+    stored = sum(len(k) + len(v) for _, fields in entries for k, v in fields.items())
+    replay = list(read_events(http, job["id"], last_event_id="0-0"))
+
+    # Then the stream holds the output once and the input never (it was twice the input,
+    # and the output too, before), while every event a client gets shows the whole job
+    assert len(blob) <= stored < 1.2 * len(blob), stored
+    assert [e.event for e in replay] == ["job.started", "job.completed"]
+    assert all(e.data["input"] == {"blob": blob, "sleep_ms": 200} for e in replay)
+    assert replay[-1].data == client.get(job["id"])
