@@ -147,9 +147,10 @@ class Reaper:
 
     def rescue(self) -> int:
         """Queue again the jobs queued for longer than the broker's visibility timeout whose
-        message is in no queue and not unacknowledged; returns how many. While there are at
-        least as many job messages as queued jobs, nothing can be lost: a few counters, and
-        the unacknowledged messages (a handful per worker) only when the queues fall short."""
+        message is in no queue and not unacknowledged; returns how many. While the queues
+        hold at least as many messages as there are queued jobs, nothing can be lost: a few
+        counters. The unacknowledged messages are no count to trust (running jobs hold theirs
+        until they end, webhook deliveries are there too); they are read only for old jobs."""
         keys, queued_index = self.store.keys, self.store.keys.status(JobStatus.queued.value)
         queues = [queue_key(self.settings, engine) for engine in ENGINES]
         unacked = self.settings.redis_prefix + "unacked"  # kombu's, under the same key prefix
@@ -160,14 +161,11 @@ class Reaper:
             queued, *messages = pipe.execute()
         if sum(messages) >= queued:
             return 0
-        # Webhook deliveries are unacknowledged messages too: count only the jobs'.
-        held = {job_id for job_id in map(_held_job, self.redis.hvals(unacked)) if job_id is not None}
-        if sum(messages) + len(held) >= queued:
-            return 0
         old = [r.decode() for r in self.redis.zrangebyscore(queued_index, "-inf", score_of(time.time() - self.settings.visibility_timeout_s))]
         if not old:
             return 0
-        present = held | {_queued_job(m) for queue in queues for m in self.redis.lrange(queue, 0, -1)}
+        present = {_held_job(v) for v in self.redis.hvals(unacked)}
+        present |= {_queued_job(m) for queue in queues for m in self.redis.lrange(queue, 0, -1)}
         rescued = 0
         for job_id in old:
             if job_id in present:
@@ -195,7 +193,7 @@ def _queued_job(raw: bytes) -> str | None:
 
 def _held_job(raw: bytes) -> str | None:
     """The job id of an unacknowledged message (kombu keeps ``[message, exchange, routing
-    key]``), or None if it is not a job's (a webhook delivery)."""
+    key]``), or None if it is no job's (a webhook delivery: its id is not a job's)."""
     try:
         headers = json.loads(raw)[0]["headers"]
         return headers["id"] if headers["task"] in JOB_TASKS else None

@@ -188,19 +188,27 @@ def held_unacked(settings: Settings, queue: str, count: int) -> Iterator[None]:
         yield
 
 
-def test_a_queued_job_whose_message_is_nowhere_gets_a_fresh_one(store: JobStore, settings: Settings) -> None:
+@pytest.mark.parametrize("in_flight", ["two webhook deliveries", "a running job"])
+def test_a_queued_job_whose_message_is_nowhere_gets_a_fresh_one(store: JobStore, settings: Settings, in_flight: str) -> None:
     # Given old queued jobs: one with its message waiting, one whose message a worker holds
-    # unacknowledged, one whose message was lost; and two webhook deliveries in flight,
-    # unacknowledged as well, published by Celery itself
+    # unacknowledged, one whose message was lost; and other messages unacknowledged as well
+    # (webhook deliveries that Celery itself published, or a running job's)
     reaper = Reaper(store=store, settings=settings, name="w1")
     waiting, held, lost = (queued(store, age_s=60) for _ in range(3))
     store.redis.lpush(queue_key(settings, "echo"), task_message(job_id=held, engine="echo", input={"n": 1}))
-    celery = Celery(broker=settings.redis_url, set_as_current=False)
-    celery.conf.broker_transport_options = {"global_keyprefix": settings.redis_prefix}
-    for n in range(2):
-        celery.send_task("blaze.webhooks.deliver", args=[f"delivery-{n}"], queue="webhooks")
+    echo_held = 1
+    if in_flight == "a running job":
+        job_id = running(store, worker="w2")
+        store.redis.lpush(queue_key(settings, "echo"), task_message(job_id=job_id, engine="echo", input={"n": 1}))
+        echo_held, webhooks_held = 2, 0
+    else:
+        celery = Celery(broker=settings.redis_url, set_as_current=False)
+        celery.conf.broker_transport_options = {"global_keyprefix": settings.redis_prefix}
+        for n in range(2):
+            celery.send_task("blaze.webhooks.deliver", args=[f"delivery-{n}"], queue="webhooks")
+        webhooks_held = 2
 
-    with held_unacked(settings, "echo", 1), held_unacked(settings, "webhooks", 2):
+    with held_unacked(settings, "echo", echo_held), held_unacked(settings, "webhooks", webhooks_held):
         store.redis.lpush(queue_key(settings, "echo"), task_message(job_id=waiting, engine="echo", input={"n": 1}))
 
         # When the reaper looks for lost messages
