@@ -12,18 +12,56 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import httpx
 import redis
 
+if TYPE_CHECKING:
+    from blaze_jobs.client import BlazeClient
+
 #: How long a child gets to stop on SIGTERM before it is killed.
 STOP_GRACE_S = 15.0
+#: How often ``blaze demo`` looks at its children while it waits for its job: a dead
+#: worker runs nothing, so the demo says so within seconds instead of at its timeout.
+WATCH_S = 2.0
 
 
 class StackError(RuntimeError):
     """A part of the stack failed to start; the message carries the end of its log."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: handled as Ctrl-C is, so every child is stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    def __repr__(self) -> str:
+        return f"Interrupted({signal.Signals(self.signum).name})"
+
+
+@contextmanager
+def interrupted_by_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
+    """Inside, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread, as SIGINT
+    raises KeyboardInterrupt. Their default is to end the process at once, which orphans the
+    children of a ``blaze up`` stopped by a supervisor, ``kill`` or a closing terminal."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        # Only the first: a second one must not break off the stopping of the children.
+        for each in signums:
+            signal.signal(each, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def free_port() -> int:
@@ -109,6 +147,18 @@ class Stack:
         self.children.append(child)
         return child
 
+    def child(self, name: str) -> Child:
+        """The child started as ``name``: children are picked by name, never by position,
+        which depends on what else started (an embedded Redis comes first)."""
+        for child in self.children:
+            if child.name == name:
+                return child
+        raise KeyError(f"no child named {name!r} in this stack: {[c.name for c in self.children]}")
+
+    def first_dead(self) -> Child | None:
+        """A child that has exited, if any."""
+        return next((child for child in self.children if not child.alive()), None)
+
     def blaze(self, name: str, *args: str, **env: str) -> Child:
         """Start ``blaze ARGS`` (the CLI of this installation) as a child."""
         return self.start(name, [sys.executable, "-m", "blaze_jobs.cli", *args], **env)
@@ -182,7 +232,7 @@ def run_demo(prompt: str, *, out: Path, timeout: float) -> int:
     settings = get_settings()
     # A prefix of its own, so the demo never takes jobs of a deployment sharing this Redis.
     prefix = f"blaze-demo-{os.getpid()}:"
-    with Stack() as stack:
+    with interrupted_by_signals(), Stack() as stack:
         redis_url = stack.redis(settings.redis_url)
         where = "embedded Redis" if redis_url != settings.redis_url else "Redis"
         print(f"using {where} at {redis_url}", flush=True)
@@ -194,10 +244,11 @@ def run_demo(prompt: str, *, out: Path, timeout: float) -> int:
             with BlazeClient(api_url) as client:
                 job = client.submit("diffusion", {"prompt": prompt})
                 print(f"submitted job {job['id']}; waiting for the diffusion worker", flush=True)
-                job = client.wait(job["id"], timeout=timeout)
+                job = _wait_watching(stack, client, job["id"], timeout=timeout)
                 print(timeline(job))
                 if job["status"] != "succeeded":
-                    print(f"blaze demo: the job {job['status']}; worker log:\n{stack.children[1].log_tail()}", file=sys.stderr)
+                    worker = stack.child("worker-diffusion")
+                    print(f"blaze demo: the job {job['status']}; worker log:\n{worker.log_tail()}", file=sys.stderr)
                     return 1
                 for path in save_images(client, job, out):
                     image = job["output"]["images"][0]
@@ -206,6 +257,21 @@ def run_demo(prompt: str, *, out: Path, timeout: float) -> int:
         finally:
             stack.stop()
             _forget(redis_url, prefix)
+
+
+def _wait_watching(stack: Stack, client: BlazeClient, job_id: str, *, timeout: float) -> dict[str, Any]:
+    """The job once it has ended, as ``client.wait`` gives it; a child of the stack that
+    exits meanwhile ends the wait with its log (nothing would run the job)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        dead = stack.first_dead()
+        if dead is not None:
+            raise StackError(f"{dead.name} exited with code {dead.process.returncode}:\n{dead.log_tail()}")
+        try:
+            return client.wait(job_id, timeout=max(0.0, min(WATCH_S, deadline - time.monotonic())))
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise
 
 
 def _forget(redis_url: str, prefix: str) -> None:
@@ -219,26 +285,26 @@ def _forget(redis_url: str, prefix: str) -> None:
 
 
 def run_up(*, api_port: int, flower_port: int) -> int:
-    """``blaze up``: the demo's stack, kept running until interrupted."""
+    """``blaze up``: the demo's stack, kept running until Ctrl-C, SIGTERM or SIGHUP, which
+    all stop every child."""
     from blaze_jobs.settings import get_settings
 
     settings = get_settings()
-    with Stack() as stack:
+    with interrupted_by_signals(), Stack() as stack:
         redis_url = stack.redis(settings.redis_url)
         stack.env["BLAZE_REDIS_URL"] = redis_url
-        api_url = _start_services(stack, api_port=api_port, flower_port=flower_port, engines=("diffusion", "echo", "llm", "webhooks"))
-        print(f"Redis   {redis_url}")
-        print(f"API     {api_url}")
-        print(f"docs    {api_url}/docs")
-        print(f"Flower  http://127.0.0.1:{flower_port}")
-        print(f"logs    {stack.log_dir}")
-        print("Ctrl-C stops everything.", flush=True)
         try:
-            while all(child.alive() for child in stack.children):
+            api_url = _start_services(stack, api_port=api_port, flower_port=flower_port, engines=("diffusion", "echo", "llm", "webhooks"))
+            print(f"Redis   {redis_url}")
+            print(f"API     {api_url}")
+            print(f"docs    {api_url}/docs")
+            print(f"Flower  http://127.0.0.1:{flower_port}")
+            print(f"logs    {stack.log_dir}")
+            print("Ctrl-C stops everything.", flush=True)
+            while (dead := stack.first_dead()) is None:
                 time.sleep(0.5)
-            dead = next(child for child in stack.children if not child.alive())
             print(f"blaze up: {dead.name} exited with code {dead.process.returncode}:\n{dead.log_tail()}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
-            print("stopping", flush=True)
+        except KeyboardInterrupt as interrupt:
+            print(f"stopping ({interrupt})" if isinstance(interrupt, Interrupted) else "stopping", flush=True)
             return 0

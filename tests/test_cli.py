@@ -1,9 +1,13 @@
-"""The ``blaze`` command as a person uses it: the demo, and submit/status/cancel over HTTP."""
+"""The ``blaze`` command as a person uses it: the demo, ``blaze up`` and how it stops, and
+submit/status/cancel over HTTP."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,19 +17,40 @@ import pytest
 from PIL import Image
 
 from blaze_jobs.stack import free_port
+from tests.conftest import own_prefix, wait_until
 
 
 def blaze(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "blaze_jobs.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
+    """Run ``blaze ARGS``; past ``timeout`` it is told to stop with SIGTERM (so it stops what
+    it started, unlike the SIGKILL of ``subprocess.run``) and the test fails."""
+    argv = [sys.executable, "-m", "blaze_jobs.cli", *args]
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                stdout, stderr = process.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                stdout, stderr = process.communicate()
+            pytest.fail(f"blaze {' '.join(args)} still running after {timeout} s:\n{stdout}\n{stderr}")
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
+def demo_env(test_env: dict[str, str], tmp_path: Path, **env: str) -> dict[str, str]:
+    """The demo's environment on a machine with no Redis where BLAZE_REDIS_URL points: the
+    demo starts one of its own, which is then the first of its children. Its logs go under
+    the test's folder (TMPDIR)."""
+    demo = {**test_env, "BLAZE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "TMPDIR": str(tmp_path), **env}
+    demo.pop("BLAZE_REDIS_PREFIX")
+    return demo
 
 
 @pytest.mark.timeout(300)
 def test_demo_makes_an_image_with_an_embedded_redis(test_env: dict[str, str], tmp_path: Path) -> None:
     # Given no Redis where BLAZE_REDIS_URL points (a port nobody listens on)
-    env = {**test_env, "BLAZE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
-    env.pop("BLAZE_REDIS_PREFIX")
+    env = demo_env(test_env, tmp_path)
     out = tmp_path / "lighthouse.png"
 
     # When a newcomer runs the demo
@@ -81,3 +106,109 @@ def test_an_unreachable_api_is_a_clear_error(test_env: dict[str, str]) -> None:
     result = blaze("status", "some-job", env=env, timeout=20)
     assert result.returncode == 1
     assert "cannot reach the API" in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_demo_job_that_fails_shows_the_diffusion_workers_log(test_env: dict[str, str], tmp_path: Path) -> None:
+    # Given a watchdog so short that the worker fails the job, on its one attempt, as a worker fault
+    env = demo_env(test_env, tmp_path, BLAZE_BATCH_TIMEOUT_S="0.001", BLAZE_MAX_ATTEMPTS="1")
+
+    # When the demo runs
+    result = blaze("demo", "a lighthouse at dusk", "--out", str(tmp_path / "x.png"), env=env, timeout=280)
+
+    # Then it says the job failed and shows the log of the worker that ran it (not the API's)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "embedded Redis" in result.stdout
+    job_id = re.search(r"submitted job (\S+);", result.stdout)
+    assert job_id, result.stdout
+    assert "worker log:" in result.stderr
+    assert f"blaze.diffusion.generate[{job_id[1]}]" in result.stderr, result.stderr
+    assert "Uvicorn running" not in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_the_demo_stops_with_the_workers_log_when_its_worker_dies(test_env: dict[str, str], tmp_path: Path) -> None:
+    # Given a default image model that does not exist, so the diffusion worker exits at start
+    missing = tmp_path / "no-such-model"
+    env = demo_env(test_env, tmp_path, BLAZE_DIFFUSION_MODEL=str(missing))
+
+    # When the demo runs, willing to wait ten minutes for its job
+    result = blaze("demo", "a lighthouse at dusk", "--out", str(tmp_path / "x.png"), "--timeout", "600", env=env, timeout=280)
+
+    # Then it does not wait for a job nothing will run: it stops and shows why the worker died
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "worker-diffusion exited" in result.stderr
+    assert str(missing) in result.stderr
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time) of a process, from /proc; None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def descendants(root: int) -> dict[int, int]:
+    """Every process below ``root`` in the process tree, as pid -> start time (to tell a pid
+    that was reused), read from /proc rather than from what started them."""
+    parents: dict[int, int] = {}
+    starts: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _stat(int(entry))):
+            parents[int(entry)], starts[int(entry)] = stat[1], stat[2]
+    found: dict[int, int] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                found[pid] = starts[pid]
+                frontier.append(pid)
+    return found
+
+
+def running(pid: int, start: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[2] == start and stat[0] != "Z"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_blaze_up_stops_every_child_when_told_to_stop(signum: int, test_env: dict[str, str], tmp_path: Path) -> None:
+    # Given `blaze up` running (under a prefix of its own: its workers must not take others' jobs)
+    with own_prefix("up") as prefix:
+        log = tmp_path / "up.log"
+        argv = [sys.executable, "-m", "blaze_jobs.cli", "up", "--port", str(free_port()), "--flower-port", str(free_port())]
+        with open(log, "wb") as out:
+            env = {**test_env, "BLAZE_REDIS_PREFIX": prefix, "TMPDIR": str(tmp_path)}
+            up = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        children: dict[int, int] = {}
+        try:
+            wait_until(lambda: "Ctrl-C stops everything" in log.read_text() or up.poll() is not None, timeout=150, what="blaze up to be ready")
+            assert up.poll() is None, log.read_text()
+            children = descendants(up.pid)
+            # the API, four workers and Flower
+            assert len(children) >= 6, children
+
+            # When a supervisor, `kill` or a closing terminal sends it the signal
+            up.send_signal(signum)
+
+            # Then it stops, and so has every process it started
+            up.wait(timeout=200)
+            wait_until(
+                lambda: not any(running(pid, start) for pid, start in children.items()),
+                timeout=30,
+                what=f"every child of blaze up ({sorted(children)}) to be gone",
+            )
+            assert "stopping" in log.read_text()
+        finally:
+            # Whatever it left behind (it orphaned them all before the fix), by pid.
+            for pid, start in children.items():
+                if running(pid, start):
+                    os.kill(pid, signal.SIGKILL)
+            if up.poll() is None:
+                up.kill()
+                up.wait(timeout=10)
