@@ -4,6 +4,7 @@ status, cancel). Every part is configured by ``BLAZE_*`` environment variables."
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import sys
@@ -39,12 +40,31 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_flower(args: argparse.Namespace) -> int:
-    argv = ["-m", "celery", "-A", "blaze_jobs.celery_app:app", "flower", f"--port={args.port}", f"--address={args.host}"]
     auth = get_settings().flower_basic_auth
+    if not _loopback(args.host):
+        if not auth:
+            print(f"blaze flower: refusing to serve on {args.host!r} without a login: set BLAZE_FLOWER_BASIC_AUTH=user:password", file=sys.stderr)
+            return 2
+        print(
+            "blaze flower: Flower answers /metrics and /healthcheck without the login (it exempts them); "
+            f"anyone who reaches {args.host}:{args.port} can read its metrics",
+            file=sys.stderr,
+        )
     if auth:
-        argv.append(f"--basic-auth={auth}")
-    _exec(argv)
+        # Flower reads FLOWER_* variables as its options. In the environment the password is
+        # readable only by this user; on the command line anyone sees it in `ps`.
+        os.environ["FLOWER_BASIC_AUTH"] = auth
+    _exec(["-m", "celery", "-A", "blaze_jobs.celery_app:app", "flower", f"--port={args.port}", f"--address={args.host}"])
     return 0
 
 
@@ -183,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, help="task threads (default: twice the max batch)")
     worker.set_defaults(func=cmd_worker)
 
-    flower = commands.add_parser("flower", help="serve Flower, the Celery monitor")
-    flower.add_argument("--host", default="127.0.0.1")
+    flower = commands.add_parser("flower", help="serve Flower, the Celery monitor (login: BLAZE_FLOWER_BASIC_AUTH)")
+    flower.add_argument("--host", default="127.0.0.1", help="address to listen on; beyond loopback it needs a login")
     flower.add_argument("--port", type=int, default=5555)
     flower.set_defaults(func=cmd_flower)
 
