@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
-from contextlib import contextmanager
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -16,13 +18,34 @@ import redis
 
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.settings import Settings
-from blaze_jobs.stack import Stack, StackError, free_port
+from blaze_jobs.stack import Stack, StackError, free_port, redis_reachable
 
 #: The Redis the tests use; each run writes only under its own prefix and deletes it after.
+#: When none answers there, pytest_configure starts a private one and points this at it.
 REDIS_URL = os.environ.get("BLAZE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 FLOWER_AUTH = "blaze:test-secret"
 #: The test stack's BLAZE_ADMIN_TOKEN: clients that read the webhook secret send it.
 ADMIN_TOKEN = "blaze-test-admin-token"
+
+_private_redis: Stack | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Use the Redis at ``BLAZE_TEST_REDIS_URL`` if one answers, else start a private server
+    (as ``blaze demo`` does) for this run, so the suite needs nothing installed beside it.
+    Test modules import REDIS_URL after this runs, and every process inherits the variable."""
+    global REDIS_URL, _private_redis
+    if redis_reachable(REDIS_URL):
+        return
+    _private_redis = Stack(log_dir=Path(tempfile.mkdtemp(prefix="blaze-test-redis-")))
+    REDIS_URL = _private_redis.redis(REDIS_URL)
+    os.environ["BLAZE_TEST_REDIS_URL"] = REDIS_URL
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _private_redis is not None:
+        _private_redis.stop()
+        shutil.rmtree(_private_redis.log_dir, ignore_errors=True)
 
 
 def wait_until(condition: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -37,10 +60,10 @@ def wait_until(condition: Callable[[], Any], *, timeout: float, what: str, inter
     pytest.fail(f"timed out after {timeout} s waiting for {what}; last saw {last!r}")
 
 
-def delete_keys(prefix: str, *, redis_url: str = REDIS_URL) -> None:
+def delete_keys(prefix: str, *, redis_url: str | None = None) -> None:
     """Delete every key under ``prefix`` (nothing if that Redis is gone: a test stopped it)."""
     try:
-        with redis.Redis.from_url(redis_url) as client:
+        with redis.Redis.from_url(redis_url or REDIS_URL) as client:
             keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
             if keys:
                 client.delete(*keys)
