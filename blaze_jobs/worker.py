@@ -20,15 +20,15 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from blaze_jobs import cache, events
+from blaze_jobs import cache, events, faults
 from blaze_jobs.artifacts import ArtifactStore, artifact_store, artifact_url
 from blaze_jobs.batching import Batcher
-from blaze_jobs.breaker import BreakerState, CircuitBreaker
-from blaze_jobs.broker import faulted_workers, requeue_push
+from blaze_jobs.breaker import CircuitBreaker
+from blaze_jobs.broker import requeue_push
 from blaze_jobs.engines import create_engine
 from blaze_jobs.engines.base import Artifact, Engine, EngineRequest
 from blaze_jobs.errors import JobCanceled, JobConflict, JobNotFound, RequestError, WorkerFault
-from blaze_jobs.heartbeat import Heartbeat, worker_key, workers_index
+from blaze_jobs.heartbeat import Heartbeat
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.settings import Settings, get_settings
 from blaze_jobs.store import JobStore, lease_owner
@@ -171,9 +171,10 @@ def run_job(
     #    before and a live peer can try it: then its message goes back to the queue. Only a
     #    queued job starts; a canceled one is dropped here, one running or ended was
     #    delivered twice, and a missing one has expired.
-    if runtime.name in faulted_on and passes < settings.fault_handbacks and _peers(runtime):
-        time.sleep(HANDBACK_PAUSE_S * passes)
-        return hand_back(runtime, job_id, passes=passes + 1)
+    if runtime.name in faulted_on and passes < settings.fault_handbacks:
+        if faults.live_peers(runtime.redis, settings, name=runtime.name, engine=runtime.engine_name):
+            time.sleep(HANDBACK_PAUSE_S * passes)
+            return hand_back(runtime, job_id, passes=passes + 1)
     if not runtime.breaker.allow():
         return hand_back(runtime, job_id)
     try:
@@ -293,54 +294,21 @@ def _l2_get(runtime: Runtime, key: str) -> str | None:
 
 
 def _worker_fault(runtime: Runtime, finish: "_Finisher", record: dict[str, str], reason: str) -> str:
-    """A fault on the device: the job's own once it has faulted on two workers, else this
-    worker's. Retry it elsewhere while attempts remain.
-
-    A faulty device faults every job, so its breaker opens on the first faults of a few
-    jobs; a poison job faults every worker. So each job counts against a breaker at most
-    once (a repeat on the same worker says nothing new), and a fault on a second worker
-    counts against none: the job fails as the request's fault, naming the workers."""
+    """A fault on the device, the worker's or the job's own (``faults``); the job runs again
+    elsewhere while attempts remain."""
     log.error("worker fault on job %s: %s", finish.job_id, reason)
-    before = faulted_workers(record)
-    if any(name != runtime.name for name in before):
+    poison = faults.poison_error(record, runtime.name, reason)
+    if poison is not None:
         runtime.breaker.release_probe()
-        workers = [*dict.fromkeys([*before, runtime.name])]
-        return finish.failed(
-            "request",
-            f"the job faulted on {len(workers)} workers ({', '.join(workers)}), so the job, not a worker, "
-            f"is at fault; last: {reason}",
-        )
-    if before:
-        runtime.breaker.release_probe()
-    else:
+        return finish.failed("request", poison)
+    if faults.counts_against(record, runtime.name):
         runtime.breaker.record_failure(reason)
-        _note_fault(runtime, finish, [runtime.name])
+        faults.note_fault(runtime.store, finish.job_id, attempt=finish.attempt, worker=runtime.name)
+    else:
+        runtime.breaker.release_probe()
     if finish.attempt < runtime.settings.max_attempts:
         return finish.requeue(count_attempt=True)
     return finish.failed("worker_fault", f"failed on {finish.attempt} attempts on {runtime.name}; last: {reason}")
-
-
-def _note_fault(runtime: Runtime, finish: "_Finisher", workers: list[str]) -> None:
-    """Record on the job the workers it faulted on (guarded by the attempt, like every write)."""
-    try:
-        runtime.store.transition(
-            finish.job_id, allowed=(JobStatus.running,), to=JobStatus.running, attempts=finish.attempt, faulted_on=json.dumps(workers)
-        )
-    except (JobConflict, JobNotFound):
-        pass  # the attempt is no longer ours: its end will not be recorded either
-
-
-def _peers(runtime: Runtime) -> list[str]:
-    """Live workers of this engine, besides this one, whose breaker lets them take jobs."""
-    settings = runtime.settings
-    names = [n.decode() for n in runtime.redis.zrangebyscore(workers_index(settings), time.time() - settings.lease_s, "+inf")]
-    names = [name for name in names if name != runtime.name]
-    states = [json.loads(s) for s in runtime.redis.mget([worker_key(settings, n) for n in names]) if s] if names else []
-    return [
-        state["name"]
-        for state in states
-        if state.get("engine") == runtime.engine_name and state.get("breaker", {}).get("state") != BreakerState.open.value
-    ]
 
 
 def hand_back(runtime: Runtime, job_id: str, *, passes: int = 0) -> str:
