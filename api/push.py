@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
 from api.problems import PROBLEM_JSON, PROBLEM_SCHEMA, InputProblem, problem
-from api.responses import JSONResponse
+from api.responses import JSONResponse, dumps
 from api.waiting import EventReader
 from blaze_jobs import events
 from blaze_jobs.errors import JobNotFound
@@ -170,7 +170,8 @@ async def wait_for_end(app: FastAPI, job_id: str, seconds: float) -> dict[str, s
 
 
 def sse(event_id: str, kind: str, data: Any) -> str:
-    return f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+    # Encoded as the JSON answers are, so that a stored record JSON cannot carry still streams.
+    return f"id: {event_id}\nevent: {kind}\ndata: {dumps(data).decode()}\n\n"
 
 
 def event_data(event: events.JobEvent, record: dict[str, str], *, base: str) -> Any:

@@ -18,10 +18,15 @@ class JSONResponse(_StandardJSONResponse):
     standard library's time, which counts on the create path."""
 
     def render(self, content: Any) -> bytes:
-        try:
-            return orjson.dumps(content)
-        except TypeError:  # orjson.JSONEncodeError: see below
-            return render_anything(content)
+        return dumps(content)
+
+
+def dumps(content: Any) -> bytes:
+    """``content`` as JSON (UTF-8), whatever a stored record holds: see ``render_anything``."""
+    try:
+        return orjson.dumps(content)
+    except TypeError:  # orjson.JSONEncodeError
+        return render_anything(content)
 
 
 def render_anything(content: Any) -> bytes:

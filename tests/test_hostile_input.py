@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
+import orjson
 import pytest
 import redis
 
@@ -189,14 +190,21 @@ OLD_INPUTS = {
 }
 
 
-def test_a_record_stored_before_the_bounds_existed_still_reads(api: API, http: httpx.Client) -> None:
-    # Given jobs that the API stored before it bounded input (the records exist in Redis for
-    # their whole retention), each holding something JSON or UTF-8 cannot carry
-    store = JobStore(redis.Redis.from_url(api.settings.redis_url), api.settings)
+def store_old_records(api: API) -> dict[str, str]:
+    """Jobs as the API stored them before it bounded input (such records exist in Redis for
+    their whole retention), each holding something JSON or UTF-8 cannot carry; by case."""
     ids = {}
-    for case, (stored, _) in OLD_INPUTS.items():
-        ids[case] = str(uuid.uuid4())
-        store.create(new_record(job_id=ids[case], engine="echo", model="builtin:echo", input=stored, created_at=time.time()))
+    with redis.Redis.from_url(api.settings.redis_url) as client:
+        store = JobStore(client, api.settings)
+        for case, (stored, _) in OLD_INPUTS.items():
+            ids[case] = str(uuid.uuid4())
+            store.create(new_record(job_id=ids[case], engine="echo", model="builtin:echo", input=stored, created_at=time.time()))
+    return ids
+
+
+def test_a_record_stored_before_the_bounds_existed_still_reads(api: API, http: httpx.Client) -> None:
+    # Given jobs stored before the bounds, holding what JSON cannot carry
+    ids = store_old_records(api)
 
     # When a client reads each job, and the page that lists them all
     page = http.get("/v1/jobs", params={"limit": len(OLD_INPUTS)})
@@ -208,6 +216,22 @@ def test_a_record_stored_before_the_bounds_existed_still_reads(api: API, http: h
         response = http.get(f"/v1/jobs/{ids[case]}")
         assert response.status_code == 200, (case, response.text)
         assert response.json()["input"] == listed[ids[case]] == readable, case
+
+
+def test_a_record_stored_before_the_bounds_existed_still_streams(api: API, http: httpx.Client) -> None:
+    # Given jobs stored before the bounds, holding what JSON cannot carry
+    ids = store_old_records(api)
+
+    for case, (_, readable) in OLD_INPUTS.items():
+        # When a client opens each job's event stream (the jobs stay queued: no worker here)
+        with http.stream("GET", f"/v1/jobs/{ids[case]}/events") as response:
+            assert response.status_code == 200, case
+            data = next(line for line in response.iter_lines() if line.startswith("data: "))
+
+        # Then its first event is the job, as strict JSON, with what JSON can carry in place
+        # of what it cannot
+        # (orjson reads strictly: NaN, Infinity and lone surrogates are errors to it)
+        assert orjson.loads(data.removeprefix("data: "))["input"] == readable, case
 
 
 # --- errors -----------------------------------------------------------------------------------
