@@ -5,31 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterable, Iterator, Mapping
 
 import httpx
 
-from blaze_jobs.errors import BlazeError
+from blaze_jobs.errors import APIConnectionError, APIError, WaitTimeout
 from blaze_jobs.signing import verify
 
+__all__ = ["APIConnectionError", "APIError", "AsyncBlazeClient", "BlazeClient", "SSEParser", "ServerEvent", "WaitTimeout"]
+
 ENDED = ("succeeded", "failed", "canceled")
-#: Longest wait one long-poll asks for (the API allows up to BLAZE_MAX_WAIT_S, 60 s by default).
-LONG_POLL_S = 30.0
+#: Between polls of a server that allows no long-poll at all (its BLAZE_MAX_WAIT_S is 0).
+POLL_S = 1.0
 #: An event stream sends a keep-alive every 15 s; a read this long without one is a dead link.
 STREAM_READ_TIMEOUT_S = 60.0
 #: Times an event stream reconnects (with ``Last-Event-ID``) before giving up.
 STREAM_RECONNECTS = 5
-
-
-class APIError(BlazeError):
-    """The API answered with a problem: ``status`` is the HTTP status, ``problem`` its body."""
-
-    def __init__(self, status: int, problem: dict[str, Any]) -> None:
-        super().__init__(f"HTTP {status}: {problem.get('detail') or problem.get('title') or problem}")
-        self.status = status
-        self.problem = problem
 
 
 class BlazeClient:
@@ -45,6 +39,7 @@ class BlazeClient:
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
         self._secret = webhook_secret
         self._admin_token = admin_token
+        self._long_poll = LongPoll()
 
     def __enter__(self) -> "BlazeClient":
         return self
@@ -70,49 +65,62 @@ class BlazeClient:
         if it did within that many seconds. ``options`` are further fields (``cache``)."""
         body = _create_body(engine, input, model=model, webhook=webhook, webhook_events_filter=webhook_events_filter, **options)
         headers, timeout = _wait_request(wait, self.timeout)
-        return self._json(self.http.post("/v1/jobs", json=body, headers=headers, timeout=timeout))
+        return self._json(self._send("POST", "/v1/jobs", json=body, headers=headers, timeout=timeout))
 
     def get(self, job_id: str, *, wait: float | None = None) -> dict[str, Any]:
         """The job; with ``wait``, as soon as it ends or after ``wait`` seconds (long-poll)."""
         params = {"wait": wait} if wait else None
-        return self._json(self.http.get(f"/v1/jobs/{job_id}", params=params, timeout=self.timeout + (wait or 0)))
+        return self._json(self._send("GET", f"/v1/jobs/{job_id}", params=params, timeout=self.timeout + (wait or 0)))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._json(self.http.post(f"/v1/jobs/{job_id}/cancel"))
+        return self._json(self._send("POST", f"/v1/jobs/{job_id}/cancel"))
 
     def wait(self, job_id: str, *, timeout: float = 600.0) -> dict[str, Any]:
-        """The job once it has ended, long-polling (no busy loop); ``TimeoutError`` if it has
-        not within ``timeout`` seconds. Rides out the API's brief 503s (Redis restarting)."""
+        """The job once it has ended, long-polling as long as the server allows (no busy
+        loop); ``WaitTimeout`` (a ``TimeoutError``, with the job as last seen) if it has not
+        within ``timeout`` seconds. Rides out the API's brief 503s and lost connections."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
+            asked = self._long_poll.length(left)
             try:
-                job = self.get(job_id, wait=max(0.0, min(left, LONG_POLL_S)))
-            except (APIError, httpx.TransportError) as error:
-                if (isinstance(error, APIError) and error.status != 503) or left <= 0:
+                job = self.get(job_id, wait=asked)
+            except APIError as error:
+                if self._long_poll.refused(error, asked):
+                    continue
+                if error.status != 503 or left <= 0:
+                    raise
+                time.sleep(min(1.0, max(left, 0)))
+                continue
+            except APIConnectionError:
+                if left <= 0:
                     raise
                 time.sleep(min(1.0, max(left, 0)))
                 continue
             if job["status"] in ENDED:
                 return job
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f} s")
+                raise WaitTimeout(job_id, job, timeout)
+            if not asked:
+                time.sleep(min(POLL_S, max(deadline - time.monotonic(), 0)))
 
     def download(self, url: str) -> bytes:
         """The bytes of an artifact, by the URL in a job's output."""
-        response = self.http.get(url)
+        response = self._send("GET", url)
         if response.status_code != 200:
             self._json(response)
         return response.content
 
+    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self.http.request(method, url, **kwargs)
+        except httpx.TransportError as error:
+            raise unreachable(error) from error
+
     @staticmethod
     def _json(response: httpx.Response) -> dict[str, Any]:
         if response.status_code >= 400:
-            try:
-                problem = response.json()
-            except ValueError:
-                problem = {"detail": response.text[:200]}
-            raise APIError(response.status_code, problem)
+            raise problem_of(response)
         return response.json()
 
     def events(self, job_id: str, *, last_event_id: str | None = None) -> Iterator["ServerEvent"]:
@@ -138,10 +146,10 @@ class BlazeClient:
                         if event.final:
                             return
                 return  # the server ended the stream: the client had seen everything
-            except (httpx.TransportError, httpx.RemoteProtocolError):
+            except httpx.TransportError as error:
                 failures += 1
                 if failures > STREAM_RECONNECTS:
-                    raise
+                    raise unreachable(error) from error
                 time.sleep(min(2.0, 0.1 * 2**failures))
 
     #: DESIGN.md's name for ``events``.
@@ -149,17 +157,17 @@ class BlazeClient:
 
     def deliveries(self, job_id: str) -> list[dict[str, Any]]:
         """The job's webhook deliveries, each with its attempts."""
-        return self._json(self.http.get(f"/v1/jobs/{job_id}/deliveries"))["deliveries"]
+        return self._json(self._send("GET", f"/v1/jobs/{job_id}/deliveries"))["deliveries"]
 
     def redeliver(self, job_id: str, delivery_id: str) -> dict[str, Any]:
         """Send a delivery's event to the webhook again; returns the new delivery."""
-        return self._json(self.http.post(f"/v1/jobs/{job_id}/deliveries/{delivery_id}/redeliver"))
+        return self._json(self._send("POST", f"/v1/jobs/{job_id}/deliveries/{delivery_id}/redeliver"))
 
     def webhook_secret(self) -> str:
         """The ``whsec_`` secret the deployment signs webhooks with."""
         if self._secret is None:
             headers = {"Authorization": f"Bearer {self._admin_token}"} if self._admin_token else {}
-            self._secret = self._json(self.http.get("/v1/webhooks/secret", headers=headers))["secret"]
+            self._secret = self._json(self._send("GET", "/v1/webhooks/secret", headers=headers))["secret"]
         return self._secret
 
     def verify_webhook(self, headers: Mapping[str, str], body: bytes | str) -> dict[str, Any]:
@@ -215,6 +223,54 @@ class SSEParser:
         return None
 
 
+class LongPoll:
+    """How long one long-poll of ``wait`` asks for: all the time left, until the server
+    refuses that (a 422 naming ``wait`` and its bound, BLAZE_MAX_WAIT_S); then at most its bound."""
+
+    def __init__(self) -> None:
+        self.bound: float | None = None
+
+    def length(self, left: float) -> float:
+        return max(0.0, left if self.bound is None else min(left, self.bound))
+
+    def refused(self, error: APIError, asked: float) -> bool:
+        """Whether ``error`` refused a wait of ``asked`` seconds as too long; then the bound
+        it names (or, naming none, half of ``asked``) is the one asked for from now on."""
+        if error.status != 422 or not asked:
+            return False
+        said = [str(e.get("message", "")) for e in error.errors if e.get("field") == "wait"]
+        if not said:
+            return False
+        number = re.search(r"\d+(?:\.\d+)?", said[0])
+        bound = float(number.group()) if number else asked / 2
+        self.bound = bound if bound < asked else asked / 2
+        return True
+
+
+def problem_of(response: httpx.Response) -> APIError:
+    """The APIError of an error answer: its problem when the body is one (or at least a JSON
+    object), else the start of the body, whatever it is (a proxy's HTML, a plain-text 500)."""
+    try:
+        problem = response.json()
+    except ValueError:
+        problem = None
+    if isinstance(problem, dict):
+        return APIError(response.status_code, problem)
+    kind = response.headers.get("content-type", "no content type").split(";")[0]
+    text = " ".join(response.text.split())
+    start = f"{kind} body: {text[:300]}" if text else f"empty {kind} body"
+    return APIError(response.status_code, {"title": response.reason_phrase}, body=start)
+
+
+def unreachable(error: httpx.TransportError) -> APIConnectionError:
+    """``error`` as the client raises it: naming the URL it could not reach."""
+    try:
+        where = f"{error.request.method} {error.request.url}"
+    except RuntimeError:  # an error raised before a request was built
+        where = "the API"
+    return APIConnectionError(f"cannot reach the API: {where}: {type(error).__name__}: {error}")
+
+
 def _create_body(
     engine: str, input: dict[str, Any], *, model: str | None, webhook: str | None, webhook_events_filter: Iterable[str] | None, **options: Any
 ) -> dict[str, Any]:
@@ -246,6 +302,7 @@ class AsyncBlazeClient:
         self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
         self._secret = webhook_secret
         self._admin_token = admin_token
+        self._long_poll = LongPoll()
 
     async def __aenter__(self) -> "AsyncBlazeClient":
         return self
@@ -269,31 +326,46 @@ class AsyncBlazeClient:
     ) -> dict[str, Any]:
         body = _create_body(engine, input, model=model, webhook=webhook, webhook_events_filter=webhook_events_filter, **options)
         headers, timeout = _wait_request(wait, self.timeout)
-        return BlazeClient._json(await self.http.post("/v1/jobs", json=body, headers=headers, timeout=timeout))
+        return BlazeClient._json(await self._send("POST", "/v1/jobs", json=body, headers=headers, timeout=timeout))
 
     async def get(self, job_id: str, *, wait: float | None = None) -> dict[str, Any]:
         params = {"wait": wait} if wait else None
-        response = await self.http.get(f"/v1/jobs/{job_id}", params=params, timeout=self.timeout + (wait or 0))
-        return BlazeClient._json(response)
+        return BlazeClient._json(await self._send("GET", f"/v1/jobs/{job_id}", params=params, timeout=self.timeout + (wait or 0)))
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
-        return BlazeClient._json(await self.http.post(f"/v1/jobs/{job_id}/cancel"))
+        return BlazeClient._json(await self._send("POST", f"/v1/jobs/{job_id}/cancel"))
 
     async def wait(self, job_id: str, *, timeout: float = 600.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
+            asked = self._long_poll.length(left)
             try:
-                job = await self.get(job_id, wait=max(0.0, min(left, LONG_POLL_S)))
-            except (APIError, httpx.TransportError) as error:
-                if (isinstance(error, APIError) and error.status != 503) or left <= 0:
+                job = await self.get(job_id, wait=asked)
+            except APIError as error:
+                if self._long_poll.refused(error, asked):
+                    continue
+                if error.status != 503 or left <= 0:
+                    raise
+                await asyncio.sleep(min(1.0, max(left, 0)))
+                continue
+            except APIConnectionError:
+                if left <= 0:
                     raise
                 await asyncio.sleep(min(1.0, max(left, 0)))
                 continue
             if job["status"] in ENDED:
                 return job
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f} s")
+                raise WaitTimeout(job_id, job, timeout)
+            if not asked:
+                await asyncio.sleep(min(POLL_S, max(deadline - time.monotonic(), 0)))
+
+    async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self.http.request(method, url, **kwargs)
+        except httpx.TransportError as error:
+            raise unreachable(error) from error
 
     async def events(self, job_id: str, *, last_event_id: str | None = None) -> AsyncIterator[ServerEvent]:
         last, failures = last_event_id, 0
@@ -315,30 +387,30 @@ class AsyncBlazeClient:
                         if event.final:
                             return
                 return
-            except (httpx.TransportError, httpx.RemoteProtocolError):
+            except httpx.TransportError as error:
                 failures += 1
                 if failures > STREAM_RECONNECTS:
-                    raise
+                    raise unreachable(error) from error
                 await asyncio.sleep(min(2.0, 0.1 * 2**failures))
 
     stream = events
 
     async def download(self, url: str) -> bytes:
-        response = await self.http.get(url)
+        response = await self._send("GET", url)
         if response.status_code != 200:
             BlazeClient._json(response)
         return response.content
 
     async def deliveries(self, job_id: str) -> list[dict[str, Any]]:
-        return BlazeClient._json(await self.http.get(f"/v1/jobs/{job_id}/deliveries"))["deliveries"]
+        return BlazeClient._json(await self._send("GET", f"/v1/jobs/{job_id}/deliveries"))["deliveries"]
 
     async def redeliver(self, job_id: str, delivery_id: str) -> dict[str, Any]:
-        return BlazeClient._json(await self.http.post(f"/v1/jobs/{job_id}/deliveries/{delivery_id}/redeliver"))
+        return BlazeClient._json(await self._send("POST", f"/v1/jobs/{job_id}/deliveries/{delivery_id}/redeliver"))
 
     async def webhook_secret(self) -> str:
         if self._secret is None:
             headers = {"Authorization": f"Bearer {self._admin_token}"} if self._admin_token else {}
-            self._secret = BlazeClient._json(await self.http.get("/v1/webhooks/secret", headers=headers))["secret"]
+            self._secret = BlazeClient._json(await self._send("GET", "/v1/webhooks/secret", headers=headers))["secret"]
         return self._secret
 
     async def verify_webhook(self, headers: Mapping[str, str], body: bytes | str) -> dict[str, Any]:

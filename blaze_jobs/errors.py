@@ -1,5 +1,9 @@
 """The errors Blaze Jobs raises on purpose."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class BlazeError(Exception):
     """Base of every error Blaze Jobs raises on purpose."""
@@ -26,3 +30,37 @@ class JobNotFound(BlazeError):
 
 class JobConflict(BlazeError):
     """The job is in a state that forbids the operation (cancel after it ended)."""
+
+
+class APIError(BlazeError):
+    """The API answered with an error: its HTTP ``status``, and the problem's ``title``,
+    ``detail``, ``problem_id`` (the API's log has the cause under it) and ``errors``; or, for
+    a body that is no problem (a proxy's error page), its start in ``body``."""
+
+    def __init__(self, status: int, problem: dict[str, Any] | None = None, *, body: str = "") -> None:
+        self.status = status
+        self.problem: dict[str, Any] = problem or {}
+        self.title = str(self.problem.get("title") or "")
+        self.detail = str(self.problem.get("detail") or "")
+        self.problem_id = str(self.problem.get("id") or "")
+        self.errors: list[dict[str, Any]] = list(self.problem.get("errors") or [])
+        self.body = body
+        said = [part for part in (self.title, self.detail if self.detail != self.title else "", body) if part]
+        super().__init__(f"HTTP {status}: {': '.join(said)}" + (f" (problem id {self.problem_id})" if self.problem_id else ""))
+
+
+class APIConnectionError(BlazeError, ConnectionError):
+    """The API could not be reached, or the connection to it failed (refused, reset, timed out)."""
+
+
+class WaitTimeout(BlazeError, TimeoutError):
+    """The job had not ended when ``wait`` gave up; ``job`` is the job as last seen."""
+
+    def __init__(self, job_id: str, job: dict[str, Any], timeout: float) -> None:
+        super().__init__(f"job {job_id} still {job.get('status')} after {timeout:g} s")
+        self.job_id = job_id
+        self.job = job
+
+
+class RedisMisconfigured(BlazeError):
+    """Redis is set up so that it would lose accepted jobs (it evicts); the message says what to set."""

@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 import time
 import uuid
-from typing import Any
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterator
 
+import httpx
 import pytest
 
 from blaze_jobs.client import AsyncBlazeClient, BlazeClient, SSEParser
+from blaze_jobs.errors import APIConnectionError, APIError, BlazeError, WaitTimeout
+from blaze_jobs.settings import Settings
 from blaze_jobs.signing import WebhookVerificationError, new_secret
+from blaze_jobs.stack import Stack, free_port
 from tests.conftest import ADMIN_TOKEN
+from tests.conftest import start_api, wait_for_workers
 from tests.receiver import Receiver
 
 # Generous: the first test to use the stack also waits for it to start.
@@ -30,7 +38,9 @@ def test_the_client_follows_a_job_from_submit_to_image(stack: dict[str, Any]) ->
 
         # Then it saw the job start and end, and the image it downloads is the one reported
         assert events[0].event == "job"
-        assert "job.started" in [e.event for e in events] or events[0].data["status"] != "queued"
+        kinds = [e.event for e in events]
+        # a job first seen queued is then seen starting; one first seen later had started
+        assert "job.started" in kinds if events[0].data["status"] == "queued" else events[0].data["started_at"]
         final = events[-1]
         assert final.final and final.data["status"] == "succeeded"
         image = final.data["output"]["images"][0]
@@ -40,15 +50,183 @@ def test_the_client_follows_a_job_from_submit_to_image(stack: dict[str, Any]) ->
         assert client.wait(job["id"], timeout=5) == final.data
 
 
+def answers_by_status(client: BlazeClient | AsyncBlazeClient) -> Counter[int]:
+    """The HTTP statuses of every answer the client gets from now on, counted (httpx's own
+    event hooks)."""
+    seen: Counter[int] = Counter()
+
+    def count(response: httpx.Response) -> None:
+        seen[response.status_code] += 1
+
+    async def count_async(response: httpx.Response) -> None:
+        count(response)
+
+    client.http.event_hooks["response"].append(count_async if isinstance(client, AsyncBlazeClient) else count)
+    return seen
+
+
 def test_wait_long_polls_and_submit_can_wait(stack: dict[str, Any]) -> None:
     with BlazeClient(stack["api_url"]) as client:
+        # Given a job that takes 0.6 s
         job = client.submit("echo", {"sleep_ms": 600})
-        started = time.monotonic()
+        answers = answers_by_status(client)
+
+        # When the client waits for it
         ended = client.wait(job["id"], timeout=30)
-        assert ended["status"] == "succeeded" and 0.5 < time.monotonic() - started < 1.5
+
+        # Then it got the ended job from one long-poll (a refused first ask aside, while the
+        # client learns how long the server lets a long-poll last): no polling loop
+        assert ended["status"] == "succeeded"
+        assert answers[200] == 1 and answers[422] <= 1, answers
         assert client.submit("echo", {"sleep_ms": 100}, wait=5)["status"] == "succeeded"
-        with pytest.raises(TimeoutError):
-            client.wait(client.submit("echo", {"sleep_ms": 5000})["id"], timeout=0.3)
+
+        # and a wait that runs out raises a TimeoutError that carries the job as last seen
+        slow = client.submit("echo", {"sleep_ms": 5000})
+        with pytest.raises(WaitTimeout) as timed_out:
+            client.wait(slow["id"], timeout=0.3)
+        assert isinstance(timed_out.value, TimeoutError) and isinstance(timed_out.value, BlazeError)
+        assert timed_out.value.job_id == slow["id"] and slow["id"] in str(timed_out.value)
+        assert timed_out.value.job["id"] == slow["id"] and timed_out.value.job["status"] in ("queued", "running")
+
+
+@pytest.mark.timeout(120)
+def test_wait_learns_how_long_the_server_lets_a_long_poll_last(own_stack: Stack) -> None:
+    # Given an API that holds a long-poll at most 1 s, and a job that takes 3 s
+    api_url = start_api(own_stack, BLAZE_MAX_WAIT_S="1")
+    own_stack.blaze("echo", "worker", "--engine", "echo", "--concurrency", "2")
+    wait_for_workers(api_url, 1)
+    with BlazeClient(api_url) as client:
+        answers = answers_by_status(client)
+        jobs = [client.submit("echo", {"sleep_ms": 3000, "n": n}) for n in range(2)]
+
+        # When the client waits for each, longer than that
+        started = time.monotonic()
+        ended = [client.wait(job["id"], timeout=60) for job in jobs]
+        waited = time.monotonic() - started
+
+        # Then each ended (the server's refusal of a longer wait taught the client its bound,
+        # once), polled in long-polls of that bound rather than in a loop: each answer but
+        # the two that brought an ended job held for the bound
+        assert [job["status"] for job in ended] == ["succeeded", "succeeded"]
+        assert answers[422] == 1, answers
+        assert 3 <= answers[200] <= waited / 1 + 2, (answers, waited)
+
+
+def test_the_async_client_learns_the_bound_too(stack: dict[str, Any], settings: Settings) -> None:
+    async def story() -> None:
+        async with AsyncBlazeClient(stack["api_url"]) as client:
+            # Given the stack's API, which holds a long-poll at most BLAZE_MAX_WAIT_S
+            answers = answers_by_status(client)
+            job = await client.submit("echo", {"sleep_ms": 300})
+
+            # When the client waits longer than that, twice
+            longer = settings.max_wait_s + 60
+            assert (await client.wait(job["id"], timeout=longer))["status"] == "succeeded"
+            assert (await client.wait(job["id"], timeout=longer))["status"] == "succeeded"
+
+            # Then the server refused the first long ask only
+            assert answers[422] == 1 and answers[200] == 2, answers
+
+    asyncio.run(story())
+
+
+class BrokenServer:
+    """A real HTTP server on 127.0.0.1 that answers every request with one status, content
+    type and body, as a failing proxy or a crashed app does."""
+
+    def __init__(self, status: int, content_type: str, body: bytes) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(status)
+                self.send_header("content-type", content_type)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def broken() -> Iterator[Callable[[int, str, bytes], str]]:
+    servers: list[BrokenServer] = []
+
+    def start(status: int, content_type: str, body: bytes) -> str:
+        servers.append(BrokenServer(status, content_type, body))
+        return servers[-1].url
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_an_api_that_does_not_answer_raises_a_connection_error_naming_its_url() -> None:
+    # Given an address where nothing listens
+    url = f"http://127.0.0.1:{free_port()}"
+    with BlazeClient(url, timeout=2) as client:
+        # When the client submits, Then it raises a Blaze error (a ConnectionError) naming the URL
+        with pytest.raises(APIConnectionError) as refused:
+            client.submit("echo", {})
+        assert isinstance(refused.value, BlazeError) and isinstance(refused.value, ConnectionError)
+        assert f"POST {url}/v1/jobs" in str(refused.value)
+        # and waiting on a job there ends with the same error once its time is up
+        with pytest.raises(APIConnectionError, match=url):
+            client.wait("some-job", timeout=0.5)
+
+    async def story() -> None:
+        async with AsyncBlazeClient(url, timeout=2) as client:
+            with pytest.raises(APIConnectionError, match=f"GET {url}/v1/jobs/some-job"):
+                await client.get("some-job")
+
+    asyncio.run(story())
+
+
+def test_an_error_answer_carries_its_problem_or_the_start_of_its_body(stack: dict[str, Any], broken: Any) -> None:
+    with BlazeClient(stack["api_url"]) as client:
+        # A problem from the API: its status, title, detail, id and the faulty fields
+        with pytest.raises(APIError) as missing:
+            client.get("no-such-job")
+        assert (missing.value.status, missing.value.title) == (404, "Job not found")
+        assert "no-such-job" in missing.value.detail and missing.value.problem_id
+        assert str(missing.value) == f"HTTP 404: Job not found: {missing.value.detail} (problem id {missing.value.problem_id})"
+        with pytest.raises(APIError) as invalid:
+            client.submit("echo", {"sleep_ms": -1})
+        assert invalid.value.status == 422 and [e["field"] for e in invalid.value.errors] == ["input.sleep_ms"]
+
+    # A 500 whose body is plain text (a crashed app), and a proxy's HTML error page
+    with BlazeClient(broken(500, "text/plain; charset=utf-8", b"Internal Server Error")) as client:
+        with pytest.raises(APIError) as crashed:
+            client.submit("echo", {})
+    assert crashed.value.status == 500 and crashed.value.body == "text/plain body: Internal Server Error"
+    assert str(crashed.value) == "HTTP 500: Internal Server Error: text/plain body: Internal Server Error"
+    page = b"<html>\n<head><title>502 Bad Gateway</title></head>\n<body>nginx</body>\n</html>\n" + b" " * 2000
+
+    async def story() -> None:
+        async with AsyncBlazeClient(broken(502, "text/html", page)) as client:
+            with pytest.raises(APIError) as proxied:
+                await client.get("some-job")
+        assert proxied.value.status == 502 and proxied.value.title == "Bad Gateway"
+        assert proxied.value.body.startswith("text/html body: <html> <head><title>502 Bad Gateway</title>")
+        assert len(proxied.value.body) < 400
+
+    asyncio.run(story())
+    # and a problem from something else that speaks problem+json, with its id
+    problem = b'{"type": "about:blank", "title": "Internal error", "status": 500, "detail": "boom", "id": "p-1"}'
+    with BlazeClient(broken(500, "application/problem+json", problem)) as client:
+        with pytest.raises(APIError, match=r"^HTTP 500: Internal error: boom \(problem id p-1\)$") as failed:
+            client.cancel("some-job")
+    assert (failed.value.title, failed.value.detail, failed.value.problem_id) == ("Internal error", "boom", "p-1")
 
 
 def test_the_async_client_does_the_same(stack: dict[str, Any]) -> None:
