@@ -13,9 +13,10 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def test_compatible_jobs_run_as_one_batch_and_others_apart(own_stack: Stack) -> None:
-    # Given a worker batching up to 4 jobs, waiting up to 2 s for companions
+    # Given a worker batching up to 4 jobs, waiting up to 5 s for companions (the six jobs
+    # below arrive one HTTP request after another, however busy the machine)
     api_url = start_api(own_stack)
-    own_stack.blaze("worker", "worker", "--engine", "diffusion", "--max-batch", "4", "--max-wait-ms", "2000")
+    own_stack.blaze("worker", "worker", "--engine", "diffusion", "--max-batch", "4", "--max-wait-ms", "5000")
     wait_for_workers(api_url, 1)
 
     with BlazeClient(api_url) as client:

@@ -175,16 +175,15 @@ def test_summary_shortens_long_prompts_for_flower() -> None:
     # Given prompts shorter than, equal to and longer than the summary length
     short, exact, long = "a red fox", "x" * SUMMARY_CHARS, "a very detailed painting of " + "a lighthouse " * 10
 
-    # Then short ones are kept and long ones cut to 60 characters, ending in an ellipsis
-    assert SUMMARY_CHARS == 60
+    # Then short ones are kept and long ones cut to the summary length, ending in an ellipsis
+    cut = long[: SUMMARY_CHARS - 1] + "…"
     assert summary({"prompt": short}) == short
     assert summary({"prompt": exact}) == exact
-    assert len(summary({"prompt": long})) == 60
-    assert summary({"prompt": long}) == long[:59] + "…"
+    assert summary({"prompt": long}) == cut and len(cut) == SUMMARY_CHARS < len(long)
     # And input without a prompt is summarized as its compact JSON, cut the same way
     assert summary({"n": 1}) == '{"n":1}'
-    assert len(summary({"text": "y" * 200})) == 60
+    assert summary({"text": "y" * 200}) == '{"text":"' + "y" * (SUMMARY_CHARS - 10) + "…"
     # And the summary is what the message's kwargs carry
     message = json.loads(task_message(job_id="j", engine="diffusion", input={"prompt": long}))
-    assert body_of(message)[1] == {"summary": long[:59] + "…"}
-    assert message["headers"]["kwargsrepr"] == repr({"summary": long[:59] + "…"})
+    assert body_of(message)[1] == {"summary": cut}
+    assert message["headers"]["kwargsrepr"] == repr({"summary": cut})

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from typing import Any, Iterator
 
 import httpx
@@ -25,6 +24,18 @@ pytestmark = pytest.mark.timeout(120)
 
 def greedy(client: BlazeClient, prompt: str, max_new_tokens: int, **input: Any) -> dict[str, Any]:
     return client.submit("llm", {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0, **input})
+
+
+def generating(client: BlazeClient, job_id: str) -> dict[str, Any]:
+    """The job once it has made its first tokens (its progress says so)."""
+    return wait_until(
+        lambda: (job := client.get(job_id))["progress"] and job["progress"]["step"] > 0 and job, timeout=60, what="the job to generate"
+    )
+
+
+def let_go(client: BlazeClient, job_id: str) -> dict[str, Any]:
+    """A canceled text job once its worker has let it go: its record holds the text so far."""
+    return wait_until(lambda: client.get(job_id)["output"], timeout=60, what="the canceled job's output")
 
 
 def events_of(http: httpx.Client, job_id: str) -> Iterator[tuple[str, Any]]:
@@ -64,8 +75,7 @@ def test_concurrent_text_jobs_of_different_lengths_all_finish_with_their_usage(c
 def test_a_short_job_that_arrives_while_a_long_one_runs_finishes_first(client: BlazeClient) -> None:
     # Given a long job that is generating
     long = greedy(client, "A long story begins on a cold morning", 600)
-    wait_until(lambda: client.get(long["id"])["status"] == "running", timeout=30, what="the long job to start")
-    time.sleep(0.3)
+    generating(client, long["id"])
 
     # When a short job arrives
     short = client.wait(greedy(client, "A short note", 5)["id"], timeout=30)
@@ -161,12 +171,11 @@ def test_blaze_submit_stream_prints_the_text(stack: dict[str, Any], test_env: di
 def test_canceling_a_running_text_job_stops_it_at_its_next_token(client: BlazeClient) -> None:
     # Given a text job that would generate for a long while
     job = greedy(client, "Cancel me: the weather changed in the afternoon", 1000)
-    wait_until(lambda: client.get(job["id"])["status"] == "running", timeout=30, what="the job to start")
-    time.sleep(0.5)
+    generating(client, job["id"])
 
-    # When it is canceled
+    # When it is canceled, and its worker has let it go
     assert client.cancel(job["id"])["status"] == "canceled"
-    time.sleep(0.5)
+    assert let_go(client, job["id"])["usage"]["completion_tokens"] < 1000
 
     # Then it has left the device: the next job runs alone, and the canceled one stays canceled
     nxt = client.wait(greedy(client, "After the cancel", 3)["id"], timeout=30)
@@ -177,12 +186,11 @@ def test_canceling_a_running_text_job_stops_it_at_its_next_token(client: BlazeCl
 
 def test_a_canceled_text_job_keeps_its_text_so_far(client: BlazeClient) -> None:
     job = greedy(client, "Keep my text: the lake froze in winter", 1000)
-    wait_until(lambda: client.get(job["id"])["status"] == "running", timeout=30, what="the job to start")
-    time.sleep(0.5)
+    generating(client, job["id"])
 
     client.cancel(job["id"])
 
-    output = wait_until(lambda: client.get(job["id"])["output"], timeout=5, what="the canceled job's output")
+    output = let_go(client, job["id"])
     assert output["finish_reason"] == "canceled" and output["text"]
     assert 0 < output["usage"]["completion_tokens"] < 1000
 
@@ -191,10 +199,9 @@ def test_a_canceled_text_job_is_never_served_from_the_cache(client: BlazeClient)
     # Given a greedy job (so cacheable) canceled while it generates
     request = {"prompt": "Never cached: the garden was full of roses", "max_new_tokens": 1000, "temperature": 0}
     job = client.submit("llm", request)
-    wait_until(lambda: client.get(job["id"])["status"] == "running", timeout=30, what="the job to start")
-    time.sleep(0.5)
+    generating(client, job["id"])
     client.cancel(job["id"])
-    time.sleep(0.5)
+    let_go(client, job["id"])
 
     # When the same request comes again
     again = client.submit("llm", request)
