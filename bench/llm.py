@@ -113,6 +113,27 @@ def raw_static(lm: Any, tokenizer: Any, prompts: list[str], tokens: int, *, call
     return len(prompts) * tokens / statistics.median(times)
 
 
+def rows_decoding(lm: Any, tokenizer: Any, prompts: list[str], tokens: int, *, together: bool) -> float:
+    """Greedy decoding through the worker's own cache (``BatchCache``): every prompt a row
+    of one batch, or each its own row stepped alone, which keeps each job's arithmetic
+    independent of the others' (text identical whatever the company: docs/workers.md)."""
+    import torch
+
+    from blaze_jobs.kvcache import BatchCache
+
+    ids = [tokenizer(p).input_ids for p in prompts]
+    groups = [ids] if together else [[row] for row in ids]
+    with torch.inference_mode():
+        caches = [BatchCache(lm, pad_token_id=tokenizer.pad_token_id) for _ in groups]
+        logits = [cache.add(group) for cache, group in zip(caches, groups)]
+        started = time.perf_counter()
+        for _ in range(tokens - 1):
+            logits = [cache.step(step.argmax(-1).tolist()) for cache, step in zip(caches, logits)]
+        if lm.device.type == "cuda":
+            torch.cuda.synchronize()
+    return len(prompts) * (tokens - 1) / (time.perf_counter() - started)
+
+
 # --- the system -------------------------------------------------------------------------
 
 
@@ -262,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     summary["raw_sequential_tokens_per_s"] = sequential
     print(f"raw generate, one job at a time: {sequential:.0f} tokens/s", flush=True)
     static = {n: raw_static(lm, tokenizer, prompts[:n], args.tokens, calls=2) for n in args.concurrency}
+    n_rows = 16 if 16 in args.concurrency else top
+    batched_rows, alone_rows = (rows_decoding(lm, tokenizer, prompts[:n_rows], args.tokens, together=t) for t in (True, False))
+    summary["rows_decoding"] = {"n": n_rows, "batched_tokens_per_s": batched_rows, "row_by_row_tokens_per_s": alone_rows}
+    print(f"worker cache, {n_rows} jobs: as one batch {batched_rows:.0f} tokens/s, each row alone (batch invariant) "
+          f"{alone_rows:.0f} tokens/s = {batched_rows / alone_rows:.1f}x the price of invariance", flush=True)
 
     # 2. The system, and time to first token.
     prefix = unique_prefix("llm")
