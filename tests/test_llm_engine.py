@@ -2,7 +2,9 @@
 
 Greedy jobs (temperature 0) make the stories exact: the tiny model's greedy text never
 reaches an end-of-sequence token within these lengths, so each job runs to its
-``max_new_tokens`` unless a stop string, a cancel or a rigged end-of-sequence ends it.
+``max_new_tokens`` unless a stop string, a cancel or a rigged end-of-sequence ends it. Where a
+story compares texts computed two ways (batched and alone, the engine and ``generate``), it
+first checks that no step was close enough for rounding to decide (tests/test_textgen.py).
 """
 
 from __future__ import annotations
