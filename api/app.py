@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -17,13 +18,15 @@ from api import bounds, connections, problems, push
 from api.problems import InputProblem
 from api.push import base_url
 from api.responses import JSONResponse
-from blaze_jobs import cache
+from blaze_jobs import cache, redis_config
 from blaze_jobs.artifacts import KEY_PATTERN, artifact_store, content_type
 from blaze_jobs.broker import queue_key, task_message
 from blaze_jobs.jobs import Job, JobCreate, JobPage, JobStatus, job_view, new_record
 from blaze_jobs.settings import ENGINES, Settings, get_settings
 from blaze_jobs.heartbeat import workers_index
 from blaze_jobs.store import CURSOR, AsyncJobStore, queue_create
+
+log = logging.getLogger("api.app")
 
 PROBLEM = {
     "content": {problems.PROBLEM_JSON: {"schema": problems.PROBLEM_SCHEMA}},
@@ -41,6 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # One bounded pool that a burst waits for (long-polls and event streams take none).
         app.state.redis = connections.connect(settings)
         app.state.store = AsyncJobStore(app.state.redis, settings)
+        # Refuse a Redis that would evict accepted jobs; warn about one that keeps none.
+        redis_config.check_at_start(settings, log=log)
         # Artifacts are read in FastAPI's thread pool through the same store workers write with.
         app.state.artifacts = artifact_store(settings, redis.Redis.from_url(settings.redis_url, **timeouts))
         # What start-up made (modules, schemas, routes: ~80,000 objects) lives as long as the
@@ -173,9 +178,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz", responses={503: PROBLEM})
     async def readyz(request: Request) -> JSONResponse:
-        """The API can reach Redis, so it can accept jobs."""
-        await request.app.state.redis.ping()
-        return JSONResponse({"status": "ready"})
+        """Ready to accept jobs: Redis answers, takes writes, and will not evict them.
+        `warnings` name what is unsafe but allowed, such as a Redis that persists nothing."""
+        found = await redis_config.check_async(request.app.state.redis, probe_key=settings.key("readyz"))
+        if not found.ready:
+            why = found.problem or found.refusing or ""
+            return problems.problem(503, "Not ready", why, **{"Retry-After": str(problems.REFUSED_RETRY_AFTER_S)})
+        return JSONResponse({"status": "ready", "warnings": list(found.warnings)})
 
     # Events, deliveries and the webhook secret: after the routes above, so that the create
     # route, the hot one, is matched first.

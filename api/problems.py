@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.connections import Busy
 from blaze_jobs.errors import JobConflict, JobNotFound
+from blaze_jobs.redis_config import refusal
 from blaze_jobs.settings import ENGINES
 
 PROBLEM_JSON = "application/problem+json"
@@ -38,6 +39,9 @@ PROBLEM_SCHEMA = {
 }
 #: How long a client should wait before retrying while Redis is unreachable.
 RETRY_AFTER_S = 2
+#: How long a client should wait while Redis refuses writes (at its memory limit): room comes
+#: back as jobs expire or an operator acts, not within the seconds a restart takes.
+REFUSED_RETRY_AFTER_S = 10
 
 log = logging.getLogger("api.problems")
 
@@ -174,3 +178,12 @@ def install(app: FastAPI) -> None:
         return problem(
             503, "Service unavailable", "the job store (Redis) is unreachable; retry shortly", **{"Retry-After": str(RETRY_AFTER_S)}
         )
+
+    @app.exception_handler(redis.exceptions.ResponseError)
+    async def on_redis_refusal(request: Request, exc: redis.exceptions.ResponseError) -> JSONResponse:
+        # A full Redis (or a replica) refuses the write, and nothing was stored: the client
+        # may retry later. Any other error Redis answers is ours, and stays a 500.
+        why = refusal(exc)
+        if why is None:
+            raise exc
+        return problem(503, "Service unavailable", f"{why}; retry later", **{"Retry-After": str(REFUSED_RETRY_AFTER_S)})

@@ -19,19 +19,77 @@ the collect reaches Redis (or fails with a connection error, which Celery rides 
 late acknowledgement reaches Redis. Unacknowledged messages that could not be restored stay
 in Redis's unacked index, where the visibility timeout hands them back.
 
+At its memory limit a ``noeviction`` Redis still hands out a queued message (taking it frees
+memory) but refuses to record it as unacknowledged (a write), and refuses the MULTI in which
+kombu deletes that record on acknowledgement. kombu raises either way, which kills the
+worker; the message taken, in no queue and in no record, is lost. Ours waits until Redis
+records a message taken (meanwhile the worker takes no further one, right while Redis can
+record none), and acknowledges with plain deletes, which Redis allows when full.
+
 The extension is the one kombu's own Sentinel transport uses (a ``Channel`` subclass that
 overrides how connection parameters are made, on a ``Transport`` subclass naming it).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
+import redis
+from celery.worker import state as worker_state
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+
+from blaze_jobs.redis_config import refusal
+
+log = logging.getLogger("blaze_jobs.transport")
+
+#: Longest pause between attempts to record a message while Redis refuses writes.
+REFUSED_WAIT_MAX_S = 2.0
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's acknowledgement emulation, waiting out a Redis that refuses writes."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        wait = 0.05
+        while True:
+            try:
+                return super().append(message, delivery_tag)
+            except redis.exceptions.ResponseError as error:
+                why = refusal(error)
+                # A worker asked to stop gives up; the reaper queues the job again later.
+                if why is None or worker_state.should_stop not in (None, False) or worker_state.should_terminate not in (None, False):
+                    raise
+                if wait == 0.05:
+                    log.warning("%s: holding the message just taken until Redis records it", why)
+                time.sleep(wait)
+                wait = min(2 * wait, REFUSED_WAIT_MAX_S)
+
+    def ack(self, delivery_tag: str) -> None:
+        self._forget(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if requeue:
+            return super().reject(delivery_tag, requeue=True)
+        self._forget(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def _forget(self, delivery_tag: str) -> None:
+        # kombu deletes the record in a MULTI, and at its memory limit Redis refuses every
+        # command queued in a MULTI, deletes included, so the ack of a finished job raised and
+        # killed the worker. Two plain deletes need no transaction: the record first, since an
+        # index entry without one restores nothing.
+        with self.channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            pipe.hdel(self.unacked_key, delivery_tag).zrem(self.unacked_index_key, delivery_tag).execute()
 
 
 class Channel(kombu_redis.Channel):
     """A Redis channel that keeps the connection parameters it was created with."""
+
+    QoS = QoS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._resolved: dict[bool, dict[str, Any]] = {}

@@ -18,7 +18,6 @@ from typing import Any, Callable, Sequence
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from blaze_jobs import cache, events, faults
 from blaze_jobs.artifacts import ArtifactStore, artifact_store, artifact_url
@@ -30,6 +29,7 @@ from blaze_jobs.engines.base import Artifact, Engine, EngineRequest
 from blaze_jobs.errors import JobCanceled, JobConflict, JobNotFound, RequestError, WorkerFault
 from blaze_jobs.heartbeat import Heartbeat
 from blaze_jobs.jobs import JobStatus
+from blaze_jobs.redis_config import WaitingRetry
 from blaze_jobs.settings import Settings, get_settings
 from blaze_jobs.store import JobStore, lease_owner
 
@@ -72,7 +72,8 @@ class Runtime:
             socket_timeout=10,
             socket_connect_timeout=5,
             health_check_interval=10,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), REDIS_RETRIES),
+            # ... and a Redis at its memory limit, the same way (redis_config.WaitingRetry).
+            retry=WaitingRetry(ExponentialBackoff(cap=1.0, base=0.05), REDIS_RETRIES),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
         )
         self.store = JobStore(self.redis, settings)

@@ -16,6 +16,7 @@ import socket
 
 from celery.signals import worker_shutdown
 
+from blaze_jobs import redis_config
 from blaze_jobs.celery_app import app
 from blaze_jobs.settings import ENGINES, get_settings
 from blaze_jobs.worker import Runtime, install_runtime
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = f"{args.engine}-{os.getpid()}@{socket.gethostname()}"
+
+    # 0. Refuse a Redis that would evict accepted jobs; warn about one that keeps none.
+    redis_config.check_at_start(settings, log=logging.getLogger("blaze_jobs.worker"))
 
     # 1. Load the engine and its default model before taking any job.
     if settings.torch_threads:

@@ -12,6 +12,7 @@ import socket
 
 from celery.signals import worker_shutdown
 
+from blaze_jobs import redis_config
 from blaze_jobs.celery_app import app
 from blaze_jobs.events import WEBHOOK_QUEUE
 from blaze_jobs.settings import get_settings
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Each attempt is logged once, with its outcome, by blaze_jobs.webhooks.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    # 0. Refuse a Redis that would evict accepted jobs; warn about one that keeps none.
+    redis_config.check_at_start(settings, log=logging.getLogger("blaze_jobs.worker"))
 
     # 1. The HTTP client and the signing secret, once; the thread that queues due retries.
     deliverer = Deliverer(settings)
