@@ -243,7 +243,8 @@ class LongPoll:
             return False
         number = re.search(r"\d+(?:\.\d+)?", said[0])
         bound = float(number.group()) if number else asked / 2
-        self.bound = bound if bound < asked else asked / 2
+        # A bound no lower than what was refused is no bound: ask for less, down to no wait.
+        self.bound = bound if bound < asked else asked / 2 if asked > 1 else 0.0
         return True
 
 
