@@ -55,20 +55,25 @@ def test_a_long_poll_returns_as_soon_as_the_job_ends(client: BlazeClient, http: 
     response = http.get(f"/v1/jobs/{job['id']}", params={"wait": 10})
     answered = time.time()
 
-    # Then the answer is the ended job, within a few hundred milliseconds of its end
+    # Then the answer is the ended job, sent on its end, not when the ten seconds ran out
+    # (the margin is wide so that a busy machine cannot break it; a wait that ran its
+    # course would answer nine seconds after the end)
     ended = response.json()
     assert response.status_code == 200 and ended["status"] == "succeeded"
-    assert 0 <= answered - seconds(ended["completed_at"]) < 0.4
+    assert 0 <= answered - seconds(ended["completed_at"]) < 5
     assert ended == client.get(job["id"])
 
 
 def test_a_long_poll_returns_the_job_as_it_stands_when_the_wait_runs_out(client: BlazeClient, http: httpx.Client) -> None:
-    job = client.submit("echo", {"sleep_ms": 3000})
+    # Given a job that runs for half a minute
+    job = client.submit("echo", {"sleep_ms": 30_000})
+    # When a client long-polls it for half a second
     started = time.monotonic()
     response = http.get(f"/v1/jobs/{job['id']}", params={"wait": 0.5})
     took = time.monotonic() - started
+    # Then it gets the job as it stands, after the wait and long before the job's end
     assert response.status_code == 200 and response.json()["status"] in ("queued", "running")
-    assert 0.45 <= took < 1.5
+    assert 0.45 <= took < 15
     client.cancel(job["id"])
 
 
@@ -82,11 +87,11 @@ def test_a_wait_beyond_the_bound_or_for_no_job_is_refused(http: httpx.Client) ->
 def test_create_honours_prefer_wait(http: httpx.Client) -> None:
     # Given a quick job, created with Prefer: wait
     started = time.monotonic()
-    response = http.post("/v1/jobs", json={"engine": "echo", "input": {"sleep_ms": 200}}, headers={"Prefer": "wait=5"})
+    response = http.post("/v1/jobs", json={"engine": "echo", "input": {"sleep_ms": 200}}, headers={"Prefer": "wait=30"})
 
-    # Then the answer is the ended job, as soon as it ended
+    # Then the answer is the ended job, as soon as it ended (not when the 30 s ran out)
     assert response.status_code == 202 and response.json()["status"] == "succeeded"
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 20
     # and without the preference, the job as accepted
     plain = http.post("/v1/jobs", json={"engine": "echo", "input": {"sleep_ms": 200}})
     assert plain.json()["status"] == "queued"
@@ -106,8 +111,9 @@ def test_an_event_stream_shows_progress_and_ends_with_the_final_job(client: Blaz
     kinds = [e.event for e in events]
     assert kinds[0] == "job" and events[0].data["id"] == job["id"]
     assert kinds[-1] == "job.completed" and kinds.count("job.completed") == 1
-    # (a client that connects after the start sees it in the first event's status)
-    assert "job.started" in kinds or events[0].data["status"] == "running"
+    # (a client that connects after the start sees it in the first event's status, and
+    # then gets no job.started; one that connects before gets exactly one)
+    assert kinds.count("job.started") == (1 if events[0].data["status"] == "queued" else 0), kinds
     progress = [e.data for e in events if e.event == "job.progress"]
     assert len(progress) >= 2, kinds
     assert all(p["total"] == 30 for p in progress)
@@ -129,7 +135,8 @@ def test_a_late_client_gets_the_final_job_at_once(client: BlazeClient, http: htt
     started = time.monotonic()
     events = list(read_events(http, job["id"]))
     assert [e.event for e in events] == ["job"] and events[0].data == job
-    assert time.monotonic() - started < 1
+    # (a stream that waited for more would first send a keep-alive, 15 s later)
+    assert time.monotonic() - started < 10
 
 
 def test_a_client_that_reconnects_with_last_event_id_misses_nothing(client: BlazeClient, http: httpx.Client) -> None:

@@ -502,8 +502,9 @@ def test_a_failing_receiver_gets_the_event_later_with_the_same_id(client: BlazeC
     assert {r.headers["webhook-id"] for r in requests} == {requests[0].headers["webhook-id"]}
     assert [verified(secret, r)["type"] for r in requests] == ["job.completed"] * 3
     assert len({r.body for r in requests}) == 1
-    # after the schedule's 0.2 s (± jitter), then after the 1 s Retry-After asked for
-    assert 0.1 < requests[1].at - requests[0].at < 0.9
+    # after the schedule's 0.2 s (± jitter), then after the 1 s Retry-After asked for (lower
+    # bounds only: a busy machine may send late, never early)
+    assert requests[1].at - requests[0].at > 0.1
     assert requests[2].at - requests[1].at >= 0.95
     # and every attempt is on record
     (delivery,) = wait_until(
