@@ -14,7 +14,8 @@ Events are written by Lua, in the same atomic step as the change they report:
   large input is not copied at every event), so a reader never sees a later state under
   an earlier event;
 * progress and other running-job events (``APPEND_LUA``), e.g. ``job.progress``, and a text
-  job's ``job.delta``, one per piece of text.
+  job's ``job.delta``, one per piece of text (``TextStream``); a cancel ends a text job with
+  the pieces it streamed, so its ``job.completed`` and its record hold the same text.
 
 A stream keeps every event a job can make within the deployment's bounds
 (``stream_maxlen``), so ``Last-Event-ID: 0-0`` replays it whole; only appended events trim it.
@@ -131,6 +132,31 @@ local function blaze_event(job_key, prefix, job_id, kind, fields, maxlen)
   return event_id
 end
 
+-- A text job canceled while it streams ends with the text it streamed: its job.delta pieces
+-- since its attempt started, with the rest of the output (usage, seed) as the last piece
+-- left it in the job's partial_output. Nothing streamed, no output.
+local function blaze_streamed_output(job_key, prefix, job_id)
+  local partial = redis.call('HGET', job_key, 'partial_output')
+  if not partial then return end
+  local pieces = {}
+  for _, entry in ipairs(redis.call('XREVRANGE', prefix .. 'job-stream:' .. job_id, '+', '-')) do
+    local kind, text
+    local flat = entry[2]
+    for i = 1, #flat, 2 do
+      if flat[i] == 'type' then kind = flat[i + 1] elseif flat[i] == 'text' then text = flat[i + 1] end
+    end
+    if kind == 'job.started' then break end
+    if kind == 'job.delta' and text then pieces[#pieces + 1] = text end
+  end
+  if #pieces == 0 then return end
+  local n = #pieces
+  for i = 1, math.floor(n / 2) do pieces[i], pieces[n + 1 - i] = pieces[n + 1 - i], pieces[i] end
+  local output = cjson.decode(partial)
+  output['text'] = table.concat(pieces)
+  output['finish_reason'] = 'canceled'
+  redis.call('HSET', job_key, 'output', cjson.encode(output))
+end
+
 local function blaze_status_event(job_key, prefix, job_id, status)
   local kind = 'job.completed'
   if status == 'queued' then kind = 'job.queued' elseif status == 'running' then kind = 'job.started' end
@@ -192,6 +218,23 @@ def append_event(
     maxlen = stream_maxlen(settings or get_settings())
     reply = script(keys=[f"{prefix}job:{job_id}"], args=[prefix, kind, json.dumps(fields), json.dumps(job_fields or {}), maxlen])
     return _text(reply) if reply is not None else None
+
+
+class TextStream:
+    """One text job's pieces of text, each a ``job.delta`` event, with the output so far
+    but its text (``on_partial``, just before each piece) kept on the job in the same step:
+    a cancel ends the job with the text streamed until then (``blaze_streamed_output``)."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str, job_id: str, settings: Settings) -> None:
+        self.redis, self.prefix, self.job_id, self.settings = client, prefix, job_id, settings
+        self._partial: dict[str, str] | None = None
+
+    def on_partial(self, fields: dict[str, Any]) -> None:
+        self._partial = {"partial_output": json.dumps(fields, separators=(",", ":"))}
+
+    def on_delta(self, text: str) -> None:
+        fields, job = {"text": text}, self._partial
+        append_event(self.redis, prefix=self.prefix, job_id=self.job_id, kind="job.delta", fields=fields, job_fields=job, settings=self.settings)
 
 
 def queue_born_ended(pipe: Any, *, prefix: str, job_key: str) -> None:

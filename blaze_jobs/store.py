@@ -35,7 +35,8 @@ from blaze_jobs.settings import Settings
 #   must not drop the lease of the attempt that replaced it); unleased: move only if this
 #   lease key is gone (its worker died); push: {key, message, back} to RPUSH (with back:
 #   LPUSH) onto a queue in the same step, so a requeued job can never be left without a
-#   message; read: also return the job's fields after the move.
+#   message; streamed: a running text job's output becomes the text it streamed (a cancel;
+#   see blaze_streamed_output in events.py); read: also return the job's fields after the move.
 # A change of status is also appended to the job's event stream, with the webhook delivery
 # it calls for (see events.py).
 # Returns {1, old status} (with read: {1, old status, HGETALL}) when moved, {0, current status}
@@ -71,6 +72,7 @@ if current ~= spec['to'] then
   redis.call('ZREM', ARGV[1] .. 'idx:status:' .. current, id)
   redis.call('ZADD', ARGV[1] .. 'idx:status:' .. spec['to'], score, id)
 end
+if spec['streamed'] and current == 'running' then blaze_streamed_output(KEYS[1], ARGV[1], id) end
 if current ~= spec['to'] then blaze_status_event(KEYS[1], ARGV[1], id, spec['to']) end
 if spec['read'] then return {1, current, redis.call('HGETALL', KEYS[1])} end
 return {1, current}
@@ -292,9 +294,9 @@ class AsyncJobStore:
         return record
 
     async def transition(
-        self, job_id: str, *, allowed: Iterable[JobStatus], to: JobStatus, **fields: Any
+        self, job_id: str, *, allowed: Iterable[JobStatus], to: JobStatus, streamed: bool = False, **fields: Any
     ) -> str:
-        args = transition_args(self.keys, allowed=allowed, to=to, fields=fields)
+        args = transition_args(self.keys, allowed=allowed, to=to, fields=fields, streamed=streamed)
         reply = await self._transition(keys=[self.keys.job(job_id)], args=args)
         return transition_result(job_id, reply, wanted=to.value)
 
@@ -307,6 +309,9 @@ class AsyncJobStore:
                 job_id,
                 allowed=(JobStatus.queued, JobStatus.running),
                 to=JobStatus.canceled,
+                # A streaming text job ends with the text it streamed, in the same step, so its
+                # job.completed carries the output its record keeps.
+                streamed=True,
                 completed_at=now,
                 error='{"type":"canceled","message":"canceled by request"}',
             )

@@ -56,6 +56,9 @@ class TextRequest:
     stop: tuple[str, ...] = ()
     should_stop: Callable[[], bool] = _never
     on_delta: Callable[[str], None] | None = None  # each new piece of text, in order
+    # Just before each piece of text: the output so far but its text and finish reason
+    # (usage, seed), so a cancel can end the job with what it streamed (worker, store).
+    on_partial: Callable[[dict[str, Any]], None] | None = None
     on_progress: Callable[[int, int], None] | None = None  # (tokens so far, max_new_tokens)
 
 
@@ -246,6 +249,8 @@ class TextGenerator:
                     s.finish_reason = "stop"
             end = len(s.text) if s.finish_reason else len(s.text) - _held_back(s.text, request.stop)
             if request.on_delta is not None and end > s.emitted:
+                if request.on_partial is not None:
+                    calls.append((request.on_partial, (self._partial(s),)))
                 calls.append((request.on_delta, (s.text[s.emitted : end],)))
             s.emitted = max(s.emitted, end)
             if request.on_progress is not None:
@@ -302,15 +307,16 @@ class TextGenerator:
     def _finish(self, sequences: list[_Sequence]) -> None:
         outcomes: list[tuple[_Sequence, dict[str, Any] | BaseException]] = []
         for s in sequences:
-            output: dict[str, Any] = {
-                "text": s.text,
-                "finish_reason": s.finish_reason,
-                "usage": {"prompt_tokens": len(s.request.prompt_ids), "completion_tokens": len(s.tokens)},
-            }
-            if s.request.temperature > 0:
-                output["seed"] = s.request.seed
-            outcomes.append((s, output))
+            outcomes.append((s, {"text": s.text, "finish_reason": s.finish_reason, **self._partial(s)}))
         self._settle(outcomes)
+
+    @staticmethod
+    def _partial(s: _Sequence) -> dict[str, Any]:
+        """The output's fields but text and finish reason, as they stand."""
+        fields: dict[str, Any] = {"usage": {"prompt_tokens": len(s.request.prompt_ids), "completion_tokens": len(s.tokens)}}
+        if s.request.temperature > 0:
+            fields["seed"] = s.request.seed
+        return fields
 
     def _settle(self, outcomes: list[tuple[_Sequence, dict[str, Any] | BaseException]]) -> None:
         """Resolve futures on the relay thread, after every delta queued before them."""

@@ -236,6 +236,7 @@ def _compute(runtime: Runtime, record: dict[str, str], job_input: dict[str, Any]
     settings, job_id = runtime.settings, record["id"]
 
     # 4. Hand the job to the batcher and wait for its batch, at most the watchdog's time.
+    text = events.TextStream(runtime.redis, prefix=settings.redis_prefix, job_id=job_id, settings=settings)
     request = EngineRequest(
         job_id=job_id,
         model=record["model"],
@@ -243,10 +244,10 @@ def _compute(runtime: Runtime, record: dict[str, str], job_input: dict[str, Any]
         should_stop=lambda: runtime.heartbeat.is_canceled(job_id),
         # Progress leaves from a thread of its own, throttled: a step pays a dict assignment.
         on_progress=events.progress_callback(runtime.redis, settings, job_id),
-        # Text arrives on the engine's callback thread, in order; each piece is one stream entry.
-        on_delta=lambda text: events.append_event(
-            runtime.redis, prefix=settings.redis_prefix, job_id=job_id, kind="job.delta", fields={"text": text}
-        ),
+        # Text arrives on the engine's callback thread, in order; each piece is one stream
+        # entry, with the output so far (but its text) on the job for a cancel to end it with.
+        on_delta=text.on_delta,
+        on_partial=text.on_partial,
     )
     try:
         result = runtime.batcher.submit(request).result(timeout=settings.batch_timeout_s)
@@ -277,8 +278,8 @@ def _compute(runtime: Runtime, record: dict[str, str], job_input: dict[str, Any]
     runtime.breaker.record_success()
     output_json = json.dumps(output, separators=(",", ":"))
     if result.output.get("finish_reason") == "canceled":
-        # A text job stopped by a cancel keeps the text it had; a partial text is never cached.
-        return finish.canceled(output_json)
+        # A text job stopped by a cancel keeps the text it had streamed; a partial text is never cached.
+        return finish.canceled()
     if key is not None:
         runtime.local_cache.put(key, output_json)
         runtime.inflight.publish(key, output_json)
@@ -360,12 +361,10 @@ class _Finisher:
             fields["cache_hit"] = 1
         return JobStatus.succeeded.value if self._end(JobStatus.succeeded, **fields) else self._now()
 
-    def canceled(self, output_json: str) -> str:
-        """Keep the partial output of a job that a cancel stopped (the cancel already ended it)."""
-        try:
-            self.store.transition(self.job_id, allowed=(JobStatus.canceled,), to=JobStatus.canceled, output=output_json)
-        except (JobConflict, JobNotFound):
-            pass
+    def canceled(self) -> str:
+        """Let go of a text job that a cancel stopped. The cancel ended it, and its output is
+        the text streamed until then (store.cancel): the engine's own ends later, with tokens
+        no client saw, so it is not stored, and the cancel's job.completed and the record agree."""
         self.release_lease()
         return JobStatus.canceled.value
 

@@ -72,6 +72,7 @@ class EngineRequest:
     should_stop: Callable[[], bool] = _never  # polled at each step; True ends the job with JobCanceled
     on_progress: Callable[[int, int], None] | None = None  # called with (step, total)
     on_delta: Callable[[str], None] | None = None  # text engines: each new piece of output text, in order
+    on_partial: Callable[[dict[str, Any]], None] | None = None  # text engines: before each piece, the output so far but its text
 
 
 class Engine:

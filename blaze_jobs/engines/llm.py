@@ -207,6 +207,7 @@ def _resolve(request: EngineRequest, generator: TextGenerator) -> TextRequest:
         stop=tuple(stop),
         should_stop=request.should_stop,
         on_delta=getattr(request, "on_delta", None),
+        on_partial=getattr(request, "on_partial", None),
         on_progress=request.on_progress,
     )
 
