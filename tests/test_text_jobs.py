@@ -15,8 +15,11 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
+import redis
 
 from blaze_jobs.client import BlazeClient
+from blaze_jobs.settings import Settings
+from blaze_jobs.store import Keys
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -33,9 +36,13 @@ def generating(client: BlazeClient, job_id: str) -> dict[str, Any]:
     )
 
 
-def let_go(client: BlazeClient, job_id: str) -> dict[str, Any]:
-    """A canceled text job once its worker has let it go: its record holds the text so far."""
-    return wait_until(lambda: client.get(job_id)["output"], timeout=60, what="the canceled job's output")
+def let_go(client: BlazeClient, settings: Settings, job_id: str) -> dict[str, Any]:
+    """A canceled text job's output once its worker has let it go (dropped its lease): the
+    text it streamed, which the record holds from the cancel on."""
+    lease = Keys(settings.redis_prefix).lease(job_id)
+    with redis.Redis.from_url(settings.redis_url) as r:
+        wait_until(lambda: not r.exists(lease), timeout=60, what="the worker to let the canceled job go")
+    return client.get(job_id)["output"]
 
 
 def events_of(http: httpx.Client, job_id: str) -> Iterator[tuple[str, Any]]:
@@ -168,14 +175,14 @@ def test_blaze_submit_stream_prints_the_text(stack: dict[str, Any], test_env: di
     assert f"job {job_id} succeeded" in done.stderr
 
 
-def test_canceling_a_running_text_job_stops_it_at_its_next_token(client: BlazeClient) -> None:
+def test_canceling_a_running_text_job_stops_it_at_its_next_token(client: BlazeClient, settings: Settings) -> None:
     # Given a text job that would generate for a long while
     job = greedy(client, "Cancel me: the weather changed in the afternoon", 1000)
     generating(client, job["id"])
 
     # When it is canceled, and its worker has let it go
     assert client.cancel(job["id"])["status"] == "canceled"
-    assert let_go(client, job["id"])["usage"]["completion_tokens"] < 1000
+    assert let_go(client, settings, job["id"])["usage"]["completion_tokens"] < 1000
 
     # Then it has left the device: the next job runs alone, and the canceled one stays canceled
     nxt = client.wait(greedy(client, "After the cancel", 3)["id"], timeout=30)
@@ -184,24 +191,24 @@ def test_canceling_a_running_text_job_stops_it_at_its_next_token(client: BlazeCl
     assert client.get(job["id"])["status"] == "canceled"
 
 
-def test_a_canceled_text_job_keeps_its_text_so_far(client: BlazeClient) -> None:
+def test_a_canceled_text_job_keeps_its_text_so_far(client: BlazeClient, settings: Settings) -> None:
     job = greedy(client, "Keep my text: the lake froze in winter", 1000)
     generating(client, job["id"])
 
     client.cancel(job["id"])
 
-    output = let_go(client, job["id"])
+    output = let_go(client, settings, job["id"])
     assert output["finish_reason"] == "canceled" and output["text"]
     assert 0 < output["usage"]["completion_tokens"] < 1000
 
 
-def test_a_canceled_text_job_is_never_served_from_the_cache(client: BlazeClient) -> None:
+def test_a_canceled_text_job_is_never_served_from_the_cache(client: BlazeClient, settings: Settings) -> None:
     # Given a greedy job (so cacheable) canceled while it generates
     request = {"prompt": "Never cached: the garden was full of roses", "max_new_tokens": 1000, "temperature": 0}
     job = client.submit("llm", request)
     generating(client, job["id"])
     client.cancel(job["id"])
-    let_go(client, job["id"])
+    let_go(client, settings, job["id"])
 
     # When the same request comes again
     again = client.submit("llm", request)
