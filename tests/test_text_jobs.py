@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from blaze_jobs.client import BlazeClient
+from blaze_jobs.events import stream_key
 from blaze_jobs.settings import Settings
 from blaze_jobs.store import Keys
 from tests.conftest import wait_until
@@ -34,6 +35,18 @@ def generating(client: BlazeClient, job_id: str) -> dict[str, Any]:
     return wait_until(
         lambda: (job := client.get(job_id))["progress"] and job["progress"]["step"] > 0 and job, timeout=60, what="the job to generate"
     )
+
+
+def streamed(settings: Settings, job_id: str) -> None:
+    """Wait until the job has streamed some text (a first token may be part of a character,
+    which streams nothing yet)."""
+    with redis.Redis.from_url(settings.redis_url) as r:
+
+        def some_text() -> bool:
+            entries = r.xrange(stream_key(settings.redis_prefix, job_id))
+            return any(fields.get(b"type") == b"job.delta" and fields.get(b"text") for _, fields in entries)
+
+        wait_until(some_text, timeout=60, what="the job to stream some text")
 
 
 def let_go(client: BlazeClient, settings: Settings, job_id: str) -> dict[str, Any]:
@@ -193,7 +206,7 @@ def test_canceling_a_running_text_job_stops_it_at_its_next_token(client: BlazeCl
 
 def test_a_canceled_text_job_keeps_its_text_so_far(client: BlazeClient, settings: Settings) -> None:
     job = greedy(client, "Keep my text: the lake froze in winter", 1000)
-    generating(client, job["id"])
+    streamed(settings, job["id"])
 
     client.cancel(job["id"])
 
