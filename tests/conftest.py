@@ -19,6 +19,7 @@ import redis
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack, StackError, free_port, redis_reachable
+from tests.receiver import Receiver
 
 #: The Redis the tests use; each run writes only under its own prefix and deletes it after.
 #: When none answers there, pytest_configure starts a private one and points this at it.
@@ -201,3 +202,18 @@ def wait_for_workers(api_url: str, count: int, *, timeout: float = 120) -> list[
         return workers if len(workers) >= count else None
 
     return wait_until(listed, timeout=timeout, what=f"{count} workers in GET /v1/workers", interval=0.2)
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    """A real webhook receiver on 127.0.0.1 (``tests/receiver.py``)."""
+    server = Receiver()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def secret(stack: dict[str, Any]) -> str:
+    """The ``whsec_`` secret the test stack signs webhooks with."""
+    with BlazeClient(stack["api_url"], admin_token=ADMIN_TOKEN) as api:
+        return api.webhook_secret()

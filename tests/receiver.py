@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -109,3 +110,14 @@ def verified(secret: str, request: Received) -> dict[str, Any]:
     from standardwebhooks import Webhook
 
     return Webhook(secret).verify(request.body, request.headers)
+
+
+def path() -> str:
+    """A receiver path of the test's own."""
+    return f"/hook/{uuid.uuid4().hex[:8]}"
+
+
+def without_urls(job: dict[str, Any]) -> dict[str, Any]:
+    """A job with its URLs (which carry the host a client used) left out, for comparing."""
+    images = [{k: v for k, v in image.items() if k != "url"} for image in (job["output"] or {}).get("images", [])]
+    return {**job, "urls": None, "output": {**(job["output"] or {}), "images": images}}

@@ -10,7 +10,6 @@ cannot decide (tests/test_llm_engine.py).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
