@@ -17,13 +17,15 @@ import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, AsyncIterator
 
+import redis.exceptions
 from fastapi import APIRouter, FastAPI, Header, Request
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
 from api.problems import PROBLEM_JSON, PROBLEM_SCHEMA, InputProblem, problem
 from api.responses import JSONResponse, dumps
-from api.waiting import EventReader
+from api.connections import Busy
+from api.waiting import EventReader, TooManyWaiters
 from blaze_jobs import events
 from blaze_jobs.errors import JobNotFound
 from blaze_jobs.events import event_order
@@ -136,7 +138,12 @@ async def wait_if_preferred(request: Request, record: dict[str, str]) -> dict[st
     seconds = preferred_wait(prefer.decode("latin-1"), bound=settings_of(request.app).max_wait_s)
     if seconds <= 0 or events.ended(record):
         return record
-    return await wait_for_end(request.app, record["id"], seconds)
+    try:
+        return await wait_for_end(request.app, record["id"], seconds)
+    except (Busy, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        # The job is stored and queued: a 503 now would tell the client to create it again.
+        # A wait is a preference (RFC 7240), so answer the job as accepted instead.
+        return record
 
 
 async def job_after_wait(request: Request, job_id: str, wait: float) -> dict[str, str]:
@@ -206,6 +213,10 @@ async def job_events(
     if not record:
         raise JobNotFound(job_id)
     resume = last_event_id.strip() if last_event_id and EVENT_ID.match(last_event_id.strip()) else None
+    # Refuse a stream past the waiter bound now, as a 503, rather than after its 200 has gone
+    # out (the stream's watch checks again: another may have taken the last place meanwhile).
+    if app.state.reader.waiters >= settings_of(app).max_waiters:
+        raise TooManyWaiters(settings_of(app).max_waiters)
     stream = _event_stream(app, job_id, record=record, position=position, resume=resume, base=base_url(request))
     return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

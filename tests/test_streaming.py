@@ -18,7 +18,8 @@ from blaze_jobs.events import append_event, stream_key
 from blaze_jobs.jobs import JobStatus, new_record
 from blaze_jobs.settings import Settings
 from blaze_jobs.store import JobStore
-from tests.conftest import wait_until
+from blaze_jobs.stack import Stack
+from tests.conftest import start_api, wait_until
 
 # Generous: the first test to use the stack also waits for it to start.
 pytestmark = pytest.mark.timeout(180)
@@ -235,3 +236,33 @@ def test_events_do_not_copy_the_jobs_input_yet_show_it(client: BlazeClient, http
     assert [e.event for e in replay] == ["job.started", "job.completed"]
     assert all(e.data["input"] == {"blob": blob, "sleep_ms": 200} for e in replay)
     assert replay[-1].data == client.get(job["id"])
+
+
+def test_past_the_waiter_bound_a_stream_is_refused_up_front_and_a_create_that_prefers_to_wait_still_answers_its_job(
+    own_stack: Stack,
+) -> None:
+    # Given an API that holds one waiter at a time, and no worker (jobs stay queued)
+    api_url = start_api(own_stack, BLAZE_MAX_WAITERS="1")
+    with httpx.Client(base_url=api_url, timeout=30) as http:
+        first = http.post("/v1/jobs", json={"engine": "echo", "input": {"n": 1}}).json()
+        # When one client follows a job's events (and so holds the one place)
+        with http.stream("GET", f"/v1/jobs/{first['id']}/events") as held:
+            assert held.status_code == 200
+            # (the place is taken once a long-poll is refused for want of one)
+            wait_until(
+                lambda: http.get(f"/v1/jobs/{first['id']}", params={"wait": 0.1}).status_code == 503,
+                timeout=15,
+                what="the stream to hold the one place",
+            )
+
+            # Then a second stream is refused before any event: 503 problem+json, retry later
+            second = http.get(f"/v1/jobs/{first['id']}/events")
+            assert second.status_code == 503, second.text
+            assert second.headers["content-type"].startswith("application/problem+json")
+            assert int(second.headers["retry-after"]) > 0
+
+            # And a create that prefers to wait answers the job it stored (never a 503, which
+            # would have the client create it again)
+            created = http.post("/v1/jobs", json={"engine": "echo", "input": {"n": 2}}, headers={"Prefer": "wait=5"})
+            assert created.status_code == 202 and created.json()["status"] == "queued", created.text
+            assert http.get(f"/v1/jobs/{created.json()['id']}").json()["status"] == "queued"
