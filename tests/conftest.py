@@ -18,7 +18,7 @@ import redis
 
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.settings import Settings
-from blaze_jobs.stack import Stack, StackError, free_port, redis_reachable
+from blaze_jobs.stack import Stack, StackError, free_port, redis_reachable, redis_refusal
 from tests.receiver import Receiver
 
 #: The Redis the tests use; each run writes only under its own prefix and deletes it after.
@@ -32,11 +32,12 @@ _private_redis: Stack | None = None
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Use the Redis at ``BLAZE_TEST_REDIS_URL`` if one answers, else start a private server
-    (as ``blaze demo`` does) for this run, so the suite needs nothing installed beside it.
-    Test modules import REDIS_URL after this runs, and every process inherits the variable."""
+    """Use the Redis at ``BLAZE_TEST_REDIS_URL`` if one answers and keeps keys, else start a
+    private server (as ``blaze demo`` does) for this run, so the suite needs nothing installed
+    beside it. Test modules import REDIS_URL after this runs, and every process inherits the
+    variable."""
     global REDIS_URL, _private_redis
-    if redis_reachable(REDIS_URL):
+    if redis_reachable(REDIS_URL) and redis_refusal(REDIS_URL) is None:
         return
     _private_redis = Stack(log_dir=Path(tempfile.mkdtemp(prefix="blaze-test-redis-")))
     REDIS_URL = _private_redis.redis(REDIS_URL)

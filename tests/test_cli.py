@@ -205,7 +205,10 @@ def test_blaze_up_stops_every_child_when_told_to_stop(signum: int, test_env: dic
             )
             assert "stopping" in log.read_text()
         finally:
-            # Whatever it left behind (it orphaned them all before the fix), by pid.
+            # Whatever it left behind (it orphaned them all before the fix), by pid; read its
+            # children again, since the test may have failed before it first read them.
+            if up.poll() is None:
+                children = {**descendants(up.pid), **children}
             for pid, start in children.items():
                 if running(pid, start):
                     os.kill(pid, signal.SIGKILL)

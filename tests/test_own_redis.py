@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
-from blaze_jobs.stack import free_port
+from blaze_jobs.stack import Stack, free_port, redis_refusal
+from tests.chaos.harness import PrivateRedis
 
 ROOT = Path(__file__).parents[1]
 
@@ -61,3 +63,20 @@ def test_with_no_redis_where_the_tests_look_they_bring_their_own(tmp_path: Path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
     assert not processes_in(temp)
+
+
+@pytest.mark.timeout(60)
+def test_a_redis_that_evicts_is_passed_over_for_a_private_one(tmp_path: Path) -> None:
+    # Given a Redis that answers but evicts keys (the API and workers would refuse it)
+    with Stack(log_dir=tmp_path) as stack:
+        evicting = PrivateRedis(stack, data_dir=tmp_path / "evicting", persist=False, options=["--maxmemory-policy", "allkeys-lru"])
+        evicting.start()
+        assert redis_refusal(evicting.url) and "allkeys-lru" in (redis_refusal(evicting.url) or "")
+
+        # When the demo's, up's and the tests' stack looks for a Redis there
+        found = stack.redis(evicting.url)
+
+        # Then it starts a private one that keeps keys instead
+        assert found != evicting.url and redis_refusal(found) is None
+        with redis.Redis.from_url(found) as client:
+            assert client.ping()
