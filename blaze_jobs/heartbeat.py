@@ -99,10 +99,13 @@ class Heartbeat:
         """Beat now rather than at the next beat (the breaker changed state, say)."""
         self._wake.set()
 
-    def release(self, job_id: str) -> None:
+    def release(self, job_id: str, token: str) -> None:
+        """Stop renewing the lease ``token`` names: only that one (the same job may already
+        be held again, by a later attempt on another task thread of this worker)."""
         with self._lock:
-            self.held.pop(job_id, None)
-            self.canceled.discard(job_id)
+            if self.held.get(job_id) == token:
+                del self.held[job_id]
+                self.canceled.discard(job_id)
 
     def is_canceled(self, job_id: str) -> bool:
         """Was the job canceled (as of the last read, at most ``CANCEL_POLL_S`` ago)?"""

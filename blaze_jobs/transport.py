@@ -60,7 +60,7 @@ class QoS(kombu_redis.QoS):
             except redis.exceptions.ResponseError as error:
                 why = refusal(error)
                 # A worker asked to stop gives up; the reaper queues the job again later.
-                if why is None or worker_state.should_stop not in (None, False) or worker_state.should_terminate not in (None, False):
+                if why is None or _stopping():
                     raise
                 if wait == 0.05:
                     log.warning("%s: holding the message just taken until Redis records it", why)
@@ -108,3 +108,9 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport with :class:`Channel`."""
 
     Channel = Channel
+
+
+def _stopping() -> bool:
+    """Was the worker asked to stop? Celery sets the exit code there (0 included), so test
+    as its own ``maybe_shutdown`` does: anything but None or False."""
+    return any(flag is not None and flag is not False for flag in (worker_state.should_stop, worker_state.should_terminate))

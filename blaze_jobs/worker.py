@@ -166,7 +166,7 @@ def run_job(
 
     ``faulted_on`` and ``passes`` come from the job's message (``broker.task_message``)."""
     runtime = runtime or current_runtime(engine)
-    store, settings = runtime.store, runtime.settings
+    settings = runtime.settings
 
     # 1. Take the job, unless the breaker says this worker must not, or the job faulted here
     #    before and a live peer can try it: then its message goes back to the queue. Only a
@@ -179,6 +179,17 @@ def run_job(
     if not runtime.breaker.allow():
         return hand_back(runtime, job_id)
     try:
+        return _take_and_run(runtime, job_id)
+    except BaseException:
+        # No verdict on the device (Redis failed us, say): a half-open breaker must not
+        # wait for ever on a probe that will never report.
+        runtime.breaker.release_probe()
+        raise
+
+
+def _take_and_run(runtime: Runtime, job_id: str) -> str:
+    store, settings = runtime.store, runtime.settings
+    try:
         record = store.take(job_id, worker=runtime.name, lease_ms=int(settings.lease_s * 1000), started_at=repr(time.time()))
     except JobNotFound:
         runtime.breaker.release_probe()
@@ -190,11 +201,12 @@ def run_job(
         log.info("job %s is %s; not running it again", job_id, status.value if status else "gone")
         return status.value if status else "missing"
     attempt = int(record["attempts"])
-    runtime.heartbeat.hold(job_id, f"{runtime.name}:{attempt}")
+    token = f"{runtime.name}:{attempt}"
+    runtime.heartbeat.hold(job_id, token)
     try:
         return _run_taken(runtime, record, attempt)
     finally:
-        runtime.heartbeat.release(job_id)
+        runtime.heartbeat.release(job_id, token)
         runtime.jobs_run += 1
 
 

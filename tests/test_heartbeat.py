@@ -91,6 +91,26 @@ def test_a_lease_that_ran_out_while_redis_was_away_is_recreated_by_its_worker(st
     assert 0 < store.redis.pttl(store.keys.lease(job_id)) <= LEASE_S * 1000
 
 
+def test_an_attempt_that_ends_leaves_the_lease_of_the_next_attempt_on_the_same_worker_renewed(store: JobStore) -> None:
+    # Given a job w1 runs as attempt 1, reaped while w1 lived and taken again by w1 (attempt 2,
+    # on another task thread)
+    heartbeat = Heartbeat(store=store, settings=store.settings, name="w1", state=dict)
+    job_id = running(store, worker="w1")
+    heartbeat.hold(job_id, "w1:1")
+    store.redis.delete(store.keys.lease(job_id))
+    store.transition(job_id, allowed=(JobStatus.running,), to=JobStatus.queued, unleased=store.keys.lease(job_id))
+    store.take(job_id, worker="w1", lease_ms=60_000)
+    heartbeat.hold(job_id, "w1:2")
+
+    # When the old attempt's thread lets its job go, and the lease then runs out
+    heartbeat.release(job_id, "w1:1")
+    store.redis.delete(store.keys.lease(job_id))
+    heartbeat.beat()
+
+    # Then the beat still renews attempt 2's lease (recreating it), so no reaper takes it
+    assert lease_of(store, job_id) == "w1:2"
+
+
 def test_a_stale_worker_neither_renews_nor_recreates_a_lease_it_lost(store: JobStore) -> None:
     # Given jobs w1 still believes it runs as attempt 1: one reaped and taken again by w2,
     # one reaped and taken by w2 whose lease then ran out too, one reaped and still queued

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
             f"--hostname={WEBHOOK_QUEUE}-{os.getpid()}@{socket.gethostname()}",
             f"--loglevel={args.loglevel}",
             "--without-mingle",
+            # Nothing uses gossip, and Celery logs an error restarting it after every Redis outage.
+            "--without-gossip",
         ]
     )
 
