@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from blaze_jobs.engines.base import Engine, EngineRequest, request_territory
-from blaze_jobs.errors import BlazeError, WorkerFault
+from blaze_jobs.errors import BlazeError, HandedBack
 
 log = logging.getLogger("blaze_jobs.batching")
 
@@ -75,7 +75,7 @@ class Batcher:
             return future
         with self._cond:
             if self._closed:
-                future.set_exception(WorkerFault("the worker is shutting down"))
+                future.set_exception(HandedBack("the worker is shutting down"))
                 return future
             self._groups.setdefault(key, []).append(_Pending(request, future))
             self._cond.notify()
@@ -94,7 +94,8 @@ class Batcher:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self.fail_waiting(WorkerFault("the worker is shutting down"))
+        # Jobs that never reached the device are no fault of theirs: back to the queue, uncounted.
+        self.fail_waiting(HandedBack("the worker is shutting down"))
 
     # --- the device thread ----------------------------------------------------------
 

@@ -17,6 +17,11 @@ class WorkerFault(BlazeError):
     """The worker or its device is at fault (OOM, device error, load failure): the job may run elsewhere."""
 
 
+class HandedBack(WorkerFault):
+    """The worker stopped taking work (its breaker opened, or it is shutting down) before the
+    job reached the device: the job goes back to the queue, its attempt not counted."""
+
+
 class JobCanceled(BlazeError):
     """The job was canceled while it ran."""
 

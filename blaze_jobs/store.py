@@ -225,10 +225,14 @@ class JobStore:
         release: dict[str, str] | None = None,
         unleased: str | None = None,
         push: dict[str, Any] | None = None,
+        set_attempts: int | None = None,
         **fields: Any,
     ) -> str:
         """Move the job to ``to`` if it is in one of ``allowed`` (and the conditions hold);
-        returns the status it left. See ``TRANSITION_LUA`` for the options."""
+        returns the status it left. See ``TRANSITION_LUA`` for the options. ``attempts``
+        guards the move; ``set_attempts`` writes the count (an attempt given back)."""
+        if set_attempts is not None:
+            fields["attempts"] = set_attempts
         args = transition_args(
             self.keys,
             allowed=allowed,

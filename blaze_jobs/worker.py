@@ -26,7 +26,7 @@ from blaze_jobs.breaker import CircuitBreaker
 from blaze_jobs.broker import requeue_push
 from blaze_jobs.engines import create_engine
 from blaze_jobs.engines.base import Artifact, Engine, EngineRequest
-from blaze_jobs.errors import JobCanceled, JobConflict, JobNotFound, RequestError, WorkerFault
+from blaze_jobs.errors import HandedBack, JobCanceled, JobConflict, JobNotFound, RequestError, WorkerFault
 from blaze_jobs.heartbeat import Heartbeat
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.redis_config import WaitingRetry
@@ -40,10 +40,6 @@ REDIS_RETRIES = 60
 #: A worker passing on a job that faulted on it waits this long times the passes so far: a
 #: peer whose task threads are all busy gets a moment to free one and draw the job.
 HANDBACK_PAUSE_S = 0.05
-
-
-class HandedBack(WorkerFault):
-    """The worker stopped taking work (its breaker opened) before the job reached the device."""
 
 
 class Runtime:
@@ -386,7 +382,7 @@ class _Finisher:
 
     def requeue(self, *, count_attempt: bool) -> str:
         record = self.store.get(self.job_id)
-        fields: dict[str, Any] = {} if count_attempt else {"attempts": self.attempt - 1}
+        fields: dict[str, Any] = {} if count_attempt else {"set_attempts": self.attempt - 1}
         if self._end(JobStatus.queued, push=requeue_push(self.runtime.settings, record), **fields):
             log.warning("job %s queued again (attempt %d)", self.job_id, self.attempt)
             return JobStatus.queued.value

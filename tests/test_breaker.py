@@ -160,9 +160,9 @@ def queued_job(runtime: Runtime, input: dict[str, Any], *, engine: str = "echo")
     return job_id
 
 
-def message_of(runtime: Runtime, job_id: str) -> dict[str, Any]:
+def message_of(runtime: Runtime, job_id: str, *, engine: str = "echo") -> dict[str, Any]:
     """Where the job's message waits in its queue (0: taken last) and its keyword arguments."""
-    queue = queue_key(runtime.settings, "echo")
+    queue = queue_key(runtime.settings, engine)
     messages = [json.loads(m) for m in runtime.redis.lrange(queue, 0, -1)]
     for position, message in enumerate(messages):
         if message["headers"]["id"] == job_id:
@@ -276,3 +276,18 @@ def test_each_engine_has_its_own_runtime_in_a_process() -> None:
             assert current_runtime("echo") is echo and current_runtime("llm") is llm
         finally:
             worker_module._runtimes.clear()
+
+
+def test_a_job_waiting_for_the_device_when_its_worker_stops_goes_back_uncounted(model_dir: Path) -> None:
+    with runtimes("worker-a", engine="diffusion", max_attempts=3, model_dir=model_dir) as (a,):
+        # Given a (batching) worker shutting down
+        a.batcher.close()
+        # When a job it had taken reaches its batcher
+        job_id = queued_job(a, {"prompt": "a lighthouse", "seed": 1, "num_inference_steps": 2}, engine="diffusion")
+        assert run_job(job_id, engine="diffusion", runtime=a) == "queued"
+        # Then the job is queued again with its attempt given back, no fault on its record
+        # (it would fail as poison at its next worker fault), none against the breaker
+        record = a.store.get(job_id)
+        assert record["attempts"] == "0" and not record.get("faulted_on"), record
+        assert a.breaker.snapshot()["total_failures"] == 0
+        assert message_of(a, job_id, engine="diffusion")["kwargs"].get("faulted_on", []) == []
