@@ -6,8 +6,6 @@ no other test."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,7 +13,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from blaze_jobs.stack import Child, Stack, StackError, free_port, redis_reachable, redis_server_binary
+from blaze_jobs.stack import Stack, StackError, free_port, redis_reachable
+from tests.chaos.harness import PrivateRedis
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,38 +24,14 @@ PROBLEM_JSON = "application/problem+json"
 PROMPT_ANSWER_S = 5.0
 
 
-class PrivateDeployment:
-    """A Redis server on a fixed port, plus the API and an echo worker pointed at it."""
-
-    def __init__(self, stack: Stack, *, log_dir: Path) -> None:
-        self.stack = stack
-        self.log_dir = log_dir
-        self.port = free_port()
-        self.redis_url = f"redis://127.0.0.1:{self.port}/0"
-        self.redis: Child | None = None
-        self.starts = 0
-
-    def start_redis(self) -> None:
-        self.starts += 1
-        data_dir = self.log_dir / f"redis-{self.starts}"
-        data_dir.mkdir()
-        argv = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.redis = self.stack.start(f"redis-{self.starts}", [*argv, "--dir", str(data_dir)])
-        self.stack.wait_for("redis", self.redis, lambda: redis_reachable(self.redis_url, timeout=0.2), timeout=15)
-
-    def stop_redis(self) -> None:
-        assert self.redis is not None
-        self.redis.stop(grace=5)
-        assert not redis_reachable(self.redis_url, timeout=0.2)
-
-
 @pytest.fixture()
 def deployment(test_env: dict[str, str], tmp_path: Path) -> Iterator[dict[str, Any]]:
     with Stack(env=test_env, log_dir=tmp_path) as stack:
-        private = PrivateDeployment(stack, log_dir=tmp_path)
-        stack.env["BLAZE_REDIS_URL"] = private.redis_url
+        # A Redis that keeps nothing: started again, it is empty
+        private = PrivateRedis(stack, data_dir=tmp_path / "redis", persist=False)
+        stack.env["BLAZE_REDIS_URL"] = private.url
         try:
-            private.start_redis()
+            private.start()
             port = free_port()
             api = stack.blaze("api", "api", "--port", str(port))
             worker = stack.blaze("worker-echo", "worker", "--engine", "echo")
@@ -93,7 +68,7 @@ def succeeded(http: httpx.Client, job_id: str, *, timeout: float) -> dict[str, A
 
 
 def test_the_api_answers_503_while_redis_is_down_and_recovers_after(deployment: dict[str, Any]) -> None:
-    private: PrivateDeployment = deployment["private"]
+    private: PrivateRedis = deployment["private"]
     # Given a deployment where an echo job succeeds
     with httpx.Client(base_url=deployment["api_url"], timeout=30) as http:
         before = http.post("/v1/jobs", json={"engine": "echo", "input": {"n": 1}})
@@ -101,7 +76,8 @@ def test_the_api_answers_503_while_redis_is_down_and_recovers_after(deployment: 
         succeeded(http, before.json()["id"], timeout=30)
 
         # When Redis stops
-        private.stop_redis()
+        private.stop()
+        assert not redis_reachable(private.url, timeout=0.2)
 
         # Then creating a job answers 503 promptly, saying when to retry
         response, took = timed(lambda: http.post("/v1/jobs", json={"engine": "echo", "input": {"n": 2}}))
@@ -120,7 +96,7 @@ def test_the_api_answers_503_while_redis_is_down_and_recovers_after(deployment: 
         assert deployment["api"].alive() and deployment["worker"].alive()
 
         # When a new Redis starts on the same port (empty: the old one kept nothing)
-        private.start_redis()
+        private.start()
 
         # Then the API takes jobs again within a bounded time
         def accepted() -> httpx.Response | None:
@@ -136,14 +112,13 @@ def test_the_api_answers_503_while_redis_is_down_and_recovers_after(deployment: 
 
 
 def test_the_api_answers_503_while_redis_hangs_and_recovers_after(deployment: dict[str, Any]) -> None:
-    private: PrivateDeployment = deployment["private"]
-    assert private.redis is not None
+    private: PrivateRedis = deployment["private"]
     with httpx.Client(base_url=deployment["api_url"], timeout=30) as http:
         # Given a deployment that takes jobs
         assert http.post("/v1/jobs", json={"engine": "echo", "input": {"n": 1}}).status_code == 202
 
         # When Redis hangs: its process is there, its socket open, but it never answers
-        os.kill(private.redis.pid, signal.SIGSTOP)
+        private.pause()
         try:
             # Then creating a job and readiness answer 503 once the API's Redis timeout is up
             response, took = timed(lambda: http.post("/v1/jobs", json={"engine": "echo", "input": {"n": 2}}))
@@ -152,7 +127,7 @@ def test_the_api_answers_503_while_redis_hangs_and_recovers_after(deployment: di
             response, took = timed(lambda: http.get("/readyz"))
             assert_unavailable(response, took, "GET /readyz")
         finally:
-            os.kill(private.redis.pid, signal.SIGCONT)
+            private.resume()
 
         # When Redis answers again, Then the API takes jobs at once and the worker runs them
         response = wait_until(
