@@ -152,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             # 2. Idle, then the jobs.
             idle, idle_s = measure(client, lambda: time.sleep(args.idle_s))
             jobs, jobs_s = measure(client, lambda: repeat(one_job, args.jobs))
-            blaze_trace = None
+            blaze_trace = idle_trace = None
             if args.profile:
                 pids = {"api": api.pid, "worker": worker.pid}
-                blaze_trace = profile(redis_url, pids, count=args.profile, work=one_job, publisher="api")
+                blaze_trace = profile(redis_url, pids, count=args.profile, work=one_job, publisher="api", detail=True)
+                idle_trace = profile(redis_url, pids, count=1, work=lambda: time.sleep(args.idle_s), publisher="api")
             blaze.close()
             for child in (worker, api):
                 child.stop()
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             bare_trace = None
             if args.profile:
                 pids = {"client": os.getpid(), "bare worker": bare_worker.pid}
-                bare_trace = profile(redis_url, pids, count=args.profile, work=one_bare, publisher="client")
+                bare_trace = profile(redis_url, pids, count=args.profile, work=one_bare, publisher="client", detail=True)
     except (StackError, RuntimeError) as error:
         return broke_off("bench/redis_commands.py", error, summary, args.json)
     finally:
@@ -211,6 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         bare_total=round(bare_total, 2),
         ratio=round(ratio, 3),
     )
+    if idle_trace:
+        summary.setdefault("profile", {})["idle"] = idle_trace
+        print(f"\nidle, by process (MONITOR over {args.idle_s:g} s), commands per second:")
+        for process, commands in idle_trace["commands"].items():
+            listed = ", ".join(f"{k} {v / args.idle_s:.2f}" for k, v in commands.items())
+            print(f"  {process:<12} {listed}")
+            inside = idle_trace["inside_scripts"].get(process)
+            if inside:
+                print(f"  {'':<12} inside its scripts: " + ", ".join(f"{k} {v / args.idle_s:.2f}" for k, v in inside.items()))
     for name, trace in (("blaze", blaze_trace), ("bare", bare_trace)):
         if trace:
             summary.setdefault("profile", {})[name] = trace

@@ -9,11 +9,13 @@ MONITOR slows Redis, so trace only outside the measured part of a benchmark.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import redis
 
@@ -21,6 +23,8 @@ import redis
 #: one pipelined write; a new round trip takes longer (loopback plus Python). A heuristic:
 #: under load a pipeline's commands can drift apart, so the round-trip counts are approximate.
 PIPELINE_GAP_S = 60e-6
+#: A benchmark run's key prefix (``common.unique_prefix``), left out of the commands shown.
+BENCH_PREFIX = re.compile(r"blaze-bench-[\w-]+:")
 
 
 def socket_owners(pids: dict[str, int]) -> dict[int, str]:
@@ -78,10 +82,19 @@ def monitor(redis_url: str, work: Callable[[], None]) -> list[dict[str, Any]]:
     return seen
 
 
-def profile(redis_url: str, pids: dict[str, int], *, count: int, work: Callable[[], Any], publisher: str) -> dict[str, Any]:
+def profile(
+    redis_url: str, pids: dict[str, int], *, count: int, work: Callable[[], Any], publisher: str, detail: bool = False
+) -> dict[str, Any]:
     """Redis commands and round trips per unit of work, per process, over ``count`` runs of
-    ``work``; and one run's commands in order, from ``publisher``'s LPUSH of the task."""
-    commands = monitor(redis_url, lambda: [work() for _ in range(count)])
+    ``work``; and one run's commands in order, from ``publisher``'s LPUSH of the task. With
+    ``detail``, that run shows each command's first argument (a key, a channel) and the
+    commands run inside scripts, under the script that ran them."""
+
+    def runs() -> None:
+        for _ in range(count):
+            work()
+
+    commands = monitor(redis_url, runs)
     owners = socket_owners(pids)
     per_process: dict[str, Counter] = {name: Counter() for name in pids}
     scripted: dict[str, Counter] = {name: Counter() for name in pids}
@@ -96,6 +109,8 @@ def profile(redis_url: str, pids: dict[str, int], *, count: int, work: Callable[
             # Run inside the EVALSHA just before it: no round trip of its own.
             if owner is not None:
                 scripted[owner][name] += 1
+                if detail:
+                    timeline.append((command["time"], owner, "  ↳ " + described(command["command"])))
             continue
         owner = owners.get(int(command["client_port"])) if command["client_port"].isdigit() else None
         if owner is None or command["command"].startswith("ECHO blaze-bench-end-"):
@@ -111,7 +126,7 @@ def profile(redis_url: str, pids: dict[str, int], *, count: int, work: Callable[
         elif name in ("EXEC", "DISCARD"):
             in_multi.discard(port)
         last[port] = command["time"]
-        timeline.append((command["time"], owner, name))
+        timeline.append((command["time"], owner, described(command["command"]) if detail else name))
     return {
         "count": count,
         "commands_per_run": {n: round(sum(c.values()) / count, 2) for n, c in per_process.items()},
@@ -120,6 +135,18 @@ def profile(redis_url: str, pids: dict[str, int], *, count: int, work: Callable[
         "inside_scripts": per_run(scripted, count),
         "timeline_one_run": one_run(timeline, publisher=publisher),
     }
+
+
+def described(command: str, *, width: int = 90) -> str:
+    """A command and its first argument (the key or channel, most often), cut to ``width``;
+    an EVALSHA's digest is cut to 8 characters."""
+    parts = BENCH_PREFIX.sub("", command).split(" ", 4)
+    name = parts[0].upper()
+    if name in ("EVALSHA", "EVAL") and len(parts) > 3:
+        text = f"{name} {parts[1][:8]} {parts[2]} {parts[3]}"
+    else:
+        text = " ".join(parts[:2])
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def per_run(counters: dict[str, Counter], count: int) -> dict[str, dict[str, float]]:
@@ -132,14 +159,14 @@ def one_run(timeline: list[tuple[float, str, str]], *, publisher: str) -> list[s
     in ms from the first; repeats folded."""
     starts = []
     for i, (_, who, name) in enumerate(timeline):
-        if who == publisher and name in ("LPUSH", "EVALSHA"):
+        if who == publisher and name.split(" ", 1)[0] in ("LPUSH", "EVALSHA"):
             start = i
             for j in range(i - 1, max(-1, i - 12), -1):
                 if timeline[j][1] != publisher:
                     continue
-                if timeline[j][2] == "EXEC":
+                if timeline[j][2].startswith("EXEC"):
                     break
-                if timeline[j][2] == "MULTI":
+                if timeline[j][2].startswith("MULTI"):
                     start = j
                     break
             starts.append(start)
@@ -168,8 +195,11 @@ def print_trace(trace: dict[str, Any], *, what: str) -> None:
     """A ``profile``'s commands and round trips per process, then its one run in order."""
     print(f"\nRedis commands per {what}, MONITOR over {trace['count']}:")
     for process, commands in trace["commands"].items():
-        print(f"  {process:<12} {trace['commands_per_run'][process]:5.1f} commands in ≈{trace['round_trips_per_run'][process]:.1f} round trips: "
-              + ", ".join(f"{k} {v:g}" for k, v in commands.items()))
+        sent, trips = trace["commands_per_run"][process], trace["round_trips_per_run"][process]
+        print(
+            f"  {process:<12} {sent:5.1f} commands in ≈{trips:.1f} round trips: "
+            + ", ".join(f"{k} {v:g}" for k, v in commands.items())
+        )
         inside = trace["inside_scripts"].get(process)
         if inside:
             print(f"  {'':<12} inside its scripts: " + ", ".join(f"{k} {v:g}" for k, v in inside.items()))
