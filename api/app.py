@@ -14,9 +14,9 @@ import redis
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import Response
 
-from api import bounds, connections, problems, push
+from api import bounds, connections, problems, waits, webhooks
 from api.problems import InputProblem
-from api.push import base_url
+from api.request_context import base_url
 from api.responses import JSONResponse
 from blaze_jobs import cache, redis_config
 from blaze_jobs.artifacts import KEY_PATTERN, artifact_store, content_type
@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job_input = body.input.model_dump(exclude_none=True)
         record = new_record(job_id=job_id, engine=engine, model=model, input=job_input, created_at=time.time())
         bounds.check_input(job_input, stored=record["input"], settings=settings)
-        record.update(await push.webhook_fields(body, settings))
+        record.update(await webhooks.webhook_fields(body, settings))
         store: AsyncJobStore = request.app.state.store
         # 2. A deterministic request computed before is born succeeded, with no worker involved.
         cached = None
@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     pipe.expire(artifact, settings.job_ttl_s)
                 await pipe.execute()
         # 4. With ``Prefer: wait=N``, answer once the job ends (within N seconds).
-        record = await push.wait_if_preferred(request, record)
+        record = await waits.wait_if_preferred(request, record)
         view = job_view(record, base_url=base_url(request))
         return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["get"]})
 
@@ -123,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
     ) -> JSONResponse:
         """The job as it stands now; with `wait`, once it ends (or when the wait runs out)."""
-        record = await push.job_after_wait(request, job_id, wait)
+        record = await waits.job_after_wait(request, job_id, wait)
         return JSONResponse(job_view(record, base_url=base_url(request)))
 
     @app.get("/v1/jobs", response_model=JobPage)
@@ -188,6 +188,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Events, deliveries and the webhook secret: after the routes above, so that the create
     # route, the hot one, is matched first.
-    app.include_router(push.router)
+    app.include_router(waits.router)
+    app.include_router(webhooks.router)
     return app
 

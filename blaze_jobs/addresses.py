@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Iterable
+from collections.abc import Iterable
 
 from blaze_jobs.errors import BlazeError
 
@@ -96,4 +96,4 @@ def resolve(host: str, port: int) -> list[str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as error:
         raise WebhookRefused(f"{host} does not resolve: {error.strerror}") from None
-    return [info[4][0] for info in infos]
+    return [str(info[4][0]) for info in infos]

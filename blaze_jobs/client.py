@@ -7,10 +7,16 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterable, Iterator, Mapping
+from typing import Any
 
 import httpx
+import httpx_sse
+
+# httpx-sse reads a response's events with this decoder; SSEParser offers the same rules for
+# lines a caller already has (httpx-sse exports no decoder of its own).
+from httpx_sse._decoders import SSEDecoder
 
 from blaze_jobs.errors import APIConnectionError, APIError, WaitTimeout
 from blaze_jobs.signing import verify
@@ -18,9 +24,12 @@ from blaze_jobs.signing import verify
 __all__ = ["APIConnectionError", "APIError", "AsyncBlazeClient", "BlazeClient", "SSEParser", "ServerEvent", "WaitTimeout"]
 
 ENDED = ("succeeded", "failed", "canceled")
+# Defaults of the clients' keyword options. They are the client's own: it runs where the
+# server's settings cannot be read, so they are not in blaze_jobs.settings.
 #: Between polls of a server that allows no long-poll at all (its BLAZE_MAX_WAIT_S is 0).
 POLL_S = 1.0
-#: An event stream sends a keep-alive every 15 s; a read this long without one is a dead link.
+#: An event stream sends a keep-alive every 15 s (BLAZE_EVENT_KEEP_ALIVE_S); a read this
+#: long without one is a dead link.
 STREAM_READ_TIMEOUT_S = 60.0
 #: Times an event stream reconnects (with ``Last-Event-ID``) before giving up.
 STREAM_RECONNECTS = 5
@@ -30,7 +39,15 @@ class BlazeClient:
     """Submit jobs, follow them and fetch their artifacts over HTTP."""
 
     def __init__(
-        self, base_url: str, *, timeout: float = 30.0, webhook_secret: str | None = None, admin_token: str | None = None
+        self,
+        base_url: str,
+        *,
+        timeout: float = 30.0,
+        webhook_secret: str | None = None,
+        admin_token: str | None = None,
+        poll_s: float = POLL_S,
+        stream_read_timeout_s: float = STREAM_READ_TIMEOUT_S,
+        stream_reconnects: int = STREAM_RECONNECTS,
     ) -> None:
         """``webhook_secret`` verifies webhooks; without it, ``verify_webhook`` fetches the
         deployment's secret once (``admin_token`` authorises that from another host)."""
@@ -40,8 +57,9 @@ class BlazeClient:
         self._secret = webhook_secret
         self._admin_token = admin_token
         self._long_poll = LongPoll()
+        self.poll_s, self.stream_read_timeout_s, self.stream_reconnects = poll_s, stream_read_timeout_s, stream_reconnects
 
-    def __enter__(self) -> "BlazeClient":
+    def __enter__(self) -> BlazeClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -102,7 +120,7 @@ class BlazeClient:
             if time.monotonic() >= deadline:
                 raise WaitTimeout(job_id, job, timeout)
             if not asked:
-                time.sleep(min(POLL_S, max(deadline - time.monotonic(), 0)))
+                time.sleep(min(self.poll_s, max(deadline - time.monotonic(), 0)))
 
     def download(self, url: str) -> bytes:
         """The bytes of an artifact, by the URL in a job's output."""
@@ -123,22 +141,22 @@ class BlazeClient:
             raise problem_of(response)
         return response.json()
 
-    def events(self, job_id: str, *, last_event_id: str | None = None) -> Iterator["ServerEvent"]:
+    def events(self, job_id: str, *, last_event_id: str | None = None) -> Iterator[ServerEvent]:
         """The job's server-sent events until its end: first ``job`` (the job as it stands),
         then ``job.started``, ``job.progress`` …, last ``job.completed`` (the final job). A
         dropped connection is resumed with ``Last-Event-ID``, so no event is missed."""
         last, failures = last_event_id, 0
         while True:
             headers = {"Last-Event-ID": last} if last else {}
-            timeout = httpx.Timeout(self.timeout, read=STREAM_READ_TIMEOUT_S)
+            timeout = httpx.Timeout(self.timeout, read=self.stream_read_timeout_s)
             try:
-                with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as response:
-                    if response.status_code >= 400:
-                        response.read()
-                        self._json(response)
-                    parser = SSEParser()
-                    for line in response.iter_lines():
-                        event = parser.feed(line)
+                url = f"/v1/jobs/{job_id}/events"
+                with httpx_sse.connect_sse(self.http, "GET", url, headers=headers, timeout=timeout) as source:
+                    if source.response.status_code >= 400:
+                        source.response.read()
+                        self._json(source.response)
+                    for sse in source.iter_sse():
+                        event = ServerEvent.of(sse)
                         if event is None:
                             continue
                         last, failures = event.id or last, 0
@@ -146,9 +164,9 @@ class BlazeClient:
                         if event.final:
                             return
                 return  # the server ended the stream: the client had seen everything
-            except httpx.TransportError as error:
+            except httpx.TransportError as error:  # httpx_sse.SSEError (not an event stream) among them
                 failures += 1
-                if failures > STREAM_RECONNECTS:
+                if failures > self.stream_reconnects:
                     raise unreachable(error) from error
                 time.sleep(min(2.0, 0.1 * 2**failures))
 
@@ -192,35 +210,25 @@ class ServerEvent:
         """The job's last event: it ended (``data`` is the final job)."""
         return self.event == "job.completed" or (self.event == "job" and self.data.get("status") in ENDED)
 
+    @classmethod
+    def of(cls, sse: httpx_sse.ServerSentEvent) -> ServerEvent | None:
+        """The event httpx-sse read, its data parsed; None for a block with no data (the
+        stream's ``retry:``), which the HTML standard's rules do not dispatch."""
+        if not sse.data:
+            return None
+        return cls(id=sse.id or None, event=sse.event, data=json.loads(sse.data))
+
 
 class SSEParser:
-    """Server-sent events from lines of text, per the HTML standard's rules."""
+    """Server-sent events from lines of text a caller already has, read by httpx-sse's rules."""
 
     def __init__(self) -> None:
-        self._id: str | None = None
-        self._event = ""
-        self._data: list[str] = []
+        self._decoder = SSEDecoder()
 
     def feed(self, line: str) -> ServerEvent | None:
         """Take one line (without its end); returns an event when a blank line completes one."""
-        if not line:
-            if not self._data:
-                self._event = ""
-                return None
-            event = ServerEvent(id=self._id, event=self._event or "message", data=json.loads("\n".join(self._data)))
-            self._event, self._data = "", []
-            return event
-        if line.startswith(":"):
-            return None
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._event = value
-        elif name == "id":
-            self._id = value
-        return None
+        sse = self._decoder.decode(line)
+        return ServerEvent.of(sse) if sse is not None else None
 
 
 class LongPoll:
@@ -273,7 +281,13 @@ def unreachable(error: httpx.TransportError) -> APIConnectionError:
 
 
 def _create_body(
-    engine: str, input: dict[str, Any], *, model: str | None, webhook: str | None, webhook_events_filter: Iterable[str] | None, **options: Any
+    engine: str,
+    input: dict[str, Any],
+    *,
+    model: str | None,
+    webhook: str | None,
+    webhook_events_filter: Iterable[str] | None,
+    **options: Any,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"engine": engine, "input": input, **options}
     if model:
@@ -296,7 +310,15 @@ class AsyncBlazeClient:
     """``BlazeClient`` for asyncio: the same methods, awaited (``events`` is an async iterator)."""
 
     def __init__(
-        self, base_url: str, *, timeout: float = 30.0, webhook_secret: str | None = None, admin_token: str | None = None
+        self,
+        base_url: str,
+        *,
+        timeout: float = 30.0,
+        webhook_secret: str | None = None,
+        admin_token: str | None = None,
+        poll_s: float = POLL_S,
+        stream_read_timeout_s: float = STREAM_READ_TIMEOUT_S,
+        stream_reconnects: int = STREAM_RECONNECTS,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
@@ -304,8 +326,9 @@ class AsyncBlazeClient:
         self._secret = webhook_secret
         self._admin_token = admin_token
         self._long_poll = LongPoll()
+        self.poll_s, self.stream_read_timeout_s, self.stream_reconnects = poll_s, stream_read_timeout_s, stream_reconnects
 
-    async def __aenter__(self) -> "AsyncBlazeClient":
+    async def __aenter__(self) -> AsyncBlazeClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -360,7 +383,7 @@ class AsyncBlazeClient:
             if time.monotonic() >= deadline:
                 raise WaitTimeout(job_id, job, timeout)
             if not asked:
-                await asyncio.sleep(min(POLL_S, max(deadline - time.monotonic(), 0)))
+                await asyncio.sleep(min(self.poll_s, max(deadline - time.monotonic(), 0)))
 
     async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -372,15 +395,15 @@ class AsyncBlazeClient:
         last, failures = last_event_id, 0
         while True:
             headers = {"Last-Event-ID": last} if last else {}
-            timeout = httpx.Timeout(self.timeout, read=STREAM_READ_TIMEOUT_S)
+            timeout = httpx.Timeout(self.timeout, read=self.stream_read_timeout_s)
             try:
-                async with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as response:
-                    if response.status_code >= 400:
-                        await response.aread()
-                        BlazeClient._json(response)
-                    parser = SSEParser()
-                    async for line in response.aiter_lines():
-                        event = parser.feed(line)
+                url = f"/v1/jobs/{job_id}/events"
+                async with httpx_sse.aconnect_sse(self.http, "GET", url, headers=headers, timeout=timeout) as source:
+                    if source.response.status_code >= 400:
+                        await source.response.aread()
+                        BlazeClient._json(source.response)
+                    async for sse in source.aiter_sse():
+                        event = ServerEvent.of(sse)
                         if event is None:
                             continue
                         last, failures = event.id or last, 0
@@ -390,7 +413,7 @@ class AsyncBlazeClient:
                 return
             except httpx.TransportError as error:
                 failures += 1
-                if failures > STREAM_RECONNECTS:
+                if failures > self.stream_reconnects:
                     raise unreachable(error) from error
                 await asyncio.sleep(min(2.0, 0.1 * 2**failures))
 

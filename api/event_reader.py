@@ -1,5 +1,5 @@
-"""Waiting for jobs' events: one reader per API process serves every long-poll and event
-stream, so a waiting client holds no Redis connection of its own.
+"""The API process's one reader of job events: it serves every long-poll and event stream,
+so a waiting client holds no Redis connection of its own.
 
 The reader holds one connection, blocked in ``XREAD`` on the streams of every job someone
 waits on. Each entry it reads is parsed once and handed to every waiter of that job. When a
@@ -13,29 +13,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any
 
 import redis.asyncio
 import redis.exceptions
+from fastapi import FastAPI
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from api.connections import Busy
+from api.request_context import settings_of
 from blaze_jobs import events
 from blaze_jobs.events import JobEvent, event_order
 from blaze_jobs.settings import Settings
 
-log = logging.getLogger("blaze_jobs.api.waiting")
+log = logging.getLogger("blaze_jobs.api.event_reader")
 
-#: Longest single block of the reader: a bound on how long a dead connection goes unnoticed.
-READ_BLOCK_S = 15.0
-#: Entries one read takes per stream; a stream with more is read on at once.
-READ_COUNT = 100
 #: Tries at interrupting a read that is still on its way to Redis (CLIENT UNBLOCK finds no
 #: blocked client until it arrives), a millisecond or so apart; after them the read's own
-#: block ends it.
+#: block ends it. A property of that race, not a deployment's choice, so not a setting.
 UNBLOCK_TRIES = 50
 
 
@@ -91,7 +90,7 @@ class EventReader:
         self._connection = redis.asyncio.Redis.from_url(
             settings.redis_url,
             single_connection_client=True,
-            socket_timeout=READ_BLOCK_S + settings.redis_timeout_s,
+            socket_timeout=settings.event_read_block_s + settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
             # A failed read is retried here, after a new CLIENT ID, never silently inside redis-py.
             retry=Retry(NoBackoff(), 0),
@@ -161,8 +160,11 @@ class EventReader:
                 built = {key: (watch, watch.position) for key, watch in self._watches.items()}
                 self._reading = self._generation
                 try:
-                    reply = await self._connection.xread(
-                        {key: position for key, (_, position) in built.items()}, count=READ_COUNT, block=int(READ_BLOCK_S * 1000)
+                    # A list of [stream, [(entry id, fields), ...]] (redis-py types it loosely).
+                    reply: list[Any] = await self._connection.xread(  # type: ignore[assignment]
+                        {key: position for key, (_, position) in built.items()},
+                        count=self.settings.event_read_count,
+                        block=int(self.settings.event_read_block_s * 1000),
                     )
                 finally:
                     self._reading = None
@@ -205,6 +207,15 @@ class EventReader:
                 await asyncio.sleep(0.001 * (1 + attempt // 10))
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Run the process's reader (``app.state.reader``) while the app serves."""
+    app.state.reader = EventReader(settings_of(app), app.state.redis)
+    await app.state.reader.start()
+    yield
+    await app.state.reader.close()
+
+
 def allow_sockets(waiters: int) -> None:
     """Raise this process's soft limit on open files towards what ``waiters`` clients need
     (each is a socket); warn when the hard limit is below it."""
@@ -215,4 +226,6 @@ def allow_sockets(waiters: int) -> None:
     raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
     if raised < wanted:
-        log.warning("open-file limit %d is below the %d that BLAZE_MAX_WAITERS=%d needs; raise ulimit -n", raised, wanted, waiters)
+        log.warning(
+            "open-file limit %d is below the %d that BLAZE_MAX_WAITERS=%d needs; raise ulimit -n", raised, wanted, waiters
+        )

@@ -1,0 +1,181 @@
+"""Waiting on a job: long-poll (``GET /v1/jobs/{id}?wait=``, ``Prefer: wait=`` on create) and
+its server-sent events (``GET /v1/jobs/{id}/events``, through ``sse-starlette``).
+
+Waiting never polls and holds no Redis connection: a waiting request takes a feed of the
+job's events from the process's one reader (``api/event_reader.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import redis.exceptions
+from fastapi import APIRouter, FastAPI, Header, Request
+from fastapi.responses import StreamingResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from api import event_reader
+from api.connections import Busy
+from api.event_reader import EventReader, TooManyWaiters
+from api.problems import PROBLEM_JSON, PROBLEM_SCHEMA, InputProblem
+from api.request_context import base_url, raw_header, settings_of
+from api.responses import dumps
+from blaze_jobs import events
+from blaze_jobs.errors import JobNotFound
+from blaze_jobs.events import event_order
+from blaze_jobs.jobs import job_view
+
+EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+PROBLEM = {"content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}, "description": "A problem+json body naming the fault."}
+#: Each line of the stream ends with a bare newline, as the stream always has (sse-starlette's
+#: default is CRLF; both are valid server-sent events).
+LINE_END = "\n"
+
+# The reader every waiter shares, long-polls included, runs as long as the app does.
+router = APIRouter(lifespan=event_reader.lifespan)
+
+
+# --- long-poll ----------------------------------------------------------------------------
+
+
+def preferred_wait(prefer: str | None, *, bound: float) -> float:
+    """Seconds a ``Prefer: wait=N`` header (RFC 7240) asks for, within ``bound``; 0 without one."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.split(";", 1)[0].strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                return max(0.0, min(float(value.strip().strip('"')), bound))
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
+async def wait_if_preferred(request: Request, record: dict[str, str]) -> dict[str, str]:
+    """After ``POST /v1/jobs``: the job once it ended, when the client sent ``Prefer: wait=N``
+    and it ended within N seconds; otherwise the job as created."""
+    prefer = raw_header(request, b"prefer")
+    if prefer is None:
+        return record
+    seconds = preferred_wait(prefer.decode("latin-1"), bound=settings_of(request.app).max_wait_s)
+    if seconds <= 0 or events.ended(record):
+        return record
+    try:
+        return await wait_for_end(request.app, record["id"], seconds)
+    except (Busy, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        # The job is stored and queued: a 503 now would tell the client to create it again.
+        # A wait is a preference (RFC 7240), so answer the job as accepted instead.
+        return record
+
+
+async def job_after_wait(request: Request, job_id: str, wait: float) -> dict[str, str]:
+    """``GET /v1/jobs/{id}?wait=N``: the job as soon as it ends, or as it stands after N seconds."""
+    settings = settings_of(request.app)
+    if wait > settings.max_wait_s:
+        raise InputProblem("wait", f"must be at most {settings.max_wait_s:g} seconds")
+    if wait <= 0:
+        return await request.app.state.store.get(job_id)
+    return await wait_for_end(request.app, job_id, wait)
+
+
+async def wait_for_end(app: FastAPI, job_id: str, seconds: float) -> dict[str, str]:
+    prefix = settings_of(app).redis_prefix
+    record, position = await events.job_and_position(app.state.store.redis, prefix=prefix, job_id=job_id)
+    if not record:
+        raise JobNotFound(job_id)
+    deadline = time.monotonic() + seconds
+    reader: EventReader = app.state.reader
+    async with reader.watch(job_id, after=position) as feed:
+        while not events.ended(record):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for event in await feed.next_events(left):
+                record = events.apply(record, event)
+    return record
+
+
+# --- server-sent events -------------------------------------------------------------------
+
+
+def sse(event_id: str, kind: str, data: Any) -> ServerSentEvent:
+    # Encoded as the JSON answers are, so that a stored record JSON cannot carry still streams.
+    return ServerSentEvent(dumps(data).decode(), id=event_id, event=kind, sep=LINE_END)
+
+
+def event_data(event: events.JobEvent, record: dict[str, str], *, base: str) -> Any:
+    """What an SSE event carries: at a status change the job (``record`` is the job before
+    it), with progress its ``{step, total}``, otherwise the event's fields."""
+    if event.record is not None:
+        return job_view(record, base_url=base)
+    if event.type == "job.progress":
+        return json.loads(event.fields["progress"])
+    return event.fields
+
+
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    # The documented answer; the route returns sse-starlette's EventSourceResponse.
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "An event stream."}, 404: PROBLEM},
+)
+async def job_events(
+    request: Request,
+    job_id: str,
+    last_event_id: Annotated[str | None, Header(description="Resume after this event id.")] = None,
+) -> EventSourceResponse:
+    """The job's events as server-sent events, ending with the final job.
+
+    The first event, `job`, is the job as it stands; then `job.started`, `job.progress`
+    (`{step, total}`), `job.queued` (handed back to the queue after a worker fault) and
+    `job.completed` (the final job), each with its event id. A client that reconnects with
+    `Last-Event-ID` gets every event after that one and no `job` event; `Last-Event-ID: 0-0`
+    replays the whole stream."""
+    app, settings = request.app, settings_of(request.app)
+    record, position = await events.job_and_position(app.state.store.redis, prefix=settings.redis_prefix, job_id=job_id)
+    if not record:
+        raise JobNotFound(job_id)
+    resume = last_event_id.strip() if last_event_id and EVENT_ID.match(last_event_id.strip()) else None
+    # Refuse a stream past the waiter bound now, as a 503, rather than after its 200 has gone
+    # out (the stream's watch checks again: another may have taken the last place meanwhile).
+    if app.state.reader.waiters >= settings.max_waiters:
+        raise TooManyWaiters(settings.max_waiters)
+    stream = _event_stream(app.state.reader, job_id, record=record, position=position, resume=resume, base=base_url(request))
+    return EventSourceResponse(
+        stream,
+        headers={"Cache-Control": "no-cache"},
+        sep=LINE_END,
+        ping=settings.event_keep_alive_s,
+        ping_message_factory=_keep_alive,
+    )
+
+
+def _keep_alive() -> ServerSentEvent:
+    return ServerSentEvent(comment="keep-alive", sep=LINE_END)
+
+
+async def _event_stream(
+    reader: EventReader, job_id: str, *, record: dict[str, str], position: str, resume: str | None, base: str
+) -> AsyncIterator[ServerSentEvent]:
+    # A client that loses the stream reconnects after a second (with Last-Event-ID).
+    yield ServerSentEvent(retry=1000, sep=LINE_END)
+    if resume is None:
+        yield sse(position, "job", job_view(record, base_url=base))
+        after = position
+    else:
+        after = resume
+    # A client that has seen the end of an ended job has nothing left to get.
+    if events.ended(record) and event_order(after) >= event_order(position):
+        return
+    async with reader.watch(job_id, after=after) as feed:
+        while True:
+            # sse-starlette sends the keep-alives and notices a client that went away; the
+            # timeout only bounds each wait.
+            for event in await feed.next_events(reader.settings.event_keep_alive_s):
+                record = events.apply(record, event)
+                yield sse(event.id, event.type, event_data(event, record, base=base))
+                if event.type == events.COMPLETED:
+                    return
