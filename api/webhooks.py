@@ -17,18 +17,12 @@ from starlette.exceptions import HTTPException
 from api.problems import PROBLEM_JSON, PROBLEM_SCHEMA, InputProblem, problem
 from api.request_context import settings_of
 from api.responses import JSONResponse
-from blaze_jobs import events
 from blaze_jobs.errors import JobNotFound
 from blaze_jobs.settings import Settings
 from blaze_jobs.signing import signing_secret_async
-from blaze_jobs.webhooks import (
-    REDELIVER_LUA,
-    Delivery,
-    DeliveryPage,
-    WebhookRefused,
-    check_addresses,
-    delivery_list,
-)
+from blaze_jobs.addresses import WebhookRefused, check_addresses
+from blaze_jobs.deliveries import Delivery, DeliveryPage, delivery_list
+from blaze_jobs.deliveries import redeliver as record_redelivery
 
 PROBLEM = {"content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}, "description": "A problem+json body naming the fault."}
 
@@ -65,7 +59,7 @@ async def list_deliveries(request: Request, job_id: str) -> JSONResponse:
     store = request.app.state.store
     async with store.redis.pipeline(transaction=False) as pipe:
         pipe.exists(store.keys.job(job_id))
-        pipe.hgetall(events.deliveries_key(store.keys.prefix, job_id))
+        pipe.hgetall(store.keys.deliveries(job_id))
         exists, raw = await pipe.execute()
     if not exists:
         raise JobNotFound(job_id)
@@ -79,8 +73,7 @@ async def redeliver(request: Request, job_id: str, delivery_id: str) -> Response
     """Send a delivery's event again: a new delivery with the same `webhook-id` and body. It
     also lifts a receiver's earlier `410 Gone` for the job."""
     store = request.app.state.store
-    script = store.redis.register_script(REDELIVER_LUA)
-    reply = await script(keys=[events.deliveries_key(store.keys.prefix, job_id)], args=[store.keys.prefix, job_id, delivery_id])
+    reply = await record_redelivery(store.redis, store.keys, job_id, delivery_id)
     if reply is None:
         await store.get(job_id)  # 404 for the job first
         return problem(404, "Delivery not found", f"job {job_id} has no delivery {delivery_id!r}")

@@ -48,7 +48,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.receiver
 
-from blaze_jobs.events import ProgressReporter
+from blaze_jobs.progress import ProgressReporter
 from blaze_jobs.jobs import JobStatus, new_record
 from blaze_jobs.settings import get_settings
 from blaze_jobs.stack import Stack, StackError

@@ -1,4 +1,7 @@
-"""The Celery message for a job, built without Celery so the API can publish it with one LPUSH.
+"""The Celery messages Blaze Jobs pushes itself: a job's task, and a webhook delivery's.
+
+Both are built here, without Celery, so the API can publish a job with one LPUSH, and the Lua
+step that makes an event can queue its webhook delivery (``webhook_task_template``).
 
 ``apply_async`` costs about 0.5 ms of CPU per call; this builds the same Celery protocol-2
 message that kombu's Redis transport stores (a JSON envelope around a base64 body) and lets
@@ -13,8 +16,10 @@ import base64
 import json
 import os
 import socket
+from functools import cache
 from typing import Any
 
+from blaze_jobs.keys import WEBHOOK_QUEUE, Keys
 from blaze_jobs.settings import Settings
 
 #: Flower shows this much of a prompt next to each job.
@@ -23,6 +28,9 @@ SUMMARY_CHARS = 60
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
+#: The Celery task that sends one webhook delivery (on ``keys.WEBHOOK_QUEUE``).
+DELIVER_TASK = "blaze.webhooks.deliver"
+
 
 def task_name(engine: str) -> str:
     return f"blaze.{engine}.generate"
@@ -30,7 +38,7 @@ def task_name(engine: str) -> str:
 
 def queue_key(settings: Settings, engine: str) -> str:
     """The Redis list kombu reads the engine's queue from (kombu applies the same prefix)."""
-    return settings.redis_prefix + engine
+    return Keys(settings.redis_prefix).queue(engine)
 
 
 def summary(input: dict[str, Any]) -> str:
@@ -41,9 +49,7 @@ def summary(input: dict[str, Any]) -> str:
     return text if len(text) <= SUMMARY_CHARS else text[: SUMMARY_CHARS - 1] + "…"
 
 
-def task_message(
-    *, job_id: str, engine: str, input: dict[str, Any], faulted_on: list[str] | None = None, passes: int = 0
-) -> str:
+def task_message(*, job_id: str, engine: str, input: dict[str, Any], faulted_on: list[str] | None = None, passes: int = 0) -> str:
     """The JSON envelope, as kombu's Redis transport stores it, of the job's Celery task.
 
     ``faulted_on`` names the workers the job met a worker fault on, and ``passes`` counts the
@@ -68,50 +74,101 @@ _TEMPLATES: dict[str, str] = {}
 _SLOT = "\x01{}\x01"
 
 
+def _envelope(*, task: str, task_id: str, body: str, argsrepr: str, kwargsrepr: str, queue: str, tag: str) -> dict[str, Any]:
+    """Celery's protocol-2 envelope as kombu's Redis transport stores it (base64 body)."""
+    return {
+        "body": body,
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py",
+            "task": task,
+            "id": task_id,
+            "shadow": None,
+            "eta": None,
+            "expires": None,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": [None, None],
+            "root_id": task_id,
+            "parent_id": None,
+            "argsrepr": argsrepr,
+            "kwargsrepr": kwargsrepr,
+            "origin": _ORIGIN,
+            "ignore_result": True,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+        },
+        "properties": {
+            "correlation_id": task_id,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": tag,
+        },
+    }
+
+
 def _template(engine: str) -> str:
     """The engine's envelope as a ``str.format`` template with the slots ID, BODY, ARGS,
     KWARGS and TAG."""
     template = _TEMPLATES.get(engine)
     if template is None:
-        job_id, slot = _SLOT.format("ID"), _SLOT.format
-        envelope = {
-            "body": slot("BODY"),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {
-                "lang": "py",
-                "task": task_name(engine),
-                "id": job_id,
-                "shadow": None,
-                "eta": None,
-                "expires": None,
-                "group": None,
-                "group_index": None,
-                "retries": 0,
-                "timelimit": [None, None],
-                "root_id": job_id,
-                "parent_id": None,
-                "argsrepr": slot("ARGS"),
-                "kwargsrepr": slot("KWARGS"),
-                "origin": _ORIGIN,
-                "ignore_result": True,
-                "replaced_task_nesting": 0,
-                "stamped_headers": None,
-                "stamps": {},
-            },
-            "properties": {
-                "correlation_id": job_id,
-                "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": engine},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": slot("TAG"),
-            },
-        }
+        slot = _SLOT.format
+        envelope = _envelope(
+            task=task_name(engine),
+            task_id=slot("ID"),
+            body=slot("BODY"),
+            argsrepr=slot("ARGS"),
+            kwargsrepr=slot("KWARGS"),
+            queue=engine,
+            tag=slot("TAG"),
+        )
         # json.dumps writes each \x01 as \u0001, and nothing else in the envelope does.
         parts = json.dumps(envelope).replace("{", "{{").replace("}", "}}").split("\\u0001")
         template = _TEMPLATES[engine] = "".join(part if i % 2 == 0 else "{" + part + "}" for i, part in enumerate(parts))
     return template
+
+
+#: The slots of ``webhook_task_template``, filled by the Lua that queues a delivery
+#: (``lua/events.lua``, ``blaze_webhook_task``) and by ``webhook_task_message``.
+WEBHOOK_SLOTS = ("{JOB}", "{DELIVERY}", "{ATTEMPT}")
+
+
+@cache
+def webhook_task_template() -> str:
+    """The message of ``DELIVER_TASK(job_id, delivery_id)``, with the slots ``{JOB}``,
+    ``{DELIVERY}`` and ``{ATTEMPT}`` for the Lua step that makes the event to fill in (it
+    alone knows the delivery id, the event's stream id). The task id, ``<job>:<delivery>:
+    <attempt>``, differs per attempt, so a retry is never mistaken for the message it repeats.
+
+    The body is plain JSON, not base64 (kombu reads a body without ``body_encoding`` as is):
+    the ids go into it in Lua, which has no base64. Job ids (uuids), stream ids and numbers
+    need no JSON escaping, so filling a slot is a plain replacement."""
+    job_id, delivery_id, attempt = WEBHOOK_SLOTS
+    task_id = f"{job_id}:{delivery_id}:{attempt}"
+    envelope = _envelope(
+        task=DELIVER_TASK,
+        task_id=task_id,
+        body=json.dumps([[job_id, delivery_id], {}, _EMBED]),
+        argsrepr=repr([job_id, delivery_id]),
+        kwargsrepr="{}",
+        queue=WEBHOOK_QUEUE,
+        tag=task_id,
+    )
+    del envelope["properties"]["body_encoding"]
+    return json.dumps(envelope)
+
+
+def webhook_task_message(*, job_id: str, delivery_id: str, attempt: int) -> str:
+    """The message ``webhook_task_template`` makes for one attempt at a delivery."""
+    message = webhook_task_template()
+    for slot, value in zip(WEBHOOK_SLOTS, (job_id, delivery_id, str(attempt)), strict=True):
+        message = message.replace(slot, value)
+    return message
 
 
 def faulted_workers(record: dict[str, str]) -> list[str]:

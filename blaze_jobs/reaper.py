@@ -1,14 +1,16 @@
 """The reaper: one elected worker at a time hands back to the queue the running jobs whose
 worker died, and gives a fresh message to queued jobs whose message was lost.
 
-Election is a lock key ``<prefix>reaper`` naming its holder, taken with ``SET NX`` and
-renewed at every beat, with the lease's time to live: when the holder dies, another worker
-takes over within a lease and a beat. Only the holder scans, so the fleet costs Redis one
-scan of the running jobs per beat, however many workers there are.
+Election is a lock key (``keys.Keys.reaper``) naming its holder, taken with ``SET NX`` and
+renewed at every look, a third of a lease apart, with the lease's time to live
+(``lua/elect.lua``): when the holder dies, another worker takes over within a lease and a
+look. Only the holder scans the running jobs and the queues, so the fleet costs Redis one
+scan per look, however many workers there are; every other worker's look is one EVALSHA.
+Each worker's reaper runs on a thread of its own, so a long scan never delays its beats.
 
-A job's worker is dead when the job's lease (``<prefix>lease:<job>``) is gone. But a lease
+A job's worker is dead when the job's lease (``keys.Keys.lease``) is gone. But a lease
 also runs out inside Redis while Redis is away, where no worker can renew it, and its live
-worker recreates it on its first beat once Redis is back (``heartbeat.RENEW_LUA``). So the
+worker recreates it on its first beat once Redis is back (``lua/renew.lua``). So the
 reaper believes a missing lease only once it has itself reached Redis without a break for a
 whole lease: by then every live worker has had a lease's time to renew. A break is an error,
 or a gap between two of its looks longer than two beats (its commands retry with back-off
@@ -24,26 +26,21 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
-from blaze_jobs.broker import queue_key, requeue_push, task_name
+from blaze_jobs import scripts
+from blaze_jobs.broker import requeue_push, task_name
 from blaze_jobs.errors import BlazeError
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.settings import ENGINES, Settings
-from blaze_jobs.store import RELEASE_LUA, JobStore, decode, score_of
+from blaze_jobs.store import JobStore, decode, score_of
 
 log = logging.getLogger("blaze_jobs.reaper")
-
-# KEYS[1] is the reaper's lock; ARGV[1] the worker standing, ARGV[2] the lock's time to live
-# in ms. The holder keeps it; anyone takes it when nobody holds it. Returns 1 if elected.
-ELECT_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
-"""
 
 #: Engine task names: an unacknowledged message of any other task (a webhook delivery) is
 #: no job's message.
@@ -57,10 +54,12 @@ class Reaper:
         self.settings = settings
         self.name = name
         self.clock = clock
-        self.lock_key = settings.key("reaper")
+        self.lock_key = store.keys.reaper
         self.elected = False
-        self._elect = self.redis.register_script(ELECT_LUA)
-        self._unlock = self.redis.register_script(RELEASE_LUA)
+        self._elect = scripts.script(self.redis, "elect")
+        self._unlock = scripts.script(self.redis, "release")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="blaze-reaper", daemon=True)
         self._last_look: float | None = None  # when it last reached Redis
         self._watching_since = 0.0  # since when it has reached Redis without a break
         self._missing: dict[tuple[str, str], float] = {}  # (job, attempt) -> first seen without lease
@@ -68,6 +67,30 @@ class Reaper:
     @property
     def interval_s(self) -> float:
         return self.settings.lease_s / 3
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop looking and give up the lock."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self.resign()
+
+    def _run(self) -> None:
+        # The first look comes at once, as the worker's first beat does.
+        while True:
+            try:
+                self.step()
+            except (redis.RedisError, OSError) as error:
+                self.lost_redis()
+                log.warning("reaper: %s", error)
+            except Exception:  # a bug in one look must not stop every later one
+                self.lost_redis()
+                log.exception("reaper failed")
+            if self._stop.wait(self.interval_s):
+                return
 
     def lost_redis(self) -> None:
         """Redis failed this worker: what it saw before says nothing about who is alive now."""
@@ -83,8 +106,8 @@ class Reaper:
         self.elected = False
 
     def step(self) -> int:
-        """One look, at every beat: stand for election and, if elected, reap the jobs whose
-        worker died and rescue the lost messages. Returns how many jobs it reaped."""
+        """One look, every third of a lease: stand for election and, only if elected, reap the
+        jobs whose worker died and rescue the lost messages. Returns how many jobs it reaped."""
         lease_ms = int(self.settings.lease_s * 1000)
         self.elected = bool(self._elect(keys=[self.lock_key], args=[self.name, lease_ms]))
         if not self.elected:
@@ -122,7 +145,7 @@ class Reaper:
                 pipe.exists(keys.lease(job_id))
                 pipe.hget(keys.job(job_id), "attempts")
             replies = pipe.execute()
-        found = zip(running, replies[::2], replies[1::2])
+        found = zip(running, replies[::2], replies[1::2], strict=True)
         return [(job_id, attempts.decode()) for job_id, leased, attempts in found if not leased and attempts is not None]
 
     def _reap_one(self, job_id: str, attempt: str) -> int:
@@ -152,8 +175,8 @@ class Reaper:
         counters. The unacknowledged messages are no count to trust (running jobs hold theirs
         until they end, webhook deliveries are there too); they are read only for old jobs."""
         keys, queued_index = self.store.keys, self.store.keys.status(JobStatus.queued.value)
-        queues = [queue_key(self.settings, engine) for engine in ENGINES]
-        unacked = self.settings.redis_prefix + "unacked"  # kombu's, under the same key prefix
+        queues = [keys.queue(engine) for engine in ENGINES]
+        unacked = keys.unacked
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(queued_index)
             for queue in queues:
@@ -161,7 +184,10 @@ class Reaper:
             queued, *messages = pipe.execute()
         if sum(messages) >= queued:
             return 0
-        old = [r.decode() for r in self.redis.zrangebyscore(queued_index, "-inf", score_of(time.time() - self.settings.visibility_timeout_s))]
+        old = [
+            r.decode()
+            for r in self.redis.zrangebyscore(queued_index, "-inf", score_of(time.time() - self.settings.visibility_timeout_s))
+        ]
         if not old:
             return 0
         present = {_held_job(v) for v in self.redis.hvals(unacked)}
@@ -175,7 +201,9 @@ class Reaper:
                 self.redis.zrem(queued_index, job_id)
                 continue
             try:
-                self.store.transition(job_id, allowed=(JobStatus.queued,), to=JobStatus.queued, push=requeue_push(self.settings, record))
+                self.store.transition(
+                    job_id, allowed=(JobStatus.queued,), to=JobStatus.queued, push=requeue_push(self.settings, record)
+                )
             except BlazeError:
                 continue  # taken or canceled meanwhile
             log.warning("job %s was queued without a message (lost in flight); queued again", job_id)

@@ -1,6 +1,6 @@
 """Job records in Redis: create, read, list, and move between statuses atomically.
 
-A job is a hash ``<prefix>job:<id>`` with the job's retention TTL. Sorted sets index jobs by
+A job is a hash (``keys.Keys.job``) with the job's retention TTL. Sorted sets index jobs by
 creation time (all jobs, per status, per engine) for listing, newest first. Every status
 change goes through one Lua script, so a worker finishing a job and a client canceling it
 can never both win; each change is appended to the job's event stream (``events.py``).
@@ -14,124 +14,24 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import orjson
 import redis
 import redis.asyncio
 from redis.exceptions import NoScriptError
 
+from blaze_jobs import scripts
+from blaze_jobs.broker import webhook_task_template
 from blaze_jobs.errors import JobConflict, JobNotFound
-from blaze_jobs.events import EVENT_FUNCTIONS_LUA, queue_born_ended
+from blaze_jobs.events import queue_born_ended
 from blaze_jobs.jobs import JobStatus
+from blaze_jobs.keys import Keys as Keys  # named here too: tests and callers import it from the store
 from blaze_jobs.settings import Settings
 
-# KEYS[1] is the job hash; ARGV[1] the key prefix; ARGV[2] a JSON spec:
-#   from: statuses the job may be in; to: the new status; attempt: count a start;
-#   fields: hash fields to set; attempts: only if the attempt count is this (a stale worker
-#   cannot finish a job that was handed to another); lease: {key, owner, ms, numbered} to
-#   take (numbered: the owner is suffixed with ':<attempts>' after the count), or
-#   release: {key, owner} to drop the lease only if it is still this owner's (a stale attempt
-#   must not drop the lease of the attempt that replaced it); unleased: move only if this
-#   lease key is gone (its worker died); push: {key, message, back} to RPUSH (with back:
-#   LPUSH) onto a queue in the same step, so a requeued job can never be left without a
-#   message; streamed: a running text job's output becomes the text it streamed (a cancel;
-#   see blaze_streamed_output in events.py); read: also return the job's fields after the move.
-# A change of status is also appended to the job's event stream, with the webhook delivery
-# it calls for (see events.py).
-# Returns {1, old status} (with read: {1, old status, HGETALL}) when moved, {0, current status}
-# when not, {-1} when no such job.
-TRANSITION_LUA = EVENT_FUNCTIONS_LUA + """
-local spec = cjson.decode(ARGV[2])
-local current = redis.call('HGET', KEYS[1], 'status')
-if not current then return {-1} end
-local allowed = false
-for _, status in ipairs(spec['from']) do if status == current then allowed = true end end
-if not allowed then return {0, current} end
-if spec['attempts'] and redis.call('HGET', KEYS[1], 'attempts') ~= spec['attempts'] then return {0, current} end
-if spec['unleased'] and redis.call('EXISTS', spec['unleased']) == 1 then return {0, current} end
-local args = {'status', spec['to']}
-for name, value in pairs(spec['fields'] or {}) do args[#args + 1] = name; args[#args + 1] = value end
-redis.call('HSET', KEYS[1], unpack(args))
-if spec['attempt'] then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
-if spec['lease'] then
-  local owner = spec['lease']['owner']
-  if spec['lease']['numbered'] then owner = owner .. ':' .. redis.call('HGET', KEYS[1], 'attempts') end
-  redis.call('SET', spec['lease']['key'], owner, 'PX', spec['lease']['ms'])
-end
-if spec['release'] and redis.call('GET', spec['release']['key']) == spec['release']['owner'] then
-  redis.call('DEL', spec['release']['key'])
-end
-if spec['push'] then
-  -- kombu pops from the right: back=true queues the job behind every job waiting (LPUSH)
-  redis.call(spec['push']['back'] and 'LPUSH' or 'RPUSH', spec['push']['key'], spec['push']['message'])
-end
-local id = redis.call('HGET', KEYS[1], 'id')
-local score = redis.call('HGET', KEYS[1], 'score')
-if current ~= spec['to'] then
-  redis.call('ZREM', ARGV[1] .. 'idx:status:' .. current, id)
-  redis.call('ZADD', ARGV[1] .. 'idx:status:' .. spec['to'], score, id)
-end
-if spec['streamed'] and current == 'running' then blaze_streamed_output(KEYS[1], ARGV[1], id) end
-if current ~= spec['to'] then blaze_status_event(KEYS[1], ARGV[1], id, spec['to']) end
-if spec['read'] then return {1, current, redis.call('HGETALL', KEYS[1])} end
-return {1, current}
-"""
-
-# Compare-and-delete: an attempt drops its job's lease only while the lease is still its own.
-# KEYS[1] is the lease; ARGV[1] the owner (``<worker>:<attempt>``). Returns 1 if dropped.
-RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-# Creating a queued job is the API's hot path: one script (HSET, EXPIRE, three index ZADDs
-# and the Celery message's LPUSH, atomic like MULTI) costs the API about half the client CPU
-# of the same commands in a MULTI/EXEC pipeline, whose every reply redis-py parses. The hash
-# travels as one JSON object: redis-py packs each argument of a command at ~1 µs apiece.
-# KEYS: the job hash, idx:all, idx:status:queued, idx:engine:<engine>, the engine's queue.
-# ARGV: ttl, Celery message, the hash's fields as a JSON object of strings (id and score in it).
-CREATE_LUA = """
-local job = cjson.decode(ARGV[3])
-local fields = {}
-for name, value in pairs(job) do
-  fields[#fields + 1] = name
-  fields[#fields + 1] = value
-end
-redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-for i = 2, 4 do redis.call('ZADD', KEYS[i], job['score'], job['id']) end
-redis.call('LPUSH', KEYS[5], ARGV[2])
-return 1
-"""
-
-
-class Keys:
-    """Every Redis key the job store uses, under one prefix."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.all = f"{prefix}idx:all"
-
-    def job(self, job_id: str) -> str:
-        return f"{self.prefix}job:{job_id}"
-
-    def status(self, status: str) -> str:
-        return f"{self.prefix}idx:status:{status}"
-
-    def engine(self, engine: str) -> str:
-        return f"{self.prefix}idx:engine:{engine}"
-
-    def lease(self, job_id: str) -> str:
-        return f"{self.prefix}lease:{job_id}"
-
-    def index_for(self, *, status: str | None, engine: str | None) -> str:
-        if status:
-            return self.status(status)
-        if engine:
-            return self.engine(engine)
-        return self.all
+# Every status change runs ``lua/transition.lua`` (its options are described there); a new
+# queued job, ``lua/create.lua``; an attempt dropping its lease, ``lua/release.lua``.
 
 
 CURSOR = re.compile(r"^(\d{1,20})(?::([0-9A-Za-z-]{1,64}))?$")
@@ -165,13 +65,29 @@ def queue_create(pipe: Any, keys: Keys, record: dict[str, str], *, ttl_s: int) -
     for index in (keys.all, keys.status(record["status"]), keys.engine(record["engine"])):
         pipe.zadd(index, {record["id"]: score})
     if JobStatus(record["status"]).ended:
-        queue_born_ended(pipe, prefix=keys.prefix, job_key=key)
+        queue_born_ended(pipe, keys=keys, job_id=record["id"])
 
 
-def transition_args(keys: Keys, *, allowed: Iterable[JobStatus], to: JobStatus, fields: dict[str, Any], **options: Any) -> list[str]:
-    spec = {"from": [s.value for s in allowed], "to": to.value, "fields": {k: str(v) for k, v in fields.items()}}
+def transition_call(
+    keys: Keys,
+    job_id: str,
+    *,
+    allowed: Iterable[JobStatus],
+    to: JobStatus,
+    fields: dict[str, Any],
+    lease_key: str | None = None,
+    push: dict[str, Any] | None = None,
+    **options: Any,
+) -> tuple[list[str], list[str]]:
+    """The KEYS and ARGV of ``lua/transition.lua`` for one move. ``lease_key`` is the job's
+    lease (its own by default); ``push`` is ``{key, message, back}``: its key goes in KEYS."""
+    spec: dict[str, Any] = {"from": [s.value for s in allowed], "to": to.value, "fields": {k: str(v) for k, v in fields.items()}}
     spec.update({name: value for name, value in options.items() if value})
-    return [keys.prefix, json.dumps(spec, separators=(",", ":"))]
+    script_keys = [*keys.event_keys(job_id), lease_key or keys.lease(job_id), *keys.statuses]
+    if push:
+        spec["push"] = {"message": push["message"], "back": bool(push.get("back"))}
+        script_keys.append(push["key"])
+    return script_keys, [json.dumps(spec, separators=(",", ":")), webhook_task_template()]
 
 
 def transition_result(job_id: str, reply: list[Any], *, wanted: str) -> str:
@@ -195,8 +111,8 @@ class JobStore:
         self.redis = client
         self.settings = settings
         self.keys = Keys(settings.redis_prefix)
-        self._transition = client.register_script(TRANSITION_LUA)
-        self._release = client.register_script(RELEASE_LUA)
+        self._transition = scripts.script(client, "transition")
+        self._release = scripts.script(client, "release")
 
     def create(self, record: dict[str, str]) -> None:
         with self.redis.pipeline(transaction=True) as pipe:
@@ -229,36 +145,47 @@ class JobStore:
         **fields: Any,
     ) -> str:
         """Move the job to ``to`` if it is in one of ``allowed`` (and the conditions hold);
-        returns the status it left. See ``TRANSITION_LUA`` for the options. ``attempts``
+        returns the status it left. See ``lua/transition.lua`` for the options. ``attempts``
         guards the move; ``set_attempts`` writes the count (an attempt given back)."""
         if set_attempts is not None:
             fields["attempts"] = set_attempts
-        args = transition_args(
+        # The lease the move takes, drops or requires gone is the job's; the key named wins.
+        lease_key = (release or {}).get("key") or unleased or (lease or {}).get("key")
+        script_keys, args = transition_call(
             self.keys,
+            job_id,
             allowed=allowed,
             to=to,
             fields=fields,
+            lease_key=lease_key,
+            push=push,
             attempt=count_attempt,
             attempts=None if attempts is None else str(attempts),
-            lease=lease,
-            release=release,
-            unleased=unleased,
-            push=push,
+            lease=lease and {k: v for k, v in lease.items() if k != "key"},
+            release=release and {"owner": release["owner"]},
+            unleased=bool(unleased),
         )
-        return transition_result(job_id, self._transition(keys=[self.keys.job(job_id)], args=args), wanted=to.value)
+        return transition_result(job_id, self._transition(keys=script_keys, args=args), wanted=to.value)
 
     def take(self, job_id: str, *, worker: str, lease_ms: int, **fields: Any) -> dict[str, str]:
         """A worker's start of a queued job, in one round trip: the job becomes running, its
         attempt is counted, the worker holds its lease as ``<worker>:<attempt>``; returns the
         job's fields after the move. Raises JobNotFound, or JobConflict unless it was queued."""
-        lease = {"key": self.keys.lease(job_id), "owner": worker, "ms": lease_ms, "numbered": True}
-        args = transition_args(
-            self.keys, allowed=(JobStatus.queued,), to=JobStatus.running, fields={**fields, "worker": worker}, attempt=True, lease=lease, read=True
+        lease = {"owner": worker, "ms": lease_ms, "numbered": True}
+        script_keys, args = transition_call(
+            self.keys,
+            job_id,
+            allowed=(JobStatus.queued,),
+            to=JobStatus.running,
+            fields={**fields, "worker": worker},
+            attempt=True,
+            lease=lease,
+            read=True,
         )
-        reply = self._transition(keys=[self.keys.job(job_id)], args=args)
+        reply = self._transition(keys=script_keys, args=args)
         transition_result(job_id, reply, wanted=JobStatus.running.value)
         flat = reply[2]
-        return decode(dict(zip(flat[::2], flat[1::2])))
+        return decode(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     def release_lease(self, job_id: str, *, owner: str) -> bool:
         """Drop the job's lease if ``owner`` still holds it; another attempt's stays."""
@@ -272,8 +199,8 @@ class AsyncJobStore:
         self.redis = client
         self.settings = settings
         self.keys = Keys(settings.redis_prefix)
-        self._transition = client.register_script(TRANSITION_LUA)
-        self._create = client.register_script(CREATE_LUA)
+        self._transition = scripts.script(client, "transition")
+        self._create = scripts.script(client, "create")
         self._queued_indexes: dict[str, list[str]] = {}  # by engine: where a new job is indexed
 
     async def create_queued(self, record: dict[str, str], *, queue: str, message: str) -> None:
@@ -282,7 +209,11 @@ class AsyncJobStore:
         indexes = self._queued_indexes.get(record["engine"])
         if indexes is None:
             keys = self.keys
-            indexes = self._queued_indexes[record["engine"]] = [keys.all, keys.status(JobStatus.queued.value), keys.engine(record["engine"])]
+            indexes = self._queued_indexes[record["engine"]] = [
+                keys.all,
+                keys.status(JobStatus.queued.value),
+                keys.engine(record["engine"]),
+            ]
         script_keys = [self.keys.job(record["id"]), *indexes, queue]
         args = [self.settings.job_ttl_s, message, fields]
         try:
@@ -300,8 +231,8 @@ class AsyncJobStore:
     async def transition(
         self, job_id: str, *, allowed: Iterable[JobStatus], to: JobStatus, streamed: bool = False, **fields: Any
     ) -> str:
-        args = transition_args(self.keys, allowed=allowed, to=to, fields=fields, streamed=streamed)
-        reply = await self._transition(keys=[self.keys.job(job_id)], args=args)
+        script_keys, args = transition_call(self.keys, job_id, allowed=allowed, to=to, fields=fields, streamed=streamed)
+        reply = await self._transition(keys=script_keys, args=args)
         return transition_result(job_id, reply, wanted=to.value)
 
     async def cancel(self, job_id: str) -> None:
@@ -346,7 +277,7 @@ class AsyncJobStore:
                 for job_id, _ in ids:
                     pipe.hgetall(self.keys.job(job_id))
                 raws = await pipe.execute()
-            for (job_id, score), raw in zip(ids, raws):
+            for _, raw in zip(ids, raws, strict=True):
                 record = decode(raw)
                 if record and (engine is None or record["engine"] == engine):
                     page.append(record)
@@ -373,6 +304,8 @@ class AsyncJobStore:
             ties = await self.redis.zrangebyscore(index, score, score)
             entries = [(m, score) for m in sorted((t.decode() for t in ties), reverse=True) if m < after][:count]
         if len(entries) < count:
-            raw = await self.redis.zrevrangebyscore(index, f"({score}", oldest, start=0, num=count - len(entries), withscores=True)
+            raw = await self.redis.zrevrangebyscore(
+                index, f"({score}", oldest, start=0, num=count - len(entries), withscores=True
+            )
             entries += [(member.decode(), int(score)) for member, score in raw]
         return entries

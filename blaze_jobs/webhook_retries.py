@@ -1,7 +1,7 @@
 """When a webhook delivery is tried again: the retry schedule, a receiver's ``Retry-After``,
 and the retries set every webhook worker moves due work from.
 
-The retries set ``<prefix>webhook-retries`` holds ``"<job> <delivery> <attempt>"`` members
+The retries set (``keys.Keys.webhook_retries``) holds ``"<job> <delivery> <attempt>"`` members
 scored by when that attempt is due. Two kinds of member share it:
 
 * a retry of a failed attempt, scheduled with the attempt's record (``BLAZE_WEBHOOK_RETRY_SCHEDULE``);
@@ -24,24 +24,21 @@ from email.utils import parsedate_to_datetime
 
 import redis
 
-from blaze_jobs.events import EVENT_FUNCTIONS_LUA
+from blaze_jobs import scripts
+from blaze_jobs.broker import webhook_task_template
+from blaze_jobs.keys import WEBHOOK_QUEUE, Keys
 from blaze_jobs.settings import Settings
 
 log = logging.getLogger("blaze_jobs.webhooks")
 
-#: Each retry's delay is drawn within this share either side of its scheduled value.
-JITTER = 0.2
-#: The longest ``Retry-After`` honoured: a day, the reach of the default schedule.
-RETRY_AFTER_MAX_S = 86_400.0
-#: Longest a webhook worker sleeps before it looks for due retries again. It wakes sooner
-#: for the next one it knows of, and at once when it schedules one itself.
-RETRY_POLL_S = 1.0
+#: ``BLAZE_WEBHOOK_RETRY_POLL_S``'s default, named for the chaos test's bound.
+RETRY_POLL_S: float = Settings.model_fields["webhook_retry_poll_s"].default
 #: What the record of an attempt lost with its worker says.
 LOST_ERROR = "not recorded by its deadline (its webhook worker was lost, or lost Redis, mid-attempt); sent again"
 
 
 def retries_key(settings: Settings) -> str:
-    return settings.key("webhook-retries")
+    return Keys(settings.redis_prefix).webhook_retries
 
 
 def attempt_member(job_id: str, delivery_id: str, attempt: int) -> str:
@@ -63,62 +60,40 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def retry_delay(attempt: int, schedule: list[float], *, retry_after: float | None = None, rng: random.Random = random) -> float | None:  # type: ignore[assignment]
+_DEFAULTS = Settings.model_fields
+
+
+def retry_delay(
+    attempt: int,
+    schedule: list[float],
+    *,
+    retry_after: float | None = None,
+    rng: random.Random = random,  # type: ignore[assignment]
+    jitter: float = _DEFAULTS["webhook_retry_jitter"].default,
+    retry_after_max_s: float = _DEFAULTS["webhook_retry_after_max_s"].default,
+) -> float | None:
     """Seconds to wait after failed attempt number ``attempt`` (from 1), or None once the
-    schedule is spent. A ``Retry-After`` longer than the schedule's delay wins."""
+    schedule is spent. A ``Retry-After`` longer than the schedule's delay wins, up to
+    ``retry_after_max_s``; ``jitter`` is ``BLAZE_WEBHOOK_RETRY_JITTER``."""
     if attempt > len(schedule):
         return None
-    delay = schedule[attempt - 1] * rng.uniform(1 - JITTER, 1 + JITTER)
+    delay = schedule[attempt - 1] * rng.uniform(1 - jitter, 1 + jitter)
     if retry_after is not None:
-        delay = max(delay, min(retry_after, RETRY_AFTER_MAX_S))
+        delay = max(delay, min(retry_after, retry_after_max_s))
     return delay
-
-
-# KEYS[1] the retries set. ARGV[1] the prefix, ARGV[2] now, ARGV[3] most to move. Each member
-# moves to the webhooks queue exactly once (nothing is queued for a delivery that expired
-# with its job). A member whose delivery still holds the claim of an attempt is one in flight
-# past its deadline: that attempt is recorded as lost (the receiver may have had it: the
-# same webhook-id tells) and the next one queued. Returns how many moved, the due time of
-# the next one (false when none is left), and how many were lost in flight.
-MOVE_DUE_LUA = EVENT_FUNCTIONS_LUA + """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
-local lost = 0
-for _, member in ipairs(due) do
-  redis.call('ZREM', KEYS[1], member)
-  local job_id, delivery_id, attempt = string.match(member, '^(%S+) (%S+) (%S+)$')
-  -- The job's deliveries hash and order set (events.deliveries_key, delivery_order_key).
-  local deliveries = ARGV[1] .. 'job-deliveries:' .. job_id
-  local claim = redis.call('HGET', deliveries, delivery_id .. ':claim')
-  if claim then
-    local delivery = cjson.decode(redis.call('HGET', deliveries, delivery_id))
-    local started = cjson.decode(claim)
-    if type(delivery['attempts']) ~= 'table' then delivery['attempts'] = {} end
-    table.insert(delivery['attempts'], {attempt = tonumber(attempt), at = started['at'], status_code = cjson.null,
-      error = '""" + LOST_ERROR + """', duration_ms = (tonumber(ARGV[2]) - started['t']) * 1000})
-    delivery['state'] = 'retrying'
-    delivery['next_attempt_at'] = nil
-    redis.call('HSET', deliveries, delivery_id, cjson.encode(delivery))
-    redis.call('HDEL', deliveries, delivery_id .. ':claim')
-    redis.call('ZREM', ARGV[1] .. 'job-webhook-order:' .. job_id, delivery_id)
-    attempt = tonumber(attempt) + 1
-    lost = lost + 1
-  end
-  if redis.call('EXISTS', deliveries) == 1 then blaze_webhook_task(ARGV[1], job_id, delivery_id, attempt) end
-end
-local next_one = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {#due, next_one[2] or false, lost}
-"""
 
 
 class RetryMover:
     """A thread of each webhook worker that queues retries once they are due, and sends
     again the deliveries whose worker died mid-attempt."""
 
-    def __init__(self, client: redis.Redis, settings: Settings, *, poll_s: float = RETRY_POLL_S, batch: int = 100) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, *, poll_s: float | None = None, batch: int = 100) -> None:
+        self.redis = client
         self.settings = settings
-        self.poll_s = poll_s
+        self.keys = Keys(settings.redis_prefix)
+        self.poll_s = settings.webhook_retry_poll_s if poll_s is None else poll_s
         self.batch = batch
-        self._move = client.register_script(MOVE_DUE_LUA)
+        self._move = scripts.script(client, "move_due")
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="blaze-webhook-retries", daemon=True)
@@ -138,10 +113,26 @@ class RetryMover:
     def move_due(self, *, now: float | None = None) -> tuple[int, float | None]:
         """Queue the retries due by ``now``; how many, and when the next one is due."""
         now = time.time() if now is None else now
-        moved, next_due, lost = self._move(keys=[retries_key(self.settings)], args=[self.settings.redis_prefix, repr(now), self.batch])
+        retries = self.keys.webhook_retries
+        # Read what is due (and, for an idle look, when the next one is: one round trip), then
+        # move it in one script that takes each member's keys in KEYS. A member another webhook
+        # worker moved in between is no longer in the set, and skipped.
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(retries, "-inf", repr(now), start=0, num=self.batch)
+            pipe.zrange(retries, 0, 0, withscores=True)
+            raw_due, next_one = pipe.execute()
+        if not raw_due:
+            return 0, (float(next_one[0][1]) if next_one else None)
+        due = [m.decode() for m in raw_due]
+        script_keys = [retries, self.keys.queue(WEBHOOK_QUEUE)]
+        for member in due:
+            job_id = member.split(" ", 1)[0]
+            script_keys += [self.keys.deliveries(job_id), self.keys.webhook_order(job_id)]
+        moved, lost = self._move(keys=script_keys, args=[webhook_task_template(), repr(now), LOST_ERROR, *due])
         if lost:
             log.warning("%d webhook deliveries lost their worker mid-attempt; sent again", lost)
-        return int(moved), (float(next_due) if next_due else None)
+        next_one = self.redis.zrange(retries, 0, 0, withscores=True)
+        return int(moved), (float(next_one[0][1]) if next_one else None)
 
     def _run(self) -> None:
         while not self._stop.is_set():

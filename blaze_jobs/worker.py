@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import redis
 from redis.backoff import ExponentialBackoff
 
-from blaze_jobs import cache, events, faults
+from blaze_jobs import cache, events, faults, progress
 from blaze_jobs.artifacts import ArtifactStore, artifact_store, artifact_url
 from blaze_jobs.batching import Batcher
 from blaze_jobs.breaker import CircuitBreaker
@@ -251,7 +251,7 @@ def _compute(runtime: Runtime, record: dict[str, str], job_input: dict[str, Any]
         input=job_input,
         should_stop=lambda: runtime.heartbeat.is_canceled(job_id),
         # Progress leaves from a thread of its own, throttled: a step pays a dict assignment.
-        on_progress=events.progress_callback(runtime.redis, settings, job_id),
+        on_progress=progress.progress_callback(runtime.redis, settings, job_id),
         # Text arrives on the engine's callback thread, in order; each piece is one stream
         # entry, with the output so far (but its text) on the job for a cancel to end it with.
         on_delta=text.on_delta,

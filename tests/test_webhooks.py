@@ -10,10 +10,11 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import formatdate
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -24,8 +25,10 @@ from standardwebhooks import Webhook
 from api.app import create_app
 from blaze_jobs import addresses, signing, tasks, webhook_retries, webhooks
 from blaze_jobs.celery_app import app as celery_app
-from blaze_jobs.events import DELIVER_TASK, ProgressReporter, append_event, deliveries_key, stream_key
+from blaze_jobs.deliveries import deliveries_key, delivery_list
+from blaze_jobs.events import DELIVER_TASK, append_event, stream_key
 from blaze_jobs.jobs import JobStatus, new_record
+from blaze_jobs.progress import ProgressReporter
 from blaze_jobs.settings import Settings
 from blaze_jobs.store import JobStore
 from tests.conftest import REDIS_URL, own_prefix
@@ -59,7 +62,7 @@ def started_job(client: redis.Redis, settings: Settings, webhook: str) -> str:
 
 def only_delivery(client: redis.Redis, settings: Settings, job_id: str) -> dict[str, Any]:
     """The job's one delivery, as ``GET /v1/jobs/{id}/deliveries`` shows it."""
-    (delivery,) = webhooks.delivery_list(client.hgetall(deliveries_key(settings.redis_prefix, job_id)))
+    (delivery,) = delivery_list(client.hgetall(deliveries_key(settings.redis_prefix, job_id)))
     return delivery
 
 
@@ -150,7 +153,7 @@ def test_retry_delays_follow_the_schedule_with_jitter_and_retry_after() -> None:
     rng = random.Random(7)
     schedule = [5.0, 30.0, 120.0]
     delays = [webhook_retries.retry_delay(n, schedule, rng=rng) for n in (1, 2, 3)]
-    for delay, planned in zip(delays, schedule):
+    for delay, planned in zip(delays, schedule, strict=True):
         assert planned * 0.8 <= delay <= planned * 1.2
     # The schedule spent, the delivery has failed; a longer Retry-After wins, a shorter does not
     assert webhook_retries.retry_delay(4, schedule) is None
@@ -318,7 +321,13 @@ def test_a_private_webhook_is_refused_at_creation_unless_allowed(own: Settings) 
     # Given an API that does not allow private addresses
     with TestClient(create_app(own.model_copy(update={"webhook_allow_private": False}))) as api:
         # When jobs name webhooks on loopback, private, link-local and metadata addresses
-        for url in ("http://127.0.0.1:9/h", "http://localhost:8080/h", "http://10.0.0.7/h", "http://169.254.169.254/latest", "http://[::1]/h"):
+        for url in (
+            "http://127.0.0.1:9/h",
+            "http://localhost:8080/h",
+            "http://10.0.0.7/h",
+            "http://169.254.169.254/latest",
+            "http://[::1]/h",
+        ):
             response = api.post("/v1/jobs", json={"engine": "echo", "input": {}, "webhook": url})
             # Then each is refused, naming the field
             assert response.status_code == 422, (url, response.text)
@@ -334,7 +343,9 @@ def test_a_private_webhook_is_refused_at_creation_unless_allowed(own: Settings) 
         assert response.status_code == 202
 
 
-def test_delivery_refuses_a_private_address_even_if_the_job_names_one(one_delivery: Callable[..., OneDelivery], receiver: Receiver) -> None:
+def test_delivery_refuses_a_private_address_even_if_the_job_names_one(
+    one_delivery: Callable[..., OneDelivery], receiver: Receiver
+) -> None:
     # Given a job whose webhook points at loopback (as if DNS had changed since creation)
     one = one_delivery(webhook_allow_private=False)
 
@@ -412,7 +423,7 @@ def test_progress_is_throttled_and_lands_only_while_the_job_runs(own: Settings) 
     steps = [json.loads(e[1][b"progress"])["step"] for e in events]
     assert 2 <= len(steps) <= 5 and steps == sorted(steps) and steps[-1] == 50, steps
     assert json.loads(store.get(job_id)["progress"]) == {"step": 50, "total": 50}
-    assert len(webhooks.delivery_list(client.hgetall(deliveries_key(own.redis_prefix, job_id)))) == len(steps)
+    assert len(delivery_list(client.hgetall(deliveries_key(own.redis_prefix, job_id)))) == len(steps)
     # and once the job has ended, a late report changes nothing
     store.transition(job_id, allowed=(JobStatus.running,), to=JobStatus.canceled)
     assert append_event(client, prefix=own.redis_prefix, job_id=job_id, kind="job.progress", fields={"progress": "{}"}) is None

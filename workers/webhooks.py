@@ -14,7 +14,7 @@ from celery.signals import worker_shutdown
 
 from blaze_jobs import redis_config
 from blaze_jobs.celery_app import app
-from blaze_jobs.events import WEBHOOK_QUEUE
+from blaze_jobs.keys import WEBHOOK_QUEUE
 from blaze_jobs.settings import get_settings
 from blaze_jobs.webhook_retries import RetryMover
 from blaze_jobs.webhooks import Deliverer, install_deliverer

@@ -1,0 +1,140 @@
+"""Every Redis key Blaze Jobs writes, named in one place, under the deployment's prefix.
+
+``docs/redis.md`` carries the same table, with why the layout is what it is. ``SCHEMA`` below
+is the table as data (a test checks that every method of ``Keys`` is in it); Lua scripts
+(``blaze_jobs/lua/``) take every key they touch in ``KEYS``, built here.
+
+| key | type | TTL | written by |
+| --- | --- | --- | --- |
+| ``job:<id>`` | hash | job_ttl_s | API (create, cancel), worker (take, end), reaper |
+| ``idx:all`` / ``idx:status:<s>`` / ``idx:engine:<e>`` | zset | none; entries trimmed past job_ttl_s | status changes (Lua) |
+| ``lease:<id>`` | string ``<worker>:<attempt>`` | lease_s | worker (take, renew, release) |
+| ``job-stream:<id>`` | stream | the job's | every event (Lua) |
+| ``job-deliveries:<id>`` | hash | the job's | events with a webhook (Lua), webhook worker, API (redeliver) |
+| ``job-webhook-order:<id>`` | zset | the job's | events with a webhook (Lua), webhook worker |
+| ``<queue>`` (``diffusion``, ``echo``, ``llm``, ``webhooks``) | list | none | API, worker, reaper, Lua; kombu reads |
+| ``unacked``, ``unacked_index``, ``unacked_mutex``, ``_kombu.*`` | kombu's | kombu's | kombu only |
+| ``worker:<name>`` | string (JSON) | 3 beats | worker heartbeat |
+| ``workers`` | zset | none; entries trimmed past a day | worker heartbeat |
+| ``reaper`` | string (holder) | lease_s | elected worker |
+| ``webhook-retries`` | zset | none | webhook worker |
+| ``cache:<key>`` | string (JSON output) | cache_ttl_s | worker |
+| ``cache-index`` | zset | none; bounded by cache_max_entries | worker |
+| ``artifact:<key>`` | string (bytes) | job_ttl_s | worker |
+| ``webhook-secret`` | string | none | first API or webhook worker to need it |
+| ``readyz`` | string | seconds | API ``/readyz``, start-up checks |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blaze_jobs.jobs import JobStatus
+
+#: The queue webhook deliveries go to (a Celery queue, so a Redis list under the prefix).
+WEBHOOK_QUEUE = "webhooks"
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One row of the schema: the key's pattern, Redis type, TTL and writers."""
+
+    pattern: str
+    type: str
+    ttl: str
+    writers: str
+
+
+#: The schema, by the name of the ``Keys`` method (or attribute) that builds the key.
+SCHEMA: dict[str, KeyInfo] = {
+    "job": KeyInfo("job:<id>", "hash", "job_ttl_s", "API (create, cancel), worker (take, end), reaper"),
+    "all": KeyInfo("idx:all", "zset", "none; entries older than job_ttl_s trimmed on list", "job creation"),
+    "status": KeyInfo("idx:status:<status>", "zset", "none; entries trimmed as idx:all", "every status change (Lua)"),
+    "engine": KeyInfo("idx:engine:<engine>", "zset", "none; entries trimmed as idx:all", "job creation"),
+    "lease": KeyInfo("lease:<id>", "string <worker>:<attempt>", "lease_s", "worker (take, renew, release)"),
+    "stream": KeyInfo("job-stream:<id>", "stream", "the job's", "every job event (Lua)"),
+    "deliveries": KeyInfo("job-deliveries:<id>", "hash", "the job's", "events with a webhook (Lua), webhook worker, API"),
+    "webhook_order": KeyInfo("job-webhook-order:<id>", "zset", "the job's", "events with a webhook (Lua), webhook worker"),
+    "queue": KeyInfo("<queue>", "list (kombu messages)", "none", "API, worker, reaper, Lua; kombu pops"),
+    "unacked": KeyInfo("unacked", "hash (kombu's)", "none", "kombu; the reaper only reads it"),
+    "worker": KeyInfo("worker:<name>", "string (JSON state)", "three beats", "worker heartbeat"),
+    "workers": KeyInfo("workers", "zset", "none; entries older than a day trimmed", "worker heartbeat"),
+    "reaper": KeyInfo("reaper", "string (holder)", "lease_s", "the elected worker"),
+    "webhook_retries": KeyInfo("webhook-retries", "zset", "none", "webhook worker"),
+    "cache": KeyInfo("cache:<key>", "string (JSON output)", "cache_ttl_s", "worker"),
+    "cache_index": KeyInfo("cache-index", "zset", "none; bounded by cache_max_entries", "worker"),
+    "artifact": KeyInfo("artifact:<key>", "string (bytes)", "job_ttl_s", "worker"),
+    "webhook_secret": KeyInfo("webhook-secret", "string", "none", "first API or webhook worker needing it"),
+    "readyz": KeyInfo("readyz", "string", "seconds", "API /readyz, start-up checks"),
+}
+
+
+class Keys:
+    """Every Redis key Blaze Jobs writes, under one prefix (``BLAZE_REDIS_PREFIX``)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.all = f"{prefix}idx:all"
+        self.unacked = f"{prefix}unacked"  # kombu's, under the same global key prefix
+        self.workers = f"{prefix}workers"
+        self.reaper = f"{prefix}reaper"
+        self.webhook_retries = f"{prefix}webhook-retries"
+        self.cache_index = f"{prefix}cache-index"
+        self.webhook_secret = f"{prefix}webhook-secret"
+        self.readyz = f"{prefix}readyz"
+        #: Every status index, in ``JobStatus`` order (the order the scripts take them in).
+        self.statuses = [self.status(s.value) for s in JobStatus]
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    def status(self, status: str) -> str:
+        return f"{self.prefix}idx:status:{status}"
+
+    def engine(self, engine: str) -> str:
+        return f"{self.prefix}idx:engine:{engine}"
+
+    def lease(self, job_id: str) -> str:
+        return f"{self.prefix}lease:{job_id}"
+
+    def stream(self, job_id: str) -> str:
+        return f"{self.prefix}job-stream:{job_id}"
+
+    def deliveries(self, job_id: str) -> str:
+        return f"{self.prefix}job-deliveries:{job_id}"
+
+    def webhook_order(self, job_id: str) -> str:
+        return f"{self.prefix}job-webhook-order:{job_id}"
+
+    def queue(self, name: str) -> str:
+        """The list kombu reads queue ``name`` from (kombu applies the same prefix)."""
+        return f"{self.prefix}{name}"
+
+    def worker(self, name: str) -> str:
+        return f"{self.prefix}worker:{name}"
+
+    def cache(self, key: str) -> str:
+        return f"{self.prefix}cache:{key}"
+
+    def artifact(self, key: str) -> str:
+        return f"{self.prefix}artifact:{key}"
+
+    def index_for(self, *, status: str | None, engine: str | None) -> str:
+        """The index ``GET /v1/jobs`` pages through for these filters."""
+        if status:
+            return self.status(status)
+        if engine:
+            return self.engine(engine)
+        return self.all
+
+    def event_keys(self, job_id: str) -> list[str]:
+        """What a script that makes one of the job's events touches, in the order the shared
+        Lua (``lua/events.lua``) takes them: the job, its stream, deliveries and webhook order,
+        and the webhooks queue."""
+        return [
+            self.job(job_id),
+            self.stream(job_id),
+            self.deliveries(job_id),
+            self.webhook_order(job_id),
+            self.queue(WEBHOOK_QUEUE),
+        ]
