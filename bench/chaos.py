@@ -19,8 +19,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -59,9 +60,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     ]
     for row in rows:
         recovery = "-" if row["recovery_s"] is None else f"{row['recovery_s']:.1f}"
-        lines.append(
-            f"| {row['scenario']} | {row['accepted']} | {row['lost']} | {row['run_twice']} | {row['wrongly_failed']} | {recovery} |"
-        )
+        cells = (row["scenario"], row["accepted"], row["lost"], row["run_twice"], row["wrongly_failed"], recovery)
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return "\n".join(lines)
 
 

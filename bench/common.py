@@ -7,24 +7,25 @@ Run the benchmarks as scripts (``python bench/batching.py``): this module and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
 import platform
 import sys
-import asyncio
 import time
 import uuid
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import httpx
 import redis
+from submit import cpu_seconds, forget  # noqa: F401  (re-exported for the benchmarks)
 
 from blaze_jobs.stack import Child, Stack, StackError, free_port
 from blaze_jobs.store import Keys
-from submit import cpu_seconds, forget  # noqa: F401  (re-exported for the benchmarks)
 
 HOST = "127.0.0.1"
 #: Packages whose versions a summary records, so figures from two runs can be compared.
@@ -118,7 +119,9 @@ def forget_all(client: redis.Redis | None, *prefixes: str) -> None:
 ENDED = {"succeeded", "failed", "canceled"}
 
 
-def wait_ended(client: redis.Redis, keys: Keys, ids: list[str], *, worker: Child, timeout: float, poll_s: float = 0.25) -> list[str]:
+def wait_ended(
+    client: redis.Redis, keys: Keys, ids: list[str], *, worker: Child, timeout: float, poll_s: float = 0.25
+) -> list[str]:
     """Block until every job has ended, reading only their status fields (one round trip
     every ``poll_s``, so the waiting costs the machine nothing measurable); their statuses."""
     deadline = time.monotonic() + timeout
@@ -143,7 +146,9 @@ async def _post_all(api_url: str, bodies: list[dict[str, Any]]) -> list[str]:
         responses = await asyncio.gather(*(client.post("/v1/jobs", json=body) for body in bodies))
     refused = [r for r in responses if r.status_code != 202]
     if refused:
-        raise RuntimeError(f"{len(refused)} of {len(bodies)} submissions refused; first: {refused[0].status_code} {refused[0].text[:300]}")
+        raise RuntimeError(
+            f"{len(refused)} of {len(bodies)} submissions refused; first: {refused[0].status_code} {refused[0].text[:300]}"
+        )
     return [r.json()["id"] for r in responses]
 
 

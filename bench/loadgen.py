@@ -17,8 +17,8 @@ import resource
 import sys
 import time
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 #: Only a server on this machine is ever loaded.
 HOST = "127.0.0.1"

@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from common import HOST, broke_off, cpu_seconds, forget_all, latency_summary, machine, start_api, unique_prefix, write_json
+from redis_trace import print_trace, profile
 
 from blaze_jobs.settings import get_settings
 from blaze_jobs.stack import Stack, StackError
-from common import HOST, broke_off, cpu_seconds, forget_all, latency_summary, machine, start_api, unique_prefix, write_json
-from redis_trace import print_trace, profile
 
 #: The issue's goal: an echo job's p50 is at most this many times the bare round trip's.
 GOAL = 1.5
@@ -163,7 +163,8 @@ def blaze_job(client: Http, *, mode: str, wait_s: float, poll_s: float, timeout:
         if time.perf_counter() > deadline:
             raise RuntimeError(f"echo job {job['id']} still {job['status']} after {timeout:g} s")
     done, seen_wall = time.perf_counter(), time.time()
-    created, started, completed = _ts(job["created_at"]), _ts(job["started_at"]), _ts(job["completed_at"])
+    created = datetime.fromisoformat(job["created_at"]).timestamp()  # a stored job always has one
+    started, completed = _ts(job["started_at"]), _ts(job["completed_at"])
     return {
         "id": job["id"],
         "status": job["status"],
@@ -216,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--poll-ms", type=float, default=1.0, help="pause between polls")
     parser.add_argument("--wait-s", type=float, default=10.0, help="the long-poll's wait, in seconds")
-    parser.add_argument("--profile", type=int, default=20, metavar="JOBS", help="jobs to trace with MONITOR after measuring (0: none)")
+    parser.add_argument(
+        "--profile", type=int, default=20, metavar="JOBS", help="jobs to trace with MONITOR after measuring (0: none)"
+    )
     parser.add_argument("--json", help="also write a JSON summary here")
     parser.add_argument("--no-events-baseline", action="store_true", help="skip the bare Celery run with task events on")
     parser.add_argument("--serve-bare", metavar="PREFIX", help=argparse.SUPPRESS)
@@ -228,8 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     summary: dict[str, Any] = {"benchmark": "overhead", "machine_before": machine(), "goal": GOAL, "args": vars(args)}
-    print(f"overhead: {args.jobs} sequential echo jobs per mode vs bare Celery round trips, after {args.warmup} of each; "
-          f"load average {summary['machine_before']['loadavg']}", flush=True)
+    print(
+        f"overhead: {args.jobs} sequential echo jobs per mode vs bare Celery round trips, after {args.warmup} of each; "
+        f"load average {summary['machine_before']['loadavg']}",
+        flush=True,
+    )
     prefix = unique_prefix("overhead")
     bare_prefixes = {"bare": prefix[:-1] + "-bare:", "bare+events": prefix[:-1] + "-bare-events:"}
     if args.no_events_baseline:
@@ -244,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             api, api_url = start_api(stack)
             worker = stack.blaze("worker-echo", "worker", "--engine", "echo", "--concurrency", "1")
             bare_workers = {
-                name: stack.start(name, [sys.executable, here, "--serve-bare", bare_prefix, *(["--events"] if "events" in name else [])])
+                name: stack.start(
+                    name, [sys.executable, here, "--serve-bare", bare_prefix, *(["--events"] if "events" in name else [])]
+                )
                 for name, bare_prefix in bare_prefixes.items()
             }
             port = int(api_url.rsplit(":", 1)[1])
@@ -274,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as error:
                     raise StackError(f"the {name} Celery worker did not answer ({error!r}):\n{bare_worker.log_tail()}") from None
             runs = [*bare_prefixes, *modes]
-            for i in range(args.warmup):
+            for _ in range(args.warmup):
                 for name in runs:
                     one_bare(name) if name in bare_prefixes else one_blaze(name)
 
@@ -311,9 +319,13 @@ def main(argv: list[str] | None = None) -> int:
             traced = {}
             if args.profile:
                 blaze_pids = {"api": api.pid, "worker": worker.pid}
-                traced["blaze"] = profile(redis_url, blaze_pids, count=args.profile, work=lambda: one_blaze(modes[0]), publisher="api")
+                traced["blaze"] = profile(
+                    redis_url, blaze_pids, count=args.profile, work=lambda: one_blaze(modes[0]), publisher="api"
+                )
                 bare_pids = {"client": os.getpid(), "bare worker": bare_workers["bare"].pid}
-                traced["bare"] = profile(redis_url, bare_pids, count=args.profile, work=lambda: one_bare("bare"), publisher="client")
+                traced["bare"] = profile(
+                    redis_url, bare_pids, count=args.profile, work=lambda: one_bare("bare"), publisher="client"
+                )
             http.close()
     except (StackError, RuntimeError) as error:
         return broke_off("bench/overhead.py", error, summary, args.json)
@@ -347,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         # Each block of jobs against the bare block run just before it: a drift in the
         # machine's load between blocks then cancels out.
         block_ratios = [
-            statistics.median(j["latency"] for j in jobs[i : i + args.block]) / statistics.median(latencies["bare"][i : i + args.block])
+            statistics.median(j["latency"] for j in jobs[i : i + args.block])
+            / statistics.median(latencies["bare"][i : i + args.block])
             for i in range(0, len(jobs), args.block)
         ]
         summary["modes"][mode]["block_ratios"] = [round(r, 3) for r in block_ratios]
@@ -359,8 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "met" if primary["ratio_p50"] <= GOAL else "NOT met"
     for mode in modes:
         ratios = summary["modes"][mode]["block_ratios"]
-        print(f"per block of {args.block}, p50 {mode} / p50 bare: {', '.join(f'{r:.2f}' for r in ratios)}; "
-              f"median {summary['modes'][mode]['median_block_ratio']:.2f}")
+        print(
+            f"per block of {args.block}, p50 {mode} / p50 bare: {', '.join(f'{r:.2f}' for r in ratios)}; "
+            f"median {summary['modes'][mode]['median_block_ratio']:.2f}"
+        )
     print(f"goal: p50 of blaze ({describe(modes[0], args)}) <= {GOAL} × bare: {verdict}")
 
     # 6. Where the time goes.

@@ -23,9 +23,10 @@ import statistics
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import redis
 from pydantic import BaseModel
@@ -85,7 +86,9 @@ def baseline_app(*, redis_url: str, prefix: str, gc_freeze: bool = False) -> Any
         job_id = str(uuid.uuid4())
         prompt = body.input.prompt
         async with app.state.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(f"{prefix}job:{job_id}", mapping={"id": job_id, "engine": body.engine, "status": "queued", "prompt": prompt})
+            pipe.hset(
+                f"{prefix}job:{job_id}", mapping={"id": job_id, "engine": body.engine, "status": "queued", "prompt": prompt}
+            )
             pipe.lpush(f"{prefix}{body.engine}", json.dumps({"id": job_id, "engine": body.engine, "prompt": prompt}))
             await pipe.execute()
         return JSONResponse({"id": job_id, "status": "queued"}, status_code=202)
@@ -162,7 +165,7 @@ def row(label: str, results: list[dict[str, Any]]) -> str:
 
 
 def report(base: list[dict[str, Any]], blaze: list[dict[str, Any]], *, args: argparse.Namespace) -> float:
-    ratios = [b["rate"] / a["rate"] if a["rate"] else 0.0 for a, b in zip(base, blaze)]
+    ratios = [b["rate"] / a["rate"] if a["rate"] else 0.0 for a, b in zip(base, blaze, strict=True)]
     ratio = median_of(blaze, "rate") / median_of(base, "rate") if median_of(base, "rate") else 0.0
     runs = f", median of {len(base)} runs" if len(base) > 1 else ""
     print(f"\nsubmit: {args.connections} connections, {args.seconds:g} s measured after {args.warmup:g} s warm-up{runs}")
@@ -171,11 +174,17 @@ def report(base: list[dict[str, Any]], blaze: list[dict[str, Any]], *, args: arg
     print(row("POST /v1/jobs (blaze api)", blaze))
     verdict = "met" if ratio >= GOAL else "NOT met"
     per_run = ", ".join(f"{r:.2f}" for r in ratios)
-    print(f"{'ratio blaze / bare':<44}{ratio:>10.2f}   goal >= {GOAL}: {verdict}" + (f"   (runs: {per_run})" if len(ratios) > 1 else ""))
+    print(
+        f"{'ratio blaze / bare':<44}{ratio:>10.2f}   goal >= {GOAL}: {verdict}"
+        + (f"   (runs: {per_run})" if len(ratios) > 1 else "")
+    )
     for name, results in (("bare", base), ("blaze", blaze)):
         for result in results:
             if not result["ok"]:
-                print(f"{name}: FAILED statuses={result['statuses']} errors={result['errors']} {result['error_samples']} {result['failure_sample']}")
+                print(
+                    f"{name}: FAILED statuses={result['statuses']} errors={result['errors']}"
+                    f" {result['error_samples']} {result['failure_sample']}"
+                )
     return ratio
 
 
@@ -211,7 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         with Stack() as stack:
             stack.env.update(BLAZE_REDIS_URL=redis_url)
             base_port, blaze_port = free_port(), free_port()
-            bare_argv = [sys.executable, str(Path(__file__).resolve()), "--serve-baseline", str(base_port), "--prefix", base_prefix]
+            bare_argv = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--serve-baseline",
+                str(base_port),
+                "--prefix",
+                base_prefix,
+            ]
             bare = stack.start("bare", bare_argv + (["--bare-gc-freeze"] if args.bare_gc_freeze else []))
             api = stack.blaze("api", "api", "--port", str(blaze_port), BLAZE_REDIS_PREFIX=blaze_prefix)
             stack.wait_http("the bare server", bare, f"http://{HOST}:{base_port}/healthz", timeout=60)

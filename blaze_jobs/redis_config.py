@@ -80,7 +80,11 @@ class WaitingRetry(Retry):
     retries no other error Redis answers."""
 
     def __init__(self, backoff: AbstractBackoff, retries: int) -> None:
-        super().__init__(backoff, retries, supported_errors=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError))
+        super().__init__(
+            backoff,
+            retries,
+            supported_errors=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError),
+        )
 
     def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False) -> Any:
         def retryable(error: Exception) -> bool:

@@ -3,7 +3,8 @@ nothing; the OpenAPI page documents what a good request looks like."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -38,7 +39,12 @@ BAD_BODIES = [
     ("zero steps", diffusion(**GOOD, num_inference_steps=0), 422, "input.num_inference_steps"),
     ("outputs over the bound", diffusion(**GOOD, num_outputs=BOUNDS.max_outputs + 1), 422, "input.num_outputs"),
     ("prompt longer than max_prompt_chars", diffusion(prompt="x" * (BOUNDS.max_prompt_chars + 1)), 422, "input.prompt"),
-    ("negative prompt too long", diffusion(**GOOD, negative_prompt="x" * (BOUNDS.max_prompt_chars + 1)), 422, "input.negative_prompt"),
+    (
+        "negative prompt too long",
+        diffusion(**GOOD, negative_prompt="x" * (BOUNDS.max_prompt_chars + 1)),
+        422,
+        "input.negative_prompt",
+    ),
     ("unknown engine", {"engine": "sora", "input": GOOD}, 422, "engine"),
     ("unknown model", {**diffusion(**GOOD), "model": "someone/else"}, 422, "model"),
     ("echo with a foreign model", {"engine": "echo", "model": "builtin:tiny-sd", "input": {}}, 422, "model"),
@@ -217,7 +223,17 @@ def test_the_openapi_page_documents_the_image_input(http: httpx.Client) -> None:
     # Then creating a job is documented, with the image input's fields described
     assert "/v1/jobs" in spec["paths"] and "post" in spec["paths"]["/v1/jobs"]
     fields = spec["components"]["schemas"]["DiffusionInput"]["properties"]
-    for name in ("prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "seed", "num_outputs", "output_format"):
+    for name in (
+        "prompt",
+        "negative_prompt",
+        "width",
+        "height",
+        "num_inference_steps",
+        "guidance_scale",
+        "seed",
+        "num_outputs",
+        "output_format",
+    ):
         assert fields[name].get("description"), f"DiffusionInput.{name} has no description"
     assert "prompt" in spec["components"]["schemas"]["DiffusionInput"]["required"]
     assert set(fields["output_format"]["enum"]) == {"png", "jpeg", "webp"}

@@ -21,7 +21,10 @@ def test_compatible_jobs_run_as_one_batch_and_others_apart(own_stack: Stack) -> 
 
     with BlazeClient(api_url) as client:
         # When four jobs of one size and two of another arrive together
-        small = [client.submit("diffusion", {"prompt": f"fox {n}", "seed": n, "num_inference_steps": 4, "width": 32, "height": 32}) for n in range(4)]
+        small = [
+            client.submit("diffusion", {"prompt": f"fox {n}", "seed": n, "num_inference_steps": 4, "width": 32, "height": 32})
+            for n in range(4)
+        ]
         large = [client.submit("diffusion", {"prompt": f"owl {n}", "seed": n, "num_inference_steps": 4}) for n in range(2)]
         small = [client.wait(j["id"], timeout=180) for j in small]
         large = [client.wait(j["id"], timeout=180) for j in large]

@@ -110,7 +110,12 @@ def test_a_canceled_text_job_keeps_only_the_text_of_the_attempt_that_ran() -> No
         first, second = cancel(jobs[0]), cancel(jobs[1])
 
         # Then the first ends with its second attempt's text and usage, in its event and its record
-        want = {"usage": {"prompt_tokens": 4, "completion_tokens": 4}, "seed": 7, "text": "kept text", "finish_reason": "canceled"}
+        want = {
+            "usage": {"prompt_tokens": 4, "completion_tokens": 4},
+            "seed": 7,
+            "text": "kept text",
+            "finish_reason": "canceled",
+        }
         assert json.loads(first.get("output") or "null") == want
         assert json.loads(store.get(jobs[0])["output"]) == want
         # and the second, which had streamed nothing since it started again, with no output

@@ -72,8 +72,18 @@ def test_submit_wait_status_and_cancel(stack: dict[str, Any], test_env: dict[str
 
     # When a user submits an image job and waits for it
     result = blaze(
-        "submit", "--engine", "diffusion", "--input", "prompt=a red fox", "--input", "seed=7", "--wait", "--out", str(fox),
-        env=env, timeout=100,
+        "submit",
+        "--engine",
+        "diffusion",
+        "--input",
+        "prompt=a red fox",
+        "--input",
+        "seed=7",
+        "--wait",
+        "--out",
+        str(fox),
+        env=env,
+        timeout=100,
     )
 
     # Then the image is written and the timeline printed
@@ -187,7 +197,11 @@ def test_blaze_up_stops_every_child_when_told_to_stop(signum: int, test_env: dic
             up = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
         children: dict[int, int] = {}
         try:
-            wait_until(lambda: "Ctrl-C stops everything" in log.read_text() or up.poll() is not None, timeout=150, what="blaze up to be ready")
+            wait_until(
+                lambda: "Ctrl-C stops everything" in log.read_text() or up.poll() is not None,
+                timeout=150,
+                what="blaze up to be ready",
+            )
             assert up.poll() is None, log.read_text()
             children = descendants(up.pid)
             # the API, four workers and Flower

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +95,14 @@ def test_flower_lists_each_job_under_its_id_with_its_task_and_prompt(stack: dict
     # Given an echo job and a diffusion job that both succeeded
     echo = client.submit("echo", {"n": 1})
     image = client.submit("diffusion", {"prompt": PROMPT, "seed": 3, "num_inference_steps": 2})
+
+    def ended(job_id: str) -> dict[str, Any] | None:
+        job = client.get(job_id)
+        return job if job["status"] in ("succeeded", "failed", "canceled") else None
+
     for job in (echo, image):
         done = wait_until(
-            lambda: (j := client.get(job["id"]))["status"] in ("succeeded", "failed", "canceled") and j,
+            partial(ended, job["id"]),
             timeout=60,
             what=f"{job['engine']} job {job['id']} to end",
         )

@@ -8,9 +8,10 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import orjson
@@ -51,7 +52,10 @@ class API:
 @pytest.fixture(scope="module")
 def api(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[API]:
     """``blaze api`` alone, under a key prefix of its own: nothing here needs a worker."""
-    with own_prefix("hostile") as prefix, Stack(env={**test_env, "BLAZE_REDIS_PREFIX": prefix}, log_dir=tmp_path_factory.mktemp("hostile")) as stack:
+    with (
+        own_prefix("hostile") as prefix,
+        Stack(env={**test_env, "BLAZE_REDIS_PREFIX": prefix}, log_dir=tmp_path_factory.mktemp("hostile")) as stack,
+    ):
         url = start_api(stack)
         yield API(url, Settings(redis_url=test_env["BLAZE_REDIS_URL"], redis_prefix=prefix), stack)
 
@@ -83,12 +87,18 @@ UNREADABLE = [
     ("NaN", b'{"engine":"echo","input":{"x":NaN}}', "input.x"),
     ("Infinity deep inside", b'{"engine":"echo","input":{"a":{"b":[1,Infinity]}}}', "input.a.b.1"),
     ("-Infinity", b'{"engine":"echo","input":{"x":-Infinity}}', "input.x"),
-    ("NaN as a guidance scale", b'{"engine":"diffusion","input":{"prompt":"a fox","guidance_scale":NaN}}', "input.guidance_scale"),
+    (
+        "NaN as a guidance scale",
+        b'{"engine":"diffusion","input":{"prompt":"a fox","guidance_scale":NaN}}',
+        "input.guidance_scale",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("body", "field"), [c[1:] for c in UNREADABLE], ids=[c[0] for c in UNREADABLE])
-def test_input_that_no_reader_could_read_back_is_refused_before_it_is_stored(api: API, http: httpx.Client, body: bytes, field: str) -> None:
+def test_input_that_no_reader_could_read_back_is_refused_before_it_is_stored(
+    api: API, http: httpx.Client, body: bytes, field: str
+) -> None:
     # Given the jobs stored so far
     before = api.stored()
 
@@ -175,14 +185,16 @@ def test_a_body_that_is_not_utf8_inside_a_string_is_bad_json(api: API, http: htt
     before = api.stored()
 
     # When it is posted, Then it is a 422 naming the body
-    response = http.post("/v1/jobs", content=b'{"engine":"echo","input":{"s":"\xff"}}', headers={"content-type": "application/json"})
+    response = http.post(
+        "/v1/jobs", content=b'{"engine":"echo","input":{"s":"\xff"}}', headers={"content-type": "application/json"}
+    )
     assert_problem(response, 422, field="body")
     assert api.stored() == before
 
 
 # --- records stored before the bounds existed ------------------------------------------------
 
-OLD_INPUTS = {
+OLD_INPUTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "a lone surrogate": ({"text": "a\ud800b"}, {"text": "a\ufffdb"}),
     "NaN and Infinity": ({"x": math.nan, "y": [math.inf, -math.inf, 1.5]}, {"x": None, "y": [None, None, 1.5]}),
     "nesting deeper than 255": ({"d": nested(300)}, {"d": nested(300)}),

@@ -128,8 +128,21 @@ def test_a_job_carries_every_field_of_the_contract(client: BlazeClient, http: ht
     job = wait_ended(client, accepted["id"])
 
     # Then every field of the contract is there, filled in
-    fields = {"id", "engine", "model", "status", "input", "output", "error", "created_at", "started_at",
-              "completed_at", "attempts", "metrics", "urls"}
+    fields = {
+        "id",
+        "engine",
+        "model",
+        "status",
+        "input",
+        "output",
+        "error",
+        "created_at",
+        "started_at",
+        "completed_at",
+        "attempts",
+        "metrics",
+        "urls",
+    }
     assert fields <= job.keys()
     assert set(job["metrics"]) >= {"queue_time_s", "run_time_s", "batch_size"}
     assert set(job["urls"]) >= {"get", "cancel"}

@@ -17,7 +17,7 @@ from tests.chaos.harness import PrivateRedis
 
 ROOT = Path(__file__).parents[1]
 
-PROBE = '''
+PROBE = """
 import os
 
 import redis
@@ -29,7 +29,7 @@ def test_the_redis_the_tests_import_answers():
     assert REDIS_URL == os.environ["BLAZE_TEST_REDIS_URL"] != os.environ["NOBODY_THERE"]
     with redis.Redis.from_url(REDIS_URL) as client:
         assert client.ping()
-'''
+"""
 
 
 def processes_in(folder: Path) -> list[str]:
@@ -56,7 +56,19 @@ def test_with_no_redis_where_the_tests_look_they_bring_their_own(tmp_path: Path)
     env = {**os.environ, "BLAZE_TEST_REDIS_URL": nobody, "NOBODY_THERE": nobody, "TMPDIR": str(temp)}
 
     # When a test that uses the suite's Redis runs, with the suite's conftest
-    argv = [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path)]
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "tests.conftest",
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        str(tmp_path),
+        str(tmp_path),
+    ]
     result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
 
     # Then it passed against a private Redis, which is gone once the run ended
@@ -69,7 +81,9 @@ def test_with_no_redis_where_the_tests_look_they_bring_their_own(tmp_path: Path)
 def test_a_redis_that_evicts_is_passed_over_for_a_private_one(tmp_path: Path) -> None:
     # Given a Redis that answers but evicts keys (the API and workers would refuse it)
     with Stack(log_dir=tmp_path) as stack:
-        evicting = PrivateRedis(stack, data_dir=tmp_path / "evicting", persist=False, options=["--maxmemory-policy", "allkeys-lru"])
+        evicting = PrivateRedis(
+            stack, data_dir=tmp_path / "evicting", persist=False, options=["--maxmemory-policy", "allkeys-lru"]
+        )
         evicting.start()
         assert redis_refusal(evicting.url) and "allkeys-lru" in (redis_refusal(evicting.url) or "")
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -39,7 +40,10 @@ SEED = 20261201
 @pytest.fixture(scope="module")
 def api_url(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``blaze api`` alone, with the bounds above, under a key prefix of its own."""
-    with own_prefix("schema") as prefix, Stack(env={**test_env, "BLAZE_REDIS_PREFIX": prefix}, log_dir=tmp_path_factory.mktemp("schema")) as stack:
+    with (
+        own_prefix("schema") as prefix,
+        Stack(env={**test_env, "BLAZE_REDIS_PREFIX": prefix}, log_dir=tmp_path_factory.mktemp("schema")) as stack,
+    ):
         yield start_api(stack, **BOUNDS)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -33,7 +34,9 @@ def greedy(client: BlazeClient, prompt: str, max_new_tokens: int, **input: Any) 
 def generating(client: BlazeClient, job_id: str) -> dict[str, Any]:
     """The job once it has made its first tokens (its progress says so)."""
     return wait_until(
-        lambda: (job := client.get(job_id))["progress"] and job["progress"]["step"] > 0 and job, timeout=60, what="the job to generate"
+        lambda: (job := client.get(job_id))["progress"] and job["progress"]["step"] > 0 and job,
+        timeout=60,
+        what="the job to generate",
     )
 
 
@@ -83,7 +86,7 @@ def test_concurrent_text_jobs_of_different_lengths_all_finish_with_their_usage(c
     done = [client.wait(job["id"], timeout=90) for job in jobs]
 
     # Then each made exactly the tokens it asked for, and says so
-    for job, length in zip(done, lengths):
+    for job, length in zip(done, lengths, strict=True):
         assert job["status"] == "succeeded", job["error"]
         output = job["output"]
         assert output["finish_reason"] == "length" and output["text"]
@@ -174,10 +177,23 @@ def test_streamed_deltas_concatenate_to_the_final_text(client: BlazeClient, http
 
 def test_blaze_submit_stream_prints_the_text(stack: dict[str, Any], test_env: dict[str, str], client: BlazeClient) -> None:
     # When a text job is submitted with --stream
-    argv = ["submit", "--engine", "llm", "--stream", "--input", "prompt=The CLI streams: the cat sat", "--input", "max_new_tokens=20"]
+    argv = [
+        "submit",
+        "--engine",
+        "llm",
+        "--stream",
+        "--input",
+        "prompt=The CLI streams: the cat sat",
+        "--input",
+        "max_new_tokens=20",
+    ]
     env = {**test_env, "BLAZE_API_URL": stack["api_url"], "PYTHONIOENCODING": "utf-8"}
     done = subprocess.run(
-        [sys.executable, "-m", "blaze_jobs.cli", *argv, "--input", "temperature=0"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "blaze_jobs.cli", *argv, "--input", "temperature=0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
     # Then its text went to stdout, and the job's timeline to stderr

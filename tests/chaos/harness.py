@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import httpx
 import redis
@@ -133,7 +134,7 @@ def read_jobs(redis_url: str, prefix: str, ids: Iterable[str]) -> dict[str, dict
             for job_id in ids:
                 pipe.hgetall(f"{prefix}job:{job_id}")
             records = pipe.execute()
-    return dict(zip(ids, records))
+    return dict(zip(ids, records, strict=True))
 
 
 def wait_all_ended(redis_url: str, prefix: str, ids: Iterable[str], *, timeout: float) -> dict[str, dict[str, str]]:

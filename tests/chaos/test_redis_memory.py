@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from blaze_jobs.stack import Stack, free_port
-from tests.chaos.harness import PrivateRedis, Row, chaos_env, tally, wait_all_ended, wait_http, wait_workers, wait_running
+from tests.chaos.harness import PrivateRedis, Row, chaos_env, tally, wait_all_ended, wait_http, wait_running, wait_workers
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -60,7 +60,12 @@ def scenario_webhook_worker_death(*, env: dict[str, str], tmp_path: Path, scale:
     prefix = "blaze-chaos-webhooks:"
     row = Row(
         "webhook_worker_death",
-        notes={"unit": "deliveries", "in_flight_at_kill": held, "bound_s": bound_s, "visibility_timeout_s": defaults["visibility_timeout_s"]},
+        notes={
+            "unit": "deliveries",
+            "in_flight_at_kill": held,
+            "bound_s": bound_s,
+            "visibility_timeout_s": defaults["visibility_timeout_s"],
+        },
     )
     receiver = Receiver()
     try:
@@ -128,7 +133,9 @@ def scenario_webhook_worker_death(*, env: dict[str, str], tmp_path: Path, scale:
     return row
 
 
-def test_deliveries_in_flight_when_their_webhook_worker_dies_are_sent_again_soon(test_env: dict[str, str], tmp_path: Path) -> None:
+def test_deliveries_in_flight_when_their_webhook_worker_dies_are_sent_again_soon(
+    test_env: dict[str, str], tmp_path: Path
+) -> None:
     row = scenario_webhook_worker_death(env=test_env, tmp_path=tmp_path, scale=1)
     assert (row.lost, row.run_twice, row.wrongly_failed) == (0, 0, 0), row
     assert row.recovery_s is not None and row.recovery_s <= row.notes["bound_s"], row
