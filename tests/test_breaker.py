@@ -8,14 +8,15 @@ import base64
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
 
-import blaze_jobs.worker as worker_module
+import blaze_jobs.worker_context as worker_context
 from blaze_jobs.broker import queue_key, task_message
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.engines.base import EngineRequest
@@ -23,7 +24,8 @@ from blaze_jobs.errors import RequestError, WorkerFault
 from blaze_jobs.jobs import new_record
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack
-from blaze_jobs.worker import Runtime, current_runtime, install_runtime, run_job
+from blaze_jobs.worker import run_job
+from blaze_jobs.worker_context import WorkerContext, current_context, install_context
 from tests.conftest import REDIS_URL, own_prefix, start_api, wait_for_workers, wait_until
 
 pytestmark = pytest.mark.timeout(150)
@@ -79,7 +81,9 @@ def test_a_job_that_faults_on_two_workers_is_its_own_fault_and_alone_one_is_retr
 
         # When such a job comes while one worker is left
         second.stop()
-        wait_until(lambda: len(httpx.get(f"{api_url}/v1/workers", timeout=5).json()["workers"]) == 1, timeout=30, what="one worker")
+        wait_until(
+            lambda: len(httpx.get(f"{api_url}/v1/workers", timeout=5).json()["workers"]) == 1, timeout=30, what="one worker"
+        )
         alone = client.wait(client.submit("echo", {"fail": "worker"})["id"], timeout=60)
         # Then it ran three times and failed as a worker fault, naming why and where
         assert alone["status"] == "failed" and alone["attempts"] == 3
@@ -135,35 +139,35 @@ def test_the_breaker_opens_a_peer_takes_over_and_a_probe_closes_it(own_stack: St
         assert client.wait(client.submit("echo", {"n": 3})["id"], timeout=30)["status"] == "succeeded"
 
 
-# --- in one process: two runtimes on a real Redis, jobs run by ``run_job`` itself -------
+# --- in one process: two worker contexts on a real Redis, jobs run by ``run_job`` itself -------
 
 
 @contextmanager
-def runtimes(*names: str, engine: str = "echo", **options: Any) -> Iterator[list[Runtime]]:
-    """Worker runtimes named ``names`` sharing a key prefix of their own on the test Redis."""
+def worker_contexts(*names: str, engine: str = "echo", **options: Any) -> Iterator[list[WorkerContext]]:
+    """Worker contexts named ``names`` sharing a key prefix of their own on the test Redis."""
     with own_prefix("breaker") as prefix:
         settings = Settings(redis_url=REDIS_URL, redis_prefix=prefix, **options)
-        made = [Runtime(settings, engine=engine, name=name) for name in names]
+        made = [WorkerContext(settings, engine=engine, name=name) for name in names]
         try:
             yield made
         finally:
-            for runtime in made:
-                runtime.batcher.close()
-                runtime.breaker.close()
+            for context in made:
+                context.batcher.close()
+                context.breaker.close()
 
 
-def queued_job(runtime: Runtime, input: dict[str, Any], *, engine: str = "echo") -> str:
+def queued_job(context: WorkerContext, input: dict[str, Any], *, engine: str = "echo") -> str:
     """Store a queued job (as the API does, less the message); returns its id."""
     job_id = str(uuid.uuid4())
-    model = runtime.settings.default_model(engine)
-    runtime.store.create(new_record(job_id=job_id, engine=engine, model=model, input=input, created_at=time.time()))
+    model = context.settings.default_model(engine)
+    context.store.create(new_record(job_id=job_id, engine=engine, model=model, input=input, created_at=time.time()))
     return job_id
 
 
-def message_of(runtime: Runtime, job_id: str, *, engine: str = "echo") -> dict[str, Any]:
+def message_of(context: WorkerContext, job_id: str, *, engine: str = "echo") -> dict[str, Any]:
     """Where the job's message waits in its queue (0: taken last) and its keyword arguments."""
-    queue = queue_key(runtime.settings, engine)
-    messages = [json.loads(m) for m in runtime.redis.lrange(queue, 0, -1)]
+    queue = queue_key(context.settings, engine)
+    messages = [json.loads(m) for m in context.redis.lrange(queue, 0, -1)]
     for position, message in enumerate(messages):
         if message["headers"]["id"] == job_id:
             _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
@@ -172,7 +176,7 @@ def message_of(runtime: Runtime, job_id: str, *, engine: str = "echo") -> dict[s
 
 
 def test_a_job_that_faults_on_a_second_worker_fails_as_its_own_fault_and_opens_no_breaker() -> None:
-    with runtimes("worker-a", "worker-b", max_attempts=3, breaker_failures=2) as (a, b):
+    with worker_contexts("worker-a", "worker-b", max_attempts=3, breaker_failures=2) as (a, b):
         # Given healthy jobs waiting, and a job that faults every worker it meets
         waiting = [queued_job(a, {"n": n}) for n in range(3)]
         for job_id in waiting:
@@ -180,7 +184,7 @@ def test_a_job_that_faults_on_a_second_worker_fails_as_its_own_fault_and_opens_n
         poison = queued_job(a, {"fail": "worker"})
 
         # When it faults on the first worker
-        assert run_job(poison, engine="echo", runtime=a) == "queued"
+        assert run_job(poison, engine="echo", context=a) == "queued"
         # Then it counts once against that worker, the record names the worker, and its
         # message waits behind the jobs already queued (kombu takes from the right end)
         assert a.breaker.snapshot()["total_failures"] == 1
@@ -190,14 +194,14 @@ def test_a_job_that_faults_on_a_second_worker_fails_as_its_own_fault_and_opens_n
 
         # When the first worker draws it again while a peer is live
         b.heartbeat.beat()
-        assert run_job(poison, engine="echo", runtime=a, faulted_on=["worker-a"]) == "handed_back"
+        assert run_job(poison, engine="echo", context=a, faulted_on=["worker-a"]) == "handed_back"
         # Then it leaves it, untouched, to the back of the queue for the peer
         record = a.store.get(poison)
         assert (record["status"], record["attempts"]) == ("queued", "1")
         assert message_of(a, poison)["kwargs"]["passes"] == 1
 
         # When it faults on the peer too
-        assert run_job(poison, engine="echo", runtime=b, faulted_on=["worker-a"], passes=1) == "failed"
+        assert run_job(poison, engine="echo", context=b, faulted_on=["worker-a"], passes=1) == "failed"
         # Then it failed as the request's fault, naming both workers, and the peer's breaker
         # did not count it
         error = json.loads(b.store.get(poison)["error"])
@@ -207,11 +211,11 @@ def test_a_job_that_faults_on_a_second_worker_fails_as_its_own_fault_and_opens_n
 
 
 def test_a_job_counts_once_against_a_worker_that_faults_it_again_and_every_job_faulting_opens_it() -> None:
-    with runtimes("worker-a", max_attempts=3, breaker_failures=2) as (a,):
+    with worker_contexts("worker-a", max_attempts=3, breaker_failures=2) as (a,):
         # Given a worker alone, and a job that faults each time it runs
         poison = queued_job(a, {"fail": "worker"})
         # When it runs there on all its attempts
-        statuses = [run_job(poison, engine="echo", runtime=a, faulted_on=["worker-a"] if n else []) for n in range(3)]
+        statuses = [run_job(poison, engine="echo", context=a, faulted_on=["worker-a"] if n else []) for n in range(3)]
         # Then it fails as a worker fault on that worker, counted once: the breaker stays closed
         assert statuses == ["queued", "queued", "failed"]
         error = json.loads(a.store.get(poison)["error"])
@@ -220,13 +224,13 @@ def test_a_job_counts_once_against_a_worker_that_faults_it_again_and_every_job_f
 
         # When two different jobs fault in a row (a faulty device faults every job)
         for _ in range(2):
-            run_job(queued_job(a, {"fail": "worker"}), engine="echo", runtime=a)
+            run_job(queued_job(a, {"fail": "worker"}), engine="echo", context=a)
         # Then the breaker opens
         assert a.breaker.state.value == "open"
 
 
 def test_faults_are_classified_by_where_they_happen_not_by_their_type() -> None:
-    with runtimes("worker-a", max_attempts=3) as (a,):
+    with worker_contexts("worker-a", max_attempts=3) as (a,):
         # Given an echo input nested deeper than Python's recursion limit allows to recurse
         deep: dict[str, Any] = {}
         inner = deep
@@ -235,20 +239,20 @@ def test_faults_are_classified_by_where_they_happen_not_by_their_type() -> None:
             inner = inner["a"]
         # When it runs, Then it is echoed, and no fault counts against the worker
         job_id = queued_job(a, {"deep": deep})
-        assert run_job(job_id, engine="echo", runtime=a) == "succeeded"
+        assert run_job(job_id, engine="echo", context=a) == "succeeded"
         assert json.loads(a.store.get(job_id)["output"]) == {"deep": deep}
 
         # Given an input the engine cannot read (not a number of milliseconds)
         job_id = queued_job(a, {"sleep_ms": "soon"})
         # Then the request fails, once, as its own fault
-        assert run_job(job_id, engine="echo", runtime=a) == "failed"
+        assert run_job(job_id, engine="echo", context=a) == "failed"
         assert json.loads(a.store.get(job_id)["error"])["type"] == "request"
         assert a.breaker.snapshot()["total_failures"] == 0
 
         # Given an engine bug on the device (a ValueError there is no request's fault)
         job_id = queued_job(a, {"fail": "bug"})
         # Then it is a worker fault: counted against the breaker, and the job runs again
-        assert run_job(job_id, engine="echo", runtime=a) == "queued"
+        assert run_job(job_id, engine="echo", context=a) == "queued"
         assert a.breaker.snapshot()["total_failures"] == 1
         assert "ValueError" in a.breaker.snapshot()["last_reason"]
 
@@ -265,26 +269,30 @@ def test_a_diffusion_error_on_the_device_is_the_workers_whatever_its_type(tmp_pa
     with pytest.raises(RequestError):
         _resolve(EngineRequest(job_id="k", model="m", input={"prompt": "p", "guidance_scale": "x"}), default_size=(64, 64))
     with pytest.raises(RequestError, match="at most 1000"):
-        _resolve(EngineRequest(job_id="k", model="m", input={"prompt": "p", "num_inference_steps": 5000}), default_size=(64, 64), max_steps=1000)
+        _resolve(
+            EngineRequest(job_id="k", model="m", input={"prompt": "p", "num_inference_steps": 5000}),
+            default_size=(64, 64),
+            max_steps=1000,
+        )
 
 
-def test_each_engine_has_its_own_runtime_in_a_process() -> None:
-    with runtimes("echo-worker") as (echo,), runtimes("llm-worker", engine="llm") as (llm,):
-        install_runtime(echo)
-        install_runtime(llm)
+def test_each_engine_has_its_own_context_in_a_process() -> None:
+    with worker_contexts("echo-worker") as (echo,), worker_contexts("llm-worker", engine="llm") as (llm,):
+        install_context(echo)
+        install_context(llm)
         try:
-            assert current_runtime("echo") is echo and current_runtime("llm") is llm
+            assert current_context("echo") is echo and current_context("llm") is llm
         finally:
-            worker_module._runtimes.clear()
+            worker_context._contexts.clear()
 
 
 def test_a_job_waiting_for_the_device_when_its_worker_stops_goes_back_uncounted(model_dir: Path) -> None:
-    with runtimes("worker-a", engine="diffusion", max_attempts=3, model_dir=model_dir) as (a,):
+    with worker_contexts("worker-a", engine="diffusion", max_attempts=3, model_dir=model_dir) as (a,):
         # Given a (batching) worker shutting down
         a.batcher.close()
         # When a job it had taken reaches its batcher
         job_id = queued_job(a, {"prompt": "a lighthouse", "seed": 1, "num_inference_steps": 2}, engine="diffusion")
-        assert run_job(job_id, engine="diffusion", runtime=a) == "queued"
+        assert run_job(job_id, engine="diffusion", context=a) == "queued"
         # Then the job is queued again with its attempt given back, no fault on its record
         # (it would fail as poison at its next worker fault), none against the breaker
         record = a.store.get(job_id)

@@ -15,7 +15,7 @@ from blaze_jobs.artifacts import RedisArtifactStore, artifact_url
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.settings import Settings
 from blaze_jobs.worker import run_job
-from tests.test_breaker import queued_job, runtimes
+from tests.test_breaker import queued_job, worker_contexts
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,14 +95,14 @@ def test_a_hit_at_creation_renews_every_artifact_the_output_points_at(client: Bl
 
 
 def test_a_hit_in_the_worker_renews_every_artifact_the_output_points_at() -> None:
-    with runtimes("worker-a") as (worker,):
+    with worker_contexts("worker-a") as (worker,):
         # Given a queued seeded job whose output is in the cache, pointing at artifacts that
         # expire in a minute (the API missed it: the output came in after the job was queued)
         request = {"marker": str(uuid.uuid4()), "seed": 4}
         keys = cached_output_with_artifacts(worker.settings, "echo", request, ttl_s=60)
         job_id = queued_job(worker, request)
         # When the worker runs it
-        assert run_job(job_id, engine="echo", runtime=worker) == "succeeded"
+        assert run_job(job_id, engine="echo", context=worker) == "succeeded"
         # Then it answered from the cache and every artifact lives as long as the job
         assert worker.store.get(job_id)["cache_hit"] == "1"
         assert [worker.redis.ttl(k) > 3600 for k in keys] == [True, True]

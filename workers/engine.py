@@ -19,7 +19,7 @@ from celery.signals import worker_shutdown
 from blaze_jobs import redis_config
 from blaze_jobs.celery_app import app
 from blaze_jobs.settings import ENGINES, get_settings
-from blaze_jobs.worker import Runtime, install_runtime
+from blaze_jobs.worker_context import WorkerContext, install_context
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     def consume_again() -> None:
         app.control.add_consumer(args.engine, destination=[name], reply=False)
 
-    runtime = Runtime(
+    runtime = WorkerContext(
         settings,
         engine=args.engine,
         device=args.device,
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         on_half_open=consume_again,
     )
     runtime.engine.prepare(settings.default_model(args.engine))
-    install_runtime(runtime)
+    install_context(runtime)
     runtime.start()
     worker_shutdown.connect(lambda **_: runtime.close(), weak=False)
 
