@@ -19,7 +19,7 @@ from api.problems import InputProblem
 from api.request_context import base_url
 from api.responses import JSONResponse
 from blaze_jobs import cache, redis_config
-from blaze_jobs.artifacts import KEY_PATTERN, artifact_store, content_type
+from blaze_jobs.artifacts import CONTENT_TYPES, KEY_PATTERN, artifact_store, content_type
 from blaze_jobs.broker import queue_key, task_message
 from blaze_jobs.jobs import Job, JobCreate, JobPage, JobStatus, job_view, new_record
 from blaze_jobs.settings import ENGINES, Settings, get_settings
@@ -151,7 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get(
         "/v1/artifacts/{key}",
-        responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, 404: PROBLEM},
+        responses={200: {"content": {kind: {} for kind in CONTENT_TYPES.values()}}, 404: PROBLEM},
         response_class=Response,
     )
     def get_artifact(request: Request, key: str) -> Response:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Coroutine
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
@@ -23,35 +23,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.problems import InputProblem, problem
 from api.responses import LONE_SURROGATE
-from blaze_jobs.jobs import ChatMessage, DiffusionInput, DiffusionJobCreate, EchoInput, JobCreate, LLMInput, LLMJobCreate
+from blaze_jobs.engines import SPECS, spec_of
+from blaze_jobs.engines.spec import EngineSpec, OutOfBounds
 from blaze_jobs.settings import Settings
-
-
-@dataclass(frozen=True)
-class Bound:
-    """An upper bound on one input field, set by the deployment: a length for text and
-    lists, a value for numbers."""
-
-    model: type[BaseModel]
-    field: str
-    setting: str
-    unit: str
-
-
-BOUNDS = (
-    Bound(DiffusionInput, "prompt", "max_prompt_chars", "characters"),
-    Bound(DiffusionInput, "negative_prompt", "max_prompt_chars", "characters"),
-    Bound(DiffusionInput, "width", "max_width", "pixels"),
-    Bound(DiffusionInput, "height", "max_height", "pixels"),
-    Bound(DiffusionInput, "num_inference_steps", "max_steps", "steps"),
-    Bound(DiffusionInput, "num_outputs", "max_outputs", "images"),
-    Bound(EchoInput, "sleep_ms", "max_sleep_ms", "ms"),
-    Bound(LLMInput, "max_new_tokens", "llm_max_new_tokens", "tokens"),
-    Bound(LLMInput, "prompt", "llm_max_prompt_chars", "characters"),
-    Bound(LLMInput, "messages", "llm_max_messages", "messages"),
-    Bound(LLMInput, "stop", "llm_max_stop", "strings"),
-)
-
 
 # --- the body ---------------------------------------------------------------------------
 
@@ -163,29 +137,29 @@ def _json_fault(value: Any, *, depth: int, max_depth: int) -> tuple[list[Any], s
     return None
 
 
-def check_bounds(body: JobCreate, settings: Settings) -> None:
-    """Reject input beyond this deployment's bounds, naming the field."""
+def check_bounds(body: Any, settings: Settings, *, spec: EngineSpec | None = None) -> None:
+    """Reject input beyond this deployment's bounds (``body`` is a ``JobCreate``), naming the
+    field: the bounds its engine's spec declares, then the spec's own check."""
+    spec = spec or spec_of(body.engine)
     job = body.input
-    for bound in BOUNDS:
+    for bound in spec.bounds:
+        # A bound on a nested model (a chat message) is stated in the schema only; the
+        # spec's check bounds the whole.
         value = getattr(job, bound.field) if isinstance(job, bound.model) else None
         if value is None:
             continue
-        measure = len(value) if isinstance(value, (str, list)) else value
+        if bound.items:
+            measure = max(map(len, value), default=0)
+        else:
+            measure = len(value) if isinstance(value, (str, list)) else value
         limit = getattr(settings, bound.setting)
         if measure > limit:
             raise InputProblem(f"input.{bound.field}", f"{measure} exceeds the limit of {limit} {bound.unit}")
-    if isinstance(body, DiffusionJobCreate):
-        image = body.input
-        if image.width and image.height and image.width * image.height > settings.max_pixels:
-            raise InputProblem("input.width", f"{image.width}x{image.height} exceeds the limit of {settings.max_pixels} pixels")
-    elif isinstance(body, LLMJobCreate):
-        text = body.input
-        chars = sum(len(m.content) for m in text.messages or [])
-        if chars > settings.llm_max_prompt_chars:
-            raise InputProblem("input.messages", f"{chars} exceeds the limit of {settings.llm_max_prompt_chars} characters")
-        longest = max(map(len, text.stop or []), default=0)
-        if longest > settings.llm_max_stop_chars:
-            raise InputProblem("input.stop", f"{longest} exceeds the limit of {settings.llm_max_stop_chars} characters in a stop string")
+    if spec.check is not None:
+        try:
+            spec.check(job, settings)
+        except OutOfBounds as error:
+            raise InputProblem(error.field, error.message) from None
 
 
 # --- the schema -------------------------------------------------------------------------
@@ -206,12 +180,8 @@ def state_bounds(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
                 keyword = {"string": "maxLength", "array": "maxItems"}.get(kind, "maximum")
                 branch[keyword] = limit
 
-    for bound in BOUNDS:
-        constrain(bound.model, bound.field, getattr(settings, bound.setting))
-    # What the schema cannot say exactly (the characters of all messages together), it
-    # says of each part, which the whole bounds anyway.
-    constrain(ChatMessage, "content", settings.llm_max_prompt_chars)
-    constrain(LLMInput, "stop", settings.llm_max_stop_chars, items=True)
+    for bound in (bound for spec in SPECS for bound in spec.bounds):
+        constrain(bound.model, bound.field, getattr(settings, bound.setting), items=bound.items)
     return schema
 
 

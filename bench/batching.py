@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         path = build_sd15(model_dir, device=device)
         model = str(path)
     else:
-        from blaze_jobs.models import builtin_path
+        from blaze_jobs.builtin_models import builtin_path
 
         model = "builtin:tiny-sd"
         path = builtin_path(model, model_dir)

@@ -56,7 +56,7 @@ def load(model: str, model_dir: Path, device: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from blaze_jobs.models import builtin_path
+    from blaze_jobs.builtin_models import builtin_path
 
     path = builtin_path(model, model_dir) if model.startswith("builtin:") else model
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.startswith("cuda") else torch.float32

@@ -35,7 +35,7 @@ def build_sd15(model_dir: Path, *, device: str) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from blaze_jobs.models import builtin_path
+    from blaze_jobs.builtin_models import builtin_path
 
     target = model_dir / SD15_FOLDER
     if (target / "model_index.json").exists():

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import redis
 
+from blaze_jobs.engines import SPECS
 from blaze_jobs.settings import Settings
 
+#: What the API serves each kind of artifact as, by extension: the kinds the engines'
+#: specs declare, and JSON and text, which any engine may write.
 CONTENT_TYPES = {
-    "png": "image/png",
-    "jpeg": "image/jpeg",
-    "webp": "image/webp",
+    **{kind.extension: kind.content_type for spec in SPECS for kind in spec.artifacts},
     "json": "application/json",
     "txt": "text/plain; charset=utf-8",
 }

@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from blaze_jobs.engines.base import Engine, EngineRequest, request_territory
+from blaze_jobs.engines.spec import Batching
 from blaze_jobs.errors import BlazeError, HandedBack
 
 log = logging.getLogger("blaze_jobs.batching")
@@ -56,15 +58,16 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="blaze-device", daemon=True)
         self._thread.start()
 
-    def submit(self, request: EngineRequest) -> "Future[Result]":
+    def submit(self, request: EngineRequest) -> Future[Result]:
         """Queue a job for the device; the future resolves to its ``Result`` or its error."""
         future: Future = Future()
-        if getattr(self.engine, "continuous", False):
-            # The engine schedules token by token itself (continuous batching).
-            inner = self.engine.submit(request)  # type: ignore[attr-defined]
+        batching = self.engine.spec.batching
+        if batching is Batching.continuous:
+            # The engine schedules token by token itself.
+            inner = self.engine.submit(request)
             inner.add_done_callback(lambda done: _relay(done, future))
             return future
-        if not self.engine.batches:
+        if batching is Batching.none:
             _run_alone(self.engine, request, future)
             return future
         try:
@@ -135,7 +138,7 @@ class Batcher:
             self.batches_run += 1
             if self.on_batch:
                 self.on_batch(len(batch), elapsed)
-            for pending, result in zip(batch, results):
+            for pending, result in zip(batch, results, strict=False):
                 if isinstance(result, BaseException):
                     pending.future.set_exception(result)
                 else:

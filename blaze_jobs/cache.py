@@ -18,28 +18,24 @@ from concurrent.futures import Future
 from typing import Any
 
 from blaze_jobs.artifacts import KEY_PATTERN, artifact_url
+from blaze_jobs.engines import SPECS, spec_of
 from blaze_jobs.settings import Settings
 
 #: Where the API serves artifacts; a stored output's artifact URLs are these paths.
 ARTIFACT_PATH = artifact_url("")
-#: Inputs that never change an engine's output (the echo engine's wait).
-NOT_OUTPUT = {"echo": {"sleep_ms"}}
-#: Revisions of the built-in models: bumping one when its builder changes orphans old entries.
-BUILTIN_REVISIONS = {"builtin:tiny-sd": "1", "builtin:tiny-lm": "1", "builtin:echo": "1"}
+#: Revisions of the built-in models (their specs' ``BuiltinModel.revision``).
+BUILTIN_REVISIONS = {builtin.id: builtin.revision for spec in SPECS for builtin in spec.builtin_models}
 
 
 def cacheable(engine: str, input: dict[str, Any]) -> bool:
-    """Only a request that fixes its randomness is cached; greedy text would be too (no sampling)."""
-    if engine == "echo":
-        return "seed" in input and "fail" not in input
-    if engine == "llm":
-        return input.get("seed") is not None or input.get("temperature", 1.0) == 0
-    return input.get("seed") is not None
+    """Only a request that fixes its randomness is cached (the engine's spec says when it does)."""
+    return spec_of(engine).cacheable(input)
 
 
 def cache_key(*, engine: str, model: str, input: dict[str, Any], settings: Settings) -> str:
     revision = settings.model_revisions.get(model) or BUILTIN_REVISIONS.get(model, "")
-    relevant = {k: v for k, v in input.items() if k not in NOT_OUTPUT.get(engine, ())}
+    ignored = spec_of(engine).not_output
+    relevant = {k: v for k, v in input.items() if k not in ignored}
     canonical = json.dumps([engine, model, revision, relevant], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

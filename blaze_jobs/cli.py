@@ -8,14 +8,30 @@ import ipaddress
 import json
 import os
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 from blaze_jobs.client import APIError, BlazeClient
 from blaze_jobs.settings import ENGINES, get_settings
+from blaze_jobs.stack import (
+    Interrupted,
+    Stack,
+    StackError,
+    free_port,
+    interrupted_by_signals,
+    preferred_port,
+    redis_reachable,
+    start_services,
+)
+
+#: How often ``blaze demo`` looks at its children while it waits for its job: a dead
+#: worker runs nothing, so the demo says so within seconds instead of at its timeout.
+WATCH_S = 2.0
 
 
 def _exec(argv: list[str]) -> None:
@@ -33,7 +49,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.engine == "webhooks":
         _exec(["-m", "workers.webhooks", *(["--concurrency", str(args.concurrency)] if args.concurrency else [])])
     argv = ["-m", "workers.engine", "--engine", args.engine]
-    for flag, value in (("--device", args.device), ("--max-batch", args.max_batch), ("--max-wait-ms", args.max_wait_ms), ("--concurrency", args.concurrency)):
+    for flag, value in (
+        ("--device", args.device),
+        ("--max-batch", args.max_batch),
+        ("--max-wait-ms", args.max_wait_ms),
+        ("--concurrency", args.concurrency),
+    ):
         if value is not None:
             argv += [flag, str(value)]
     _exec(argv)
@@ -53,7 +74,10 @@ def cmd_flower(args: argparse.Namespace) -> int:
     auth = get_settings().flower_basic_auth
     if not _loopback(args.host):
         if not auth:
-            print(f"blaze flower: refusing to serve on {args.host!r} without a login: set BLAZE_FLOWER_BASIC_AUTH=user:password", file=sys.stderr)
+            print(
+                f"blaze flower: refusing to serve on {args.host!r} without a login: set BLAZE_FLOWER_BASIC_AUTH=user:password",
+                file=sys.stderr,
+            )
             return 2
         print(
             "blaze flower: Flower answers /metrics and /healthcheck without the login (it exempts them); "
@@ -102,13 +126,30 @@ def timeline(job: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save_images(client: BlazeClient, job: dict[str, Any], out: Path) -> list[Path]:
-    """Write the job's images to ``out`` (``out-1.png`` … when there are several)."""
-    images = (job.get("output") or {}).get("images", [])
+def artifacts_of(output: Any) -> list[dict[str, Any]]:
+    """The artifacts (``{"url": ".../v1/artifacts/<key>", ...}``) an output refers to, in the
+    order they appear, whatever the engine (images, audio, files)."""
+    found: list[dict[str, Any]] = []
+    pending = [output]
+    while pending:  # a stack, not recursion: an output may nest deeply
+        value = pending.pop()
+        if isinstance(value, dict):
+            url = value.get("url")
+            if isinstance(url, str) and "/v1/artifacts/" in url:
+                found.append(value)
+            pending.extend(reversed(list(value.values())))
+        elif isinstance(value, list):
+            pending.extend(reversed(value))
+    return found
+
+
+def save_artifacts(client: BlazeClient, job: dict[str, Any], out: Path) -> list[Path]:
+    """Write the job's artifacts (its images …) to ``out`` (``out-1.png`` … when there are several)."""
+    artifacts = artifacts_of(job.get("output"))
     paths = []
-    for i, image in enumerate(images):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
-        path.write_bytes(client.download(image["url"]))
+    for i, artifact in enumerate(artifacts):
+        path = out if len(artifacts) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+        path.write_bytes(client.download(artifact["url"]))
         paths.append(path)
     return paths
 
@@ -127,7 +168,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         job = client.wait(job["id"], timeout=args.timeout)
         print(timeline(job))
         if args.out and job["status"] == "succeeded":
-            for path in save_images(client, job, Path(args.out)):
+            for path in save_artifacts(client, job, Path(args.out)):
                 print(f"wrote {path}")
         return 0 if job["status"] == "succeeded" else 1
 
@@ -163,15 +204,86 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from blaze_jobs.stack import run_demo
+    """``blaze demo``: bring everything up, make one image over HTTP, write it, stop."""
+    prompt, out, timeout = args.prompt, Path(args.out), args.timeout
+    settings = get_settings()
+    # A prefix of its own, so the demo never takes jobs of a deployment sharing this Redis.
+    prefix = f"blaze-demo-{os.getpid()}:"
+    with interrupted_by_signals(), Stack() as stack:
+        redis_url = stack.redis(settings.redis_url)
+        where = "embedded Redis" if redis_url != settings.redis_url else "Redis"
+        print(f"using {where} at {redis_url}", flush=True)
+        stack.env.update(BLAZE_REDIS_URL=redis_url, BLAZE_REDIS_PREFIX=prefix)
+        flower_port = preferred_port(5555)
+        try:
+            api_url = start_services(stack, api_port=free_port(), flower_port=flower_port, engines=("diffusion",))
+            print(f"API {api_url} (docs {api_url}/docs), Flower http://127.0.0.1:{flower_port}", flush=True)
+            with BlazeClient(api_url) as client:
+                job = client.submit("diffusion", {"prompt": prompt})
+                print(f"submitted job {job['id']}; waiting for the diffusion worker", flush=True)
+                job = _wait_watching(stack, client, job["id"], timeout=timeout)
+                print(timeline(job))
+                if job["status"] != "succeeded":
+                    worker = stack.child("worker-diffusion")
+                    print(f"blaze demo: the job {job['status']}; worker log:\n{worker.log_tail()}", file=sys.stderr)
+                    return 1
+                for path in save_artifacts(client, job, out):
+                    image = job["output"]["images"][0]
+                    size = f"{image['width']}x{image['height']}"
+                    print(f"wrote {path} ({size} {image['content_type']}, sha256 {image['sha256'][:12]}…)")
+            return 0
+        finally:
+            stack.stop()
+            _forget(redis_url, prefix)
 
-    return run_demo(args.prompt, out=Path(args.out), timeout=args.timeout)
+
+def _wait_watching(stack: Stack, client: BlazeClient, job_id: str, *, timeout: float) -> dict[str, Any]:
+    """The job once it has ended, as ``client.wait`` gives it; a child of the stack that
+    exits meanwhile ends the wait with its log (nothing would run the job)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        dead = stack.first_dead()
+        if dead is not None:
+            raise StackError(f"{dead.name} exited with code {dead.process.returncode}:\n{dead.log_tail()}")
+        try:
+            return client.wait(job_id, timeout=max(0.0, min(WATCH_S, deadline - time.monotonic())))
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise
+
+
+def _forget(redis_url: str, prefix: str) -> None:
+    """Delete every key the demo wrote (jobs, artifacts, Celery's queue bindings)."""
+    if not redis_reachable(redis_url):
+        return
+    with redis.Redis.from_url(redis_url) as client:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from blaze_jobs.stack import run_up
-
-    return run_up(api_port=args.port, flower_port=args.flower_port)
+    """``blaze up``: the demo's stack with a worker of every engine, kept running until
+    Ctrl-C, SIGTERM or SIGHUP, which all stop every child."""
+    settings = get_settings()
+    with interrupted_by_signals(), Stack() as stack:
+        redis_url = stack.redis(settings.redis_url)
+        stack.env["BLAZE_REDIS_URL"] = redis_url
+        try:
+            api_url = start_services(stack, api_port=args.port, flower_port=args.flower_port, engines=(*ENGINES, "webhooks"))
+            print(f"Redis   {redis_url}")
+            print(f"API     {api_url}")
+            print(f"docs    {api_url}/docs")
+            print(f"Flower  http://127.0.0.1:{args.flower_port}")
+            print(f"logs    {stack.log_dir}")
+            print("Ctrl-C stops everything.", flush=True)
+            while (dead := stack.first_dead()) is None:
+                time.sleep(0.5)
+            print(f"blaze up: {dead.name} exited with code {dead.process.returncode}:\n{dead.log_tail()}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as interrupt:
+            print(f"stopping ({interrupt})" if isinstance(interrupt, Interrupted) else "stopping", flush=True)
+            return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,16 +2,21 @@
 
 The request models are the public contract of ``POST /v1/jobs``; every field is documented
 because FastAPI turns these docstrings and descriptions into the OpenAPI page at ``/docs``.
+Each engine's ``input`` is its spec's input model (``blaze_jobs/engines/``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, create_model
+
+from blaze_jobs.engines import SPECS
+from blaze_jobs.engines.spec import EngineSpec
 
 
 class JobStatus(str, Enum):
@@ -27,112 +32,6 @@ class JobStatus(str, Enum):
 
 
 # --- what a client sends ----------------------------------------------------------------
-
-
-def _integral(value: Any) -> Any:
-    # JSON has one kind of number, and JSON Schema calls 5.0 an integer; strict mode, which
-    # keeps "64" from passing as a width, would refuse 5.0 too.
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-#: An integer as JSON may write it: `5` or `5.0`, never `5.5` or `"5"`.
-JSONInt = Annotated[int, BeforeValidator(_integral)]
-#: The same or null. (`JSONInt | None` would hide the field's bounds from its JSON Schema.)
-OptionalJSONInt = Annotated[int | None, BeforeValidator(_integral)]
-
-
-class DiffusionInput(BaseModel):
-    """Input of an image job. Bounds beyond the ones shown are deployment settings
-    (``BLAZE_MAX_WIDTH``, ``BLAZE_MAX_PIXELS``, ``BLAZE_MAX_STEPS`` …)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: str = Field(min_length=1, description="What the image should show.")
-    negative_prompt: str | None = Field(None, description="What the image should avoid.")
-    width: OptionalJSONInt = Field(
-        None, ge=8, multiple_of=8, description="Width in pixels, a multiple of 8. Defaults to the model's own size."
-    )
-    height: OptionalJSONInt = Field(
-        None, ge=8, multiple_of=8, description="Height in pixels, a multiple of 8. Defaults to the model's own size."
-    )
-    num_inference_steps: JSONInt = Field(20, ge=1, description="Denoising steps; more is slower and finer.")
-    guidance_scale: float = Field(7.5, ge=0, le=50, description="How strongly the image follows the prompt.")
-    seed: OptionalJSONInt = Field(
-        None,
-        ge=0,
-        le=2**32 - 1,
-        description="Random seed. The same seed and input give the same image bytes. "
-        "Drawn at random (and reported in the output) when absent.",
-    )
-    num_outputs: JSONInt = Field(1, ge=1, description="How many images; image i uses seed + i.")
-    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the images.")
-
-
-class EchoInput(BaseModel):
-    """Input of an echo job: any fields, returned unchanged as the output. For smoke tests
-    and benchmarks of the queue itself."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    sleep_ms: JSONInt = Field(0, ge=0, description="Wait this long before answering (bounded by BLAZE_MAX_SLEEP_MS).")
-
-
-class ChatMessage(BaseModel):
-    """One turn of a chat."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
-    content: str = Field(description="What they say.")
-
-
-class LLMInput(BaseModel):
-    """Input of a text job: a `prompt` to continue, or chat `messages` to answer (exactly one).
-    Bounds beyond the ones shown are deployment settings (``BLAZE_LLM_MAX_NEW_TOKENS``,
-    ``BLAZE_LLM_MAX_PROMPT_CHARS``, ``BLAZE_LLM_MAX_MESSAGES``, ``BLAZE_LLM_MAX_STOP`` …)."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        # The schema says what the validator below checks: a prompt or messages, not both.
-        json_schema_extra={
-            "oneOf": [
-                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
-                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
-            ]
-        },
-    )
-
-    prompt: str | None = Field(None, min_length=1, description="Text for the model to continue.")
-    messages: list[ChatMessage] | None = Field(
-        None,
-        min_length=1,
-        description="A chat, rendered with the model's chat template; the model writes the assistant's next turn.",
-    )
-    max_new_tokens: JSONInt = Field(128, ge=1, description="Most tokens to generate.")
-    temperature: float = Field(
-        1.0, ge=0, le=2, description="Sampling temperature; 0 takes the likeliest token every time (greedy)."
-    )
-    top_p: float = Field(
-        1.0, gt=0, le=1, description="Nucleus sampling: draw from the likeliest tokens whose probabilities add up to this."
-    )
-    seed: OptionalJSONInt = Field(
-        None,
-        ge=0,
-        le=2**32 - 1,
-        description="Random seed for sampling. The same seed and input give the same text alone (and the cached "
-        "text on a repeat); beside other jobs, the same text except where a draw falls within the rounding of "
-        "batched kernels of another token. Drawn at random (and reported in the output) when absent.",
-    )
-    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
-        None, description="Generation ends where the first of these strings appears; it is not part of the text."
-    )
-
-    @model_validator(mode="after")
-    def _prompt_or_messages(self) -> "LLMInput":
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of `prompt` or `messages`")
-        return self
 
 
 class _JobCreateBase(BaseModel):
@@ -156,30 +55,26 @@ class _JobCreateBase(BaseModel):
     )
 
 
-class DiffusionJobCreate(_JobCreateBase):
-    """An image job, run by a diffusers pipeline."""
-
-    engine: Literal["diffusion"] = Field(description="Which engine runs the job.")
-    input: DiffusionInput
-
-
-class EchoJobCreate(_JobCreateBase):
-    """An echo job: the output is the input."""
-
-    engine: Literal["echo"] = Field(description="Which engine runs the job.")
-    input: EchoInput = Field(default_factory=EchoInput)
-
-
-class LLMJobCreate(_JobCreateBase):
-    """A text job, run by a transformers causal language model. The output is `{text,
-    finish_reason, usage: {prompt_tokens, completion_tokens}}`, with `seed` when sampling;
-    `finish_reason` is `stop` (end of sequence or a stop string), `length` or `canceled`."""
-
-    engine: Literal["llm"] = Field(description="Which engine runs the job.")
-    input: LLMInput
+def job_create_model(specs: Sequence[EngineSpec]) -> Any:
+    """The body of ``POST /v1/jobs`` for these engines: one model per engine (``DiffusionInput``
+    gives ``DiffusionJobCreate``), told apart by ``engine``."""
+    models = []
+    for spec in specs:
+        input_field = Field(default_factory=spec.input_model) if spec.input_optional else Field()
+        models.append(
+            create_model(
+                spec.input_model.__name__.removesuffix("Input") + "JobCreate",
+                __base__=_JobCreateBase,
+                __doc__=spec.description,
+                engine=(Literal[spec.name], Field(description="Which engine runs the job.")),  # type: ignore[arg-type]
+                input=(spec.input_model, input_field),
+            )
+        )
+    return Annotated[Union[tuple(models)], Field(discriminator="engine")]  # noqa: UP007  # a union built at run time
 
 
-JobCreate = Annotated[Union[DiffusionJobCreate, EchoJobCreate, LLMJobCreate], Field(discriminator="engine")]
+#: A create request of any registered engine.
+JobCreate = job_create_model(SPECS)
 
 
 # --- what a client reads ----------------------------------------------------------------

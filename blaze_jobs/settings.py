@@ -10,10 +10,20 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-ENGINES = ("diffusion", "echo", "llm")
+from blaze_jobs.engines import SPECS, spec_of
+from blaze_jobs.engines.diffusion import DiffusionSettings
+from blaze_jobs.engines.echo import EchoSettings
+from blaze_jobs.engines.llm import LLMSettings
+
+#: The registered engines' names (``blaze_jobs.engines.SPECS``).
+ENGINES = tuple(spec.name for spec in SPECS)
 
 
-class Settings(BaseSettings):
+# Each engine's settings (its models and input bounds) live in its own module and join the
+# one settings object as a base class. The bases are written out rather than computed from
+# SPECS so that a type checker sees every field; tests/test_engine_specs.py fails when an
+# engine's settings are missing here.
+class Settings(DiffusionSettings, EchoSettings, LLMSettings, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BLAZE_", extra="ignore")
 
     # --- where things are -------------------------------------------------------------
@@ -53,30 +63,10 @@ class Settings(BaseSettings):
     redis_pool_wait_s: float = 5.0
 
     # --- engines ------------------------------------------------------------------------
-    diffusion_model: str = "builtin:tiny-sd"
-    #: Models a request may name besides ``diffusion_model`` (comma-separated ids or paths).
-    #: A model not listed is refused at submission, so one request cannot make a worker
-    #: load arbitrary weights.
-    diffusion_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    echo_model: str = "builtin:echo"
-    #: The text model: ``builtin:tiny-lm``, a Hugging Face id or a local path.
-    llm_model: str = "builtin:tiny-lm"
-    #: Text models a request may name besides ``llm_model`` (comma-separated), refused
-    #: otherwise, as for diffusion.
-    llm_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Each engine's models and input bounds: in its module (``DiffusionSettings`` …).
+    #: The device workers run on by default: ``cpu``, ``cuda``, ``cuda:0`` …
     device: str = "cpu"
 
-    # Bounds on diffusion input. A 1024x1024 image is the largest common SD size; 150 steps
-    # is beyond any scheduler's useful range; 8 outputs keep one job from hogging a device.
-    max_width: int = 1024
-    max_height: int = 1024
-    max_pixels: int = 1024 * 1024
-    max_steps: int = 150
-    max_outputs: int = 8
-    #: CLIP reads 77 tokens; 2,000 characters is far beyond that yet bounds request size.
-    max_prompt_chars: int = 2_000
-    #: The echo engine sleeps at most this long (it exists for tests and benchmarks).
-    max_sleep_ms: int = 60_000
     # Bounds on every request, checked before anything is stored.
     #: A body is read whole into memory and parsed before any other check: 1 MiB holds the
     #: largest input allowed below even with every character written as a \u escape.
@@ -89,16 +79,6 @@ class Settings(BaseSettings):
     #: leaves room for echo's free-form fields and stays far below the depth at which
     #: orjson (255), Lua's cjson (1,000) and Python's recursion limit (1,000) give up.
     max_input_depth: int = 32
-    # Bounds on text input. 1,024 new tokens is a long answer and keeps one job from holding
-    # a batch slot for minutes; the prompt is bounded in characters here, and in tokens by
-    # the worker against the model's context length.
-    llm_max_new_tokens: int = 1_024
-    llm_max_prompt_chars: int = 16_000
-    #: Turns in one chat.
-    llm_max_messages: int = 64
-    #: Stop strings per job (four, as OpenAI's API allows), and characters in each.
-    llm_max_stop: int = 4
-    llm_max_stop_chars: int = 64
 
     # --- workers: batching, faults, leases ------------------------------------------------
     #: Most jobs one batch holds; a worker runs this many task threads so it can fill one.
@@ -191,7 +171,7 @@ class Settings(BaseSettings):
     #: ``user:password`` for Flower's login; empty leaves Flower open (local use only).
     flower_basic_auth: str = ""
 
-    @field_validator("diffusion_models", "llm_models", "webhook_retry_schedule", "trusted_proxies", mode="before")
+    @field_validator("webhook_retry_schedule", "trusted_proxies", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
         if isinstance(value, str):
@@ -200,12 +180,10 @@ class Settings(BaseSettings):
 
     def allowed_models(self, engine: str) -> list[str]:
         """The models a request for ``engine`` may name, the default first."""
-        default = self.default_model(engine)
-        others = {"diffusion": self.diffusion_models, "llm": self.llm_models}.get(engine, [])
-        return [default, *[m for m in others if m != default]]
+        return spec_of(engine).allowed_models(self)
 
     def default_model(self, engine: str) -> str:
-        return {"diffusion": self.diffusion_model, "echo": self.echo_model, "llm": self.llm_model}[engine]
+        return spec_of(engine).default_model(self)
 
     def key(self, *parts: str) -> str:
         """A Redis key under this deployment's prefix."""

@@ -1,6 +1,6 @@
 """A whole Blaze Jobs deployment on one machine, as child processes: Redis (the configured
 one, or a private embedded server), the API, workers and Flower. ``blaze demo`` and
-``blaze up`` use it, and so do the tests, so they exercise what users run."""
+``blaze up`` (``cli.py``) use it, and so do the tests, so they exercise what users run."""
 
 from __future__ import annotations
 
@@ -12,21 +12,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import httpx
 import redis
 
-if TYPE_CHECKING:
-    from blaze_jobs.client import BlazeClient
-
 #: How long a child gets to stop on SIGTERM before it is killed.
 STOP_GRACE_S = 15.0
-#: How often ``blaze demo`` looks at its children while it waits for its job: a dead
-#: worker runs nothing, so the demo says so within seconds instead of at its timeout.
-WATCH_S = 2.0
 
 
 class StackError(RuntimeError):
@@ -111,9 +105,7 @@ class Child:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+            self.process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     @property
     def pid(self) -> int:
@@ -148,7 +140,7 @@ class Stack:
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="blaze-stack-"))
         self.children: list[Child] = []
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -219,8 +211,9 @@ class Stack:
         self.children.clear()
 
 
-def _start_services(stack: Stack, *, api_port: int, flower_port: int, engines: tuple[str, ...]) -> str:
-    """Start the API, one worker per engine and Flower; returns the API's URL once it is ready."""
+def start_services(stack: Stack, *, api_port: int, flower_port: int, engines: tuple[str, ...]) -> str:
+    """Start the API, one worker per engine (``webhooks`` included when named) and Flower;
+    returns the API's URL once it is ready."""
     api = stack.blaze("api", "api", "--port", str(api_port))
     for engine in engines:
         stack.blaze(f"worker-{engine}", "worker", "--engine", engine)
@@ -230,97 +223,11 @@ def _start_services(stack: Stack, *, api_port: int, flower_port: int, engines: t
     return api_url
 
 
-def _port(preferred: int) -> int:
+def preferred_port(preferred: int) -> int:
+    """``preferred`` when it is free on this host, else any free port."""
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", preferred))
             return preferred
         except OSError:
             return free_port()
-
-
-def run_demo(prompt: str, *, out: Path, timeout: float) -> int:
-    """``blaze demo``: bring everything up, make one image over HTTP, write it, stop."""
-    from blaze_jobs.cli import save_images, timeline
-    from blaze_jobs.client import BlazeClient
-    from blaze_jobs.settings import get_settings
-
-    settings = get_settings()
-    # A prefix of its own, so the demo never takes jobs of a deployment sharing this Redis.
-    prefix = f"blaze-demo-{os.getpid()}:"
-    with interrupted_by_signals(), Stack() as stack:
-        redis_url = stack.redis(settings.redis_url)
-        where = "embedded Redis" if redis_url != settings.redis_url else "Redis"
-        print(f"using {where} at {redis_url}", flush=True)
-        stack.env.update(BLAZE_REDIS_URL=redis_url, BLAZE_REDIS_PREFIX=prefix)
-        flower_port = _port(5555)
-        try:
-            api_url = _start_services(stack, api_port=free_port(), flower_port=flower_port, engines=("diffusion",))
-            print(f"API {api_url} (docs {api_url}/docs), Flower http://127.0.0.1:{flower_port}", flush=True)
-            with BlazeClient(api_url) as client:
-                job = client.submit("diffusion", {"prompt": prompt})
-                print(f"submitted job {job['id']}; waiting for the diffusion worker", flush=True)
-                job = _wait_watching(stack, client, job["id"], timeout=timeout)
-                print(timeline(job))
-                if job["status"] != "succeeded":
-                    worker = stack.child("worker-diffusion")
-                    print(f"blaze demo: the job {job['status']}; worker log:\n{worker.log_tail()}", file=sys.stderr)
-                    return 1
-                for path in save_images(client, job, out):
-                    image = job["output"]["images"][0]
-                    print(f"wrote {path} ({image['width']}x{image['height']} {image['content_type']}, sha256 {image['sha256'][:12]}…)")
-            return 0
-        finally:
-            stack.stop()
-            _forget(redis_url, prefix)
-
-
-def _wait_watching(stack: Stack, client: BlazeClient, job_id: str, *, timeout: float) -> dict[str, Any]:
-    """The job once it has ended, as ``client.wait`` gives it; a child of the stack that
-    exits meanwhile ends the wait with its log (nothing would run the job)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        dead = stack.first_dead()
-        if dead is not None:
-            raise StackError(f"{dead.name} exited with code {dead.process.returncode}:\n{dead.log_tail()}")
-        try:
-            return client.wait(job_id, timeout=max(0.0, min(WATCH_S, deadline - time.monotonic())))
-        except TimeoutError:
-            if time.monotonic() >= deadline:
-                raise
-
-
-def _forget(redis_url: str, prefix: str) -> None:
-    """Delete every key the demo wrote (jobs, artifacts, Celery's queue bindings)."""
-    if not redis_reachable(redis_url):
-        return
-    with redis.Redis.from_url(redis_url) as client:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-
-
-def run_up(*, api_port: int, flower_port: int) -> int:
-    """``blaze up``: the demo's stack, kept running until Ctrl-C, SIGTERM or SIGHUP, which
-    all stop every child."""
-    from blaze_jobs.settings import get_settings
-
-    settings = get_settings()
-    with interrupted_by_signals(), Stack() as stack:
-        redis_url = stack.redis(settings.redis_url)
-        stack.env["BLAZE_REDIS_URL"] = redis_url
-        try:
-            api_url = _start_services(stack, api_port=api_port, flower_port=flower_port, engines=("diffusion", "echo", "llm", "webhooks"))
-            print(f"Redis   {redis_url}")
-            print(f"API     {api_url}")
-            print(f"docs    {api_url}/docs")
-            print(f"Flower  http://127.0.0.1:{flower_port}")
-            print(f"logs    {stack.log_dir}")
-            print("Ctrl-C stops everything.", flush=True)
-            while (dead := stack.first_dead()) is None:
-                time.sleep(0.5)
-            print(f"blaze up: {dead.name} exited with code {dead.process.returncode}:\n{dead.log_tail()}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt as interrupt:
-            print(f"stopping ({interrupt})" if isinstance(interrupt, Interrupted) else "stopping", flush=True)
-            return 0

@@ -8,16 +8,17 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
 import redis
 
 from blaze_jobs.client import BlazeClient
-from blaze_jobs.settings import Settings
+from blaze_jobs.settings import ENGINES, Settings
 from blaze_jobs.stack import Stack, StackError, free_port, redis_reachable, redis_refusal
 from tests.receiver import Receiver
 
@@ -119,20 +120,28 @@ def settings(test_env: dict[str, str]) -> Settings:
     return Settings(redis_url=test_env["BLAZE_REDIS_URL"], redis_prefix=test_env["BLAZE_REDIS_PREFIX"])
 
 
+#: Test-run options of the session's workers, by engine: the rest start with the defaults.
+WORKER_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    # One task thread: a second echo job waits in the queue (the cancel tests rely on it).
+    "echo": (("--concurrency", "1"), {}),
+    # One torch thread for the text worker: on two cores shared by every process here,
+    # a second thread spins waiting for the first and slows each step several times over.
+    "llm": ((), {"OMP_NUM_THREADS": "1"}),
+}
+
+
 @pytest.fixture(scope="session")
 def stack(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """``blaze api``, a diffusion and an echo worker, and Flower, as real processes."""
+    """``blaze api``, a worker of every engine and one for webhooks, and Flower, as real processes."""
     with Stack(env=test_env, log_dir=tmp_path_factory.mktemp("stack-logs")) as running:
         api_port, flower_port = free_port(), free_port()
         running.blaze("flower", "flower", "--port", str(flower_port))
         api = running.blaze("api", "api", "--port", str(api_port))
-        diffusion = running.blaze("worker-diffusion", "worker", "--engine", "diffusion")
-        # One task thread: a second echo job waits in the queue (the cancel tests rely on it).
-        echo = running.blaze("worker-echo", "worker", "--engine", "echo", "--concurrency", "1")
-        webhooks = running.blaze("worker-webhooks", "worker", "--engine", "webhooks")
-        # One torch thread for the text worker: on two cores shared by every process here,
-        # a second thread spins waiting for the first and slows each step several times over.
-        llm = running.blaze("worker-llm", "worker", "--engine", "llm", OMP_NUM_THREADS="1")
+        # A worker of every registered engine, and one for webhooks.
+        workers = {
+            name: running.blaze(f"worker-{name}", "worker", "--engine", name, *args, **env)
+            for name, (args, env) in ((name, WORKER_OPTIONS.get(name, ((), {}))) for name in (*ENGINES, "webhooks"))
+        }
         api_url = f"http://127.0.0.1:{api_port}"
         flower_url = f"http://127.0.0.1:{flower_port}"
         try:
@@ -142,19 +151,19 @@ def stack(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
             flower_http = httpx.Client(base_url=flower_url, auth=(user, password), timeout=2)
 
             def flower_sees_workers() -> bool:
+                dead = running.first_dead()
+                if dead is not None:
+                    raise StackError(f"{dead.name} exited with code {dead.process.returncode}:\n{dead.log_tail()}")
                 try:
                     # ?status=1 answers from the events Flower has seen (worker heartbeats).
-                    workers = flower_http.get("/api/workers", params={"status": 1})
+                    answer = flower_http.get("/api/workers", params={"status": 1})
                 except httpx.HTTPError:
                     return False
-                return workers.status_code == 200 and sum(workers.json().values()) >= 4
+                return answer.status_code == 200 and sum(answer.json().values()) >= len(workers)
 
-            # All four workers up and known to Flower: the diffusion and text ones have loaded their models.
+            # Every worker up and known to Flower: those with models have loaded them.
             with flower_http:
-                running.wait_for("the workers (as Flower sees them)", diffusion, flower_sees_workers, timeout=150)
-            running.wait_for("the echo worker", echo, echo.alive, timeout=1)
-            running.wait_for("the webhook worker", webhooks, webhooks.alive, timeout=1)
-            running.wait_for("the text worker", llm, llm.alive, timeout=1)
+                running.wait_for("the workers (as Flower sees them)", None, flower_sees_workers, timeout=150)
         except StackError as error:
             pytest.fail(str(error))
         yield {"api_url": api_url, "flower_url": flower_url, "flower_auth": (user, password), "stack": running}

@@ -14,7 +14,7 @@ from PIL import Image
 from blaze_jobs.engines.base import Artifact, EngineRequest
 from blaze_jobs.engines.diffusion import DiffusionEngine
 from blaze_jobs.errors import JobCanceled, RequestError, WorkerFault
-from blaze_jobs.models import builtin_path
+from blaze_jobs.builtin_models import builtin_path
 
 MODEL = "builtin:tiny-sd"
 

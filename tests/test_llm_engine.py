@@ -24,7 +24,7 @@ import torch
 from blaze_jobs.engines.base import EngineRequest
 from blaze_jobs.engines.llm import LLMEngine
 from blaze_jobs.errors import RequestError, WorkerFault
-from blaze_jobs.models import builtin_path
+from blaze_jobs.builtin_models import builtin_path
 from tests.test_textgen import LOGIT_TOL, greedy_alone, sampled_alone
 
 MODEL = "builtin:tiny-lm"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from blaze_jobs.kvcache import BatchCache
-from blaze_jobs.models import builtin_path
+from blaze_jobs.builtin_models import builtin_path
 from blaze_jobs.textgen import sample
 
 #: How far a row's logits may move with what shares its batch. Measured: at most 1e-6 with

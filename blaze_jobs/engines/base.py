@@ -12,12 +12,16 @@ Kept free of heavy imports (torch, diffusers) so the API and tests can import it
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from blaze_jobs.errors import BlazeError, RequestError
+
+if TYPE_CHECKING:
+    from blaze_jobs.engines.spec import EngineSpec
 
 
 @dataclass(eq=False)
@@ -78,10 +82,13 @@ class EngineRequest:
 class Engine:
     """The base of the engines (diffusion, llm, echo) a worker runs jobs with."""
 
-    name: ClassVar[str]
-    #: False for engines whose jobs gain nothing from sharing a device call (echo): the
-    #: batcher then runs each job at once on its own task thread.
-    batches: ClassVar[bool] = True
+    #: What the rest of Blaze Jobs knows of the engine: its name, and how it batches
+    #: (``spec.batching``), which the batcher follows.
+    spec: ClassVar[EngineSpec]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     def batch_key(self, request: EngineRequest) -> tuple:
         """Requests whose keys are equal may run together in one ``run_batch`` call (the
@@ -99,6 +106,12 @@ class Engine:
         worker fault.
         """
         raise NotImplementedError
+
+    def submit(self, request: EngineRequest) -> Future:
+        """A continuous engine (``Batching.continuous``) takes each job here as it arrives and
+        schedules it itself; the future resolves to the job's output (its ``batch_size``
+        attribute, when set, is the most jobs it shared the device with) or its error."""
+        raise NotImplementedError(f"the {self.name} engine batches {self.spec.batching.value}, not continuously")
 
     def run(self, request: EngineRequest) -> dict[str, Any]:
         """Run one request alone and return its output, raising its error if it failed."""

@@ -1,4 +1,8 @@
-"""Text-to-image with Stable Diffusion pipelines, several jobs per pipeline call."""
+"""Text-to-image with Stable Diffusion pipelines, several jobs per pipeline call.
+
+torch and diffusers are imported only where the engine runs (``create``, the methods), so
+the API reads this module's spec without loading them.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +13,116 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from diffusers import StableDiffusionPipeline
+from pydantic import BaseModel, ConfigDict, Field
 
+from blaze_jobs import builtin_models
 from blaze_jobs.engines.base import Artifact, Engine, EngineRequest, request_territory
+from blaze_jobs.engines.spec import (
+    ArtifactKind,
+    Batching,
+    Bound,
+    BuiltinModel,
+    CommaList,
+    EngineSpec,
+    JSONInt,
+    OptionalJSONInt,
+    OutOfBounds,
+)
 from blaze_jobs.errors import BlazeError, JobCanceled, RequestError, WorkerFault
-from blaze_jobs.models import builtin_path
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from blaze_jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 _FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class DiffusionInput(BaseModel):
+    """Input of an image job. Bounds beyond the ones shown are deployment settings
+    (``BLAZE_MAX_WIDTH``, ``BLAZE_MAX_PIXELS``, ``BLAZE_MAX_STEPS`` …)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, description="What the image should show.")
+    negative_prompt: str | None = Field(None, description="What the image should avoid.")
+    width: OptionalJSONInt = Field(
+        None, ge=8, multiple_of=8, description="Width in pixels, a multiple of 8. Defaults to the model's own size."
+    )
+    height: OptionalJSONInt = Field(
+        None, ge=8, multiple_of=8, description="Height in pixels, a multiple of 8. Defaults to the model's own size."
+    )
+    num_inference_steps: JSONInt = Field(20, ge=1, description="Denoising steps; more is slower and finer.")
+    guidance_scale: float = Field(7.5, ge=0, le=50, description="How strongly the image follows the prompt.")
+    seed: OptionalJSONInt = Field(
+        None,
+        ge=0,
+        le=2**32 - 1,
+        description="Random seed. The same seed and input give the same image bytes. "
+        "Drawn at random (and reported in the output) when absent.",
+    )
+    num_outputs: JSONInt = Field(1, ge=1, description="How many images; image i uses seed + i.")
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the images.")
+
+
+class DiffusionSettings(BaseModel):
+    diffusion_model: str = "builtin:tiny-sd"
+    #: Models a request may name besides ``diffusion_model`` (comma-separated ids or paths).
+    #: A model not listed is refused at submission, so one request cannot make a worker
+    #: load arbitrary weights.
+    diffusion_models: CommaList = Field(default_factory=list)
+    # Bounds on diffusion input. A 1024x1024 image is the largest common SD size; 150 steps
+    # is beyond any scheduler's useful range; 8 outputs keep one job from hogging a device.
+    max_width: int = 1024
+    max_height: int = 1024
+    max_pixels: int = 1024 * 1024
+    max_steps: int = 150
+    max_outputs: int = 8
+    #: CLIP reads 77 tokens; 2,000 characters is far beyond that yet bounds request size.
+    max_prompt_chars: int = 2_000
+
+
+def _check(image: DiffusionInput, settings: Settings) -> None:
+    if image.width and image.height and image.width * image.height > settings.max_pixels:
+        raise OutOfBounds("input.width", f"{image.width}x{image.height} exceeds the limit of {settings.max_pixels} pixels")
+
+
+def _create(settings: Settings, *, device: str | None = None, max_batch: int | None = None) -> DiffusionEngine:
+    # Static batches are bounded by the batcher, not the engine.
+    return DiffusionEngine(
+        model_dir=settings.model_dir, device=device or settings.device, max_loaded_models=settings.max_loaded_models
+    )
+
+
+SPEC = EngineSpec(
+    name="diffusion",
+    input_model=DiffusionInput,
+    description="An image job, run by a diffusers pipeline.",
+    batching=Batching.static,
+    create=_create,
+    settings=DiffusionSettings,
+    default_model_setting="diffusion_model",
+    allowed_models_setting="diffusion_models",
+    bounds=(
+        Bound(DiffusionInput, "prompt", "max_prompt_chars", "characters"),
+        Bound(DiffusionInput, "negative_prompt", "max_prompt_chars", "characters"),
+        Bound(DiffusionInput, "width", "max_width", "pixels"),
+        Bound(DiffusionInput, "height", "max_height", "pixels"),
+        Bound(DiffusionInput, "num_inference_steps", "max_steps", "steps"),
+        Bound(DiffusionInput, "num_outputs", "max_outputs", "images"),
+    ),
+    check=_check,
+    artifacts=tuple(ArtifactKind(extension, content_type) for extension, content_type in _FORMATS.items()),
+    builtin_models=(
+        BuiltinModel(
+            id="builtin:tiny-sd", revision="1", folder="tiny-sd", marker="model_index.json", build=builtin_models.tiny_sd
+        ),
+    ),
+)
 
 
 @dataclass
@@ -45,9 +147,11 @@ class _Job:
 class DiffusionEngine(Engine):
     """Runs ``StableDiffusionPipeline`` jobs, keeping the last few pipelines loaded."""
 
-    name: ClassVar[str] = "diffusion"
+    spec = SPEC
 
     def __init__(self, *, model_dir: Path, device: str = "cpu", max_loaded_models: int = 2) -> None:
+        import torch
+
         self.model_dir = Path(model_dir)
         self.device = device
         self.max_loaded_models = max(1, max_loaded_models)
@@ -109,7 +213,7 @@ class DiffusionEngine(Engine):
             groups.setdefault(job.key, []).append(i)
         for members in groups.values():
             outputs = self._run_group(pipes[requests[members[0]].model], [jobs[i] for i in members])
-            for i, output in zip(members, outputs):
+            for i, output in zip(members, outputs, strict=False):
                 results[i] = output
         return results  # type: ignore[return-value]  # every slot is filled above
 
@@ -123,6 +227,8 @@ class DiffusionEngine(Engine):
             self._pipelines.clear()
             self._loaded = ()
         if self.device.startswith("cuda"):
+            import torch
+
             torch.cuda.empty_cache()
 
     # --- loading ------------------------------------------------------------------------
@@ -139,6 +245,8 @@ class DiffusionEngine(Engine):
                     evicted, _ = self._pipelines.popitem(last=False)
                     logger.info("evicted diffusion model %s", evicted)
                     if self.device.startswith("cuda"):
+                        import torch
+
                         torch.cuda.empty_cache()
                 self._loaded = tuple(self._pipelines)
                 pipe = self._load(model)
@@ -149,8 +257,10 @@ class DiffusionEngine(Engine):
                 self._loaded = tuple(self._pipelines)
 
     def _load(self, model: str) -> StableDiffusionPipeline:
+        from diffusers import StableDiffusionPipeline
+
         try:
-            path: str | Path = builtin_path(model, self.model_dir) if model.startswith("builtin:") else model
+            path: str | Path = builtin_models.builtin_path(model, self.model_dir) if model.startswith("builtin:") else model
             # The model was configured for this deployment (the API refuses others), so a
             # failure here is this worker's: missing files, no network, no memory.
             pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
@@ -177,6 +287,8 @@ class DiffusionEngine(Engine):
         # Retry only once out of the except block: its exception holds the failed call's
         # tensors, which the smaller retries need the memory of.
         if self.device.startswith("cuda"):
+            import torch
+
             torch.cuda.empty_cache()
         if out_of_memory:
             half = len(jobs) // 2
@@ -195,6 +307,8 @@ class DiffusionEngine(Engine):
             # Drop the traceback, and with it the tensors of the failed call.
             exc.__traceback__ = None
             if self.device.startswith("cuda"):
+                import torch
+
                 torch.cuda.empty_cache()
             what = f"{job.num_outputs} image(s) of {job.width}x{job.height} with {job.request.model!r}"
             error: BlazeError = WorkerFault(f"out of memory generating {what} on {self.device}")
@@ -204,6 +318,8 @@ class DiffusionEngine(Engine):
         return error
 
     def _generate(self, pipe: StableDiffusionPipeline, jobs: list[_Job]) -> list[dict[str, Any] | BaseException]:
+        import torch
+
         # 1. Jobs canceled while queued cost nothing.
         stopped = [job.request.should_stop() for job in jobs]
         running = [i for i, stop in enumerate(stopped) if not stop]
@@ -260,7 +376,7 @@ class DiffusionEngine(Engine):
             if stopped[i] or job.request.should_stop():
                 results.append(JobCanceled(job.request.job_id))
                 continue
-            mine = [(image, job.seed + n) for image, (owner, n) in zip(images, images_of) if owner is job]
+            mine = [(image, job.seed + n) for image, (owner, n) in zip(images, images_of, strict=False) if owner is job]
             results.append({"images": [_encode(image, job, seed) for image, seed in mine]})
         return results
 
@@ -343,6 +459,8 @@ def _encode(image: Any, job: _Job, seed: int) -> Artifact:
 def _is_out_of_memory(exc: BaseException) -> bool:
     # torch.cuda.OutOfMemoryError exists since torch 1.13 (torch.OutOfMemoryError only since
     # 2.5). CUDA says "out of memory"; the CPU allocator says "can't allocate memory".
+    import torch
+
     message = str(exc).lower()
     return isinstance(exc, torch.cuda.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)

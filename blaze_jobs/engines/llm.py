@@ -2,8 +2,9 @@
 
 Each loaded model gets a ``TextGenerator`` (``blaze_jobs/textgen.py``): jobs join its running
 generation at the next token and leave it when they finish, up to ``max_batch`` at once. So
-the engine is ``continuous``: the batcher hands it each job through ``submit`` as the job
-arrives, instead of grouping jobs into static batches for ``run_batch``.
+the engine batches ``continuous``ly: the batcher hands it each job through ``submit`` as the
+job arrives, instead of grouping jobs into static batches for ``run_batch``. torch and
+transformers are imported only where the engine runs, so the API reads the spec without them.
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from blaze_jobs import builtin_models
 from blaze_jobs.engines.base import Engine, EngineRequest, request_territory
+from blaze_jobs.engines.spec import Batching, Bound, BuiltinModel, CommaList, EngineSpec, JSONInt, OptionalJSONInt, OutOfBounds
 from blaze_jobs.errors import BlazeError, RequestError, WorkerFault
-from blaze_jobs.models import builtin_path
-from blaze_jobs.textgen import TextGenerator, TextRequest
+
+if TYPE_CHECKING:
+    from blaze_jobs.settings import Settings
+    from blaze_jobs.textgen import TextGenerator, TextRequest
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +34,142 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
+class ChatMessage(BaseModel):
+    """One turn of a chat."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
+    content: str = Field(description="What they say.")
+
+
+class LLMInput(BaseModel):
+    """Input of a text job: a `prompt` to continue, or chat `messages` to answer (exactly one).
+    Bounds beyond the ones shown are deployment settings (``BLAZE_LLM_MAX_NEW_TOKENS``,
+    ``BLAZE_LLM_MAX_PROMPT_CHARS``, ``BLAZE_LLM_MAX_MESSAGES``, ``BLAZE_LLM_MAX_STOP`` …)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        # The schema says what the validator below checks: a prompt or messages, not both.
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+            ]
+        },
+    )
+
+    prompt: str | None = Field(None, min_length=1, description="Text for the model to continue.")
+    messages: list[ChatMessage] | None = Field(
+        None,
+        min_length=1,
+        description="A chat, rendered with the model's chat template; the model writes the assistant's next turn.",
+    )
+    max_new_tokens: JSONInt = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(
+        1.0, ge=0, le=2, description="Sampling temperature; 0 takes the likeliest token every time (greedy)."
+    )
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Nucleus sampling: draw from the likeliest tokens whose probabilities add up to this."
+    )
+    seed: OptionalJSONInt = Field(
+        None,
+        ge=0,
+        le=2**32 - 1,
+        description="Random seed for sampling. The same seed and input give the same text alone (and the cached "
+        "text on a repeat); beside other jobs, the same text except where a draw falls within the rounding of "
+        "batched kernels of another token. Drawn at random (and reported in the output) when absent.",
+    )
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="Generation ends where the first of these strings appears; it is not part of the text."
+    )
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> LLMInput:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`")
+        return self
+
+
+class LLMSettings(BaseModel):
+    #: The text model: ``builtin:tiny-lm``, a Hugging Face id or a local path.
+    llm_model: str = "builtin:tiny-lm"
+    #: Text models a request may name besides ``llm_model`` (comma-separated), refused
+    #: otherwise, as for diffusion.
+    llm_models: CommaList = Field(default_factory=list)
+    # Bounds on text input. 1,024 new tokens is a long answer and keeps one job from holding
+    # a batch slot for minutes; the prompt is bounded in characters here, and in tokens by
+    # the worker against the model's context length.
+    llm_max_new_tokens: int = 1_024
+    llm_max_prompt_chars: int = 16_000
+    #: Turns in one chat.
+    llm_max_messages: int = 64
+    #: Stop strings per job (four, as OpenAI's API allows), and characters in each.
+    llm_max_stop: int = 4
+    llm_max_stop_chars: int = 64
+
+
+def _check(text: LLMInput, settings: Settings) -> None:
+    # The schema bounds each message (ChatMessage.content); the prompt is bounded as a whole.
+    chars = sum(len(m.content) for m in text.messages or [])
+    if chars > settings.llm_max_prompt_chars:
+        raise OutOfBounds("input.messages", f"{chars} exceeds the limit of {settings.llm_max_prompt_chars} characters")
+
+
+def _cacheable(input: dict[str, Any]) -> bool:
+    # Greedy text (temperature 0) samples nothing, so it is as deterministic as a seeded one.
+    return input.get("seed") is not None or input.get("temperature", 1.0) == 0
+
+
+def _create(settings: Settings, *, device: str | None = None, max_batch: int | None = None) -> LLMEngine:
+    # A continuous engine bounds the sequences it runs at once itself.
+    return LLMEngine(
+        model_dir=settings.model_dir,
+        device=device or settings.device,
+        max_batch=max_batch or settings.max_batch,
+        max_loaded_models=settings.max_loaded_models,
+    )
+
+
+SPEC = EngineSpec(
+    name="llm",
+    input_model=LLMInput,
+    description="A text job, run by a transformers causal language model. The output is `{text, "
+    "finish_reason, usage: {prompt_tokens, completion_tokens}}`, with `seed` when sampling; "
+    "`finish_reason` is `stop` (end of sequence or a stop string), `length` or `canceled`.",
+    batching=Batching.continuous,
+    create=_create,
+    settings=LLMSettings,
+    default_model_setting="llm_model",
+    allowed_models_setting="llm_models",
+    bounds=(
+        Bound(LLMInput, "max_new_tokens", "llm_max_new_tokens", "tokens"),
+        Bound(LLMInput, "prompt", "llm_max_prompt_chars", "characters"),
+        Bound(LLMInput, "messages", "llm_max_messages", "messages"),
+        Bound(LLMInput, "stop", "llm_max_stop", "strings"),
+        # What the schema cannot say exactly (the characters of all messages together), it
+        # says of each part, which the whole bounds anyway (``_check`` bounds the whole).
+        Bound(ChatMessage, "content", "llm_max_prompt_chars", "characters"),
+        Bound(LLMInput, "stop", "llm_max_stop_chars", "characters in a stop string", items=True),
+    ),
+    check=_check,
+    cacheable=_cacheable,
+    builtin_models=(
+        BuiltinModel(id="builtin:tiny-lm", revision="1", folder="tiny-lm", marker="config.json", build=builtin_models.tiny_lm),
+    ),
+)
+
+
 class LLMEngine(Engine):
     """Runs text jobs on causal language models, keeping the last few models loaded."""
 
-    name: ClassVar[str] = "llm"
     #: Jobs go to ``submit`` one by one and join the running generation at a token boundary.
-    continuous: ClassVar[bool] = True
+    spec = SPEC
 
     def __init__(self, *, model_dir: Path, device: str = "cpu", max_batch: int = 8, max_loaded_models: int = 2) -> None:
+        import torch
+
         self.model_dir = Path(model_dir)
         self.device = device
         self.max_batch = max(1, max_batch)
@@ -100,6 +233,8 @@ class LLMEngine(Engine):
         for generator in generators:
             generator.close()
         if self.device.startswith("cuda"):
+            import torch
+
             torch.cuda.empty_cache()
 
     # --- loading ------------------------------------------------------------------------
@@ -123,6 +258,8 @@ class LLMEngine(Engine):
             self._generators.pop(idle).close()
             logger.info("evicted text model %s", idle)
             if self.device.startswith("cuda"):
+                import torch
+
                 torch.cuda.empty_cache()
         self._loaded = tuple(self._generators)
         generator = self._load(model)
@@ -132,8 +269,10 @@ class LLMEngine(Engine):
     def _load(self, model: str) -> TextGenerator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from blaze_jobs.textgen import TextGenerator
+
         try:
-            path: str | Path = builtin_path(model, self.model_dir) if model.startswith("builtin:") else model
+            path: str | Path = builtin_models.builtin_path(model, self.model_dir) if model.startswith("builtin:") else model
             tokenizer = AutoTokenizer.from_pretrained(path)
             # Cast after loading, as the diffusion engine does: from_pretrained's dtype
             # keyword changed names across versions.
@@ -198,6 +337,8 @@ def _resolve(request: EngineRequest, generator: TextGenerator) -> TextRequest:
     stop = data.get("stop") or []
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise RequestError("stop: must be a list of non-empty strings")
+    from blaze_jobs.textgen import TextRequest
+
     return TextRequest(
         prompt_ids=list(ids),
         max_new_tokens=_int(data, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS, minimum=1),

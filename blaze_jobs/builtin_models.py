@@ -5,6 +5,10 @@ They exist so that workers, tests and demos run end to end with no network and n
 downloaded weights. Their images look like noise and their text is gibberish, but every code
 path (tokenizer, text encoder, UNet, scheduler, VAE, image encoding; chat template, KV cache,
 sampling, detokenizing) is the one a real Stable Diffusion or Llama takes.
+
+Each engine's spec names its built-in models (``BuiltinModel``: id, folder, revision, and
+the builder below); ``builtin_path`` builds one on first use. torch, diffusers and
+transformers are imported inside the builders, so specs can name them from the API.
 """
 
 from __future__ import annotations
@@ -16,52 +20,51 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
 from blaze_jobs.errors import RequestError
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
-
-#: Built-in model ids and the folder (under the model dir) each is built into.
-BUILTIN_MODELS: dict[str, str] = {"builtin:tiny-sd": "tiny-sd", "builtin:tiny-lm": "tiny-lm"}
-#: The file whose presence says a built-in model's folder is complete.
-_MARKERS = {"tiny-sd": "model_index.json", "tiny-lm": "config.json"}
+    from transformers import CLIPTokenizer
 
 # CLIP's real context length: prompts are padded to it, so the text encoder sees the same
 # shapes a full-size model would.
 _CONTEXT_LENGTH = 77
 _VOCAB_SIZE = 1000
 # A few common English pairs, so the tokenizer exercises BPE merges rather than bytes only.
+# fmt: off
 _MERGES = [
     ("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("i", "n"), ("in", "g</w>"),
     ("e", "r"), ("o", "n</w>"), ("o", "f</w>"), ("a", "t</w>"), ("e", "n"), ("o", "r</w>"),
 ]
+# fmt: on
 
 
 def builtin_path(model: str, model_dir: Path) -> Path:
     """The folder holding the built-in ``model``, built there first if absent.
 
-    Raises RequestError for an id that is not a built-in model.
+    Raises RequestError for an id that is not a buildable built-in model of any engine.
     """
-    try:
-        folder = BUILTIN_MODELS[model]
-    except KeyError:
-        raise RequestError(f"unknown built-in model {model!r}; known: {sorted(BUILTIN_MODELS)}") from None
-    target = Path(model_dir) / folder
-    marker = target / _MARKERS[folder]
+    import torch
+
+    from blaze_jobs.engines import SPECS
+
+    buildable = {b.id: b for spec in SPECS for b in spec.builtin_models if b.build is not None}
+    builtin = buildable.get(model)
+    if builtin is None or builtin.folder is None or builtin.marker is None or builtin.build is None:
+        raise RequestError(f"unknown built-in model {model!r}; known: {sorted(buildable)}") from None
+    target = Path(model_dir) / builtin.folder
+    marker = target / builtin.marker
     if marker.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename into place: a rename is atomic on one filesystem,
     # so a process loading the model never sees half of it, even when two build at once.
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{builtin.folder}-", dir=target.parent))
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; other users' workers read it too
         # Seeding must not disturb the caller's global random state.
         with torch.random.fork_rng(devices=[]):
-            parts = _build_tiny_lm() if folder == "tiny-lm" else (_build_tiny_sd(),)
+            parts = builtin.build()
         for part in parts:  # a pipeline, or a model and its tokenizer
             part.save_pretrained(staging)
         try:
@@ -75,9 +78,21 @@ def builtin_path(model: str, model_dir: Path) -> Path:
     return target
 
 
+def tiny_sd() -> tuple[Any, ...]:
+    """``builtin:tiny-sd``: a Stable Diffusion pipeline that makes 64x64 images."""
+    return (_build_tiny_sd(),)
+
+
+def tiny_lm() -> tuple[Any, ...]:
+    """``builtin:tiny-lm``: a Llama causal LM and its chat tokenizer."""
+    return _build_tiny_lm()
+
+
 def _build_tiny_sd() -> StableDiffusionPipeline:
     # Imported here: importing diffusers takes seconds, which a text worker need not wait.
+    import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     # Each component is seeded on its own, so the weights do not depend on build order.
     torch.manual_seed(0)
@@ -146,6 +161,8 @@ def _build_tiny_sd() -> StableDiffusionPipeline:
 
 
 def _build_tokenizer() -> CLIPTokenizer:
+    from transformers import CLIPTokenizer
+
     # CLIP's byte-level BPE: every byte maps to a printable character, and a token that ends
     # a word carries "</w>". Bytes alone (plus merges) cover any prompt, so nothing is unknown.
     alphabet = _byte_alphabet()
@@ -225,6 +242,7 @@ Hello! How are you today? I am fine, thank you. What would you like to talk abou
 
 def _build_tiny_lm() -> tuple[Any, Any]:
     """A Llama causal LM with seeded random weights and its tokenizer, with a chat template."""
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
