@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from common import broke_off, forget_all, machine, start_api, unique_prefix, write_json
-from overhead import bare_app
-from redis_trace import print_trace, profile
 
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.stack import Stack, StackError, free_port, redis_reachable, redis_server_binary
+from common import broke_off, forget_all, machine, start_api, unique_prefix, write_json
+from overhead import bare_app
+from redis_trace import print_trace, profile
 
 #: The issue's goal: at most this many Redis commands per echo job, end to end.
 GOAL = 30
