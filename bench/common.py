@@ -22,10 +22,10 @@ from typing import Any
 
 import httpx
 import redis
-from submit import cpu_seconds, forget  # noqa: F401  (re-exported for the benchmarks)
 
 from blaze_jobs.stack import Child, Stack, StackError, free_port
 from blaze_jobs.store import Keys
+from submit import cpu_seconds, forget  # noqa: F401  (re-exported for the benchmarks)
 
 HOST = "127.0.0.1"
 #: Packages whose versions a summary records, so figures from two runs can be compared.

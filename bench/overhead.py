@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from common import HOST, broke_off, cpu_seconds, forget_all, latency_summary, machine, start_api, unique_prefix, write_json
-from redis_trace import print_trace, profile
 
 from blaze_jobs.settings import get_settings
 from blaze_jobs.stack import Stack, StackError
+from common import HOST, broke_off, cpu_seconds, forget_all, latency_summary, machine, start_api, unique_prefix, write_json
+from redis_trace import print_trace, profile
 
 #: The issue's goal: an echo job's p50 is at most this many times the bare round trip's.
 GOAL = 1.5

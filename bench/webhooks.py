@@ -48,12 +48,12 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.receiver
 
-from blaze_jobs.progress import ProgressReporter
 from blaze_jobs.jobs import JobStatus, new_record
+from blaze_jobs.progress import ProgressReporter
 from blaze_jobs.settings import get_settings
+from blaze_jobs.signing import new_secret, signed_headers
 from blaze_jobs.stack import Stack, StackError
 from blaze_jobs.store import JobStore, Keys
-from blaze_jobs.signing import new_secret, signed_headers
 from common import cpu_seconds, forget, latency_summary, machine, start_api, unique_prefix, write_json
 from tests.receiver import Receiver
 
@@ -65,13 +65,17 @@ PROMPT = "a lighthouse at dusk, oil on canvas"
 # --- 1. delivery latency ------------------------------------------------------------------
 
 
-def delivery_latency(stack: Stack, api_url: str, receiver: Receiver, *, jobs: int, rate: float, sender_pid: int) -> dict[str, Any]:
+def delivery_latency(
+    stack: Stack, api_url: str, receiver: Receiver, *, jobs: int, rate: float, sender_pid: int
+) -> dict[str, Any]:
     path = f"/bench/{uuid.uuid4().hex[:8]}"
     hook = receiver.url(path)
     with httpx.Client(base_url=api_url, timeout=30) as http:
         # Warm-up: the workers' first tasks, connections and code paths.
         for n in range(10):
-            http.post("/v1/jobs", json={"engine": "echo", "input": {"warm": n}, "webhook": hook, "webhook_events_filter": ["completed"]})
+            http.post(
+                "/v1/jobs", json={"engine": "echo", "input": {"warm": n}, "webhook": hook, "webhook_events_filter": ["completed"]}
+            )
         receiver.wait_for(path, 10, timeout=60)
         cpu_before = cpu_seconds(sender_pid)
         ids = []
@@ -84,14 +88,20 @@ def delivery_latency(stack: Stack, api_url: str, receiver: Receiver, *, jobs: in
             body = {"engine": "echo", "input": {"n": n}, "webhook": hook, "webhook_events_filter": ["completed"]}
             ids.append(http.post("/v1/jobs", json=body).raise_for_status().json()["id"])
     got = receiver.wait_for(path, 10 + jobs, timeout=120)[10:]
-    cpu_ms = (cpu_seconds(sender_pid) - cpu_before) / jobs * 1000 if cpu_before is not None else None
+    cpu_after = cpu_seconds(sender_pid)
+    cpu_ms = (cpu_after - cpu_before) / jobs * 1000 if cpu_before is not None and cpu_after is not None else None
     latencies, sizes = [], []
     for request in got:
         event = json.loads(request.body)
         completed_at = datetime.fromisoformat(event["data"]["completed_at"]).timestamp()
         latencies.append(request.at - completed_at)
         sizes.append(len(request.body))
-    return {"summary": latency_summary(latencies), "body_bytes": int(statistics.median(sizes)), "jobs": len(got), "sender_cpu_ms": cpu_ms}
+    return {
+        "summary": latency_summary(latencies),
+        "body_bytes": int(statistics.median(sizes)),
+        "jobs": len(got),
+        "sender_cpu_ms": cpu_ms,
+    }
 
 
 def raw_post_latency(receiver: Receiver, *, posts: int, body_bytes: int) -> dict[str, Any]:
@@ -107,7 +117,7 @@ def raw_post_latency(receiver: Receiver, *, posts: int, body_bytes: int) -> dict
             http.post(receiver.url(path), content=body, headers=headers).raise_for_status()
             sent.append(before)
     got = receiver.wait_for(path, posts + 10, timeout=30)
-    return {"summary": latency_summary([r.at - t for r, t in zip(got[10:], sent[10:])])}
+    return {"summary": latency_summary([r.at - t for r, t in zip(got[10:], sent[10:], strict=True)])}
 
 
 #: The least a queue-fed webhook sender does: pop a message from Redis, POST it.
@@ -150,7 +160,7 @@ def bare_sender_latency(redis_url: str, receiver: Receiver, *, messages: int, ra
         client.delete(key)
         client.close()
     cpu_ms = (cpu_after - cpu_before) / messages * 1000 if cpu_before is not None and cpu_after is not None else None
-    return {"summary": latency_summary([r.at - t for r, t in zip(got[10:], sent[10:])]), "sender_cpu_ms": cpu_ms}
+    return {"summary": latency_summary([r.at - t for r, t in zip(got[10:], sent[10:], strict=True)]), "sender_cpu_ms": cpu_ms}
 
 
 # --- 2. progress cost ---------------------------------------------------------------------
@@ -216,10 +226,10 @@ def engine_progress_cost(
     one(False), one(True)  # warm-up
     runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     for p in range(pairs):
-        for with_progress in ((False, True) if p % 2 == 0 else (True, False)):
+        for with_progress in (False, True) if p % 2 == 0 else (True, False):
             runs[with_progress].append(one(with_progress))
-    wall_ratios = sorted(on[0] / off[0] for on, off in zip(runs[True], runs[False]))
-    cpu_ratios = sorted(on[1] / off[1] for on, off in zip(runs[True], runs[False]))
+    wall_ratios = sorted(on[0] / off[0] for on, off in zip(runs[True], runs[False], strict=True))
+    cpu_ratios = sorted(on[1] / off[1] for on, off in zip(runs[True], runs[False], strict=True))
 
     # 2. The reporter itself: a step callback, and one send (wake-up, Lua step, round trip).
     job_id = running_job()
@@ -248,8 +258,16 @@ def engine_progress_cost(
         "pairs": pairs,
         "images_per_s_off": batch / statistics.median(w for w, _ in runs[False]),
         "images_per_s_on": batch / statistics.median(w for w, _ in runs[True]),
-        "wall_ratio_on_off": {"median": statistics.median(wall_ratios), "q1": wall_ratios[len(wall_ratios) // 4], "q3": wall_ratios[3 * len(wall_ratios) // 4]},
-        "cpu_ratio_on_off": {"median": statistics.median(cpu_ratios), "q1": cpu_ratios[len(cpu_ratios) // 4], "q3": cpu_ratios[3 * len(cpu_ratios) // 4]},
+        "wall_ratio_on_off": {
+            "median": statistics.median(wall_ratios),
+            "q1": wall_ratios[len(wall_ratios) // 4],
+            "q3": wall_ratios[3 * len(wall_ratios) // 4],
+        },
+        "cpu_ratio_on_off": {
+            "median": statistics.median(cpu_ratios),
+            "q1": cpu_ratios[len(cpu_ratios) // 4],
+            "q3": cpu_ratios[3 * len(cpu_ratios) // 4],
+        },
         "cpu_s_per_image_off": cpu_per_image,
         "callback_us": callback_us,
         "send_ms_cpu": send_ms,
@@ -266,14 +284,29 @@ def system_progress_cost(stack: Stack, api_url: str, api_pid: int, *, rounds: in
     client = redis.Redis.from_url(stack.env["BLAZE_REDIS_URL"])
     keys = Keys(stack.env["BLAZE_REDIS_PREFIX"])
     shape = argparse.Namespace(
-        device=args.device, max_wait_ms=50.0, concurrency_factor=1, size=args.size, steps=args.steps, timeout=900.0, jobs_per_batch=args.system_jobs
+        device=args.device,
+        max_wait_ms=50.0,
+        concurrency_factor=1,
+        size=args.size,
+        steps=args.steps,
+        timeout=900.0,
+        jobs_per_batch=args.system_jobs,
     )
     runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
     for r in range(rounds):
-        for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
+        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
             stack.env["BLAZE_PROGRESS_INTERVAL_S"] = "0.5" if mode == "on" else "0"
             figures = run_system(
-                stack, api_url=api_url, api_pid=api_pid, client=client, keys=keys, batch=args.system_batch, args=shape, threads=args.threads, factor=1, seed=random.randrange(2**30)
+                stack,
+                api_url=api_url,
+                api_pid=api_pid,
+                client=client,
+                keys=keys,
+                batch=args.system_batch,
+                args=shape,
+                threads=args.threads,
+                factor=1,
+                seed=random.randrange(2**30),
             )
             if figures["failed"]:
                 raise StackError(f"system run failed: {figures.get('failure_sample')}")
@@ -314,10 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0 …")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads, here and in the system's worker (0: the library default); "
-        "on a busy 2-core machine the default's spinning threads make timings meaningless"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads, here and in the system's worker (0: the library default); "
+        "on a busy 2-core machine the default's spinning threads make timings meaningless",
     )
-    parser.add_argument("--sd15", action="store_true", help="a random-weight SD 1.5-shaped pipeline (bench/batching.py's; for a GPU at 512)")
+    parser.add_argument(
+        "--sd15", action="store_true", help="a random-weight SD 1.5-shaped pipeline (bench/batching.py's; for a GPU at 512)"
+    )
     parser.add_argument("--model-dir", type=Path, default=None, help="where models are built (default BLAZE_MODEL_DIR)")
     parser.add_argument("--json", help="also write a JSON summary here")
     args = parser.parse_args(argv)
@@ -353,15 +391,27 @@ def main(argv: list[str] | None = None) -> int:
                     stack.blaze("worker-echo", "worker", "--engine", "echo", "--concurrency", "4")
                     webhooks = stack.blaze("worker-webhooks", "worker", "--engine", "webhooks")
                     system = delivery_latency(stack, api_url, receiver, jobs=args.jobs, rate=args.rate, sender_pid=webhooks.pid)
-                    bare = bare_sender_latency(redis_url, receiver, messages=args.jobs, rate=args.rate, body_bytes=system["body_bytes"])
+                    bare = bare_sender_latency(
+                        redis_url, receiver, messages=args.jobs, rate=args.rate, body_bytes=system["body_bytes"]
+                    )
                     raw = raw_post_latency(receiver, posts=args.jobs, body_bytes=system["body_bytes"])
                     summary["latency"] = {"system": system, "bare_sender": bare, "raw_post": raw}
                     s, q, b = system["summary"], bare["summary"], raw["summary"]
-                    print(f"  completion → receiver (system)  p50 {s['p50_ms']:7.2f} ms  p99 {s['p99_ms']:8.2f} ms  (n {s['n']}, {system['body_bytes']} B bodies)")
+                    print(
+                        f"  completion → receiver (system)  p50 {s['p50_ms']:7.2f} ms  p99 {s['p99_ms']:8.2f} ms"
+                        f"  (n {s['n']}, {system['body_bytes']} B bodies)"
+                    )
                     print(f"  LPUSH → receiver (bare sender)  p50 {q['p50_ms']:7.2f} ms  p99 {q['p99_ms']:8.2f} ms")
                     print(f"  signed POST alone               p50 {b['p50_ms']:7.2f} ms  p99 {b['p99_ms']:8.2f} ms")
-                    print(f"  system / bare sender            p50 {s['p50_ms'] / q['p50_ms']:.2f}×  p99 {s['p99_ms'] / q['p99_ms']:.2f}×")
-                    print(f"  sender CPU per delivery: webhook worker {system['sender_cpu_ms'] or math.nan:.2f} ms, bare sender {bare['sender_cpu_ms'] or math.nan:.2f} ms", flush=True)
+                    print(
+                        f"  system / bare sender            p50 {s['p50_ms'] / q['p50_ms']:.2f}×"
+                        f"  p99 {s['p99_ms'] / q['p99_ms']:.2f}×"
+                    )
+                    print(
+                        f"  sender CPU per delivery: webhook worker {system['sender_cpu_ms'] or math.nan:.2f} ms,"
+                        f" bare sender {bare['sender_cpu_ms'] or math.nan:.2f} ms",
+                        flush=True,
+                    )
                 if args.pairs:
                     print(
                         f"progress cost, engine: {args.pairs} pairs of calls, batch {args.batch}, {model} {args.size}px, "
@@ -369,26 +419,44 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                     engine = engine_progress_cost(
-                        pairs=args.pairs, batch=args.batch, size=args.size, steps=args.steps, prefix=prefix,
-                        redis_url=redis_url, model=model, model_dir=model_dir, device=args.device, threads=args.threads,
+                        pairs=args.pairs,
+                        batch=args.batch,
+                        size=args.size,
+                        steps=args.steps,
+                        prefix=prefix,
+                        redis_url=redis_url,
+                        model=model,
+                        model_dir=model_dir,
+                        device=args.device,
+                        threads=args.threads,
                     )
                     summary["progress_engine"] = engine
                     w, c = engine["wall_ratio_on_off"], engine["cpu_ratio_on_off"]
                     print(f"  images/s off {engine['images_per_s_off']:.3f}, on {engine['images_per_s_on']:.3f} (medians)")
-                    print(f"  time on/off per pair: wall {w['median']:.4f} (IQR {w['q1']:.4f}–{w['q3']:.4f}), CPU {c['median']:.4f} (IQR {c['q1']:.4f}–{c['q3']:.4f})")
                     print(
-                        f"  reporter: {engine['callback_us']:.2f} µs per step callback, {engine['send_ms_cpu']:.3f} ms CPU per send; "
+                        f"  time on/off per pair: wall {w['median']:.4f} (IQR {w['q1']:.4f}–{w['q3']:.4f}),"
+                        f" CPU {c['median']:.4f} (IQR {c['q1']:.4f}–{c['q3']:.4f})"
+                    )
+                    print(
+                        f"  reporter: {engine['callback_us']:.2f} µs per step callback,"
+                        f" {engine['send_ms_cpu']:.3f} ms CPU per send; "
                         f"{engine['reporter_cpu_s_per_image'] * 1000:.3f} ms per image of {engine['cpu_s_per_image_off']:.3f} s: "
                         f"cost {engine['cost'] * 100:.3f} %",
                         flush=True,
                     )
                 if args.system_rounds:
-                    print(f"progress cost, system: {args.system_rounds} rounds, max batch {args.system_batch}, {args.system_jobs}×B jobs per run", flush=True)
+                    print(
+                        f"progress cost, system: {args.system_rounds} rounds, max batch {args.system_batch},"
+                        f" {args.system_jobs}×B jobs per run",
+                        flush=True,
+                    )
                     system_cost = system_progress_cost(stack, api_url, api.pid, rounds=args.system_rounds, args=args)
                     summary["progress_system"] = system_cost
                     print(
-                        f"  off {system_cost['images_per_s_off']:.3f} images/s, on {system_cost['images_per_s_on']:.3f} images/s, "
-                        f"on/off {system_cost['ratio_on_off']:.4f}; worker CPU s/image on/off {system_cost['cpu_ratio_on_off']:.4f}",
+                        f"  off {system_cost['images_per_s_off']:.3f} images/s,"
+                        f" on {system_cost['images_per_s_on']:.3f} images/s, "
+                        f"on/off {system_cost['ratio_on_off']:.4f};"
+                        f" worker CPU s/image on/off {system_cost['cpu_ratio_on_off']:.4f}",
                         flush=True,
                     )
             finally:
