@@ -62,7 +62,13 @@ BATCH_LOG = re.compile(r"batch of \d+ ran in ([0-9.]+) s")
 def job_body(*, size: int, steps: int, seed: int, index: int) -> dict[str, Any]:
     return {
         "engine": "diffusion",
-        "input": {"prompt": f"{PROMPT}, study {index}", "width": size, "height": size, "num_inference_steps": steps, "seed": seed},
+        "input": {
+            "prompt": f"{PROMPT}, study {index}",
+            "width": size,
+            "height": size,
+            "num_inference_steps": steps,
+            "seed": seed,
+        },
     }
 
 
@@ -118,7 +124,17 @@ def run_system(
 ) -> dict[str, Any]:
     """Start a worker for ``batch`` with ``factor``×``batch`` task threads, warm it with one
     batch, then measure a saturating load."""
-    argv = ["worker", "--engine", "diffusion", "--device", args.device, "--max-batch", str(batch), "--max-wait-ms", f"{args.max_wait_ms:g}"]
+    argv = [
+        "worker",
+        "--engine",
+        "diffusion",
+        "--device",
+        args.device,
+        "--max-batch",
+        str(batch),
+        "--max-wait-ms",
+        f"{args.max_wait_ms:g}",
+    ]
     argv += ["--concurrency", str(batch * factor)]
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
     worker = stack.blaze(f"worker-b{batch}-t{threads}-c{factor}", *argv, **env)
@@ -148,10 +164,11 @@ def run_system(
     figures = system_figures(jobs, posted_at=posted_at)
     # CPU seconds each process spent from the first POST until every job had ended: on a
     # shared CPU this tells the worker's own cost apart from time lost waiting for a core.
-    figures["cpu_s"] = {
-        name: round(cpu_after[name] - cpu_before[name], 3) if cpu_after[name] is not None and cpu_before[name] is not None else None
-        for name in cpu_before
-    }
+    cpu_s: dict[str, float | None] = {}
+    for name, before in cpu_before.items():
+        after = cpu_after[name]
+        cpu_s[name] = round(after - before, 3) if after is not None and before is not None else None
+    figures["cpu_s"] = cpu_s
     # The worker logs each batch's device time: the measured ones follow the warm-up batch.
     device_s = [float(m.group(1)) for m in BATCH_LOG.finditer(worker.log_path.read_text(errors="replace"))][1:]
     figures["device_s_per_batch"] = round(sum(device_s) / len(device_s), 4) if device_s else None
@@ -197,14 +214,24 @@ def measure(
     systems = {}
     for factor in args.concurrency_factor:
         system = run_system(
-            stack, api_url=api_url, api_pid=api_pid, client=client, keys=keys, batch=batch, args=args, threads=threads, factor=factor, seed=seed
+            stack,
+            api_url=api_url,
+            api_pid=api_pid,
+            client=client,
+            keys=keys,
+            batch=batch,
+            args=args,
+            threads=threads,
+            factor=factor,
+            seed=seed,
         )
         seed += batch * (args.jobs_per_batch + 2)
         images, worker_cpu = system.get("images") or 0, system["cpu_s"].get("worker")
         system["worker_cpu_s_per_image"] = worker_cpu / images if images and worker_cpu is not None else None
         systems[factor] = system
         print(
-            f"  system {factor}×B    {system.get('images_per_s', math.nan):8.3f} images/s over {system.get('span_s', math.nan):.2f} s, "
+            f"  system {factor}×B    {system.get('images_per_s', math.nan):8.3f} images/s"
+            f" over {system.get('span_s', math.nan):.2f} s, "
             f"mean batch {system.get('mean_batch', math.nan):.2f} (per job {system.get('mean_batch_per_job', math.nan):.2f}), "
             f"batches {system.get('batch_sizes')}, failed {system['failed']}, CPU s {system['cpu_s']}",
             flush=True,
@@ -267,15 +294,17 @@ def header(args: argparse.Namespace, model: str) -> str:
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(
         f"\n{'threads':>7} {'B':>3} {'tasks':>5} {'raw img/s':>10} {'system img/s':>13} {'ratio':>6} {'mean batch':>11} {'/B':>5}"
-        f" {'ms lost/batch':>14} {'CPU s/img raw':>14} {'worker':>7} {'CPU ratio':>10} {'engine img/s':>13} {'jobs':>5} {'failed':>6}"
+        f" {'ms lost/batch':>14} {'CPU s/img raw':>14} {'worker':>7} {'CPU ratio':>10} {'engine img/s':>13}"
+        f" {'jobs':>5} {'failed':>6}"
     )
     for r in rows:
         s = r["system"]
         engine = f"{r['engine']['images_per_s']:>13.3f}" if r.get("engine") else f"{'-':>13}"
         print(
             f"{r['threads_label']:>7} {r['batch']:>3} {str(r['factor']) + '×B':>5} {r['raw']['images_per_s']:>10.3f}"
-            f" {s.get('images_per_s', math.nan):>13.3f} {r['ratio']:>6.3f} {s.get('mean_batch', math.nan):>11.2f} {r['batch_fill']:>5.2f}"
-            f" {r['ms_lost_per_batch']:>14.1f} {r['raw']['cpu_s_per_image']:>14.3f} {s.get('worker_cpu_s_per_image') or math.nan:>7.3f}"
+            f" {s.get('images_per_s', math.nan):>13.3f} {r['ratio']:>6.3f} {s.get('mean_batch', math.nan):>11.2f}"
+            f" {r['batch_fill']:>5.2f} {r['ms_lost_per_batch']:>14.1f} {r['raw']['cpu_s_per_image']:>14.3f}"
+            f" {s.get('worker_cpu_s_per_image') or math.nan:>7.3f}"
             f" {r['cpu_ratio'] or math.nan:>10.3f} {engine} {s['jobs']:>5} {s['failed']:>6}"
         )
 
@@ -296,10 +325,16 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency-factor", type=int, nargs="+", default=[2], help="run factor×B task threads in the worker (2: its default)"
     )
     parser.add_argument(
-        "--threads", type=int, nargs="+", default=[0], help="torch threads in both the baseline and the worker; 0: the library default"
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="torch threads in both the baseline and the worker; 0: the library default",
     )
     parser.add_argument("--engine-baseline", action="store_true", help="also time DiffusionEngine.run_batch in this process")
-    parser.add_argument("--sd15", action="store_true", help="a random-weight pipeline of the SD 1.5 architecture (for a GPU at 512)")
+    parser.add_argument(
+        "--sd15", action="store_true", help="a random-weight pipeline of the SD 1.5 architecture (for a GPU at 512)"
+    )
     parser.add_argument("--model-dir", type=Path, default=None, help="where models are built (default BLAZE_MODEL_DIR)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one run's jobs (model load included)")
     parser.add_argument("--json", help="also write a JSON summary here")
@@ -341,8 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [],
     }
     print(header(args, model), flush=True)
-    print(f"device {summary['device_name']}; torch {torch.__version__}; default torch threads {default_threads}; "
-          f"load average {summary['machine_before']['loadavg']}", flush=True)
+    print(
+        f"device {summary['device_name']}; torch {torch.__version__}; default torch threads {default_threads}; "
+        f"load average {summary['machine_before']['loadavg']}",
+        flush=True,
+    )
 
     pipe = load_pipeline(path, device=device)
     engine = None
@@ -379,8 +417,18 @@ def main(argv: list[str] | None = None) -> int:
                 for batch in args.batch:
                     print(f"\nB={batch}, torch threads {label}", flush=True)
                     measured = measure(
-                        pipe, engine, stack, api_url=api_url, api_pid=api.pid, client=client, keys=keys,
-                        model=model, batch=batch, threads=threads, args=args, seed=seed,
+                        pipe,
+                        engine,
+                        stack,
+                        api_url=api_url,
+                        api_pid=api.pid,
+                        client=client,
+                        keys=keys,
+                        model=model,
+                        batch=batch,
+                        threads=threads,
+                        args=args,
+                        seed=seed,
                     )
                     seed += batch * (args.jobs_per_batch + 2) * (len(args.concurrency_factor) + 1)
                     for row in measured:
@@ -394,9 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     summary["machine_after"] = machine()
     print("\n" + header(args, model))
     print_table(rows)
-    print("(threads: torch intra-op threads in the baseline and the worker, * the default here; tasks: the worker's task threads;"
-          " mean batch: jobs / batches; ms lost/batch: span minus batches × the raw call, per batch;"
-          " CPU s/img: the baseline's process, the worker's; CPU ratio: raw CPU s/img over the worker's)")
+    print(
+        "(threads: torch intra-op threads in the baseline and the worker, * the default here; tasks: the worker's task threads;"
+        " mean batch: jobs / batches; ms lost/batch: span minus batches × the raw call, per batch;"
+        " CPU s/img: the baseline's process, the worker's; CPU ratio: raw CPU s/img over the worker's)"
+    )
     print(f"goals: ratio >= {GOAL_RATIO}, mean batch / B >= {GOAL_BATCH}; load average now {summary['machine_after']['loadavg']}")
     failed = sum(r["system"]["failed"] for r in rows)
     met = all(r["ratio"] >= GOAL_RATIO and r["batch_fill"] >= GOAL_BATCH for r in rows)

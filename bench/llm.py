@@ -62,7 +62,8 @@ def load(model: str, model_dir: Path, device: str) -> tuple[Any, Any]:
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.startswith("cuda") else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
-    return AutoModelForCausalLM.from_pretrained(path).to(device, dtype).eval(), tokenizer
+    # transformers wraps PreTrainedModel.to with functools.wraps, whose typeshed type leaves self unbound.
+    return AutoModelForCausalLM.from_pretrained(path).to(device, dtype).eval(), tokenizer  # type: ignore[arg-type]
 
 
 def generate(lm: Any, tokenizer: Any, prompts: list[str], tokens: int, *, exact: bool = True) -> Any:
@@ -75,7 +76,11 @@ def generate(lm: Any, tokenizer: Any, prompts: list[str], tokens: int, *, exact:
     # baseline is not slowed by a plan built for every new shape.
     with torch.inference_mode(), attention_kernels(lm.device):
         out = lm.generate(
-            **batch, max_new_tokens=tokens, min_new_tokens=tokens if exact else None, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            **batch,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens if exact else None,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
         )
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
@@ -86,12 +91,14 @@ def pick_prompts(lm: Any, tokenizer: Any, count: int, tokens: int) -> list[str]:
     """``count`` prompts whose greedy text runs ``tokens`` tokens without ending."""
     eos = lm.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    candidates = [f"Job {i}: the {word} was cold and clear" for i, word in enumerate(["river", "morning", "market", "lake"] * count)]
+    candidates = [
+        f"Job {i}: the {word} was cold and clear" for i, word in enumerate(["river", "morning", "market", "lake"] * count)
+    ]
     chosen: list[str] = []
     for start in range(0, len(candidates), 64):
         group = candidates[start : start + 64]
         out = generate(lm, tokenizer, group, tokens, exact=False)
-        chosen += [p for p, row in zip(group, out.tolist()) if not eos & set(row)]
+        chosen += [p for p, row in zip(group, out.tolist(), strict=True) if not eos & set(row)]
         if len(chosen) >= count:
             return chosen[:count]
     raise RuntimeError(f"only {len(chosen)} prompts run {tokens} tokens greedily without ending")
@@ -125,10 +132,10 @@ def rows_decoding(lm: Any, tokenizer: Any, prompts: list[str], tokens: int, *, t
     groups = [ids] if together else [[row] for row in ids]
     with torch.inference_mode():
         caches = [BatchCache(lm, pad_token_id=tokenizer.pad_token_id) for _ in groups]
-        logits = [cache.add(group) for cache, group in zip(caches, groups)]
+        logits = [cache.add(group) for cache, group in zip(caches, groups, strict=True)]
         started = time.perf_counter()
         for _ in range(tokens - 1):
-            logits = [cache.step(step.argmax(-1).tolist()) for cache, step in zip(caches, logits)]
+            logits = [cache.step(step.argmax(-1).tolist()) for cache, step in zip(caches, logits, strict=True)]
         if lm.device.type == "cuda":
             torch.cuda.synchronize()
     return len(prompts) * (tokens - 1) / (time.perf_counter() - started)
@@ -139,8 +146,6 @@ def rows_decoding(lm: Any, tokenizer: Any, prompts: list[str], tokens: int, *, t
 
 def body(prompt: str, tokens: int) -> dict[str, Any]:
     return {"engine": "llm", "cache": "bypass", "input": {"prompt": prompt, "max_new_tokens": tokens, "temperature": 0}}
-
-
 
 
 def fetch_jobs(api_url: str, ids: list[str]) -> list[dict[str, Any]]:
@@ -253,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probes", type=int, default=5, help="one-token jobs per time-to-first-token figure")
     parser.add_argument("--late-batch", type=int, default=16, help="long jobs running while the late probes arrive")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in the baselines and the worker; 0: the library default")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads in the baselines and the worker; 0: the library default"
+    )
     parser.add_argument("--model", default=MODEL, help="builtin:tiny-lm, or a local path")
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--timeout", type=float, default=600.0)
@@ -271,11 +278,19 @@ def main(argv: list[str] | None = None) -> int:
     late_tokens = args.tokens * 8
     prompts = pick_prompts(lm, tokenizer, max(top, args.sequential_jobs), args.tokens)
     summary: dict[str, Any] = {
-        "benchmark": "llm", "model": args.model, "device": args.device, "tokens": args.tokens,
-        "torch_threads": torch.get_num_threads(), "machine_before": machine(), "rows": [],
+        "benchmark": "llm",
+        "model": args.model,
+        "device": args.device,
+        "tokens": args.tokens,
+        "torch_threads": torch.get_num_threads(),
+        "machine_before": machine(),
+        "rows": [],
     }
-    print(f"llm: {args.model} on {args.device}, {args.tokens} greedy tokens a job, torch threads {torch.get_num_threads()}, "
-          f"load average {summary['machine_before']['loadavg']}", flush=True)
+    print(
+        f"llm: {args.model} on {args.device}, {args.tokens} greedy tokens a job, torch threads {torch.get_num_threads()}, "
+        f"load average {summary['machine_before']['loadavg']}",
+        flush=True,
+    )
 
     # 1. Raw baselines.
     generate(lm, tokenizer, prompts[:4], 8)  # warm-up
@@ -286,8 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     n_rows = 16 if 16 in args.concurrency else top
     batched_rows, alone_rows = (rows_decoding(lm, tokenizer, prompts[:n_rows], args.tokens, together=t) for t in (True, False))
     summary["rows_decoding"] = {"n": n_rows, "batched_tokens_per_s": batched_rows, "row_by_row_tokens_per_s": alone_rows}
-    print(f"worker cache, {n_rows} jobs: as one batch {batched_rows:.0f} tokens/s, each row alone (batch invariant) "
-          f"{alone_rows:.0f} tokens/s = {batched_rows / alone_rows:.1f}x the price of invariance", flush=True)
+    print(
+        f"worker cache, {n_rows} jobs: as one batch {batched_rows:.0f} tokens/s, each row alone (batch invariant) "
+        f"{alone_rows:.0f} tokens/s = {batched_rows / alone_rows:.1f}x the price of invariance",
+        flush=True,
+    )
 
     # 2. The system, and time to first token.
     prefix = unique_prefix("llm")
@@ -299,8 +317,15 @@ def main(argv: list[str] | None = None) -> int:
             if redis_url != settings.redis_url:
                 print(f"no Redis at {settings.redis_url}; started one at {redis_url}", flush=True)
             env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
-            stack.env.update(BLAZE_REDIS_URL=redis_url, BLAZE_REDIS_PREFIX=prefix, BLAZE_MODEL_DIR=str(model_dir),
-                             BLAZE_LLM_MODEL=args.model, BLAZE_DEVICE=args.device, HF_HUB_OFFLINE="1", **env)
+            stack.env.update(
+                BLAZE_REDIS_URL=redis_url,
+                BLAZE_REDIS_PREFIX=prefix,
+                BLAZE_MODEL_DIR=str(model_dir),
+                BLAZE_LLM_MODEL=args.model,
+                BLAZE_DEVICE=args.device,
+                HF_HUB_OFFLINE="1",
+                **env,
+            )
             api, api_url = start_api(stack)
             max_batch = str(max(top, args.late_batch + 1))
             worker = stack.blaze("worker-llm", "worker", "--engine", "llm", "--max-batch", max_batch, BLAZE_MAX_BATCH=max_batch)
@@ -312,11 +337,16 @@ def main(argv: list[str] | None = None) -> int:
                 tps = row["system"]["tokens_per_s"]
                 row["x_sequential"], row["x_static"] = tps / sequential, tps / static[n]
                 summary["rows"].append(row)
-                print(f"n={n:>3}: system {tps:7.0f} tokens/s = {row['x_sequential']:5.2f}x sequential, "
-                      f"{row['x_static']:.2f}x raw static batch ({static[n]:.0f} tokens/s); "
-                      f"mean batch {row['system']['mean_batch_per_job']}, failed {row['system']['failed']}, "
-                      f"short {row['system']['short_jobs']}", flush=True)
-            summary["ttft_system"] = system_ttft(ctx, prompts, probes=args.probes, late_batch=args.late_batch, late_tokens=late_tokens)
+                print(
+                    f"n={n:>3}: system {tps:7.0f} tokens/s = {row['x_sequential']:5.2f}x sequential, "
+                    f"{row['x_static']:.2f}x raw static batch ({static[n]:.0f} tokens/s); "
+                    f"mean batch {row['system']['mean_batch_per_job']}, failed {row['system']['failed']}, "
+                    f"short {row['system']['short_jobs']}",
+                    flush=True,
+                )
+            summary["ttft_system"] = system_ttft(
+                ctx, prompts, probes=args.probes, late_batch=args.late_batch, late_tokens=late_tokens
+            )
             worker.stop()
     except (StackError, RuntimeError) as error:
         return broke_off("bench/llm.py", error, summary, args.json)
@@ -332,15 +362,20 @@ def main(argv: list[str] | None = None) -> int:
     for where in ("system", "engine"):
         t = summary[f"ttft_{where}"]
         t["x_idle"] = t["late_s"]["median"] / t["idle_s"]["median"]
-        print(f"time to first token ({where}): idle {t['idle_s']['median'] * 1000:.1f} ms, while {args.late_batch} jobs generate "
-              f"{t['late_s']['median'] * 1000:.1f} ms = {t['x_idle']:.2f}x (medians of {args.probes})", flush=True)
+        print(
+            f"time to first token ({where}): idle {t['idle_s']['median'] * 1000:.1f} ms, while {args.late_batch} jobs generate "
+            f"{t['late_s']['median'] * 1000:.1f} ms = {t['x_idle']:.2f}x (medians of {args.probes})",
+            flush=True,
+        )
     at16 = next((r for r in summary["rows"] if r["n"] == 16), None)
     goals = {"ttft": summary["ttft_system"]["x_idle"] <= GOAL_TTFT}
     if at16:
         goals.update(sequential=at16["x_sequential"] >= GOAL_SEQUENTIAL, static=at16["x_static"] >= GOAL_STATIC)
     summary["goals_met"] = goals
-    print(f"goals: at 16 jobs >= {GOAL_SEQUENTIAL}x sequential and >= {GOAL_STATIC}x the raw static batch; "
-          f"late first token <= {GOAL_TTFT}x idle: {goals}; load average now {summary['machine_after']['loadavg']}")
+    print(
+        f"goals: at 16 jobs >= {GOAL_SEQUENTIAL}x sequential and >= {GOAL_STATIC}x the raw static batch; "
+        f"late first token <= {GOAL_TTFT}x idle: {goals}; load average now {summary['machine_after']['loadavg']}"
+    )
     write_json(args.json, summary)
     if any(r["system"]["failed"] for r in summary["rows"]):
         return 1

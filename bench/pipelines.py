@@ -96,7 +96,7 @@ def build_sd15(model_dir: Path, *, device: str) -> Path:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-    ).to(dtype=torch.float16)
+    ).to(dtype=torch.float16)  # type: ignore[attr-defined]  # mypy reads diffusers' dummy placeholder class
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{SD15_FOLDER}-", dir=model_dir))
     pipe.save_pretrained(staging)
@@ -159,7 +159,13 @@ def engine_calls(engine: Any, *, model: str, batch: int, calls: int, size: int, 
             EngineRequest(
                 job_id=f"raw-{call}-{i}",
                 model=model,
-                input={"prompt": f"{PROMPT}, study {i}", "width": size, "height": size, "num_inference_steps": steps, "seed": seed + call * batch + i},
+                input={
+                    "prompt": f"{PROMPT}, study {i}",
+                    "width": size,
+                    "height": size,
+                    "num_inference_steps": steps,
+                    "seed": seed + call * batch + i,
+                },
             )
             for i in range(batch)
         ]

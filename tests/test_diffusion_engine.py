@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from blaze_jobs.builtin_models import builtin_path
 from blaze_jobs.engines.base import Artifact, EngineRequest
 from blaze_jobs.engines.diffusion import DiffusionEngine
 from blaze_jobs.errors import JobCanceled, RequestError, WorkerFault
-from blaze_jobs.builtin_models import builtin_path
 
 MODEL = "builtin:tiny-sd"
 
@@ -25,7 +27,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir: Path) -> DiffusionEngine:
+def engine(model_dir: Path) -> Iterator[DiffusionEngine]:
     engine = DiffusionEngine(model_dir=model_dir)
     yield engine
     engine.close()
@@ -33,6 +35,13 @@ def engine(model_dir: Path) -> DiffusionEngine:
 
 def request(job_id: str, *, model: str = MODEL, **input: object) -> EngineRequest:
     return EngineRequest(job_id=job_id, model=model, input={"num_inference_steps": 4, **input})
+
+
+def output(result: dict[str, Any] | BaseException) -> dict[str, Any]:
+    """A batch member's output; its error, raised, if it failed."""
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def pixels(artifact: Artifact) -> np.ndarray:
@@ -84,18 +93,22 @@ def test_same_seed_gives_the_same_bytes(engine: DiffusionEngine) -> None:
 @pytest.mark.timeout(120)
 def test_a_batch_gives_each_request_what_it_gets_alone(engine: DiffusionEngine) -> None:
     # Given three different requests, one with a negative prompt
-    inputs = [
+    inputs: list[dict[str, Any]] = [
         {"prompt": "a cat", "seed": 1},
         {"prompt": "a dog on the beach", "seed": 2, "negative_prompt": "blurry"},
         {"prompt": "an owl", "seed": 3, "guidance_scale": 7.5},
     ]
     events: list[tuple[int, int]] = []
+
+    def record(n: int) -> Callable[[int, int], None]:
+        return lambda step, total: events.append((n, step))
+
     batch = [
         EngineRequest(
             job_id=str(n),
             model=MODEL,
             input={"num_inference_steps": 4, **data},
-            on_progress=lambda step, total, n=n: events.append((n, step)),
+            on_progress=record(n),
         )
         for n, data in enumerate(inputs)
     ]
@@ -107,9 +120,9 @@ def test_a_batch_gives_each_request_what_it_gets_alone(engine: DiffusionEngine) 
     # Then they went through one pipeline call together (their steps interleave)
     assert events[:3] == [(0, 1), (1, 1), (2, 1)] and len(events) == 12
     # And each image matches the one the request makes alone
-    for data, result in zip(inputs, results):
+    for data, result in zip(inputs, results, strict=True):
         (alone,) = engine.run(request("solo", **data))["images"]
-        assert same_image(result["images"][0], alone)
+        assert same_image(output(result)["images"][0], alone)
 
 
 @pytest.mark.timeout(120)
@@ -122,9 +135,7 @@ def test_num_outputs_gives_consecutive_seeds(engine: DiffusionEngine) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(
-    ("fmt", "content_type", "pil_format"), [("jpeg", "image/jpeg", "JPEG"), ("webp", "image/webp", "WEBP")]
-)
+@pytest.mark.parametrize(("fmt", "content_type", "pil_format"), [("jpeg", "image/jpeg", "JPEG"), ("webp", "image/webp", "WEBP")])
 def test_other_output_formats(engine: DiffusionEngine, fmt: str, content_type: str, pil_format: str) -> None:
     (image,) = engine.run(request("j", prompt="a tree", seed=5, output_format=fmt))["images"]
 
@@ -174,7 +185,7 @@ def test_a_stopping_member_does_not_stop_its_batch(engine: DiffusionEngine) -> N
     assert isinstance(stopped, JobCanceled) and isinstance(canceled, JobCanceled)
     assert (steps, keeper_steps) == ([1, 2], [1, 2, 3, 4])  # the batch ran on for the keeper
     (alone,) = engine.run(request("keeper", prompt="calm sea", seed=9))["images"]
-    assert same_image(kept["images"][0], alone)
+    assert same_image(output(kept)["images"][0], alone)
 
 
 @pytest.mark.timeout(120)
@@ -184,7 +195,7 @@ def test_a_bad_member_fails_only_itself(engine: DiffusionEngine) -> None:
     )
 
     assert isinstance(bad, RequestError) and "width" in str(bad)
-    assert len(good["images"]) == len(also_good["images"]) == 1
+    assert len(output(good)["images"]) == len(output(also_good)["images"]) == 1
 
 
 @pytest.mark.timeout(120)
@@ -195,21 +206,19 @@ def test_a_member_failing_mid_batch_is_retried_alone(engine: DiffusionEngine) ->
         def on_progress(step: int, total: int) -> None:
             raise kind(message)
 
-        return EngineRequest(
-            job_id="f", model=MODEL, input={"prompt": "p", "num_inference_steps": 4}, on_progress=on_progress
-        )
+        return EngineRequest(job_id="f", model=MODEL, input={"prompt": "p", "num_inference_steps": 4}, on_progress=on_progress)
 
     results = engine.run_batch(
         [request("a", prompt="one"), failing("CUDA out of memory", RuntimeError), request("b", prompt="two")]
     )
     # Then the batch is split until the culprit stands alone, and only it fails
     assert isinstance(results[1], WorkerFault) and "out of memory" in str(results[1])
-    assert all("images" in r for r in (results[0], results[2]))
+    assert all("images" in output(r) for r in (results[0], results[2]))
 
     # An ordinary error on the device is the worker's too, whatever its type (the request
     # was read and checked before); still, only its job fails
     results = engine.run_batch([failing("bad value", ValueError), request("a", prompt="one")])
-    assert isinstance(results[0], WorkerFault) and "bad value" in str(results[0]) and "images" in results[1]
+    assert isinstance(results[0], WorkerFault) and "bad value" in str(results[0]) and "images" in output(results[1])
 
 
 @pytest.mark.timeout(180)
@@ -266,7 +275,7 @@ def test_concurrent_runs_share_one_loaded_pipeline(model_dir: Path) -> None:
 def test_images_are_encoded_by_whoever_reads_them_not_by_the_device_call(engine: DiffusionEngine) -> None:
     # Given a batch of two jobs run on the device
     outputs = engine.run_batch([request("a", prompt="one", seed=1), request("b", prompt="two", seed=2)])
-    artifacts = [output["images"][0] for output in outputs]
+    artifacts = [output(result)["images"][0] for result in outputs]
 
     # Then no image was encoded during the call: each job's task thread encodes its own
     assert all("data" not in vars(artifact) for artifact in artifacts)
@@ -275,4 +284,4 @@ def test_images_are_encoded_by_whoever_reads_them_not_by_the_device_call(engine:
     assert [Image.open(io.BytesIO(data)).format for data in encoded] == ["PNG", "PNG"]
     # and reading again gives the same bytes without encoding twice
     assert [artifact.data for artifact in artifacts] == encoded
-    assert all(artifact.data is data for artifact, data in zip(artifacts, encoded))
+    assert all(artifact.data is data for artifact, data in zip(artifacts, encoded, strict=True))

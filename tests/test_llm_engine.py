@@ -13,18 +13,19 @@ import json
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
 
+from blaze_jobs.builtin_models import builtin_path
 from blaze_jobs.engines.base import EngineRequest
 from blaze_jobs.engines.llm import LLMEngine
 from blaze_jobs.errors import RequestError, WorkerFault
-from blaze_jobs.builtin_models import builtin_path
 from tests.test_textgen import LOGIT_TOL, greedy_alone, sampled_alone
 
 MODEL = "builtin:tiny-lm"
@@ -145,7 +146,9 @@ def test_a_short_job_joins_a_running_long_one_and_finishes_first(engine: LLMEngi
     long_tokens = [0]
     data = {"prompt": PROMPT, "max_new_tokens": 400, "temperature": 0}
     long = engine.submit(
-        EngineRequest("long", MODEL, data, on_delta=lambda _: first_text.set(), on_progress=lambda done, _: long_tokens.__setitem__(0, done))
+        EngineRequest(
+            "long", MODEL, data, on_delta=lambda _: first_text.set(), on_progress=lambda done, _: long_tokens.__setitem__(0, done)
+        )
     )
     assert first_text.wait(30)
 
@@ -206,7 +209,9 @@ def test_a_seeded_job_alone_repeats_exactly_whatever_its_draws(engine: LLMEngine
     first = {seed: engine.run(request("a", temperature=1.0, top_p=0.9, seed=seed, max_new_tokens=24)) for seed in range(4)}
 
     # When each runs alone again, Then it repeats bit for bit
-    assert {seed: engine.run(request("b", temperature=1.0, top_p=0.9, seed=seed, max_new_tokens=24)) for seed in range(4)} == first
+    assert {
+        seed: engine.run(request("b", temperature=1.0, top_p=0.9, seed=seed, max_new_tokens=24)) for seed in range(4)
+    } == first
 
 
 @pytest.mark.timeout(30)
@@ -241,7 +246,9 @@ def test_a_stop_string_ends_the_text_before_it_and_is_never_streamed(engine: LLM
 def test_chat_messages_are_rendered_with_the_chat_template(engine: LLMEngine) -> None:
     # Given a chat, and the same chat written out as the template renders it
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello! How are you today?"}]
-    rendered = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello! How are you today?<|im_end|>\n<|im_start|>assistant\n"
+    rendered = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello! How are you today?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
     # When both run
     chat = engine.run(EngineRequest("chat", MODEL, {"messages": messages, "max_new_tokens": 12, "temperature": 0}))
@@ -339,7 +346,7 @@ def test_a_local_model_path_with_its_own_end_of_sequence_and_context(
 @pytest.mark.timeout(30)
 def test_bad_requests_fail_alone_with_a_request_error(engine: LLMEngine) -> None:
     long_prompt = "the " * 3000  # about 3,000 tokens: beyond the model's 2,048
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"prompt": long_prompt}, "leave no room"),
         ({"prompt": PROMPT, "messages": [{"role": "user", "content": "hi"}]}, "exactly one"),
         ({"messages": []}, "messages"),
@@ -349,9 +356,11 @@ def test_bad_requests_fail_alone_with_a_request_error(engine: LLMEngine) -> None
     good = request("good", max_new_tokens=3)
     results = engine.run_batch([EngineRequest(str(n), MODEL, data) for n, (data, _) in enumerate(cases)] + [good])
 
-    for (data, words), result in zip(cases, results):
+    for (data, words), result in zip(cases, results[:-1], strict=True):
         assert isinstance(result, RequestError) and words in str(result), (data, result)
-    assert results[-1]["usage"]["completion_tokens"] == 3
+    good_output = results[-1]
+    assert not isinstance(good_output, BaseException), good_output
+    assert good_output["usage"]["completion_tokens"] == 3
 
 
 @pytest.mark.timeout(30)

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from blaze_jobs.kvcache import BatchCache
 from blaze_jobs.builtin_models import builtin_path
+from blaze_jobs.kvcache import BatchCache
 from blaze_jobs.textgen import sample
 
 #: How far a row's logits may move with what shares its batch. Measured: at most 1e-6 with
@@ -57,7 +57,9 @@ def greedy_alone(model: Any, prompt_ids: list[int], n: int) -> tuple[list[int], 
     return tokens, min(gaps)
 
 
-def sampled_alone(model: Any, prompt_ids: list[int], n: int, *, seed: int, temperature: float, end: set[int]) -> tuple[list[int], float]:
+def sampled_alone(
+    model: Any, prompt_ids: list[int], n: int, *, seed: int, temperature: float, end: set[int]
+) -> tuple[list[int], float]:
     """A seeded job's tokens alone (top_p 1), and how close its closest draw came to a
     neighbouring token, in units of the margin that rounding within LOGIT_TOL can eat."""
     generator = torch.Generator().manual_seed(seed)
@@ -136,7 +138,7 @@ def test_a_rows_draw_depends_only_on_its_logits_options_and_seed() -> None:
                 top_p=[options[i][1] for i in rows],
                 generators=[generators[i] for i in rows],
             )
-            for i, token in zip(rows, picked):
+            for i, token in zip(rows, picked, strict=True):
                 out[i].append(token)
         return out
 
