@@ -76,8 +76,15 @@ def append_event(
     stream, setting ``job_fields`` on the job in the same step; None if it was not running.
     Its webhook gets it when its filter names the part after ``job.``. The stream's bound
     comes from ``settings`` (the process's own by default)."""
-    maxlen = stream_maxlen(settings or get_settings())
-    args = [kind, json.dumps(fields), json.dumps(job_fields or {}), maxlen, webhook_task_template()]
+    settings = settings or get_settings()
+    args = [
+        kind,
+        json.dumps(fields),
+        json.dumps(job_fields or {}),
+        stream_maxlen(settings),
+        webhook_task_template(),
+        settings.job_ttl_s,
+    ]
     reply = scripts.script(client, "append")(keys=Keys(prefix).event_keys(job_id), args=args)
     return _text(reply) if reply is not None else None
 
@@ -107,11 +114,11 @@ class TextStream:
         )
 
 
-def queue_born_ended(pipe: Any, *, keys: Keys, job_id: str) -> None:
+def queue_born_ended(pipe: Any, *, keys: Keys, job_id: str, ttl_s: int) -> None:
     """Queue on ``pipe``, after the commands that store a job born ended, its ``job.completed``."""
     # EVAL: this path is rare, and EVALSHA in a pipeline would first ask SCRIPT EXISTS.
     script_keys = keys.event_keys(job_id)
-    pipe.eval(scripts.source("born_ended"), len(script_keys), *script_keys, webhook_task_template())
+    pipe.eval(scripts.source("born_ended"), len(script_keys), *script_keys, webhook_task_template(), ttl_s)
 
 
 # --- reading ------------------------------------------------------------------------------

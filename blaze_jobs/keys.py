@@ -1,28 +1,8 @@
 """Every Redis key Blaze Jobs writes, named in one place, under the deployment's prefix.
 
-``docs/redis.md`` carries the same table, with why the layout is what it is. ``SCHEMA`` below
-is the table as data (a test checks that every method of ``Keys`` is in it); Lua scripts
-(``blaze_jobs/lua/``) take every key they touch in ``KEYS``, built here.
-
-| key | type | TTL | written by |
-| --- | --- | --- | --- |
-| ``job:<id>`` | hash | job_ttl_s | API (create, cancel), worker (take, end), reaper |
-| ``idx:all`` / ``idx:status:<s>`` / ``idx:engine:<e>`` | zset | none; entries trimmed past job_ttl_s | status changes (Lua) |
-| ``lease:<id>`` | string ``<worker>:<attempt>`` | lease_s | worker (take, renew, release) |
-| ``job-stream:<id>`` | stream | the job's | every event (Lua) |
-| ``job-deliveries:<id>`` | hash | the job's | events with a webhook (Lua), webhook worker, API (redeliver) |
-| ``job-webhook-order:<id>`` | zset | the job's | events with a webhook (Lua), webhook worker |
-| ``<queue>`` (``diffusion``, ``echo``, ``llm``, ``webhooks``) | list | none | API, worker, reaper, Lua; kombu reads |
-| ``unacked``, ``unacked_index``, ``unacked_mutex``, ``_kombu.*`` | kombu's | kombu's | kombu only |
-| ``worker:<name>`` | string (JSON) | 3 beats | worker heartbeat |
-| ``workers`` | zset | none; entries trimmed past a day | worker heartbeat |
-| ``reaper`` | string (holder) | lease_s | elected worker |
-| ``webhook-retries`` | zset | none | webhook worker |
-| ``cache:<key>`` | string (JSON output) | cache_ttl_s | worker |
-| ``cache-index`` | zset | none; bounded by cache_max_entries | worker |
-| ``artifact:<key>`` | string (bytes) | job_ttl_s | worker |
-| ``webhook-secret`` | string | none | first API or webhook worker to need it |
-| ``readyz`` | string | seconds | API ``/readyz``, start-up checks |
+``SCHEMA`` is the table of them (pattern, Redis type, TTL, writers); ``docs/redis.md`` carries
+the same table, with why the layout is what it is (a test holds the two together). The Lua
+scripts (``blaze_jobs/lua/``) take every key they touch in ``KEYS``, built here.
 """
 
 from __future__ import annotations
@@ -51,7 +31,7 @@ SCHEMA: dict[str, KeyInfo] = {
     "all": KeyInfo("idx:all", "zset", "none; entries older than job_ttl_s trimmed on list", "job creation"),
     "status": KeyInfo("idx:status:<status>", "zset", "none; entries trimmed as idx:all", "every status change (Lua)"),
     "engine": KeyInfo("idx:engine:<engine>", "zset", "none; entries trimmed as idx:all", "job creation"),
-    "lease": KeyInfo("lease:<id>", "string <worker>:<attempt>", "lease_s", "worker (take, renew, release)"),
+    "lease": KeyInfo("lease:<id>", "string (worker:attempt)", "lease_s", "worker (take, renew, release)"),
     "stream": KeyInfo("job-stream:<id>", "stream", "the job's", "every job event (Lua)"),
     "deliveries": KeyInfo("job-deliveries:<id>", "hash", "the job's", "events with a webhook (Lua), webhook worker, API"),
     "webhook_order": KeyInfo("job-webhook-order:<id>", "zset", "the job's", "events with a webhook (Lua), webhook worker"),
@@ -65,7 +45,7 @@ SCHEMA: dict[str, KeyInfo] = {
     "cache_index": KeyInfo("cache-index", "zset", "none; bounded by cache_max_entries", "worker"),
     "artifact": KeyInfo("artifact:<key>", "string (bytes)", "job_ttl_s", "worker"),
     "webhook_secret": KeyInfo("webhook-secret", "string", "none", "first API or webhook worker needing it"),
-    "readyz": KeyInfo("readyz", "string", "seconds", "API /readyz, start-up checks"),
+    "readyz": KeyInfo("readyz", "string", "10 s (redis_config.PROBE_TTL_MS)", "API /readyz, start-up checks"),
 }
 
 

@@ -28,11 +28,14 @@ class ProgressReporter:
     per job (the latest step wins), so a denoising step pays a dict assignment, never a
     Redis round trip."""
 
-    def __init__(self, client: redis.Redis, *, prefix: str, interval_s: float, maxlen: int | None = None) -> None:
+    def __init__(
+        self, client: redis.Redis, *, prefix: str, interval_s: float, maxlen: int | None = None, ttl_s: int | None = None
+    ) -> None:
         self.redis = client
         self.prefix = prefix
         self.interval_s = interval_s
         self.maxlen = maxlen or stream_maxlen(get_settings())  # the stream's bound
+        self.ttl_s = ttl_s or get_settings().job_ttl_s  # the jobs' retention, which their events share
         self.keys = Keys(prefix)
         self._append = scripts.script(client, "append")
         self._pending: dict[str, tuple[int, int]] = {}
@@ -73,7 +76,9 @@ class ProgressReporter:
                 progress = json.dumps({"step": step, "total": total}, separators=(",", ":"))
                 fields = json.dumps({"progress": progress})
                 keys = self.keys.event_keys(job_id)
-                pipe.evalsha(self._append.sha, len(keys), *keys, "job.progress", fields, fields, self.maxlen, template)
+                pipe.evalsha(
+                    self._append.sha, len(keys), *keys, "job.progress", fields, fields, self.maxlen, template, self.ttl_s
+                )
             pipe.execute()
 
     def close(self) -> None:
@@ -104,6 +109,10 @@ def progress_callback(client: redis.Redis, settings: Settings, job_id: str) -> C
     with _reporter_lock:
         if _reporter is None:
             _reporter = ProgressReporter(
-                client, prefix=settings.redis_prefix, interval_s=settings.progress_interval_s, maxlen=stream_maxlen(settings)
+                client,
+                prefix=settings.redis_prefix,
+                interval_s=settings.progress_interval_s,
+                maxlen=stream_maxlen(settings),
+                ttl_s=settings.job_ttl_s,
             )
     return _reporter.callback(job_id)

@@ -65,7 +65,7 @@ def queue_create(pipe: Any, keys: Keys, record: dict[str, str], *, ttl_s: int) -
     for index in (keys.all, keys.status(record["status"]), keys.engine(record["engine"])):
         pipe.zadd(index, {record["id"]: score})
     if JobStatus(record["status"]).ended:
-        queue_born_ended(pipe, keys=keys, job_id=record["id"])
+        queue_born_ended(pipe, keys=keys, job_id=record["id"], ttl_s=ttl_s)
 
 
 def transition_call(
@@ -154,6 +154,7 @@ class JobStore:
         script_keys, args = transition_call(
             self.keys,
             job_id,
+            ttl=self.settings.job_ttl_s,
             allowed=allowed,
             to=to,
             fields=fields,
@@ -175,6 +176,7 @@ class JobStore:
         script_keys, args = transition_call(
             self.keys,
             job_id,
+            ttl=self.settings.job_ttl_s,
             allowed=(JobStatus.queued,),
             to=JobStatus.running,
             fields={**fields, "worker": worker},
@@ -231,7 +233,9 @@ class AsyncJobStore:
     async def transition(
         self, job_id: str, *, allowed: Iterable[JobStatus], to: JobStatus, streamed: bool = False, **fields: Any
     ) -> str:
-        script_keys, args = transition_call(self.keys, job_id, allowed=allowed, to=to, fields=fields, streamed=streamed)
+        script_keys, args = transition_call(
+            self.keys, job_id, ttl=self.settings.job_ttl_s, allowed=allowed, to=to, fields=fields, streamed=streamed
+        )
         reply = await self._transition(keys=script_keys, args=args)
         return transition_result(job_id, reply, wanted=to.value)
 

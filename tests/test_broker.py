@@ -7,16 +7,18 @@ import base64
 import json
 import time
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 from celery import Celery
 from kombu import Connection, Queue
 
-from blaze_jobs.broker import SUMMARY_CHARS, queue_key, summary, task_message, task_name
+from blaze_jobs.broker import DELIVER_TASK, SUMMARY_CHARS, queue_key, summary, task_message, task_name, webhook_task_message
 from blaze_jobs.celery_app import app as blaze_app
 from blaze_jobs.jobs import new_record
+from blaze_jobs.keys import WEBHOOK_QUEUE
 from blaze_jobs.settings import Settings
 from blaze_jobs.store import JobStore
 from tests.conftest import REDIS_URL, own_prefix, wait_until
@@ -46,24 +48,26 @@ def prefix() -> Iterator[str]:
 
 def sent_by_celery(prefix: str, *, job_id: str, engine: str, input: dict[str, Any]) -> dict[str, Any]:
     """The envelope Celery's own ``send_task`` stores in Redis for the same job."""
+    return celery_envelope(
+        prefix, name=task_name(engine), args=[job_id], kwargs={"summary": summary(input)}, task_id=job_id, queue=engine
+    )
+
+
+def celery_envelope(
+    prefix: str, *, name: str, args: list[str], kwargs: dict[str, Any], task_id: str, queue: str
+) -> dict[str, Any]:
+    """The envelope Celery's own ``send_task`` stores in Redis for a task."""
     celery = Celery("blaze-test-broker")
     celery.config_from_object("celeryconfig")
     celery.conf.broker_url = REDIS_URL
     celery.conf.broker_transport_options = {**celery.conf.broker_transport_options, "global_keyprefix": prefix}
     celery.conf.task_send_sent_event = False
     try:
-        celery.send_task(
-            task_name(engine),
-            args=[job_id],
-            kwargs={"summary": summary(input)},
-            task_id=job_id,
-            queue=engine,
-            ignore_result=True,
-        )
+        celery.send_task(name, args=args, kwargs=kwargs, task_id=task_id, queue=queue, ignore_result=True)
     finally:
         celery.close()
     with redis.Redis.from_url(REDIS_URL) as client:
-        (raw,) = client.lrange(f"{prefix}{engine}", 0, -1)
+        (raw,) = client.lrange(f"{prefix}{queue}", 0, -1)
     return json.loads(raw)
 
 
@@ -149,13 +153,63 @@ def test_kombu_reads_the_pushed_message_as_a_celery_task(prefix: str) -> None:
     assert body == [[job_id], {"summary": '{"n":1}'}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
 
 
+def test_the_webhook_delivery_message_is_the_one_celery_sends(prefix: str) -> None:
+    # Given a job's delivery, on its second attempt
+    job_id, delivery_id = str(uuid.uuid4()), "1718000000000-0"
+    task_id = f"{job_id}:{delivery_id}:2"
+
+    # When broker.py builds its message (the template Lua fills), and Celery sends the same task
+    ours = json.loads(webhook_task_message(job_id=job_id, delivery_id=delivery_id, attempt=2))
+    theirs = celery_envelope(
+        prefix, name=DELIVER_TASK, args=[job_id, delivery_id], kwargs={}, task_id=task_id, queue=WEBHOOK_QUEUE
+    )
+    built = blaze_app.amqp.as_task_v2(task_id, DELIVER_TASK, args=[job_id, delivery_id], kwargs={}, ignore_result=True)
+
+    # Then the envelopes have the same shape and the same headers, but for the sender's name
+    assert ours.keys() == theirs.keys()
+    assert {k: v for k, v in ours["headers"].items() if k not in DIFFERENT_HEADERS} == {
+        k: v for k, v in theirs["headers"].items() if k not in DIFFERENT_HEADERS
+    }
+    assert set(ours["headers"]) == set(built.headers)
+    # And the same properties, but that the body is plain JSON (the ids go into it in Lua,
+    # which has no base64), and the delivery tag is the task id
+    assert "body_encoding" not in ours["properties"]
+    assert ours["properties"]["delivery_tag"] == task_id
+    ignored = DIFFERENT_PROPERTIES | {"body_encoding"}
+    assert {k: v for k, v in ours["properties"].items() if k not in ignored} == {
+        k: v for k, v in theirs["properties"].items() if k not in ignored
+    }
+    # And the same body: [args, kwargs, embed]
+    assert json.loads(ours["body"]) == body_of(theirs) == json.loads(json.dumps(list(built.body)))
+
+
+def test_kombu_reads_the_webhook_message_as_a_celery_task(prefix: str) -> None:
+    # Given a delivery's message pushed raw onto the webhooks queue, as the Lua step does
+    job_id, delivery_id = str(uuid.uuid4()), "1718000000000-0.1"
+    with redis.Redis.from_url(REDIS_URL) as client:
+        client.lpush(f"{prefix}{WEBHOOK_QUEUE}", webhook_task_message(job_id=job_id, delivery_id=delivery_id, attempt=1))
+
+    # When kombu's Redis transport takes it off the queue
+    with Connection(REDIS_URL, transport_options={"global_keyprefix": prefix}) as connection:
+        message = Queue(WEBHOOK_QUEUE).bind(connection.default_channel).get(no_ack=True, accept=["json"])
+        assert message is not None, "kombu found no message on the webhooks queue"
+        body = message.decode()
+
+    # Then it is the delivery task with the job and delivery as its arguments
+    assert message.headers["task"] == DELIVER_TASK
+    assert message.headers["id"] == message.properties["correlation_id"] == f"{job_id}:{delivery_id}:1"
+    assert body == [[job_id, delivery_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+
+
 @pytest.mark.timeout(240)
 def test_a_real_worker_runs_a_job_published_by_lpush(stack: dict[str, Any], settings: Settings) -> None:
     # Given a queued job record, and its message pushed with one LPUSH (as the API does)
     job_id = str(uuid.uuid4())
     with redis.Redis.from_url(settings.redis_url) as client:
         store = JobStore(client, settings)
-        store.create(new_record(job_id=job_id, engine="echo", model="builtin:echo", input={"via": "lpush"}, created_at=time.time()))
+        store.create(
+            new_record(job_id=job_id, engine="echo", model="builtin:echo", input={"via": "lpush"}, created_at=time.time())
+        )
         client.lpush(queue_key(settings, "echo"), task_message(job_id=job_id, engine="echo", input={"via": "lpush"}))
 
         # When the stack's echo worker (plain Celery) consumes its queue

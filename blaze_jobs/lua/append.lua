@@ -2,12 +2,15 @@
 -- Append an event to a running job's stream (events.append_event, progress.ProgressReporter).
 -- KEYS[1..5] the job's event keys (events.lua). ARGV[1] the event type, ARGV[2] a JSON object
 -- of the event's fields, ARGV[3] a JSON object of job fields to set with it, ARGV[4] the
--- stream's length bound (settings.stream_maxlen), ARGV[5] the webhook task's message template.
--- Only a running job takes such events (a late progress report cannot land after the job's
--- end). Returns the event id, or nil when the job was not running.
+-- stream's length bound (events.stream_maxlen), ARGV[5] the webhook task's message template,
+-- ARGV[6] the job's retention (job_ttl_s). Only a running job takes such events (a late
+-- progress report cannot land after the job's end). Returns the event id, or nil when the
+-- job was not running.
 local k = blaze_event_keys(ARGV[5])
-if redis.call('HGET', k.job, 'status') ~= 'running' then return false end
+local found = redis.call('HMGET', k.job, 'status', 'id', 'created_at', 'webhook', 'webhook_events')
+if found[1] ~= 'running' then return false end
+local rec = {status = found[1], id = found[2], created_at = found[3], webhook = found[4], webhook_events = found[5]}
 local args = {}
 for name, value in pairs(cjson.decode(ARGV[3])) do args[#args + 1] = name; args[#args + 1] = value end
 if #args > 0 then redis.call('HSET', k.job, unpack(args)) end
-return blaze_event(k, redis.call('HGET', k.job, 'id'), ARGV[1], cjson.decode(ARGV[2]), ARGV[4])
+return blaze_event(k, rec, false, ARGV[1], cjson.decode(ARGV[2]), ARGV[4], tonumber(ARGV[6]))

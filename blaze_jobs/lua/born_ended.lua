@@ -1,5 +1,12 @@
 --#include events
 -- The job.completed of a job stored already ended (a cache hit at creation).
--- KEYS[1..5] the job's event keys (events.lua). ARGV[1] the webhook task's message template.
+-- KEYS[1..5] the job's event keys (events.lua). ARGV[1] the webhook task's message template,
+-- ARGV[2] the job's retention (job_ttl_s).
 local k = blaze_event_keys(ARGV[1])
-return blaze_status_event(k, redis.call('HGET', k.job, 'id'), redis.call('HGET', k.job, 'status'))
+local rec = blaze_record(redis.call('HGETALL', k.job))
+local progress = blaze_completed_progress(rec, rec['status'])
+if progress then
+  rec['progress'] = progress
+  redis.call('HSET', k.job, 'progress', progress)
+end
+return blaze_status_event(k, rec, rec['status'], tonumber(ARGV[2]))

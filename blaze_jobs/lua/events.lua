@@ -4,18 +4,30 @@
 -- KEYS[5] the webhooks queue. The functions take them as a table (blaze_event_keys), with
 -- the webhook task's message (broker.webhook_task_template). Names carry a blaze_ prefix:
 -- they share the script's scope with the script's own locals.
+--
+-- They take the job as a table the caller has read already (``rec``: its fields, as the
+-- change the event reports left them), so an event costs no read of the job of its own:
+-- TIME, XADD and PEXPIREAT, and for a webhook delivery HEXISTS, HSET, ZADD and two PEXPIREAT.
 
 local function blaze_event_keys(task_template)
   return {job = KEYS[1], stream = KEYS[2], deliveries = KEYS[3], order = KEYS[4], webhooks = KEYS[5], task = task_template}
 end
 
-local function blaze_snapshot(job_key, with_input)
-  local flat = redis.call('HGETALL', job_key)
-  local record = {}
-  for i = 1, #flat, 2 do
-    if with_input or flat[i] ~= 'input' then record[flat[i]] = flat[i + 1] end
+-- The job's fields as a table.
+local function blaze_record(flat)
+  local rec = {}
+  for i = 1, #flat, 2 do rec[flat[i]] = flat[i + 1] end
+  return rec
+end
+
+-- The job as JSON: every field, or all but its input (which never changes, and may be large).
+local function blaze_snapshot(rec, with_input)
+  if with_input then return cjson.encode(rec) end
+  local copy = {}
+  for name, value in pairs(rec) do
+    if name ~= 'input' then copy[name] = value end
   end
-  return cjson.encode(record)
+  return cjson.encode(copy)
 end
 
 -- Queue blaze.webhooks.deliver(job_id, delivery_id): the message is broker.py's, with its
@@ -27,11 +39,30 @@ local function blaze_webhook_task(queue, template, job_id, delivery_id, attempt)
   redis.call('LPUSH', queue, message)
 end
 
+-- Make a key expire with the job. The job hash expires job_ttl_s after its creation; its
+-- created_at (the creating process's clock) plus ttl_s says when without asking Redis. A
+-- deadline already past (a record made with an old created_at, or no TTL given) falls back
+-- to the job's own remaining TTL.
+local function blaze_expire_with_job(k, key, rec, ttl_s, now_ms)
+  local created = tonumber(rec['created_at'])
+  if created and ttl_s then
+    local at = (created + ttl_s) * 1000
+    if at > now_ms then
+      redis.call('PEXPIREAT', key, string.format('%.0f', at))
+      return
+    end
+  end
+  local ttl = redis.call('PTTL', k.job)
+  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+end
+
 -- Append an event to the job's stream (trimmed to about maxlen entries, when given); when the
 -- job's webhook wants it, record a delivery (with the whole job as it stands, input
--- included, since a delivery's body is the job) and queue its task. Returns the event id.
-local function blaze_event(k, job_id, kind, fields, maxlen)
+-- included, since a delivery's body is the job) and queue its task. ``whole``: rec holds
+-- every field of the job (else the delivery reads the job). Returns the event id.
+local function blaze_event(k, rec, whole, kind, fields, maxlen, ttl_s)
   local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
   local at = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
   local entry = {'type', kind, 'at', at}
   for name, value in pairs(fields) do entry[#entry + 1] = name; entry[#entry + 1] = value end
@@ -41,17 +72,20 @@ local function blaze_event(k, job_id, kind, fields, maxlen)
   else
     event_id = redis.call('XADD', k.stream, '*', unpack(entry))
   end
-  local ttl = redis.call('PTTL', k.job)
-  if ttl > 0 then redis.call('PEXPIRE', k.stream, ttl) end
-  local hook = redis.call('HMGET', k.job, 'webhook', 'webhook_events')
-  if hook[1] and string.find(',' .. (hook[2] or '') .. ',', ',' .. string.sub(kind, 5) .. ',', 1, true) then
+  blaze_expire_with_job(k, k.stream, rec, ttl_s, now_ms)
+  local hook, wanted = rec['webhook'], rec['webhook_events']
+  if hook and string.find(',' .. (wanted or '') .. ',', ',' .. string.sub(kind, 5) .. ',', 1, true) then
     if redis.call('HEXISTS', k.deliveries, 'gone') == 0 then
-      local delivery = cjson.encode({id = event_id, event_id = event_id, type = kind, at = at, url = hook[1],
+      local job_id = rec['id']
+      local delivery = cjson.encode({id = event_id, event_id = event_id, type = kind, at = at, url = hook,
         webhook_id = 'msg_' .. job_id .. '_' .. event_id, state = 'pending'})
-      redis.call('HSET', k.deliveries, event_id, delivery, event_id .. ':job', blaze_snapshot(k.job, true))
+      local snapshot
+      if whole then snapshot = blaze_snapshot(rec, true) else snapshot = blaze_snapshot(blaze_record(redis.call('HGETALL', k.job)), true) end
+      redis.call('HSET', k.deliveries, event_id, delivery, event_id .. ':job', snapshot)
       -- Deliveries whose first attempt is still to come, so each goes after the ones before it.
       redis.call('ZADD', k.order, string.match(event_id, '^(%d+)'), event_id)
-      if ttl > 0 then redis.call('PEXPIRE', k.deliveries, ttl); redis.call('PEXPIRE', k.order, ttl) end
+      blaze_expire_with_job(k, k.deliveries, rec, ttl_s, now_ms)
+      blaze_expire_with_job(k, k.order, rec, ttl_s, now_ms)
       blaze_webhook_task(k.webhooks, k.task, job_id, event_id, 1)
     end
   end
@@ -60,10 +94,10 @@ end
 
 -- A text job canceled while it streams ends with the text it streamed: its job.delta pieces
 -- since its attempt started, with the rest of the output (usage, seed) as the last piece
--- left it in the job's partial_output. Nothing streamed, no output.
-local function blaze_streamed_output(k)
-  local partial = redis.call('HGET', k.job, 'partial_output')
-  if not partial then return end
+-- left it in the job's partial_output. Returns the output's JSON; nil when nothing streamed.
+local function blaze_streamed_output(k, rec)
+  local partial = rec['partial_output']
+  if not partial then return nil end
   local pieces = {}
   for _, entry in ipairs(redis.call('XREVRANGE', k.stream, '+', '-')) do
     local kind, text
@@ -74,25 +108,29 @@ local function blaze_streamed_output(k)
     if kind == 'job.started' then break end
     if kind == 'job.delta' and text then pieces[#pieces + 1] = text end
   end
-  if #pieces == 0 then return end
+  if #pieces == 0 then return nil end
   local n = #pieces
   for i = 1, math.floor(n / 2) do pieces[i], pieces[n + 1 - i] = pieces[n + 1 - i], pieces[i] end
   local output = cjson.decode(partial)
   output['text'] = table.concat(pieces)
   output['finish_reason'] = 'canceled'
-  redis.call('HSET', k.job, 'output', cjson.encode(output))
+  return cjson.encode(output)
 end
 
-local function blaze_status_event(k, job_id, status)
+-- Throttled progress may stop short of the last step; a success completes it. Returns the
+-- progress to write, or nil.
+local function blaze_completed_progress(rec, status)
+  if status ~= 'succeeded' or not rec['progress'] then return nil end
+  local p = cjson.decode(rec['progress'])
+  p['step'] = p['total']
+  return cjson.encode(p)
+end
+
+-- The event of a change of status: job.queued, job.started or job.completed, with the job as
+-- it stood (all but its input). rec holds every field of the job.
+local function blaze_status_event(k, rec, status, ttl_s)
   local kind = 'job.completed'
   if status == 'queued' then kind = 'job.queued' elseif status == 'running' then kind = 'job.started' end
-  -- Throttled progress may stop short of the last step; a success completes it.
-  local progress = redis.call('HGET', k.job, 'progress')
-  if progress and status == 'succeeded' then
-    local p = cjson.decode(progress)
-    p['step'] = p['total']
-    redis.call('HSET', k.job, 'progress', cjson.encode(p))
-  end
   -- Status changes are bounded by the job's attempts: they never trim the stream.
-  return blaze_event(k, job_id, kind, {job = blaze_snapshot(k.job, false)}, nil)
+  return blaze_event(k, rec, true, kind, {job = blaze_snapshot(rec, false)}, nil, ttl_s)
 end
