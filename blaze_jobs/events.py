@@ -130,7 +130,7 @@ class JobEvent:
 
     id: str  # the stream entry id, e.g. "1718000000000-0"
     type: str  # job.queued, job.started, job.progress, job.completed, …
-    at: float  # Unix time the event happened
+    at: float  # Unix time the event happened (its stream id's, to the ms)
     fields: dict[str, str]
 
     @property
@@ -142,7 +142,11 @@ class JobEvent:
     @classmethod
     def parse(cls, entry_id: Any, raw: dict[Any, Any]) -> JobEvent:
         fields = {_text(k): _text(v) for k, v in raw.items()}
-        return cls(id=_text(entry_id), type=fields.pop("type", ""), at=float(fields.pop("at", 0) or 0), fields=fields)
+        event_id = _text(entry_id)
+        # The id is the time Redis appended the event, in ms (entries of older releases also
+        # carry an ``at`` field, in µs).
+        at = float(fields.pop("at", 0) or 0) or event_order(event_id)[0] / 1000
+        return cls(id=event_id, type=fields.pop("type", ""), at=at, fields=fields)
 
 
 def _text(value: Any) -> str:

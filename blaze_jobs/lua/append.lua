@@ -13,4 +13,5 @@ local rec = {status = found[1], id = found[2], created_at = found[3], webhook = 
 local args = {}
 for name, value in pairs(cjson.decode(ARGV[3])) do args[#args + 1] = name; args[#args + 1] = value end
 if #args > 0 then redis.call('HSET', k.job, unpack(args)) end
-return blaze_event(k, rec, false, ARGV[1], cjson.decode(ARGV[2]), ARGV[4], tonumber(ARGV[6]))
+-- A running job's stream exists (its job.started made it), with the job's expiry.
+return blaze_event(k, rec, false, false, ARGV[1], cjson.decode(ARGV[2]), ARGV[4], tonumber(ARGV[6]))

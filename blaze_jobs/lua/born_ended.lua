@@ -9,4 +9,4 @@ if progress then
   rec['progress'] = progress
   redis.call('HSET', k.job, 'progress', progress)
 end
-return blaze_status_event(k, rec, rec['status'], tonumber(ARGV[2]))
+return blaze_status_event(k, rec, rec['status'], true, tonumber(ARGV[2]))

@@ -7,7 +7,8 @@
 --
 -- They take the job as a table the caller has read already (``rec``: its fields, as the
 -- change the event reports left them), so an event costs no read of the job of its own:
--- TIME, XADD and PEXPIREAT, and for a webhook delivery HEXISTS, HSET, ZADD and two PEXPIREAT.
+-- XADD (and PEXPIREAT for a new stream), and for a webhook delivery HEXISTS, HSET, ZADD and
+-- two PEXPIREAT.
 
 local function blaze_event_keys(task_template)
   return {job = KEYS[1], stream = KEYS[2], deliveries = KEYS[3], order = KEYS[4], webhooks = KEYS[5], task = task_template}
@@ -42,7 +43,7 @@ end
 -- Make a key expire with the job. The job hash expires job_ttl_s after its creation; its
 -- created_at (the creating process's clock) plus ttl_s says when without asking Redis. A
 -- deadline already past (a record made with an old created_at, or no TTL given) falls back
--- to the job's own remaining TTL.
+-- to the job's own remaining TTL. now_ms: Redis's time, from the event's stream id.
 local function blaze_expire_with_job(k, key, rec, ttl_s, now_ms)
   local created = tonumber(rec['created_at'])
   if created and ttl_s then
@@ -58,13 +59,13 @@ end
 
 -- Append an event to the job's stream (trimmed to about maxlen entries, when given); when the
 -- job's webhook wants it, record a delivery (with the whole job as it stands, input
--- included, since a delivery's body is the job) and queue its task. ``whole``: rec holds
--- every field of the job (else the delivery reads the job). Returns the event id.
-local function blaze_event(k, rec, whole, kind, fields, maxlen, ttl_s)
-  local now = redis.call('TIME')
-  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  local at = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
-  local entry = {'type', kind, 'at', at}
+-- included, since a delivery's body is the job) and queue its task. Returns the event id.
+-- ``whole``: rec holds every field of the job (else the delivery reads the job). ``fresh``:
+-- the stream may not exist yet, so it is given the job's expiry; once it exists it keeps it
+-- (XADD and trimming leave a TTL alone). The event's time is its stream id's (Redis's clock,
+-- in ms): the entry carries no time of its own, and a delivery's ``at`` is the id's.
+local function blaze_event(k, rec, whole, fresh, kind, fields, maxlen, ttl_s)
+  local entry = {'type', kind}
   for name, value in pairs(fields) do entry[#entry + 1] = name; entry[#entry + 1] = value end
   local event_id
   if maxlen then
@@ -72,18 +73,20 @@ local function blaze_event(k, rec, whole, kind, fields, maxlen, ttl_s)
   else
     event_id = redis.call('XADD', k.stream, '*', unpack(entry))
   end
-  blaze_expire_with_job(k, k.stream, rec, ttl_s, now_ms)
+  local now_ms = tonumber(string.match(event_id, '^(%d+)'))
+  if fresh then blaze_expire_with_job(k, k.stream, rec, ttl_s, now_ms) end
   local hook, wanted = rec['webhook'], rec['webhook_events']
   if hook and string.find(',' .. (wanted or '') .. ',', ',' .. string.sub(kind, 5) .. ',', 1, true) then
     if redis.call('HEXISTS', k.deliveries, 'gone') == 0 then
       local job_id = rec['id']
+      local at = string.format('%d.%03d', math.floor(now_ms / 1000), now_ms % 1000)
       local delivery = cjson.encode({id = event_id, event_id = event_id, type = kind, at = at, url = hook,
         webhook_id = 'msg_' .. job_id .. '_' .. event_id, state = 'pending'})
       local snapshot
       if whole then snapshot = blaze_snapshot(rec, true) else snapshot = blaze_snapshot(blaze_record(redis.call('HGETALL', k.job)), true) end
       redis.call('HSET', k.deliveries, event_id, delivery, event_id .. ':job', snapshot)
       -- Deliveries whose first attempt is still to come, so each goes after the ones before it.
-      redis.call('ZADD', k.order, string.match(event_id, '^(%d+)'), event_id)
+      redis.call('ZADD', k.order, now_ms, event_id)
       blaze_expire_with_job(k, k.deliveries, rec, ttl_s, now_ms)
       blaze_expire_with_job(k, k.order, rec, ttl_s, now_ms)
       blaze_webhook_task(k.webhooks, k.task, job_id, event_id, 1)
@@ -127,10 +130,10 @@ local function blaze_completed_progress(rec, status)
 end
 
 -- The event of a change of status: job.queued, job.started or job.completed, with the job as
--- it stood (all but its input). rec holds every field of the job.
-local function blaze_status_event(k, rec, status, ttl_s)
+-- it stood (all but its input). rec holds every field of the job; ``fresh`` as blaze_event's.
+local function blaze_status_event(k, rec, status, fresh, ttl_s)
   local kind = 'job.completed'
   if status == 'queued' then kind = 'job.queued' elseif status == 'running' then kind = 'job.started' end
   -- Status changes are bounded by the job's attempts: they never trim the stream.
-  return blaze_event(k, rec, true, kind, {job = blaze_snapshot(rec, false)}, nil, ttl_s)
+  return blaze_event(k, rec, true, fresh, kind, {job = blaze_snapshot(rec, false)}, nil, ttl_s)
 end

@@ -58,7 +58,9 @@ end
 if current ~= spec['to'] then
   redis.call('ZREM', STATUS_INDEX[current], rec['id'])
   redis.call('ZADD', STATUS_INDEX[spec['to']], rec['score'], rec['id'])
-  blaze_status_event(k, rec, spec['to'], spec['ttl'])
+  -- Only a queued job may have no stream yet: a job leaves queued with an event, and a job
+  -- stored in another status is born ended, with its event (born_ended.lua).
+  blaze_status_event(k, rec, spec['to'], current == 'queued', spec['ttl'])
 end
 if spec['read'] then
   local flat = {}
