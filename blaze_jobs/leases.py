@@ -50,17 +50,25 @@ class LeaseKeeper:
 
     def renew(self) -> int:
         """Renew (or recreate) every lease held, in one round trip; returns how many are held."""
-        lease_ms = int(self.lease_s * 1000)
         with self._lock:
             held = dict(self.held)
         if held:
-            with self.redis.pipeline(transaction=False) as pipe:
-                for job_id, owner in held.items():
-                    worker, attempt = owner.rsplit(":", 1)
-                    keys = [self.keys.lease(job_id), self.keys.job(job_id)]
-                    self._renew(keys=keys, args=[owner, lease_ms, worker, attempt], client=pipe)
-                pipe.execute()
+            try:
+                self._send_renewals(held)
+            except redis.exceptions.NoScriptError:  # Redis restarted, or was flushed, and forgot it
+                self.redis.script_load(self._renew.script)
+                self._send_renewals(held)
         return len(held)
+
+    def _send_renewals(self, held: dict[str, str]) -> None:
+        # EVALSHA in a plain pipeline: a pipeline given a Script object would first ask Redis
+        # whether the script is loaded (SCRIPT EXISTS), a second round trip at every beat.
+        lease_ms = int(self.lease_s * 1000)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, owner in held.items():
+                worker, attempt = owner.rsplit(":", 1)
+                pipe.evalsha(self._renew.sha, 2, self.keys.lease(job_id), self.keys.job(job_id), owner, lease_ms, worker, attempt)
+            pipe.execute()
 
     def look_for_cancels(self) -> None:
         """Read the status of every job held, in one round trip, and note the canceled ones."""

@@ -20,6 +20,7 @@ from blaze_jobs.broker import webhook_task_message, webhook_task_template
 from blaze_jobs.deliveries import delivery_list
 from blaze_jobs.jobs import JobStatus, new_record
 from blaze_jobs.keys import SCHEMA, WEBHOOK_QUEUE, Keys
+from blaze_jobs.leases import LeaseKeeper
 from blaze_jobs.settings import Settings
 from blaze_jobs.store import JobStore
 from blaze_jobs.webhook_retries import RetryMover, attempt_member
@@ -188,3 +189,20 @@ def test_no_script_builds_a_key() -> None:
         code = "\n".join(line.split("--", 1)[0] for line in path.read_text().splitlines())
         assert "prefix" not in code, path.name
         assert not re.search(r"redis\.call\('\w+', ARGV", code), path.name
+
+
+def test_a_worker_renews_its_leases_after_redis_forgot_the_script(store: JobStore) -> None:
+    # Given a job w1 runs, whose lease ran out, and a Redis that has forgotten every script
+    job_id = queued(store)
+    store.take(job_id, worker="w1", lease_ms=30_000)
+    store.redis.delete(store.keys.lease(job_id))
+    store.redis.script_flush()
+    keeper = LeaseKeeper(store.redis, store.keys, lease_s=30)
+    keeper.hold(job_id, "w1:1")
+
+    # When the worker renews what it holds
+    assert keeper.renew() == 1
+
+    # Then the lease is back, still w1's attempt 1
+    assert store.redis.get(store.keys.lease(job_id)) == b"w1:1"
+    assert 0 < store.redis.pttl(store.keys.lease(job_id)) <= 30_000
