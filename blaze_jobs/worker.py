@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from blaze_jobs import cache, events, faults
+from blaze_jobs import cache, events, faults, progress
 from blaze_jobs.artifacts import ArtifactStore, artifact_url
 from blaze_jobs.attempt import Attempt
 from blaze_jobs.broker import requeue_push
@@ -128,7 +128,7 @@ def _compute(context: WorkerContext, record: dict[str, str], job_input: dict[str
         input=job_input,
         should_stop=lambda: context.heartbeat.is_canceled(job_id),
         # Progress leaves from a thread of its own, throttled: a step pays a dict assignment.
-        on_progress=events.progress_callback(context.redis, settings, job_id),
+        on_progress=progress.progress_callback(context.redis, settings, job_id),
         # Text arrives on the engine's callback thread, in order; each piece is one stream
         # entry, with the output so far (but its text) on the job for a cancel to end it with.
         on_delta=text.on_delta,
