@@ -38,7 +38,7 @@ from blaze_jobs.broker import requeue_push, task_name
 from blaze_jobs.errors import BlazeError
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.settings import ENGINES, Settings
-from blaze_jobs.store import JobStore, decode, score_of
+from blaze_jobs.store import JobStore, decode, score_of, text
 
 log = logging.getLogger("blaze_jobs.reaper")
 
@@ -137,7 +137,7 @@ class Reaper:
     def _unleased(self) -> list[tuple[str, str]]:
         """(job, attempt) of every running job without a lease: one pipelined read."""
         keys = self.store.keys
-        running = [r.decode() for r in self.redis.zrange(keys.status(JobStatus.running.value), 0, -1)]
+        running = [text(r) for r in self.redis.zrange(keys.status(JobStatus.running.value), 0, -1)]
         if not running:
             return []
         with self.redis.pipeline(transaction=False) as pipe:
@@ -146,7 +146,7 @@ class Reaper:
                 pipe.hget(keys.job(job_id), "attempts")
             replies = pipe.execute()
         found = zip(running, replies[::2], replies[1::2], strict=True)
-        return [(job_id, attempts.decode()) for job_id, leased, attempts in found if not leased and attempts is not None]
+        return [(job_id, text(attempts)) for job_id, leased, attempts in found if not leased and attempts is not None]
 
     def _reap_one(self, job_id: str, attempt: str) -> int:
         record = decode(self.redis.hgetall(self.store.keys.job(job_id)))
@@ -185,7 +185,7 @@ class Reaper:
         if sum(messages) >= queued:
             return 0
         old = [
-            r.decode()
+            text(r)
             for r in self.redis.zrangebyscore(queued_index, "-inf", score_of(time.time() - self.settings.visibility_timeout_s))
         ]
         if not old:
@@ -211,7 +211,7 @@ class Reaper:
         return rescued
 
 
-def _queued_job(raw: bytes) -> str | None:
+def _queued_job(raw: bytes | str) -> str | None:
     """The job id of a Celery message in a queue."""
     try:
         return json.loads(raw)["headers"]["id"]
@@ -219,7 +219,7 @@ def _queued_job(raw: bytes) -> str | None:
         return None
 
 
-def _held_job(raw: bytes) -> str | None:
+def _held_job(raw: bytes | str) -> str | None:
     """The job id of an unacknowledged message (kombu keeps ``[message, exchange, routing
     key]``), or None if it is no job's (a webhook delivery: its id is not a job's)."""
     try:

@@ -11,6 +11,7 @@ can never both win; each change is appended to the job's event stream (``events.
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
 import time
@@ -100,6 +101,11 @@ def transition_result(job_id: str, reply: list[Any], *, wanted: str) -> str:
     return current
 
 
+def text(value: Any) -> str:
+    """A Redis reply (bytes, as these clients return them) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def decode(raw: dict[Any, Any]) -> dict[str, str]:
     return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
 
@@ -127,7 +133,7 @@ class JobStore:
 
     def status(self, job_id: str) -> JobStatus | None:
         value = self.redis.hget(self.keys.job(job_id), "status")
-        return JobStatus(value.decode()) if value else None
+        return JobStatus(text(value)) if value else None
 
     def transition(
         self,
@@ -259,7 +265,7 @@ class AsyncJobStore:
 
     async def list(
         self, *, status: str | None, engine: str | None, limit: int, cursor: str | None
-    ) -> tuple[list[dict[str, str]], str | None]:
+    ) -> tuple[builtins.list[dict[str, str]], str | None]:
         """A page of jobs, newest first, and the cursor of the next page (None on the last).
 
         A cursor is ``<score>:<job id>`` of the last job of the page: jobs created in the same
@@ -270,7 +276,7 @@ class AsyncJobStore:
         # Index entries outlive their jobs by at most one retention period; drop them here.
         await self.redis.zremrangebyscore(index, "-inf", f"({oldest}")
         position = parse_cursor(cursor) if cursor else None
-        page: list[dict[str, str]] = []
+        page: builtins.list[dict[str, str]] = []
         # Filters the index cannot answer (engine under a status index, expired records)
         # are applied here; fetch in rounds until the page is full or the index ends.
         while len(page) <= limit:
@@ -295,21 +301,21 @@ class AsyncJobStore:
 
     async def _entries_after(
         self, index: str, position: tuple[int, str | None] | None, *, oldest: int, count: int
-    ) -> list[tuple[str, int]]:
+    ) -> builtins.list[tuple[str, int]]:
         """Up to ``count`` (job id, score) of ``index`` after ``position``, newest first."""
         if position is None:
-            raw = await self.redis.zrevrangebyscore(index, "+inf", oldest, start=0, num=count, withscores=True)
-            return [(member.decode(), int(score)) for member, score in raw]
+            raw: Any = await self.redis.zrevrangebyscore(index, "+inf", oldest, start=0, num=count, withscores=True)
+            return [(text(member), int(score)) for member, score in raw]
         score, after = position
-        entries: list[tuple[str, int]] = []
+        entries: builtins.list[tuple[str, int]] = []
         if after is not None:
             # The rest of the jobs of the same microsecond (a handful at most): Redis orders
             # equal scores by member, so newest first they come in descending id order.
             ties = await self.redis.zrangebyscore(index, score, score)
-            entries = [(m, score) for m in sorted((t.decode() for t in ties), reverse=True) if m < after][:count]
+            entries = [(m, score) for m in sorted((text(t) for t in ties), reverse=True) if m < after][:count]
         if len(entries) < count:
             raw = await self.redis.zrevrangebyscore(
                 index, f"({score}", oldest, start=0, num=count - len(entries), withscores=True
             )
-            entries += [(member.decode(), int(score)) for member, score in raw]
+            entries += [(text(member), int(member_score)) for member, member_score in raw]
         return entries

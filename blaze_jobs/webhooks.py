@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -31,6 +31,7 @@ from blaze_jobs.events import event_order
 from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 from blaze_jobs.signing import signed_headers, signing_secret
+from blaze_jobs.store import text
 from blaze_jobs.webhook_client import http_client, time_limit
 from blaze_jobs.webhook_retries import attempt_member, parse_retry_after, retry_delay
 
@@ -190,10 +191,10 @@ def _iso(at: float) -> str:
     return datetime.fromtimestamp(at, tz=timezone.utc).isoformat()
 
 
-def _earlier(waiting: list[bytes], delivery: dict[str, Any]) -> bool:
+def _earlier(waiting: Iterable[Any], delivery: dict[str, Any]) -> bool:
     """Whether any of ``waiting`` (event ids) came before ``delivery``'s event."""
     mine = event_order(delivery["event_id"])
-    return any(event_order(e.decode()) < mine for e in waiting)
+    return any(event_order(text(e)) < mine for e in waiting)
 
 
 _deliverer: Deliverer | None = None

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
@@ -22,7 +23,7 @@ from blaze_jobs.jobs import JobStatus, new_record
 from blaze_jobs.keys import SCHEMA, WEBHOOK_QUEUE, Keys
 from blaze_jobs.leases import LeaseKeeper
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import JobStore
+from blaze_jobs.store import JobStore, text
 from blaze_jobs.webhook_retries import RetryMover, attempt_member
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,8 +46,8 @@ def queued(store: JobStore, **record: str) -> str:
 
 
 def events(store: JobStore, job_id: str) -> list[dict[str, str]]:
-    entries = store.redis.xrange(store.keys.stream(job_id))
-    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+    entries: Any = store.redis.xrange(store.keys.stream(job_id))
+    return [{text(k): text(v) for k, v in fields.items()} for _, fields in entries]
 
 
 def test_a_job_taken_and_finished_moves_its_index_lease_and_events(store: JobStore) -> None:
@@ -142,7 +143,7 @@ def test_the_webhook_message_lua_queues_is_the_one_broker_builds(store: JobStore
     (delivery,) = delivery_list(store.redis.hgetall(store.keys.deliveries(job_id)))
     assert delivery["type"] == "job.started" and delivery["state"] == "pending"
     (message,) = store.redis.lrange(store.keys.queue(WEBHOOK_QUEUE), 0, -1)
-    assert message.decode() == webhook_task_message(job_id=job_id, delivery_id=delivery["id"], attempt=1)
+    assert text(message) == webhook_task_message(job_id=job_id, delivery_id=delivery["id"], attempt=1)
     # And the delivery records expire with the job
     assert 0 < store.redis.pttl(store.keys.deliveries(job_id)) <= SETTINGS.job_ttl_s * 1000
 
