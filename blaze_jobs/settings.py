@@ -153,6 +153,38 @@ class Settings(DiffusionSettings, EchoSettings, LLMSettings, BaseSettings):
     #: Bearer token of administrative endpoints (``GET /v1/webhooks/secret``). Empty: they
     #: answer nobody (403), since a caller's address proves nothing.
     admin_token: str = ""
+
+    #: An event stream sends a keep-alive comment this often, so that proxies with an idle
+    #: timeout (often 30-60 s) keep it open and clients that went away are found.
+    event_keep_alive_s: float = 15.0
+    #: Longest single ``XREAD`` block of the API's event reader: a bound on how long a dead
+    #: Redis connection goes unnoticed by long-polls and event streams.
+    event_read_block_s: float = 15.0
+    #: Events the reader takes per job stream and read; a stream with more is read on at once.
+    event_read_count: int = 100
+    #: How long a webhook URL's host may take to resolve when a job is created (the create
+    #: answers a 422 after it, rather than holding the client).
+    webhook_dns_timeout_s: float = 5.0
+    #: How often a first delivery looks whether the job's earlier events have had their first
+    #: attempt (events reach a receiver in order): 5 ms is below any receiver's round trip.
+    webhook_order_poll_s: float = 0.005
+    #: How long past the receiver's timeout a delivery waits for the job's earlier ones at
+    #: most, so one lost with a dying worker cannot hold back the ones after it for long.
+    webhook_order_grace_s: float = 5.0
+    #: Each retry's delay is drawn within this share either side of its scheduled value, so
+    #: the retries of many jobs failing together spread out.
+    webhook_retry_jitter: float = 0.2
+    #: The longest ``Retry-After`` honoured: a day, the reach of the default schedule.
+    webhook_retry_after_max_s: float = 86_400.0
+    #: Longest a webhook worker sleeps before it looks for due retries again. It wakes sooner
+    #: for the next one it knows of, and at once when it schedules one itself.
+    webhook_retry_poll_s: float = 1.0
+    #: How often a worker reads the status of the jobs it runs, to see cancels: one pipelined
+    #: read for all of them, rather than one per job per denoising step on the device thread.
+    cancel_poll_s: float = 0.1
+    #: Entries a job's event stream keeps beyond what its attempts can make (see
+    #: ``events.stream_maxlen``): a cancel, a birth already ended, hand-backs counting no attempt.
+    event_stream_margin: int = 16
     #: Retries of a worker's Redis command, with back-off at most a second apart, before it gives
     #: up on it: about a minute, so a worker rides out a Redis restart or a full Redis instead of
     #: failing the job it was recording.
@@ -160,6 +192,10 @@ class Settings(DiffusionSettings, EchoSettings, LLMSettings, BaseSettings):
     #: A worker passing on a job that faulted on it waits this long times the passes so far: a
     #: peer whose task threads are all busy gets a moment to free one and draw the job.
     handback_pause_s: float = 0.05
+    #: A worker publishes the task events Flower shows this long after the first one waiting,
+    #: so those of a short job (received, started, succeeded), or of every job a busy worker
+    #: ran meanwhile, are one Redis PUBLISH, not one each (``blaze_jobs.task_events``).
+    task_events_flush_s: float = 0.25
 
     # --- Celery -------------------------------------------------------------------------
     #: Seconds before Redis hands a delivered but unacknowledged message to another worker.
