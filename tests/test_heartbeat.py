@@ -8,9 +8,10 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -271,6 +272,40 @@ def test_a_worker_is_listed_at_start_and_again_at_once_when_its_state_changes(se
         heartbeat.publish_soon()
         wait_until(lambda: (published() or {}).get("breaker") == "open", timeout=10, what="the new breaker state")
     finally:
+        heartbeat.stop()
+
+
+def test_the_elected_reapers_scan_never_holds_up_its_beats(settings: Settings, store: JobStore) -> None:
+    # Given a worker holding a running job, whose reaper is elected and whose rescue of lost
+    # messages is slow (thousands of queued jobs to read, say)
+    job_id = running(store, worker="w1")
+    heartbeat = Heartbeat(store=store, settings=store.settings, name="w1", state=dict)
+    heartbeat.hold(job_id, "w1:1")
+    scanning, release = threading.Event(), threading.Event()
+    looked_on: list[str] = []
+    rescue = heartbeat.reaper.rescue
+
+    def slow_rescue() -> int:
+        looked_on.append(threading.current_thread().name)
+        scanning.set()
+        release.wait(10)
+        return rescue()
+
+    heartbeat.reaper.rescue = slow_rescue  # type: ignore[method-assign]
+    try:
+        # When it starts and its reaper is in the middle of a scan
+        heartbeat.start()
+        assert scanning.wait(10), "the reaper never looked"
+        store.redis.delete(worker_key(store.settings, "w1"), store.keys.lease(job_id))
+        heartbeat.publish_soon()
+
+        # Then the beats go on meanwhile: the worker is listed and its lease renewed
+        wait_until(lambda: store.redis.exists(worker_key(store.settings, "w1")), timeout=5, what="a beat during the scan")
+        assert lease_of(store, job_id) == "w1:1"
+        # And the scan ran on the reaper's own thread, not the heartbeat's
+        assert looked_on[0] == "blaze-reaper"
+    finally:
+        release.set()
         heartbeat.stop()
 
 
