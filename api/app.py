@@ -21,6 +21,7 @@ from api.responses import JSONResponse
 from blaze_jobs import cache, redis_config
 from blaze_jobs.artifacts import CONTENT_TYPES, KEY_PATTERN, artifact_store, content_type
 from blaze_jobs.broker import queue_key, task_message
+from blaze_jobs.keys import Keys
 from blaze_jobs.jobs import Job, JobCreate, JobPage, JobStatus, job_view, new_record
 from blaze_jobs.settings import ENGINES, Settings, get_settings
 from blaze_jobs.heartbeat import workers_index
@@ -168,7 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         last heartbeat. A worker that stops beating drops out within three lease thirds."""
         client = request.app.state.redis
         names = [n.decode() for n in await client.zrangebyscore(workers_index(settings), time.time() - settings.lease_s, "+inf")]
-        states = await client.mget([settings.key("worker", n) for n in names]) if names else []
+        states = await client.mget([Keys(settings.redis_prefix).worker(n) for n in names]) if names else []
         return JSONResponse({"workers": [json.loads(s) for s in states if s]})
 
     @app.get("/healthz")
@@ -180,7 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def readyz(request: Request) -> JSONResponse:
         """Ready to accept jobs: Redis answers, takes writes, and will not evict them.
         `warnings` name what is unsafe but allowed, such as a Redis that persists nothing."""
-        found = await redis_config.check_async(request.app.state.redis, probe_key=settings.key("readyz"))
+        found = await redis_config.check_async(request.app.state.redis, probe_key=Keys(settings.redis_prefix).readyz)
         if not found.ready:
             why = found.problem or found.refusing or ""
             return problems.problem(503, "Not ready", why, **{"Retry-After": str(problems.REFUSED_RETRY_AFTER_S)})

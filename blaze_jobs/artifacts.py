@@ -16,6 +16,7 @@ from pathlib import Path
 import redis
 
 from blaze_jobs.engines import SPECS
+from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 
 #: What the API serves each kind of artifact as, by extension: the kinds the engines'
@@ -54,17 +55,17 @@ class ArtifactStore:
 class RedisArtifactStore(ArtifactStore):
     def __init__(self, client: redis.Redis, *, prefix: str, ttl_s: int) -> None:
         self.redis = client
-        self.prefix = prefix
+        self.keys = Keys(prefix)
         self.ttl_s = ttl_s
 
     def put(self, data: bytes, extension: str) -> str:
         key = artifact_key(data, extension)
         # Writing the same content again only renews its TTL to cover the newest job.
-        self.redis.set(f"{self.prefix}artifact:{key}", data, ex=self.ttl_s)
+        self.redis.set(self.keys.artifact(key), data, ex=self.ttl_s)
         return key
 
     def get(self, key: str) -> bytes | None:
-        return self.redis.get(f"{self.prefix}artifact:{key}")
+        return self.redis.get(self.keys.artifact(key))
 
 
 class FilesystemArtifactStore(ArtifactStore):

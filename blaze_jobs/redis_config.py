@@ -31,6 +31,7 @@ from redis.backoff import AbstractBackoff
 from redis.retry import Retry
 
 from blaze_jobs.errors import RedisMisconfigured
+from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 
 NOEVICTION = "noeviction"
@@ -170,7 +171,7 @@ def check_at_start(settings: Settings, *, log: logging.Logger) -> None:
     process waits for it as it would anyway, and ``/readyz`` checks again."""
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     try:
-        found = check(client, probe_key=settings.key("readyz"))
+        found = check(client, probe_key=Keys(settings.redis_prefix).readyz)
     except redis.exceptions.RedisError as error:
         log.warning("could not check Redis's configuration (%s); /readyz checks it again", error)
         return

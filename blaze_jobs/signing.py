@@ -16,6 +16,7 @@ import redis
 import standardwebhooks
 
 from blaze_jobs.errors import BlazeError
+from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 
 SECRET_PREFIX = "whsec_"
@@ -30,7 +31,7 @@ def new_secret() -> str:
 
 
 def secret_key_name(settings: Settings) -> str:
-    return settings.key("webhook-secret")
+    return Keys(settings.redis_prefix).webhook_secret
 
 
 def signing_secret(client: redis.Redis, settings: Settings) -> str:
