@@ -39,8 +39,10 @@ task_reject_on_worker_lost = True
 # Each worker thread holds at most one job it has not started; the rest stay in Redis for peers.
 worker_prefetch_multiplier = 1
 
-# Events on, so Flower sees every job (received, started, succeeded) on every worker.
+# Events on, so Flower sees every job (received, started, succeeded) on every worker, sent in
+# batches (one PUBLISH for a short job's three) by the consumer of ``blaze_jobs.task_events``.
 worker_send_task_events = True
+worker_consumer = "blaze_jobs.task_events:Consumer"
 task_send_sent_event = True
 task_track_started = True
 worker_hijack_root_logger = False
