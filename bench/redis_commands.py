@@ -38,6 +38,7 @@ from typing import Any
 import redis
 
 from blaze_jobs.client import BlazeClient
+from blaze_jobs.errors import WaitTimeout
 from blaze_jobs.stack import Stack, StackError, free_port, redis_reachable, redis_server_binary
 from common import broke_off, forget_all, machine, start_api, unique_prefix, write_json
 from overhead import bare_app
@@ -141,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
 
             def one_job(timeout: float = 30) -> None:
                 job = blaze.submit("echo", ECHO_INPUT)
-                ended = blaze.wait(job["id"], timeout=timeout)
+                try:
+                    ended = blaze.wait(job["id"], timeout=timeout)
+                except WaitTimeout as error:
+                    raise RuntimeError(f"{error}\nworker:\n{worker.log_tail()}\nAPI:\n{api.log_tail()}") from None
                 if ended["status"] != "succeeded":
                     raise RuntimeError(f"echo job {job['id']} ended {ended['status']}: {ended.get('error')}\n{worker.log_tail()}")
 
