@@ -196,10 +196,6 @@ class Settings(DiffusionSettings, EchoSettings, LLMSettings, BaseSettings):
     #: so those of a short job (received, started, succeeded), or of every job a busy worker
     #: ran meanwhile, are one Redis PUBLISH, not one each (``blaze_jobs.task_events``).
     task_events_flush_s: float = 0.25
-    #: A worker publishes the task events Flower shows this long after the first one waiting,
-    #: so those of a short job (received, started, succeeded), or of every job a busy worker
-    #: ran meanwhile, are one Redis PUBLISH, not one each (``blaze_jobs.task_events``).
-    task_events_flush_s: float = 0.25
 
     # --- Celery -------------------------------------------------------------------------
     #: Seconds before Redis hands a delivered but unacknowledged message to another worker.
