@@ -40,6 +40,7 @@ import redis
 from celery.worker import state as worker_state
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from kombu.utils.json import dumps
 
 from blaze_jobs.redis_config import refusal
 
@@ -56,7 +57,7 @@ class QoS(kombu_redis.QoS):
         wait = 0.05
         while True:
             try:
-                return super().append(message, delivery_tag)
+                return self._record(message, delivery_tag)
             except redis.exceptions.ResponseError as error:
                 why = refusal(error)
                 # A worker asked to stop gives up; the reaper queues the job again later.
@@ -66,6 +67,17 @@ class QoS(kombu_redis.QoS):
                     log.warning("%s: holding the message just taken until Redis records it", why)
                 time.sleep(wait)
                 wait = min(2 * wait, REFUSED_WAIT_MAX_S)
+
+    def _record(self, message: Any, delivery_tag: str) -> None:
+        # kombu records a message taken (its index entry, then the message) in a MULTI: four
+        # commands of every job's. The same two writes pipelined need no transaction: kombu
+        # restores only records older than the visibility timeout, so one half written is
+        # never restored early, and a pair Redis refused is written again whole (``append``).
+        delivery = message.delivery_info
+        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}).hset(self.unacked_key, delivery_tag, record).execute()
+        virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
         self._forget(delivery_tag)
