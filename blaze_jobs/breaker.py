@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("blaze_jobs.breaker")
 
@@ -94,7 +95,9 @@ class CircuitBreaker:
         self.on_change(BreakerState.open)
 
     def _open_locked(self) -> None:
-        log.warning("breaker open for %.1f s after %d worker faults: %s", self.cooldown_s, self.consecutive_failures, self.last_reason)
+        log.warning(
+            "breaker open for %.1f s after %d worker faults: %s", self.cooldown_s, self.consecutive_failures, self.last_reason
+        )
         self.state = BreakerState.open
         self.times_opened += 1
         self._timer = threading.Timer(self.cooldown_s, self._half_open)

@@ -31,7 +31,9 @@ def poison_error(record: dict[str, str], worker: str, reason: str) -> str | None
     if all(name == worker for name in before):
         return None
     workers = [*dict.fromkeys([*before, worker])]
-    return f"the job faulted on {len(workers)} workers ({', '.join(workers)}), so the job, not a worker, is at fault; last: {reason}"
+    return (
+        f"the job faulted on {len(workers)} workers ({', '.join(workers)}), so the job, not a worker, is at fault; last: {reason}"
+    )
 
 
 def counts_against(record: dict[str, str], worker: str) -> bool:
@@ -42,14 +44,17 @@ def counts_against(record: dict[str, str], worker: str) -> bool:
 def note_fault(store: JobStore, job_id: str, *, attempt: int, worker: str) -> None:
     """Record on the job that it faulted on ``worker`` (guarded by the attempt, like every write)."""
     try:
-        store.transition(job_id, allowed=(JobStatus.running,), to=JobStatus.running, attempts=attempt, faulted_on=json.dumps([worker]))
+        store.transition(
+            job_id, allowed=(JobStatus.running,), to=JobStatus.running, attempts=attempt, faulted_on=json.dumps([worker])
+        )
     except (JobConflict, JobNotFound):
         pass  # the attempt is no longer ours: its end will not be recorded either
 
 
 def live_peers(client: redis.Redis, settings: Settings, *, name: str, engine: str) -> list[str]:
     """Live workers of ``engine`` besides ``name`` whose breaker lets them take jobs."""
-    names = [n.decode() for n in client.zrangebyscore(workers_index(settings), time.time() - settings.lease_s, "+inf")]
+    found = client.zrangebyscore(workers_index(settings), time.time() - settings.lease_s, "+inf")
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in found]
     names = [n for n in names if n != name]
     states = [json.loads(s) for s in client.mget([worker_key(settings, n) for n in names]) if s] if names else []
     return [

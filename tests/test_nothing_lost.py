@@ -42,7 +42,9 @@ def test_jobs_of_a_worker_killed_mid_batch_run_again_on_a_live_worker(own_stack:
 
         # Then, the lease run out, every job is back in the queue
         wait_until(
-            lambda: all(client.get(i)["status"] == "queued" for i in ids), timeout=HANDED_BACK_WITHIN_S, what="the jobs handed back"
+            lambda: all(client.get(i)["status"] == "queued" for i in ids),
+            timeout=HANDED_BACK_WITHIN_S,
+            what="the jobs handed back",
         )
         # and a live diffusion worker runs each to exactly one result
         own_stack.blaze("survivor", "worker", "--engine", "diffusion", "--max-batch", "4", **LEASE)

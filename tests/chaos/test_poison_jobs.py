@@ -60,7 +60,7 @@ def run_wave(http: httpx.Client, server: PrivateRedis, prefix: str, *, healthy: 
     ids = submit(http, inputs)
     records = wait_all_ended(server.url, prefix, ids, timeout=COOLDOWN_S * 0.75)
     now = time.time()
-    is_poison = {job_id: "fail" in job_input for job_id, job_input in zip(ids, inputs)}
+    is_poison = {job_id: "fail" in job_input for job_id, job_input in zip(ids, inputs, strict=True)}
     healthy_records = {i: r for i, r in records.items() if not is_poison[i]}
     # A job still waiting has waited until now, at least.
     queue_times = [float(r.get("started_at") or now) - float(r["created_at"]) for r in healthy_records.values() if r]
