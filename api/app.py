@@ -70,7 +70,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     cache_keys = cache.CacheKeys(settings.redis_prefix)
 
-    @app.post("/v1/jobs", status_code=202, response_model=Job, responses={202: {"headers": {"Location": {"description": "The job's URL.", "schema": {"type": "string", "format": "uri"}}}}})
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        response_model=Job,
+        responses={
+            202: {"headers": {"Location": {"description": "The job's URL.", "schema": {"type": "string", "format": "uri"}}}}
+        },
+    )
     async def create_job(request: Request, body: Annotated[JobCreate, Body()]) -> JSONResponse:
         """Accept a job: it is queued for a worker of its engine and answered at once."""
         # 1. Bounds that belong to the deployment, not the schema.
@@ -192,4 +199,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(waits.router)
     app.include_router(webhooks.router)
     return app
-

@@ -86,7 +86,9 @@ def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         loc = list(error.get("loc", ()))
         if error.get("type") == "json_invalid":
             why = error.get("ctx", {}).get("error")
-            errors.append({"field": "body", "message": f"the body is not valid JSON ({why})" if why else "the body is not valid JSON"})
+            errors.append(
+                {"field": "body", "message": f"the body is not valid JSON ({why})" if why else "the body is not valid JSON"}
+            )
             continue
         if error.get("type") in ("union_tag_invalid", "union_tag_not_found"):
             loc.append(error.get("ctx", {}).get("discriminator", "").strip("'"))
@@ -176,7 +178,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(redis.exceptions.TimeoutError)
     async def on_redis_down(request: Request, exc: Exception) -> JSONResponse:
         return problem(
-            503, "Service unavailable", "the job store (Redis) is unreachable; retry shortly", **{"Retry-After": str(RETRY_AFTER_S)}
+            503,
+            "Service unavailable",
+            "the job store (Redis) is unreachable; retry shortly",
+            **{"Retry-After": str(RETRY_AFTER_S)},
         )
 
     @app.exception_handler(redis.exceptions.ResponseError)

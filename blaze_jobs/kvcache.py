@@ -130,7 +130,9 @@ class _GrowingLayer(DynamicLayer):
     columns: a decoding step writes its column in place, where ``DynamicLayer`` copies the
     whole cache (a third of a step's time at batch 64 on a CPU)."""
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized or self.keys.numel() == 0:
             self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
             self.replace(key_states, value_states)

@@ -277,6 +277,16 @@ def test_a_receiver_verifies_webhooks_with_the_client(stack: dict[str, Any]) -> 
 
 def test_the_event_parser_follows_the_sse_rules() -> None:
     parser = SSEParser()
-    lines = ["retry: 1000", "", ": keep-alive", "", "id: 5-0", "event: job.progress", 'data: {"step": 1,', 'data: "total": 2}', ""]
+    lines = [
+        "retry: 1000",
+        "",
+        ": keep-alive",
+        "",
+        "id: 5-0",
+        "event: job.progress",
+        'data: {"step": 1,',
+        'data: "total": 2}',
+        "",
+    ]
     events = [e for e in (parser.feed(line) for line in lines) if e]
     assert [(e.id, e.event, e.data) for e in events] == [("5-0", "job.progress", {"step": 1, "total": 2})]

@@ -125,7 +125,10 @@ def test_a_receiver_that_never_answers_does_not_delay_the_next_job(client: Blaze
     # Then each job started before its predecessor's completion had been given up on: the
     # worker never waited for the receiver (however slow this machine is)
     def first_attempts() -> list[dict[str, Any]] | None:
-        found = [next((a for d in client.deliveries(job["id"]) if d["type"] == "job.completed" for a in d["attempts"]), None) for job in slow]
+        found = [
+            next((a for d in client.deliveries(job["id"]) if d["type"] == "job.completed" for a in d["attempts"]), None)
+            for job in slow
+        ]
         return found if all(found) else None
 
     attempts = wait_until(first_attempts, timeout=30, what="every completion's first attempt")

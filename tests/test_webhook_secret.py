@@ -35,7 +35,12 @@ def test_the_secret_needs_the_admin_token_as_a_bearer(own_stack: Stack) -> None:
     # When callers ask without it, with another, or with it but not as a bearer
     refused = [
         httpx.get(url, headers=headers, timeout=10)
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-admin"}, {"X-Forwarded-For": "127.0.0.1"})
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "s3cret-admin"},
+            {"X-Forwarded-For": "127.0.0.1"},
+        )
     ]
     granted = httpx.get(url, headers={"Authorization": "Bearer s3cret-admin"}, timeout=10)
 

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+
     def stop_consuming() -> None:
         app.control.cancel_consumer(args.engine, destination=[name], reply=False)
 

@@ -35,7 +35,9 @@ async def long_poll(http: httpx.AsyncClient, job_id: str) -> dict[str, Any] | st
     return response.json() if response.status_code == 200 else f"{response.status_code} {response.text[:200]}"
 
 
-async def follow(http: httpx.AsyncClient, job_id: str, opened: asyncio.Event, *, count: list[int], total: int) -> dict[str, Any] | str:
+async def follow(
+    http: httpx.AsyncClient, job_id: str, opened: asyncio.Event, *, count: list[int], total: int
+) -> dict[str, Any] | str:
     """Follow the job's event stream to its ``job.completed``; the final job, or what went wrong."""
     try:
         async with http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
@@ -95,7 +97,11 @@ async def crowd(api_url: str, stack: Stack, *, waiters: int, creates: int) -> di
         followed = await asyncio.gather(*follows)
         times["worker_start_to_last_end_s"] = time.monotonic() - started - times["creates_s"]
     return {
-        "waited": waited, "created": created, "polled": polled, "followed": followed, "still_waiting": still_waiting,
+        "waited": waited,
+        "created": created,
+        "polled": polled,
+        "followed": followed,
+        "still_waiting": still_waiting,
         "times": {k: round(v, 2) for k, v in times.items()},
     }
 
