@@ -7,8 +7,9 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, AsyncIterator, Literal
+from typing import Annotated, Literal
 
 import redis
 from fastapi import Body, FastAPI, Query, Request
@@ -21,10 +22,10 @@ from api.responses import JSONResponse
 from blaze_jobs import cache, redis_config
 from blaze_jobs.artifacts import CONTENT_TYPES, KEY_PATTERN, artifact_store, content_type
 from blaze_jobs.broker import queue_key, task_message
-from blaze_jobs.keys import Keys
-from blaze_jobs.jobs import Job, JobCreate, JobPage, JobStatus, job_view, new_record
-from blaze_jobs.settings import ENGINES, Settings, get_settings
 from blaze_jobs.heartbeat import workers_index
+from blaze_jobs.jobs import Job, JobCreate, JobPage, JobStatus, job_view, new_record
+from blaze_jobs.keys import Keys
+from blaze_jobs.settings import ENGINES, Settings, get_settings
 from blaze_jobs.store import CURSOR, AsyncJobStore, queue_create
 
 log = logging.getLogger("api.app")

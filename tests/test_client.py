@@ -9,8 +9,9 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -20,8 +21,7 @@ from blaze_jobs.errors import APIConnectionError, APIError, BlazeError, WaitTime
 from blaze_jobs.settings import Settings
 from blaze_jobs.signing import WebhookVerificationError, new_secret
 from blaze_jobs.stack import Stack, free_port
-from tests.conftest import ADMIN_TOKEN
-from tests.conftest import start_api, wait_for_workers
+from tests.conftest import ADMIN_TOKEN, start_api, wait_for_workers
 from tests.receiver import Receiver
 
 # Generous: the first test to use the stack also waits for it to start.
