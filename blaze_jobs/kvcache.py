@@ -70,7 +70,7 @@ class BatchCache:
             self._cache, self.width = cache, width
         else:
             total = max(self.width, width)
-            for mine, theirs in zip(self._cache.layers, cache.layers):
+            for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
                 mine.replace(
                     torch.cat([_pad_left(mine.keys, total), _pad_left(theirs.keys, total)]),
                     torch.cat([_pad_left(mine.values, total), _pad_left(theirs.values, total)]),

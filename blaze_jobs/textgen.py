@@ -234,7 +234,7 @@ class TextGenerator:
         stream text; drop the rows that finished."""
         tokens = _sample(logits, rows)
         calls: list[tuple[Callable[..., Any], tuple]] = []
-        for row, (s, token) in enumerate(zip(rows, tokens), start=first_row):
+        for row, (s, token) in enumerate(zip(rows, tokens, strict=True), start=first_row):
             s.peak_batch = max(s.peak_batch, len(self._rows))
             s.tokens.append(token)
             s.next_token = token
