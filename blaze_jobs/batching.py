@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from blaze_jobs.engines.base import Engine, EngineRequest, request_territory
+from blaze_jobs.engines.base import Engine, EngineRequest, OutputFuture, request_territory
 from blaze_jobs.engines.spec import Batching
 from blaze_jobs.errors import BlazeError, HandedBack
 
@@ -65,7 +65,7 @@ class Batcher:
         if batching is Batching.continuous:
             # The engine schedules token by token itself.
             inner = self.engine.submit(request)
-            inner.add_done_callback(lambda done: _relay(done, future))
+            inner.add_done_callback(lambda _: _relay(inner, future))
             return future
         if batching is Batching.none:
             _run_alone(self.engine, request, future)
@@ -145,11 +145,11 @@ class Batcher:
                     pending.future.set_result(Result(result, len(batch)))
 
 
-def _relay(done: Future, future: Future) -> None:
+def _relay(done: OutputFuture, future: Future[Result]) -> None:
     if done.exception() is not None:
         future.set_exception(done.exception())
     else:
-        future.set_result(Result(done.result(), getattr(done, "batch_size", 1)))
+        future.set_result(Result(done.result(), done.batch_size))
 
 
 def _run_alone(engine: Engine, request: EngineRequest, future: Future) -> None:

@@ -23,12 +23,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from blaze_jobs.engines.base import OutputFuture
 from blaze_jobs.errors import WorkerFault
 from blaze_jobs.kvcache import BatchCache, UnsupportedCache
 
@@ -66,7 +66,7 @@ class TextRequest:
 @dataclass(eq=False)
 class _Sequence:
     request: TextRequest
-    future: Future
+    future: OutputFuture
     generator: torch.Generator
     tokens: list[int] = field(default_factory=list)  # generated, end-of-sequence included
     text: str = ""  # the output text so far (stop strings cut off)
@@ -120,13 +120,13 @@ class TextGenerator:
 
     # --- what callers use ---------------------------------------------------------------
 
-    def submit(self, request: TextRequest) -> Future:
+    def submit(self, request: TextRequest) -> OutputFuture:
         """Queue a generation; the future resolves to its output dict, or to its error.
 
         The future's ``batch_size`` attribute tells, once it resolves, the most sequences
         that shared the device with this one.
         """
-        future: Future = Future()
+        future = OutputFuture()
         sequence = _Sequence(request, future, torch.Generator().manual_seed(request.seed))
         with self._cond:
             if self._closed:
@@ -327,7 +327,7 @@ class TextGenerator:
         with self._cond:
             for s, outcome in outcomes:
                 self._live.discard(s)
-                s.future.batch_size = max(1, s.peak_batch)  # type: ignore[attr-defined]
+                s.future.batch_size = max(1, s.peak_batch)
                 if isinstance(outcome, BaseException):
                     calls.append((s.future.set_exception, (outcome,)))
                 else:

@@ -14,7 +14,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import pytest
 import torch
 
 from blaze_jobs.builtin_models import builtin_path
-from blaze_jobs.engines.base import EngineRequest
+from blaze_jobs.engines.base import EngineRequest, OutputFuture
 from blaze_jobs.engines.llm import LLMEngine
 from blaze_jobs.errors import RequestError, WorkerFault
 from tests.test_textgen import LOGIT_TOL, greedy_alone, sampled_alone
@@ -185,7 +184,7 @@ def test_a_seeded_job_gets_its_text_alone_whatever_shares_its_batch_where_roundi
         assert alone[seed]["text"] == tokenizer.decode(drawn[seed][0], skip_special_tokens=True)
 
     # When they run again, arriving at different moments among unseeded companions
-    futures: dict[int, Future] = {}
+    futures: dict[int, OutputFuture] = {}
     noise = []
     with a_long_job_running(engine):
         for n, seed in enumerate(seeds):

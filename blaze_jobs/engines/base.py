@@ -24,6 +24,16 @@ if TYPE_CHECKING:
     from blaze_jobs.engines.spec import EngineSpec
 
 
+class OutputFuture(Future[dict[str, Any]]):
+    """A future of one job's output from a continuous engine, which also says how many jobs
+    ran beside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Once the future resolves: the most jobs the job shared the device with.
+        self.batch_size = 1
+
+
 @dataclass(eq=False)
 class Artifact:
     """A file an engine produced; the worker stores it and puts its URL in the job's output.
@@ -107,10 +117,9 @@ class Engine:
         """
         raise NotImplementedError
 
-    def submit(self, request: EngineRequest) -> Future:
+    def submit(self, request: EngineRequest) -> OutputFuture:
         """A continuous engine (``Batching.continuous``) takes each job here as it arrives and
-        schedules it itself; the future resolves to the job's output (its ``batch_size``
-        attribute, when set, is the most jobs it shared the device with) or its error."""
+        schedules it itself; the future resolves to the job's output or its error."""
         raise NotImplementedError(f"the {self.name} engine batches {self.spec.batching.value}, not continuously")
 
     def run(self, request: EngineRequest) -> dict[str, Any]:

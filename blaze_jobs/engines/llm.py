@@ -13,14 +13,13 @@ import logging
 import secrets
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from blaze_jobs import builtin_models
-from blaze_jobs.engines.base import Engine, EngineRequest, request_territory
+from blaze_jobs.engines.base import Engine, EngineRequest, OutputFuture, request_territory
 from blaze_jobs.engines.spec import Batching, Bound, BuiltinModel, CommaList, EngineSpec, JSONInt, OptionalJSONInt, OutOfBounds
 from blaze_jobs.errors import BlazeError, RequestError, WorkerFault
 
@@ -195,7 +194,7 @@ class LLMEngine(Engine):
     def batch_key(self, request: EngineRequest) -> tuple:
         return (request.model,)
 
-    def submit(self, request: EngineRequest) -> Future:
+    def submit(self, request: EngineRequest) -> OutputFuture:
         """Queue ``request`` to join its model's running generation.
 
         The future resolves to ``{"text", "finish_reason", "usage", ["seed"]}`` (a canceled
@@ -211,7 +210,7 @@ class LLMEngine(Engine):
                     text_request = _resolve(request, generator)
                 return generator.submit(text_request)
         except BlazeError as error:
-            future: Future = Future()
+            future = OutputFuture()
             future.set_exception(error)
             return future
 
