@@ -133,10 +133,9 @@ class _GrowingLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized or self.keys.numel() == 0:
+        if not self.is_initialized or self.keys is None or self.values is None or self.keys.numel() == 0:
             self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
-            self.replace(key_states, value_states)
-            return self.keys, self.values
+            return self.replace(key_states, value_states)
         width, new = self.keys.shape[-2], key_states.shape[-2]
         if width + new > self._key_buffer.shape[-2]:
             self.replace(self.keys, self.values, spare=new)
@@ -146,8 +145,9 @@ class _GrowingLayer(DynamicLayer):
         self.values = self._value_buffer[:, :, : width + new]
         return self.keys, self.values
 
-    def replace(self, keys: torch.Tensor, values: torch.Tensor, *, spare: int = 0) -> None:
-        """Hold ``keys`` and ``values`` ([batch, heads, length, dim]) in fresh buffers with room to grow."""
+    def replace(self, keys: torch.Tensor, values: torch.Tensor, *, spare: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hold ``keys`` and ``values`` ([batch, heads, length, dim]) in fresh buffers with room to grow;
+        return the views of them the layer now holds."""
         width = keys.shape[-2]
         capacity = width + spare + max(32, width // 2)
         self._key_buffer = keys.new_empty((*keys.shape[:-2], capacity, keys.shape[-1]))
@@ -156,6 +156,7 @@ class _GrowingLayer(DynamicLayer):
         self._value_buffer[:, :, :width] = values
         self.keys = self._key_buffer[:, :, :width]
         self.values = self._value_buffer[:, :, :width]
+        return self.keys, self.values
 
 
 def attention_kernels(device: torch.device) -> Any:
