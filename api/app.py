@@ -26,7 +26,7 @@ from blaze_jobs.heartbeat import workers_index
 from blaze_jobs.jobs import Job, JobCreate, JobPage, JobStatus, job_view, new_record
 from blaze_jobs.keys import Keys
 from blaze_jobs.settings import ENGINES, Settings, get_settings
-from blaze_jobs.store import CURSOR, AsyncJobStore, queue_create
+from blaze_jobs.store import CURSOR, AsyncJobStore, queue_create, text
 
 log = logging.getLogger("api.app")
 
@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await store.create_queued(record, queue=queue_key(settings, engine), message=message)
         else:
             async with store.redis.pipeline(transaction=True) as pipe:
-                output = cached.decode()
+                output = text(cached)
                 now = repr(time.time())
                 record.update(status="succeeded", output=output, started_at=now, completed_at=now, cache_hit="1")
                 queue_create(pipe, store.keys, record, ttl_s=settings.job_ttl_s)
@@ -176,7 +176,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Live workers: engine, device, breaker state and counts, loaded models, batches run,
         last heartbeat. A worker that stops beating drops out within three lease thirds."""
         client = request.app.state.redis
-        names = [n.decode() for n in await client.zrangebyscore(workers_index(settings), time.time() - settings.lease_s, "+inf")]
+        names = [text(n) for n in await client.zrangebyscore(workers_index(settings), time.time() - settings.lease_s, "+inf")]
         states = await client.mget([Keys(settings.redis_prefix).worker(n) for n in names]) if names else []
         return JSONResponse({"workers": [json.loads(s) for s in states if s]})
 
@@ -186,13 +186,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz", responses={503: PROBLEM})
-    async def readyz(request: Request) -> JSONResponse:
+    async def readyz(request: Request) -> Response:
         """Ready to accept jobs: Redis answers, takes writes, and will not evict them.
         `warnings` name what is unsafe but allowed, such as a Redis that persists nothing."""
         found = await redis_config.check_async(request.app.state.redis, probe_key=Keys(settings.redis_prefix).readyz)
         if not found.ready:
             why = found.problem or found.refusing or ""
-            return problems.problem(503, "Not ready", why, **{"Retry-After": str(problems.REFUSED_RETRY_AFTER_S)})
+            return problems.problem(503, "Not ready", why, headers={"Retry-After": str(problems.REFUSED_RETRY_AFTER_S)})
         return JSONResponse({"status": "ready", "warnings": list(found.warnings)})
 
     # Events, deliveries and the webhook secret: after the routes above, so that the create

@@ -67,7 +67,7 @@ class BodyLimit:
 
     def too_large(self) -> Response:
         # The unread body is still on its way: end the connection rather than read it.
-        return problem(413, "Content Too Large", self.detail, Connection="close")
+        return problem(413, "Content Too Large", self.detail, headers={"Connection": "close"})
 
 
 class JSONBodyRequest(Request):

@@ -57,7 +57,13 @@ class InputProblem(Exception):
 
 
 def problem(
-    status: int, title: str, detail: str, *, errors: list[dict[str, str]] | None = None, problem_id: str = "", **headers: str
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    errors: list[dict[str, str]] | None = None,
+    problem_id: str = "",
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     """A problem+json answer with an id the log carries (a caller that logged the cause
     itself passes its ``problem_id``)."""
@@ -67,7 +73,7 @@ def problem(
     body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail, "id": problem_id}
     if errors:
         body["errors"] = errors
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers or None)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
 def field_name(loc: Iterable[Any]) -> str:
@@ -168,12 +174,12 @@ def install(app: FastAPI) -> None:
             title = HTTPStatus(exc.status_code).phrase
         except ValueError:  # a status code Python has no name for
             title = str(exc.detail)
-        return problem(exc.status_code, title, str(exc.detail), **headers)
+        return problem(exc.status_code, title, str(exc.detail), headers=headers)
 
     @app.exception_handler(Busy)
     async def on_busy(request: Request, exc: Busy) -> JSONResponse:
         # A bound of the API process (its Redis pool, its waiters), not a Redis fault.
-        return problem(503, "API busy", f"{exc}; retry shortly", **{"Retry-After": str(RETRY_AFTER_S)})
+        return problem(503, "API busy", f"{exc}; retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
@@ -182,7 +188,7 @@ def install(app: FastAPI) -> None:
             503,
             "Service unavailable",
             "the job store (Redis) is unreachable; retry shortly",
-            **{"Retry-After": str(RETRY_AFTER_S)},
+            headers={"Retry-After": str(RETRY_AFTER_S)},
         )
 
     @app.exception_handler(redis.exceptions.ResponseError)
@@ -192,4 +198,4 @@ def install(app: FastAPI) -> None:
         why = refusal(exc)
         if why is None:
             raise exc
-        return problem(503, "Service unavailable", f"{why}; retry later", **{"Retry-After": str(REFUSED_RETRY_AFTER_S)})
+        return problem(503, "Service unavailable", f"{why}; retry later", headers={"Retry-After": str(REFUSED_RETRY_AFTER_S)})

@@ -23,7 +23,7 @@ from blaze_jobs.heartbeat import Heartbeat, worker_key
 from blaze_jobs.jobs import JobStatus, new_record
 from blaze_jobs.reaper import Reaper
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import JobStore
+from blaze_jobs.store import JobStore, text
 from tests.conftest import REDIS_URL, own_prefix, wait_until
 
 pytestmark = pytest.mark.timeout(30)
@@ -70,7 +70,7 @@ def running(store: JobStore, *, worker: str) -> str:
 
 def lease_of(store: JobStore, job_id: str) -> str | None:
     value = store.redis.get(store.keys.lease(job_id))
-    return value.decode() if value is not None else None
+    return text(value) if value is not None else None
 
 
 def message_ids(store: JobStore, settings: Settings) -> list[str]:
