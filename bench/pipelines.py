@@ -96,7 +96,7 @@ def build_sd15(model_dir: Path, *, device: str) -> Path:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-    ).to(dtype=torch.float16)  # type: ignore[attr-defined]  # mypy reads diffusers' dummy placeholder class
+    ).to(dtype=torch.float16)
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{SD15_FOLDER}-", dir=model_dir))
     pipe.save_pretrained(staging)

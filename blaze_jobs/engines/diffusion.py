@@ -347,8 +347,9 @@ class DiffusionEngine(Engine):
             if i == total - 1 or (i + 1 > total - first.steps * order and (i + 1) % order == 0):
                 done += 1
                 for j in running:
-                    if not stopped[j] and jobs[j].request.on_progress is not None:
-                        jobs[j].request.on_progress(done, first.steps)
+                    on_progress = jobs[j].request.on_progress
+                    if not stopped[j] and on_progress is not None:
+                        on_progress(done, first.steps)
             for j in running:
                 stopped[j] = stopped[j] or jobs[j].request.should_stop()
             if all(stopped[j] for j in running):
