@@ -65,7 +65,10 @@ class RedisArtifactStore(ArtifactStore):
         return key
 
     def get(self, key: str) -> bytes | None:
-        return self.redis.get(self.keys.artifact(key))
+        data = self.redis.get(self.keys.artifact(key))
+        if isinstance(data, str):
+            raise TypeError("the artifact store's Redis client decodes replies to text; artifacts are bytes")
+        return data
 
 
 class FilesystemArtifactStore(ArtifactStore):

@@ -258,7 +258,7 @@ def _build_tiny_lm() -> tuple[Any, Any]:
         show_progress=False,
     )
     bpe.train_from_iterator(_LM_TEXT.splitlines(), trainer=trainer)
-    eos, _, end_of_turn = (bpe.token_to_id(t) for t in _LM_SPECIAL)
+    eos, _, end_of_turn = (_special_id(bpe, t) for t in _LM_SPECIAL)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token="<|endoftext|>",
@@ -287,3 +287,10 @@ def _build_tiny_lm() -> tuple[Any, Any]:
     model = LlamaForCausalLM(config).eval()
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=[eos, end_of_turn], pad_token_id=eos)
     return model, tokenizer
+
+
+def _special_id(bpe: Any, token: str) -> int:
+    found = bpe.token_to_id(token)
+    if found is None:  # the trainer adds every special token: only a change to it gets here
+        raise ValueError(f"the built-in tokenizer has no {token!r}")
+    return found

@@ -33,6 +33,12 @@ class JobStatus(str, Enum):
 
 # --- what a client sends ----------------------------------------------------------------
 
+WebhookEvent = Literal["started", "progress", "completed"]
+
+
+def _default_webhook_events() -> list[WebhookEvent]:
+    return ["started", "completed"]
+
 
 class _JobCreateBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -48,8 +54,8 @@ class _JobCreateBase(BaseModel):
         description="An http(s) URL that receives the job's events as signed POSTs (Standard Webhooks). "
         "It must resolve to a public address.",
     )
-    webhook_events_filter: list[Literal["started", "progress", "completed"]] = Field(
-        default_factory=lambda: ["started", "completed"],
+    webhook_events_filter: list[WebhookEvent] = Field(
+        default_factory=_default_webhook_events,
         min_length=1,
         description="Which events the webhook receives; `progress` comes at most twice a second.",
     )
@@ -174,7 +180,7 @@ def job_view(record: dict[str, str], *, base_url: str) -> dict[str, Any]:
         "input": json.loads(record["input"]),
         "output": output,
         "error": json.loads(record["error"]) if record.get("error") else None,
-        "created_at": _time(record["created_at"]).isoformat(),
+        "created_at": datetime.fromtimestamp(float(record["created_at"]), tz=timezone.utc).isoformat(),
         "started_at": _iso(record.get("started_at")),
         "completed_at": _iso(record.get("completed_at")),
         "attempts": int(record.get("attempts") or 0),

@@ -138,7 +138,7 @@ class Settings(DiffusionSettings, EchoSettings, LLMSettings, BaseSettings):
     #: Seconds before each retry of a failed delivery (comma-separated), each drawn within
     #: ±20 % so retries of many jobs spread out: ten retries over about 23.7 hours.
     webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
-        default_factory=lambda: [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800]
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 28800.0]
     )
     #: How long a receiver has to answer one delivery, all told (connecting, sending the
     #: body, the answer's headers): a receiver that trickles its answer is cut off here too.

@@ -275,7 +275,9 @@ class LLMEngine(Engine):
             tokenizer = AutoTokenizer.from_pretrained(path)
             # Cast after loading, as the diffusion engine does: from_pretrained's dtype
             # keyword changed names across versions.
-            lm = AutoModelForCausalLM.from_pretrained(path).to(self.device, self._dtype).eval()
+            # transformers declares PreTrainedModel.to with functools.wraps(torch.nn.Module.to),
+            # whose type mypy reads as the unbound Module.to (self first).
+            lm = AutoModelForCausalLM.from_pretrained(path).to(self.device, self._dtype).eval()  # type: ignore[arg-type]
         except BlazeError:
             raise
         except Exception as exc:  # the model was configured here: a failure is this worker's
