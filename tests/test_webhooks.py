@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import formatdate
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -58,6 +58,11 @@ def started_job(client: redis.Redis, settings: Settings, webhook: str) -> str:
     job_id = create_job(store, webhook=webhook, webhook_events="started")
     store.transition(job_id, allowed=(JobStatus.queued,), to=JobStatus.running)
     return job_id
+
+
+def stream_entries(client: redis.Redis, key: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    # This client does not decode replies: ids, field names and values are bytes.
+    return cast("list[tuple[bytes, dict[bytes, bytes]]]", client.xrange(key))
 
 
 def only_delivery(client: redis.Redis, settings: Settings, job_id: str) -> dict[str, Any]:
@@ -154,13 +159,15 @@ def test_retry_delays_follow_the_schedule_with_jitter_and_retry_after() -> None:
     schedule = [5.0, 30.0, 120.0]
     delays = [webhook_retries.retry_delay(n, schedule, rng=rng) for n in (1, 2, 3)]
     for delay, planned in zip(delays, schedule, strict=True):
-        assert planned * 0.8 <= delay <= planned * 1.2
+        assert delay is not None and planned * 0.8 <= delay <= planned * 1.2
     # The schedule spent, the delivery has failed; a longer Retry-After wins, a shorter does not
     assert webhook_retries.retry_delay(4, schedule) is None
     assert webhook_retries.retry_delay(1, schedule, retry_after=90) == 90
-    assert webhook_retries.retry_delay(1, schedule, retry_after=1, rng=rng) >= 4
+    shortest = webhook_retries.retry_delay(1, schedule, retry_after=1, rng=rng)
+    assert shortest is not None and shortest >= 4
     assert webhook_retries.parse_retry_after("120") == 120
-    assert 55 <= webhook_retries.parse_retry_after(formatdate(time.time() + 60, usegmt=True)) <= 60
+    in_a_minute = webhook_retries.parse_retry_after(formatdate(time.time() + 60, usegmt=True))
+    assert in_a_minute is not None and 55 <= in_a_minute <= 60
     assert webhook_retries.parse_retry_after("soon") is None
 
 
@@ -188,7 +195,7 @@ def test_a_receiver_that_stays_down_is_retried_for_about_a_day_then_the_delivery
     one_delivery: Callable[..., OneDelivery], receiver: Receiver
 ) -> None:
     # Given the default retry schedule and a receiver that answers 500 to everything
-    schedule = Settings.model_fields["webhook_retry_schedule"].default_factory()  # type: ignore[misc]
+    schedule = Settings.model_fields["webhook_retry_schedule"].get_default(call_default_factory=True)
     one = one_delivery(*[Answer(500)] * (len(schedule) + 1), webhook_retry_schedule=schedule)
     mover = webhook_retries.RetryMover(one.client, one.settings)
 
@@ -386,7 +393,7 @@ def test_a_status_change_queues_the_deliveries_its_webhook_asks_for(own: Setting
     store.transition(job_id, allowed=(JobStatus.running,), to=JobStatus.succeeded, output='{"n":1}')
 
     # Then both changes are events of its stream, expiring with the job
-    events = client.xrange(stream_key(own.redis_prefix, job_id))
+    events = stream_entries(client, stream_key(own.redis_prefix, job_id))
     assert [e[1][b"type"] for e in events] == [b"job.started", b"job.completed"]
     assert json.loads(events[1][1][b"job"])["status"] == "succeeded"
     assert 0 < client.pttl(stream_key(own.redis_prefix, job_id)) <= own.job_ttl_s * 1000
@@ -419,7 +426,7 @@ def test_progress_is_throttled_and_lands_only_while_the_job_runs(own: Settings) 
     reporter.close()
 
     # Then a handful of events went out, the latest step last, each a delivery
-    events = [e for e in client.xrange(stream_key(own.redis_prefix, job_id)) if e[1][b"type"] == b"job.progress"]
+    events = [e for e in stream_entries(client, stream_key(own.redis_prefix, job_id)) if e[1][b"type"] == b"job.progress"]
     steps = [json.loads(e[1][b"progress"])["step"] for e in events]
     assert 2 <= len(steps) <= 5 and steps == sorted(steps) and steps[-1] == 50, steps
     assert json.loads(store.get(job_id)["progress"]) == {"step": 50, "total": 50}
@@ -427,6 +434,6 @@ def test_progress_is_throttled_and_lands_only_while_the_job_runs(own: Settings) 
     # and once the job has ended, a late report changes nothing
     store.transition(job_id, allowed=(JobStatus.running,), to=JobStatus.canceled)
     assert append_event(client, prefix=own.redis_prefix, job_id=job_id, kind="job.progress", fields={"progress": "{}"}) is None
-    types = [e[1][b"type"] for e in client.xrange(stream_key(own.redis_prefix, job_id))]
+    types = [e[1][b"type"] for e in stream_entries(client, stream_key(own.redis_prefix, job_id))]
     assert types == [b"job.started", *[b"job.progress"] * len(steps), b"job.completed"]
     client.close()
