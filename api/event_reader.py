@@ -5,7 +5,9 @@ The reader holds one connection, blocked in ``XREAD`` on the streams of every jo
 waits on. Each entry it reads is parsed once and handed to every waiter of that job. When a
 waiter starts watching a job the blocked read does not cover, the read is interrupted with
 ``CLIENT UNBLOCK`` (sent on the ordinary pool) and issued again with the new stream; nothing
-polls Redis for events.
+polls Redis for events. A stream whose ``job.completed`` was read is left out of the reads
+that follow (nothing comes after it), so the reader does not block on a finished job's
+stream for the next waiter to interrupt.
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ class _Watch:
 
     position: str
     feeds: set[Feed] = field(default_factory=set)
+    #: The job's job.completed was read: no event comes after it, so the stream is read no more
+    #: (its waiters leave once they have it; one joining later reads what it missed itself).
+    ended: bool = False
 
 
 class EventReader:
@@ -150,14 +155,16 @@ class EventReader:
     async def _read(self) -> None:
         backoff = 0.1
         while True:
-            if not self._watches:
+            # Without this, a read right after a job's end would block on its stream until its
+            # waiters left, and the next waiter would have to interrupt it.
+            if not any(not watch.ended for watch in self._watches.values()):
                 self._idle_wake.clear()
                 await self._idle_wake.wait()
                 continue
             try:
                 if self._client_id is None:  # a new connection: the id its interrupts name
                     self._client_id = await self._connection.client_id()
-                built = {key: (watch, watch.position) for key, watch in self._watches.items()}
+                built = {key: (watch, watch.position) for key, watch in self._watches.items() if not watch.ended}
                 self._reading = self._generation
                 try:
                     # A list of [stream, [(entry id, fields), ...]] (redis-py types it loosely).
@@ -189,6 +196,7 @@ class EventReader:
                     for feed in list(watch.feeds):
                         feed.offer(event)
                     watch.position = event.id
+                    watch.ended = watch.ended or event.type == events.COMPLETED
 
     async def _interrupt(self) -> None:
         while True:

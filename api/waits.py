@@ -64,7 +64,9 @@ async def wait_if_preferred(request: Request, record: dict[str, str]) -> dict[st
     if seconds <= 0 or events.ended(record):
         return record
     try:
-        return await wait_for_end(request.app, record["id"], seconds)
+        # This request has just created the job, queued: it made no event yet, so its events
+        # are read from the stream's start, with no read of the job.
+        return await wait_for_end(request.app, record["id"], seconds, known=(record, "0-0"))
     except (Busy, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         # The job is stored and queued: a 503 now would tell the client to create it again.
         # A wait is a preference (RFC 7240), so answer the job as accepted instead.
@@ -81,11 +83,19 @@ async def job_after_wait(request: Request, job_id: str, wait: float) -> dict[str
     return await wait_for_end(request.app, job_id, wait)
 
 
-async def wait_for_end(app: FastAPI, job_id: str, seconds: float) -> dict[str, str]:
-    prefix = settings_of(app).redis_prefix
-    record, position = await events.job_and_position(app.state.store.redis, prefix=prefix, job_id=job_id)
+async def wait_for_end(
+    app: FastAPI, job_id: str, seconds: float, *, known: tuple[dict[str, str], str] | None = None
+) -> dict[str, str]:
+    """The job once it ended, or as it stands after ``seconds``. ``known``: the job and the id
+    of its latest event, when the caller has them (else they are read)."""
+    if known is None:
+        prefix = settings_of(app).redis_prefix
+        known = await events.job_and_position(app.state.store.redis, prefix=prefix, job_id=job_id)
+    record, position = known
     if not record:
         raise JobNotFound(job_id)
+    if events.ended(record):
+        return record  # nothing to watch
     deadline = time.monotonic() + seconds
     reader: EventReader = app.state.reader
     async with reader.watch(job_id, after=position) as feed:

@@ -43,6 +43,8 @@ from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings, get_settings
 
 COMPLETED = "job.completed"
+#: The job hash's field that holds the id of its latest event (``lua/events.lua``).
+POSITION = "event"
 
 
 def stream_key(prefix: str, job_id: str) -> str:
@@ -168,16 +170,35 @@ def ended(record: dict[str, str]) -> bool:
     return record.get("status") in ("succeeded", "failed", "canceled")
 
 
+def position_of(record: dict[str, str]) -> str:
+    """The id of the job's latest event, from its record (``"0-0"`` before any event), taken
+    out of the record: the job's ``event`` field is a reader's position, not part of the job."""
+    return record.pop(POSITION, None) or "0-0"
+
+
 async def job_and_position(client: Any, *, prefix: str, job_id: str) -> tuple[dict[str, str], str]:
     """The job and the id of its latest event, read together (``"0-0"`` before any event),
-    so that reading the stream on from that id misses nothing and repeats nothing."""
+    so that reading the stream on from that id misses nothing and repeats nothing: every
+    script that appends an event writes its id to the job (``event``) in the same step, so
+    one HGETALL reads both."""
+    keys = Keys(prefix)
+    raw = await client.hgetall(keys.job(job_id))
+    record = {_text(k): _text(v) for k, v in raw.items()}
+    if POSITION in record or not _may_have_events(record):
+        return record, position_of(record)
+    # A job whose last event was written before its record kept its id: read both, as before.
     async with client.pipeline(transaction=True) as pipe:
-        keys = Keys(prefix)
         pipe.hgetall(keys.job(job_id))
         pipe.xrevrange(keys.stream(job_id), count=1)
         raw, last = await pipe.execute()
     record = {_text(k): _text(v) for k, v in raw.items()}
+    record.pop(POSITION, None)
     return record, (_text(last[0][0]) if last else "0-0")
+
+
+def _may_have_events(record: dict[str, str]) -> bool:
+    # A job made no event until a worker took it or it was born ended.
+    return bool(record) and (record.get("status") != "queued" or (record.get("attempts") or "0") != "0")
 
 
 async def events_between(client: Any, key: str, *, after: str, until: str) -> list[JobEvent]:

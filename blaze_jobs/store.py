@@ -169,7 +169,7 @@ class JobStore:
             attempt=count_attempt,
             attempts=None if attempts is None else str(attempts),
             lease=lease and {k: v for k, v in lease.items() if k != "key"},
-            release=release and {"owner": release["owner"]},
+            release=release and {"owner": release["owner"], "ms": int(self.settings.lease_s * 1000)},
             unleased=bool(unleased),
         )
         return transition_result(job_id, self._transition(keys=script_keys, args=args), wanted=to.value)

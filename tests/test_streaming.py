@@ -6,20 +6,22 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
-from typing import Iterator
 
 import httpx
 import pytest
 import redis
 
-from blaze_jobs.client import BlazeClient, SSEParser, ServerEvent
+from blaze_jobs.client import BlazeClient, ServerEvent, SSEParser
 from blaze_jobs.events import append_event, stream_key
 from blaze_jobs.jobs import JobStatus, new_record
+from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import JobStore
 from blaze_jobs.stack import Stack
+from blaze_jobs.store import JobStore
 from tests.conftest import start_api, wait_until
+from tests.test_event_position import commands_during
 
 # Generous: the first test to use the stack also waits for it to start.
 pytestmark = pytest.mark.timeout(180)
@@ -98,6 +100,21 @@ def test_create_honours_prefer_wait(http: httpx.Client) -> None:
     assert plain.json()["status"] == "queued"
 
 
+def test_a_create_that_prefers_to_wait_does_not_read_the_job_it_made(http: httpx.Client, settings: Settings) -> None:
+    # Given a quick job, created with Prefer: wait, Redis watched
+    answers: list[httpx.Response] = []
+
+    def create() -> None:
+        answers.append(http.post("/v1/jobs", json={"engine": "echo", "input": {"sleep_ms": 50}}, headers={"Prefer": "wait=30"}))
+
+    sent = commands_during(create, about=Keys(settings.redis_prefix).job(""))
+
+    # Then it answers the ended job, having watched its events from its creation on: the job's
+    # record is read whole (HGETALL) by the scripts only, not by the API
+    assert answers[0].status_code == 202 and answers[0].json()["status"] == "succeeded"
+    assert not [command for kind, command in sent if kind != "lua" and command.startswith("HGETALL")]
+
+
 # --- server-sent events -------------------------------------------------------------------
 
 
@@ -121,8 +138,8 @@ def test_an_event_stream_shows_progress_and_ends_with_the_final_job(client: Blaz
     steps = [p["step"] for p in progress]
     assert steps == sorted(set(steps)) and 1 <= steps[0] and steps[-1] <= 30
     # at most one progress event per half second
-    times = [int(e.id.split("-")[0]) / 1000 for e in events if e.event == "job.progress"]
-    assert all(b - a >= 0.45 for a, b in zip(times, times[1:])), times
+    times = [int((e.id or "").split("-")[0]) / 1000 for e in events if e.event == "job.progress"]
+    assert all(b - a >= 0.45 for a, b in zip(times, times[1:], strict=False)), times
     # and the last event is the final job, as GET shows it, progress complete
     final = events[-1].data
     assert final["status"] == "succeeded" and final["progress"] == {"step": 30, "total": 30}
@@ -153,7 +170,7 @@ def test_a_client_that_reconnects_with_last_event_id_misses_nothing(client: Blaz
     # Then it gets exactly what happened since: no `job` snapshot, no repeats, up to the end
     replay = list(read_events(http, job["id"], last_event_id="0-0"))
     assert [e.event for e in replay] == ["job.started", "job.completed"]
-    expected = [e for e in replay if tuple(map(int, e.id.split("-"))) > tuple(map(int, first.id.split("-")))]
+    expected = [e for e in replay if tuple(map(int, (e.id or "").split("-"))) > tuple(map(int, (first.id or "").split("-")))]
     assert [(e.id, e.event) for e in resumed] == [(e.id, e.event) for e in expected]
     assert resumed[-1].event == "job.completed" and resumed[-1].data == client.get(job["id"])
 
@@ -194,17 +211,31 @@ def test_a_job_with_as_many_events_as_the_bounds_allow_replays_whole_from_0_0(ht
     with redis.Redis.from_url(settings.redis_url) as client:
         store = JobStore(client, settings)
         job_id = str(uuid.uuid4())
-        store.create(new_record(job_id=job_id, engine="llm", model=settings.llm_model, input={"prompt": "long"}, created_at=time.time()))
+        store.create(
+            new_record(job_id=job_id, engine="llm", model=settings.llm_model, input={"prompt": "long"}, created_at=time.time())
+        )
         store.transition(job_id, allowed=(JobStatus.queued,), to=JobStatus.running, started_at=repr(time.time()))
         tokens = settings.llm_max_new_tokens
         for n in range(tokens):
-            append_event(client, prefix=settings.redis_prefix, job_id=job_id, kind="job.delta", fields={"text": f" {n}"}, settings=settings)
+            append_event(
+                client, prefix=settings.redis_prefix, job_id=job_id, kind="job.delta", fields={"text": f" {n}"}, settings=settings
+            )
             progress = json.dumps({"step": n + 1, "total": tokens})
             fields = {"progress": progress}
-            append_event(client, prefix=settings.redis_prefix, job_id=job_id, kind="job.progress", fields=fields, job_fields=fields, settings=settings)
+            append_event(
+                client,
+                prefix=settings.redis_prefix,
+                job_id=job_id,
+                kind="job.progress",
+                fields=fields,
+                job_fields=fields,
+                settings=settings,
+            )
         text = "".join(f" {n}" for n in range(tokens))
         output = json.dumps({"text": text, "finish_reason": "length"})
-        store.transition(job_id, allowed=(JobStatus.running,), to=JobStatus.succeeded, output=output, completed_at=repr(time.time()))
+        store.transition(
+            job_id, allowed=(JobStatus.running,), to=JobStatus.succeeded, output=output, completed_at=repr(time.time())
+        )
 
     # When a client replays its stream from the start
     replay = list(read_events(http, job_id, last_event_id="0-0", limit=10_000))

@@ -10,8 +10,6 @@ local k = blaze_event_keys(ARGV[5])
 local found = redis.call('HMGET', k.job, 'status', 'id', 'created_at', 'webhook', 'webhook_events')
 if found[1] ~= 'running' then return false end
 local rec = {status = found[1], id = found[2], created_at = found[3], webhook = found[4], webhook_events = found[5]}
-local args = {}
-for name, value in pairs(cjson.decode(ARGV[3])) do args[#args + 1] = name; args[#args + 1] = value end
-if #args > 0 then redis.call('HSET', k.job, unpack(args)) end
--- A running job's stream exists (its job.started made it), with the job's expiry.
-return blaze_event(k, rec, false, false, ARGV[1], cjson.decode(ARGV[2]), ARGV[4], tonumber(ARGV[6]))
+-- A running job's stream exists (its job.started made it), with the job's expiry. The job
+-- fields go in the HSET that records the event's id.
+return blaze_event(k, rec, false, false, ARGV[1], cjson.decode(ARGV[2]), ARGV[4], tonumber(ARGV[6]), cjson.decode(ARGV[3]))

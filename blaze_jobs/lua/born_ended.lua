@@ -5,8 +5,9 @@
 local k = blaze_event_keys(ARGV[1])
 local rec = blaze_record(redis.call('HGETALL', k.job))
 local progress = blaze_completed_progress(rec, rec['status'])
+local changes = {}
 if progress then
   rec['progress'] = progress
-  redis.call('HSET', k.job, 'progress', progress)
+  changes['progress'] = progress
 end
-return blaze_status_event(k, rec, rec['status'], true, tonumber(ARGV[2]))
+return blaze_status_event(k, rec, rec['status'], true, tonumber(ARGV[2]), changes)

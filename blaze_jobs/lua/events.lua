@@ -7,8 +7,8 @@
 --
 -- They take the job as a table the caller has read already (``rec``: its fields, as the
 -- change the event reports left them), so an event costs no read of the job of its own:
--- XADD (and PEXPIREAT for a new stream), and for a webhook delivery HEXISTS, HSET, ZADD and
--- two PEXPIREAT.
+-- XADD and the HSET of the job (its fields and its latest event's id), PEXPIREAT for a new
+-- stream, and for a webhook delivery HEXISTS, HSET, ZADD and two PEXPIREAT.
 
 local function blaze_event_keys(task_template)
   return {job = KEYS[1], stream = KEYS[2], deliveries = KEYS[3], order = KEYS[4], webhooks = KEYS[5], task = task_template}
@@ -22,11 +22,11 @@ local function blaze_record(flat)
 end
 
 -- The job as JSON: every field, or all but its input (which never changes, and may be large).
+-- Never its ``event`` (the id of its latest event, a reader's position, not part of the job).
 local function blaze_snapshot(rec, with_input)
-  if with_input then return cjson.encode(rec) end
   local copy = {}
   for name, value in pairs(rec) do
-    if name ~= 'input' then copy[name] = value end
+    if name ~= 'event' and (with_input or name ~= 'input') then copy[name] = value end
   end
   return cjson.encode(copy)
 end
@@ -57,14 +57,17 @@ local function blaze_expire_with_job(k, key, rec, ttl_s, now_ms)
   if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
 end
 
--- Append an event to the job's stream (trimmed to about maxlen entries, when given); when the
--- job's webhook wants it, record a delivery (with the whole job as it stands, input
--- included, since a delivery's body is the job) and queue its task. Returns the event id.
+-- Append an event to the job's stream (trimmed to about maxlen entries, when given) and write
+-- ``changes`` (the job fields that go with it; rec holds them already) to the job in one HSET
+-- with the event's id as the job's ``event``: a reader gets the job and its position in the
+-- stream with one HGETALL (events.job_and_position). When the job's webhook wants the event,
+-- record a delivery (with the whole job as it stands, input included, since a delivery's body
+-- is the job) and queue its task. Returns the event id.
 -- ``whole``: rec holds every field of the job (else the delivery reads the job). ``fresh``:
 -- the stream may not exist yet, so it is given the job's expiry; once it exists it keeps it
 -- (XADD and trimming leave a TTL alone). The event's time is its stream id's (Redis's clock,
 -- in ms): the entry carries no time of its own, and a delivery's ``at`` is the id's.
-local function blaze_event(k, rec, whole, fresh, kind, fields, maxlen, ttl_s)
+local function blaze_event(k, rec, whole, fresh, kind, fields, maxlen, ttl_s, changes)
   local entry = {'type', kind}
   for name, value in pairs(fields) do entry[#entry + 1] = name; entry[#entry + 1] = value end
   local event_id
@@ -73,6 +76,10 @@ local function blaze_event(k, rec, whole, fresh, kind, fields, maxlen, ttl_s)
   else
     event_id = redis.call('XADD', k.stream, '*', unpack(entry))
   end
+  local args = {'event', event_id}
+  for name, value in pairs(changes) do args[#args + 1] = name; args[#args + 1] = value end
+  redis.call('HSET', k.job, unpack(args))
+  rec['event'] = event_id
   local now_ms = tonumber(string.match(event_id, '^(%d+)'))
   if fresh then blaze_expire_with_job(k, k.stream, rec, ttl_s, now_ms) end
   local hook, wanted = rec['webhook'], rec['webhook_events']
@@ -130,10 +137,11 @@ local function blaze_completed_progress(rec, status)
 end
 
 -- The event of a change of status: job.queued, job.started or job.completed, with the job as
--- it stood (all but its input). rec holds every field of the job; ``fresh`` as blaze_event's.
-local function blaze_status_event(k, rec, status, fresh, ttl_s)
+-- it stood (all but its input). rec holds every field of the job, ``changes`` included (the
+-- fields the change writes, in the event's HSET); ``fresh`` as blaze_event's.
+local function blaze_status_event(k, rec, status, fresh, ttl_s, changes)
   local kind = 'job.completed'
   if status == 'queued' then kind = 'job.queued' elseif status == 'running' then kind = 'job.started' end
   -- Status changes are bounded by the job's attempts: they never trim the stream.
-  return blaze_event(k, rec, true, fresh, kind, {job = blaze_snapshot(rec, false)}, nil, ttl_s)
+  return blaze_event(k, rec, true, fresh, kind, {job = blaze_snapshot(rec, false)}, nil, ttl_s, changes)
 end
