@@ -7,7 +7,8 @@ command at a time on one core), whatever the number of workers.
 The system: a private ``redis-server`` (so that no other program's commands are counted),
 ``blaze api`` and ``blaze worker --engine echo --concurrency 1`` under a private key prefix.
 The client is ``BlazeClient``: ``submit`` an echo job (``sleep_ms`` 0), then ``wait`` for it
-(long-poll ``GET /v1/jobs/{id}?wait=``), one job at a time, as a user would.
+(long-poll ``GET /v1/jobs/{id}?wait=``), one job at a time, as a user would; then the same jobs
+in one request each, ``submit(..., wait=60)`` (``POST /v1/jobs`` with ``Prefer: wait=60``).
 
 Counting: ``CONFIG RESETSTAT`` then ``INFO commandstats`` after the work. Redis counts a
 command run inside a script under its own name, and the ``EVALSHA`` that ran it too; both are
@@ -149,13 +150,20 @@ def main(argv: list[str] | None = None) -> int:
                 if ended["status"] != "succeeded":
                     raise RuntimeError(f"echo job {job['id']} ended {ended['status']}: {ended.get('error')}\n{worker.log_tail()}")
 
+            def one_preferring_job() -> None:
+                job = blaze.submit("echo", ECHO_INPUT, wait=60)
+                if job["status"] != "succeeded":
+                    raise RuntimeError(f"echo job {job['id']} created with Prefer: wait answered {job['status']}")
+
             one_job(timeout=120)
             for _ in range(args.warmup):
                 one_job()
+                one_preferring_job()
 
-            # 2. Idle, then the jobs.
+            # 2. Idle, then the jobs: submit + wait, then one request each.
             idle, idle_s = measure(client, lambda: time.sleep(args.idle_s))
             jobs, jobs_s = measure(client, lambda: repeat(one_job, args.jobs))
+            preferring, preferring_s = measure(client, lambda: repeat(one_preferring_job, args.jobs))
             blaze_trace = idle_trace = None
             if args.profile:
                 pids = {"api": api.pid, "worker": worker.pid}
@@ -202,16 +210,25 @@ def main(argv: list[str] | None = None) -> int:
         f"{raw_total:.1f} before taking off idle polling), total",
         job_counts,
     )
+    preferring_counts = per_unit(preferring, units=args.jobs, idle=idle, idle_s=idle_s, elapsed=preferring_s)
+    preferring_total = print_counts(
+        f"commands per echo job, one POST with Prefer: wait=60 ({preferring_s / args.jobs * 1000:.1f} ms each), total",
+        preferring_counts,
+    )
     bare_each_ms = bare_s / args.jobs * 1000
     bare_total = print_counts(f"commands per bare Celery apply_async + get ({bare_each_ms:.1f} ms each), total", bare_counts)
     print(f"\nidle, the bare Celery worker: {sum(bare_idle.values()) / bare_idle_s:.2f} commands per second")
     ratio = total / bare_total if bare_total else float("nan")
     verdict = "met" if total <= GOAL else "NOT met"
     print(f"\necho job / bare Celery round trip: {total:.1f} / {bare_total:.1f} = {ratio:.2f}×; goal ≤ {GOAL} per job: {verdict}")
+    preferring_ratio = preferring_total / bare_total if bare_total else float("nan")
+    print(f"with Prefer: wait, one request per job: {preferring_total:.1f} / {bare_total:.1f} = {preferring_ratio:.2f}×")
     summary.update(
         idle_per_s={n: round(c / idle_s, 3) for n, c in idle.items()},
         per_job=job_counts,
         per_job_total=round(total, 2),
+        per_job_prefer_wait=preferring_counts,
+        per_job_prefer_wait_total=round(preferring_total, 2),
         bare_per_round_trip=bare_counts,
         bare_total=round(bare_total, 2),
         ratio=round(ratio, 3),
