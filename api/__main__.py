@@ -1,4 +1,4 @@
-"""``python -m api``: serve the API with uvicorn (uvloop + httptools)."""
+"""``python -m blaze_jobs.api``: serve the API with uvicorn (uvloop + httptools)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from blaze_jobs.settings import get_settings
 
 
 def log_config(level: str) -> dict[str, Any]:
-    """uvicorn's logging, with the API's own loggers (``api.*``: every problem answered,
+    """uvicorn's logging, with the API's own loggers (``blaze_jobs.api.*``: every problem answered,
     under its id) written the same way."""
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["loggers"]["api"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    config["loggers"]["blaze_jobs.api"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
     return config
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     # alone believes them from 127.0.0.1, so any local process could claim any address.
     proxies = get_settings().trusted_proxies
     uvicorn.run(
-        "api.app:create_app",
+        "blaze_jobs.api.app:create_app",
         factory=True,
         host=args.host,
         port=args.port,

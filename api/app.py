@@ -15,10 +15,6 @@ import redis
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import Response
 
-from api import bounds, connections, problems, waits, webhooks
-from api.problems import InputProblem
-from api.request_context import base_url
-from api.responses import JSONResponse
 from blaze_jobs import cache, redis_config
 from blaze_jobs.artifacts import CONTENT_TYPES, KEY_PATTERN, artifact_store, content_type
 from blaze_jobs.broker import queue_key, task_message
@@ -28,7 +24,12 @@ from blaze_jobs.keys import Keys
 from blaze_jobs.settings import ENGINES, Settings, get_settings
 from blaze_jobs.store import CURSOR, AsyncJobStore, queue_create, text
 
-log = logging.getLogger("api.app")
+from . import bounds, connections, problems, waits, webhooks
+from .problems import InputProblem
+from .request_context import base_url
+from .responses import JSONResponse
+
+log = logging.getLogger("blaze_jobs.api.app")
 
 PROBLEM = {
     "content": {problems.PROBLEM_JSON: {"schema": problems.PROBLEM_SCHEMA}},

@@ -21,11 +21,12 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.problems import InputProblem, problem
-from api.responses import LONE_SURROGATE
 from blaze_jobs.engines import SPECS, spec_of
 from blaze_jobs.engines.spec import EngineSpec, OutOfBounds
 from blaze_jobs.settings import Settings
+
+from .problems import InputProblem, problem
+from .responses import LONE_SURROGATE
 
 # --- the body ---------------------------------------------------------------------------
 

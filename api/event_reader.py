@@ -26,11 +26,12 @@ from fastapi import FastAPI
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from api.connections import Busy
-from api.request_context import settings_of
 from blaze_jobs import events
 from blaze_jobs.events import JobEvent, event_order
 from blaze_jobs.settings import Settings
+
+from .connections import Busy
+from .request_context import settings_of
 
 log = logging.getLogger("blaze_jobs.api.event_reader")
 

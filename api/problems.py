@@ -16,10 +16,11 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.connections import Busy
 from blaze_jobs.errors import JobConflict, JobNotFound
 from blaze_jobs.redis_config import refusal
 from blaze_jobs.settings import ENGINES
+
+from .connections import Busy
 
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_SCHEMA = {
@@ -44,7 +45,7 @@ RETRY_AFTER_S = 2
 #: back as jobs expire or an operator acts, not within the seconds a restart takes.
 REFUSED_RETRY_AFTER_S = 10
 
-log = logging.getLogger("api.problems")
+log = logging.getLogger("blaze_jobs.api.problems")
 
 
 class InputProblem(Exception):

@@ -18,16 +18,17 @@ from fastapi import APIRouter, FastAPI, Header, Request
 from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api import event_reader
-from api.connections import Busy
-from api.event_reader import EventReader, TooManyWaiters
-from api.problems import PROBLEM_JSON, PROBLEM_SCHEMA, InputProblem
-from api.request_context import base_url, raw_header, settings_of
-from api.responses import dumps
 from blaze_jobs import events
 from blaze_jobs.errors import JobNotFound
 from blaze_jobs.events import event_order
 from blaze_jobs.jobs import job_view
+
+from . import event_reader
+from .connections import Busy
+from .event_reader import EventReader, TooManyWaiters
+from .problems import PROBLEM_JSON, PROBLEM_SCHEMA, InputProblem
+from .request_context import base_url, raw_header, settings_of
+from .responses import dumps
 
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 PROBLEM = {"content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}, "description": "A problem+json body naming the fault."}

@@ -14,15 +14,16 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
-from api.problems import PROBLEM_JSON, PROBLEM_SCHEMA, InputProblem, problem
-from api.request_context import settings_of
-from api.responses import JSONResponse
 from blaze_jobs.addresses import WebhookRefused, check_addresses
 from blaze_jobs.deliveries import Delivery, DeliveryPage, delivery_list
 from blaze_jobs.deliveries import redeliver as record_redelivery
 from blaze_jobs.errors import JobNotFound
 from blaze_jobs.settings import Settings
 from blaze_jobs.signing import signing_secret_async
+
+from .problems import PROBLEM_JSON, PROBLEM_SCHEMA, InputProblem, problem
+from .request_context import settings_of
+from .responses import JSONResponse
 
 PROBLEM = {"content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}, "description": "A problem+json body naming the fault."}
 

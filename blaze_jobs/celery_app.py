@@ -1,4 +1,4 @@
-"""The Celery application: ``blaze_jobs.celery_app:app``, configured from ``celeryconfig.py``."""
+"""The Celery application: ``blaze_jobs.celery_app:app``, configured from ``blaze_jobs/celeryconfig.py``."""
 
 from typing import Any
 
@@ -6,7 +6,7 @@ from celery import Celery
 from celery.signals import celeryd_init
 
 app = Celery("blaze_jobs")
-app.config_from_object("celeryconfig")
+app.config_from_object("blaze_jobs.celeryconfig")
 
 #: The broker transport of worker processes (``blaze_jobs/transport.py`` says why).
 WORKER_TRANSPORT = "blaze_jobs.transport:Transport"

@@ -41,14 +41,14 @@ def _exec(argv: list[str]) -> None:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    _exec(["-m", "api", "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)])
+    _exec(["-m", "blaze_jobs.api", "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)])
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     if args.engine == "webhooks":
-        _exec(["-m", "workers.webhooks", *(["--concurrency", str(args.concurrency)] if args.concurrency else [])])
-    argv = ["-m", "workers.engine", "--engine", args.engine]
+        _exec(["-m", "blaze_jobs.workers.webhooks", *(["--concurrency", str(args.concurrency)] if args.concurrency else [])])
+    argv = ["-m", "blaze_jobs.workers.engine", "--engine", args.engine]
     for flag, value in (
         ("--device", args.device),
         ("--max-batch", args.max_batch),

@@ -1,5 +1,5 @@
 """One settings object, read from ``BLAZE_*`` environment variables by the API, the workers,
-the CLI and ``celeryconfig.py`` alike."""
+the CLI and ``blaze_jobs/celeryconfig.py`` alike."""
 
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ def celery_envelope(
 ) -> dict[str, Any]:
     """The envelope Celery's own ``send_task`` stores in Redis for a task."""
     celery = Celery("blaze-test-broker")
-    celery.config_from_object("celeryconfig")
+    celery.config_from_object("blaze_jobs.celeryconfig")
     celery.conf.broker_url = REDIS_URL
     celery.conf.broker_transport_options = {**celery.conf.broker_transport_options, "global_keyprefix": prefix}
     celery.conf.task_send_sent_event = False

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from api import bounds
-from api.problems import InputProblem
 from blaze_jobs import artifacts, cache
+from blaze_jobs.api import bounds
+from blaze_jobs.api.problems import InputProblem
 from blaze_jobs.batching import Batcher
 from blaze_jobs.cli import artifacts_of
 from blaze_jobs.engines import SPECS, create_engine, spec_of
@@ -100,7 +100,7 @@ def test_a_spec_the_registry_never_saw_gets_a_create_model_bounds_and_a_batcher(
 
 def test_every_registered_engine_is_in_the_openapi_document_with_its_bounds() -> None:
     # Given the API made with bounds of its own
-    from api.app import create_app
+    from blaze_jobs.api.app import create_app
 
     settings = Settings(max_width=512, llm_max_stop_chars=33, max_sleep_ms=1000)
     document = create_app(settings).openapi()
@@ -152,7 +152,7 @@ def test_the_old_model_variables_still_configure_the_engines(monkeypatch: pytest
 
 
 def test_every_engine_has_a_queue_a_task_and_a_worker_in_the_compose_file() -> None:
-    import celeryconfig
+    from blaze_jobs import celeryconfig
     from blaze_jobs.broker import task_name
     from blaze_jobs.celery_app import app
     from blaze_jobs.tasks import deliver_webhook  # noqa: F401  # registers the tasks
@@ -217,7 +217,7 @@ def test_the_cli_saves_whatever_artifacts_an_output_holds() -> None:
     assert [a["url"].rsplit("/", 1)[1] for a in artifacts_of(output)] == ["a.png", "b.png", "c.wav"]
 
 
-@pytest.mark.parametrize("module", ["api.app", "blaze_jobs.jobs", "blaze_jobs.settings", "blaze_jobs.cli"])
+@pytest.mark.parametrize("module", ["blaze_jobs.api.app", "blaze_jobs.jobs", "blaze_jobs.settings", "blaze_jobs.cli"])
 def test_reading_the_specs_imports_no_model_library(module: str) -> None:
     # When a fresh interpreter imports a module that reads the specs
     probe = f"import sys, {module}; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"

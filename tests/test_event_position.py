@@ -17,8 +17,8 @@ import pytest
 import redis
 import redis.asyncio
 
-from api.event_reader import EventReader
 from blaze_jobs import events
+from blaze_jobs.api.event_reader import EventReader
 from blaze_jobs.jobs import JobStatus, new_record
 from blaze_jobs.settings import Settings
 from blaze_jobs.store import JobStore, text

@@ -7,7 +7,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -166,7 +166,9 @@ def test_a_created_job_keeps_every_character_of_its_input_and_is_queued_and_inde
     async def create() -> None:
         client = redis.asyncio.Redis.from_url(settings.redis_url)
         try:
-            await AsyncJobStore(client, settings).create_queued(record, queue=f"{settings.redis_prefix}echo", message="the message")
+            await AsyncJobStore(client, settings).create_queued(
+                record, queue=f"{settings.redis_prefix}echo", message="the message"
+            )
         finally:
             await client.aclose()
 
@@ -220,7 +222,13 @@ def test_a_worker_takes_a_queued_job_in_one_step_and_only_once(store: JobStore, 
     record = store.take(job_id, worker="w1", lease_ms=30_000, started_at="1.5")
 
     # Then it gets the job as it now stands: running, first attempt, its lease held as w1:1
-    assert (record["id"], record["status"], record["attempts"], record["worker"], record["started_at"]) == (job_id, "running", "1", "w1", "1.5")
+    assert (record["id"], record["status"], record["attempts"], record["worker"], record["started_at"]) == (
+        job_id,
+        "running",
+        "1",
+        "w1",
+        "1.5",
+    )
     assert json.loads(record["input"]) == {"n": 1}
     assert store.redis.get(store.keys.lease(job_id)) == b"w1:1"
     assert 0 < store.redis.pttl(store.keys.lease(job_id)) <= 30_000
@@ -266,5 +274,7 @@ def test_a_finish_keeps_a_lease_that_is_not_its_own(store: JobStore) -> None:
     store.redis.set(lease, "w2:2")
 
     # When attempt 1 ends and releases its lease, Then the other attempt's lease stays
-    store.transition(job_id, allowed=(JobStatus.running,), to=JobStatus.succeeded, attempts=1, release={"key": lease, "owner": "w1:1"})
+    store.transition(
+        job_id, allowed=(JobStatus.running,), to=JobStatus.succeeded, attempts=1, release={"key": lease, "owner": "w1:1"}
+    )
     assert store.redis.get(lease) == b"w2:2"

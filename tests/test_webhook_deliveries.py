@@ -171,5 +171,5 @@ def test_a_webhook_worker_runs_without_torch(test_env: dict[str, str]) -> None:
     import subprocess
     import sys
 
-    code = "import sys, workers.webhooks, blaze_jobs.tasks; sys.exit('torch' in sys.modules)"
+    code = "import sys, blaze_jobs.workers.webhooks, blaze_jobs.tasks; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], env=test_env, timeout=60).returncode == 0

@@ -22,8 +22,8 @@ from fastapi.testclient import TestClient
 from kombu import Connection
 from standardwebhooks import Webhook
 
-from api.app import create_app
 from blaze_jobs import addresses, signing, tasks, webhook_retries, webhooks
+from blaze_jobs.api.app import create_app
 from blaze_jobs.celery_app import app as celery_app
 from blaze_jobs.deliveries import deliveries_key, delivery_list
 from blaze_jobs.events import DELIVER_TASK, append_event, stream_key

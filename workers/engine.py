@@ -1,4 +1,4 @@
-"""``python -m workers.engine --engine diffusion``: a worker process serving one engine on one device.
+"""``python -m blaze_jobs.workers.engine --engine diffusion``: a worker process serving one engine on one device.
 
 It loads the engine and its default model once, then consumes the engine's queue with
 Celery's thread pool: one task thread per job the batcher may put in a batch, each handing

@@ -1,4 +1,4 @@
-"""``python -m workers.webhooks`` (``blaze worker --engine webhooks``): a worker that sends
+"""``python -m blaze_jobs.workers.webhooks`` (``blaze worker --engine webhooks``): a worker that sends
 webhook deliveries. It needs no GPU and imports no model library; its task threads spend
 their time waiting on receivers, so a slow or dead receiver holds up only this queue.
 """

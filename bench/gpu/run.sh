@@ -31,7 +31,7 @@ for dist, mod in [("torch", "torch"), ("diffusers", "diffusers"), ("transformers
     print(f"{dist:18} {version(dist):14} {importlib.import_module(mod).__file__}")
 import torch
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
-import celeryconfig, api.app, blaze_jobs.stack, blaze_jobs.engines.diffusion
+import blaze_jobs.celeryconfig, blaze_jobs.api.app, blaze_jobs.stack, blaze_jobs.engines.diffusion
 print("redis-server for the stack:", blaze_jobs.stack.redis_server_binary())
 EOF
 ) 2>&1 | tee "$OUT/setup.log" || exit $?
