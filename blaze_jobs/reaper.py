@@ -173,7 +173,8 @@ class Reaper:
         message is in no queue and not unacknowledged; returns how many. While the queues
         hold at least as many messages as there are queued jobs, nothing can be lost: a few
         counters. The unacknowledged messages are no count to trust (running jobs hold theirs
-        until they end, webhook deliveries are there too); they are read only for old jobs."""
+        until they end, webhook deliveries are there too); they are read only for old jobs,
+        and one counts only when kombu's index names it too (else kombu never restores it)."""
         keys, queued_index = self.store.keys, self.store.keys.status(JobStatus.queued.value)
         queues = [keys.queue(engine) for engine in ENGINES]
         unacked = keys.unacked
@@ -190,7 +191,15 @@ class Reaper:
         ]
         if not old:
             return 0
-        present = {_held_job(v) for v in self.redis.hvals(unacked)}
+        # A record counts only with its index entry: kombu restores (after the visibility
+        # timeout) only what its index names, so a record written without one (a worker that
+        # stopped between the two writes) holds a message nobody will ever hand back.
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(unacked)
+            pipe.zrange(f"{unacked}_index", 0, -1)
+            held, indexed = pipe.execute()
+        tags = set(indexed)
+        present = {_held_job(v) for tag, v in held.items() if tag in tags}
         present |= {_queued_job(m) for queue in queues for m in self.redis.lrange(queue, 0, -1)}
         rescued = 0
         for job_id in old:

@@ -243,6 +243,25 @@ def test_a_queued_job_whose_message_is_nowhere_gets_a_fresh_one(store: JobStore,
         assert reaper.rescue() == 0
 
 
+def test_a_queued_job_whose_unacked_record_has_no_index_entry_gets_a_fresh_one(store: JobStore, settings: Settings) -> None:
+    # Given an old queued job whose message a worker took and recorded as unacknowledged, but
+    # without the record's index entry (Redis refused that write while the worker stopped),
+    # so kombu will never restore it; and one whose message a consumer holds, recorded whole
+    reaper = Reaper(store=store, settings=settings, name="w1")
+    orphaned, held = (queued(store, age_s=60) for _ in range(2))
+    message = json.loads(task_message(job_id=orphaned, engine="echo", input={"n": 1}))
+    store.redis.hset(store.keys.unacked, "a-tag-without-index", json.dumps([message, "", "echo"]))
+    store.redis.lpush(queue_key(settings, "echo"), task_message(job_id=held, engine="echo", input={"n": 1}))
+    with held_unacked(settings, "echo", 1):
+        # When the reaper looks for lost messages
+        rescued = reaper.rescue()
+
+        # Then the orphaned job gets a fresh message, and the held one none
+        assert rescued == 1
+        assert message_ids(store, settings) == [orphaned]
+        assert store.status(orphaned) == JobStatus.queued
+
+
 def test_a_young_queued_job_without_a_message_is_left_alone(store: JobStore, settings: Settings) -> None:
     # Given a queued job whose create may still be under way (younger than the visibility timeout)
     young = queued(store, age_s=0)
