@@ -56,13 +56,25 @@ def score_of(created_at: float) -> int:
     return int(created_at * 1_000_000)
 
 
+#: The job hash's field holding when the job expires (Unix ms): what its hash's PEXPIREAT was
+#: given at creation, so its events' keys expire with it whatever retention (or clock) the
+#: process that writes them has (``blaze_expire_with_job`` in ``lua/events.lua``).
+EXPIRES = "expires_at_ms"
+
+
+def expires_at_ms(created_at: str, ttl_s: int) -> int:
+    """When a job created at ``created_at`` (its field) expires, in Unix ms."""
+    return int((float(created_at) + ttl_s) * 1000)
+
+
 def queue_create(pipe: Any, keys: Keys, record: dict[str, str], *, ttl_s: int) -> None:
     """Queue on a pipeline the commands that store a new job and index it."""
     score = score_of(float(record["created_at"]))
-    record = {**record, "score": str(score)}
+    expires = expires_at_ms(record["created_at"], ttl_s)
+    record = {**record, "score": str(score), EXPIRES: str(expires)}
     key = keys.job(record["id"])
     pipe.hset(key, mapping=record)
-    pipe.expire(key, ttl_s)
+    pipe.pexpireat(key, expires)
     for index in (keys.all, keys.status(record["status"]), keys.engine(record["engine"])):
         pipe.zadd(index, {record["id"]: score})
     if JobStatus(record["status"]).ended:
@@ -213,7 +225,9 @@ class AsyncJobStore:
 
     async def create_queued(self, record: dict[str, str], *, queue: str, message: str) -> None:
         """Store a new queued job, index it and push its Celery message, in one round trip."""
-        fields = orjson.dumps({**record, "score": str(score_of(float(record["created_at"])))})
+        created_at = record["created_at"]
+        expires = str(expires_at_ms(created_at, self.settings.job_ttl_s))
+        fields = orjson.dumps({**record, "score": str(score_of(float(created_at))), EXPIRES: expires})
         indexes = self._queued_indexes.get(record["engine"])
         if indexes is None:
             keys = self.keys
@@ -223,7 +237,7 @@ class AsyncJobStore:
                 keys.engine(record["engine"]),
             ]
         script_keys = [self.keys.job(record["id"]), *indexes, queue]
-        args = [self.settings.job_ttl_s, message, fields]
+        args = [message, fields]
         try:
             # EVALSHA straight away: the script object's own call costs ~10 µs more, per create.
             await self.redis.execute_command("EVALSHA", self._create.sha, len(script_keys), *script_keys, *args)

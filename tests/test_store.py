@@ -8,13 +8,14 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 import redis.asyncio
 
 from blaze_jobs.errors import JobConflict, JobNotFound
-from blaze_jobs.jobs import JobStatus, new_record
+from blaze_jobs.jobs import JobStatus, job_view, new_record
 from blaze_jobs.settings import Settings
 from blaze_jobs.store import AsyncJobStore, JobStore
 from tests.conftest import REDIS_URL, own_prefix
@@ -278,3 +279,52 @@ def test_a_finish_keeps_a_lease_that_is_not_its_own(store: JobStore) -> None:
         job_id, allowed=(JobStatus.running,), to=JobStatus.succeeded, attempts=1, release={"key": lease, "owner": "w1:1"}
     )
     assert store.redis.get(lease) == b"w2:2"
+
+
+def test_a_jobs_events_expire_with_it_whatever_retention_the_worker_has(store: JobStore, settings: Settings) -> None:
+    # Given a job with a webhook that the API created, and a worker with another BLAZE_JOB_TTL_S
+    job_id = str(uuid.uuid4())
+    record = new_record(job_id=job_id, engine="echo", model="builtin:echo", input={"n": 1}, created_at=time.time())
+    record.update(webhook="https://hooks.example.com/in", webhook_events="started,completed")
+
+    async def create() -> None:
+        client = redis.asyncio.Redis.from_url(settings.redis_url)
+        try:
+            await AsyncJobStore(client, settings).create_queued(record, queue=f"{settings.redis_prefix}echo", message="m")
+        finally:
+            await client.aclose()
+
+    asyncio.run(create())
+    worker = JobStore(store.redis, settings.model_copy(update={"job_ttl_s": 60}))
+
+    # When the worker takes it: its job.started makes the stream and a webhook delivery
+    worker.take(job_id, worker="w1", lease_ms=30_000)
+
+    # Then the stream, deliveries and webhook order expire when the job does, at the deadline it carries
+    keys = store.keys
+    deadline = store.redis.pexpiretime(keys.job(job_id))
+    assert deadline == int(store.get(job_id)["expires_at_ms"]) > (time.time() + 60) * 1000
+    for key in (keys.stream(job_id), keys.deliveries(job_id), keys.webhook_order(job_id)):
+        assert store.redis.pexpiretime(key) == deadline, key
+    # and neither the event nor the delivery's job carries that bookkeeping, nor the job's view
+    events: Any = store.redis.xrange(keys.stream(job_id))
+    ((event_id, entry),) = events
+    delivered: Any = store.redis.hget(keys.deliveries(job_id), event_id + b":job")
+    assert "expires_at_ms" not in json.loads(entry[b"job"])
+    assert "expires_at_ms" not in json.loads(delivered)
+    assert "expires_at_ms" not in job_view(store.get(job_id), base_url="http://api")
+
+
+def test_a_job_born_ended_expires_with_its_stream(store: JobStore) -> None:
+    # Given a job stored already succeeded (a cache hit) a while after its request came
+    job_id = str(uuid.uuid4())
+    record = new_record(job_id=job_id, engine="echo", model="builtin:echo", input={"n": 1}, created_at=time.time() - 5)
+    record.update(status="succeeded", output='{"n":1}', completed_at=repr(time.time()), cache_hit="1")
+
+    # When it is stored with its job.completed
+    store.create(record)
+
+    # Then the job and its stream expire together, at the job's own deadline
+    keys = store.keys
+    deadline = int(store.get(job_id)["expires_at_ms"])
+    assert store.redis.pexpiretime(keys.job(job_id)) == store.redis.pexpiretime(keys.stream(job_id)) == deadline

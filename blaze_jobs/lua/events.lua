@@ -22,11 +22,13 @@ local function blaze_record(flat)
 end
 
 -- The job as JSON: every field, or all but its input (which never changes, and may be large).
--- Never its ``event`` (the id of its latest event, a reader's position, not part of the job).
+-- Never its ``event`` (the id of its latest event, a reader's position) nor its
+-- ``expires_at_ms`` (when Redis drops it): Redis's bookkeeping, not part of the job.
+local BLAZE_NOT_IN_SNAPSHOT = {event = true, expires_at_ms = true}
 local function blaze_snapshot(rec, with_input)
   local copy = {}
   for name, value in pairs(rec) do
-    if name ~= 'event' and (with_input or name ~= 'input') then copy[name] = value end
+    if not BLAZE_NOT_IN_SNAPSHOT[name] and (with_input or name ~= 'input') then copy[name] = value end
   end
   return cjson.encode(copy)
 end
@@ -40,14 +42,17 @@ local function blaze_webhook_task(queue, template, job_id, delivery_id, attempt)
   redis.call('LPUSH', queue, message)
 end
 
--- Make a key expire with the job. The job hash expires job_ttl_s after its creation; its
--- created_at (the creating process's clock) plus ttl_s says when without asking Redis. A
--- deadline already past (a record made with an old created_at, or no TTL given) falls back
--- to the job's own remaining TTL. now_ms: Redis's time, from the event's stream id.
+-- Make a key expire with the job. The job hash expires at its expires_at_ms (Unix ms), the
+-- deadline its creator gave its PEXPIREAT, whatever retention this script's caller has. A
+-- record without that field (one stored before it existed) expires job_ttl_s after its
+-- created_at: ttl_s, the caller's. A deadline already past (an old created_at, or no TTL
+-- given) falls back to the job's own remaining TTL. now_ms: Redis's time, from the event's
+-- stream id.
 local function blaze_expire_with_job(k, key, rec, ttl_s, now_ms)
+  local at = tonumber(rec['expires_at_ms'])
   local created = tonumber(rec['created_at'])
-  if created and ttl_s then
-    local at = (created + ttl_s) * 1000
+  if not at and created and ttl_s then at = (created + ttl_s) * 1000 end
+  if at then
     if at > now_ms then
       redis.call('PEXPIREAT', key, string.format('%.0f', at))
       return
