@@ -258,7 +258,8 @@ def test_faults_are_classified_by_where_they_happen_not_by_their_type() -> None:
 
 
 def test_a_diffusion_error_on_the_device_is_the_workers_whatever_its_type(tmp_path: Path) -> None:
-    from blaze_jobs.engines.diffusion import DiffusionEngine, _resolve
+    from blaze_jobs.engines.diffusion import DiffusionEngine
+    from blaze_jobs.engines.diffusion_input import _resolve
 
     engine = DiffusionEngine(model_dir=tmp_path, device="cpu")
     request = EngineRequest(job_id="j", model="builtin:tiny-sd", input={"prompt": "a lighthouse", "seed": 1})

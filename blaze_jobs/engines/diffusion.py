@@ -6,19 +6,17 @@ the API reads this module's spec without loading them.
 
 from __future__ import annotations
 
-import io
 import logging
-import secrets
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from blaze_jobs import builtin_models
-from blaze_jobs.engines.base import Artifact, Engine, EngineRequest, request_territory
+from blaze_jobs.engines.base import Engine, EngineRequest
+from blaze_jobs.engines.diffusion_input import _FORMATS, _default_size, _encode, _Job, _resolve
 from blaze_jobs.engines.spec import (
     ArtifactKind,
     Batching,
@@ -38,8 +36,6 @@ if TYPE_CHECKING:
     from blaze_jobs.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 class DiffusionInput(BaseModel):
@@ -123,25 +119,6 @@ SPEC = EngineSpec(
         ),
     ),
 )
-
-
-@dataclass
-class _Job:
-    # A request with every default resolved, so that a retry reuses the same seeds.
-    request: EngineRequest
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    seed: int
-    num_outputs: int
-    output_format: str
-
-    @property
-    def key(self) -> tuple:
-        return (self.request.model, self.width, self.height, self.steps, self.guidance_scale)
 
 
 class DiffusionEngine(Engine):
@@ -380,81 +357,6 @@ class DiffusionEngine(Engine):
             mine = [(image, job.seed + n) for image, (owner, n) in zip(images, images_of, strict=False) if owner is job]
             results.append({"images": [_encode(image, job, seed) for image, seed in mine]})
         return results
-
-
-def _resolve(request: EngineRequest, *, default_size: tuple[int, int], max_steps: int | None = None) -> _Job:
-    # Resolving a request reads only its input: whatever fails here is the request's
-    # (engines.base), even an error of a kind that no check below foresaw.
-    with request_territory(f"input for {request.model!r}"):
-        return _read(request, default_size=default_size, max_steps=max_steps)
-
-
-def _read(request: EngineRequest, *, default_size: tuple[int, int], max_steps: int | None) -> _Job:
-    # The API validated the input already; these checks guard direct callers and keep a
-    # bad value from failing a whole batch inside the pipeline.
-    data = request.input
-    prompt, negative = data.get("prompt"), data.get("negative_prompt") or ""
-    if not isinstance(prompt, str) or not isinstance(negative, str):
-        raise RequestError("prompt (required) and negative_prompt must be strings")
-    width = _int(data, "width", default_size[0], minimum=8)
-    height = _int(data, "height", default_size[1], minimum=8)
-    for field, value in (("width", width), ("height", height)):
-        if value % 8:
-            raise RequestError(f"{field}: must be a multiple of 8, got {value}")
-    seed = data.get("seed")
-    output_format = data.get("output_format") or "png"
-    if output_format not in _FORMATS:
-        raise RequestError(f"output_format: must be one of {sorted(_FORMATS)}, got {output_format!r}")
-    guidance = data.get("guidance_scale")
-    steps = _int(data, "num_inference_steps", 20, minimum=1)
-    if max_steps is not None and steps > max_steps:
-        # The scheduler refuses more steps than the model was trained with.
-        raise RequestError(f"num_inference_steps: this model takes at most {max_steps}, got {steps}")
-    return _Job(
-        request=request,
-        prompt=prompt,
-        negative_prompt=negative,
-        width=width,
-        height=height,
-        steps=steps,
-        guidance_scale=7.5 if guidance is None else float(guidance),
-        seed=secrets.randbits(32) if seed is None else _int(data, "seed", 0, minimum=0),
-        num_outputs=_int(data, "num_outputs", 1, minimum=1),
-        output_format=output_format,
-    )
-
-
-def _int(data: dict[str, Any], field: str, default: int, *, minimum: int) -> int:
-    value = data.get(field)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise RequestError(f"{field}: must be an integer of at least {minimum}, got {value!r}")
-    return value
-
-
-def _default_size(pipe: StableDiffusionPipeline) -> tuple[int, int]:
-    size = pipe.unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else size
-    return width * pipe.vae_scale_factor, height * pipe.vae_scale_factor
-
-
-def _encode(image: Any, job: _Job, seed: int) -> Artifact:
-    def render() -> bytes:
-        buffer = io.BytesIO()
-        # PIL writes no timestamp or metadata unless asked, so equal pixels give equal bytes.
-        if job.output_format == "png":
-            image.save(buffer, format="PNG")
-        else:
-            image.save(buffer, format=job.output_format.upper(), quality=90)
-        return buffer.getvalue()
-
-    return Artifact(
-        render=render,
-        content_type=_FORMATS[job.output_format],
-        extension=job.output_format,
-        meta={"width": image.width, "height": image.height, "seed": seed},
-    )
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
