@@ -11,6 +11,7 @@ Kept free of heavy imports (torch, diffusers) so the API and tests can import it
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -57,6 +58,22 @@ class Artifact:
     def size(self) -> int:
         """The artifact's length in bytes."""
         return len(self.data)
+
+
+def read_int(data: dict[str, Any], field: str, default: int, *, minimum: int) -> int:
+    """The integer ``field`` of a request's input (``default`` when missing or None)."""
+    value = data.get(field)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RequestError(f"{field}: must be an integer of at least {minimum}, got {value!r}")
+    return value
+
+
+def read_seed(data: dict[str, Any]) -> int:
+    """The request's seed, or a fresh random one: the engine resolves it once, so a retry
+    reuses it and the output can name it."""
+    return secrets.randbits(32) if data.get("seed") is None else read_int(data, "seed", 0, minimum=0)
 
 
 @contextmanager

@@ -7,11 +7,10 @@ encodes images, so it imports neither torch nor diffusers.
 from __future__ import annotations
 
 import io
-import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from blaze_jobs.engines.base import Artifact, EngineRequest, request_territory
+from blaze_jobs.engines.base import Artifact, EngineRequest, read_int, read_seed, request_territory
 from blaze_jobs.errors import RequestError
 
 if TYPE_CHECKING:
@@ -53,17 +52,16 @@ def _read(request: EngineRequest, *, default_size: tuple[int, int], max_steps: i
     prompt, negative = data.get("prompt"), data.get("negative_prompt") or ""
     if not isinstance(prompt, str) or not isinstance(negative, str):
         raise RequestError("prompt (required) and negative_prompt must be strings")
-    width = _int(data, "width", default_size[0], minimum=8)
-    height = _int(data, "height", default_size[1], minimum=8)
+    width = read_int(data, "width", default_size[0], minimum=8)
+    height = read_int(data, "height", default_size[1], minimum=8)
     for field, value in (("width", width), ("height", height)):
         if value % 8:
             raise RequestError(f"{field}: must be a multiple of 8, got {value}")
-    seed = data.get("seed")
     output_format = data.get("output_format") or "png"
     if output_format not in _FORMATS:
         raise RequestError(f"output_format: must be one of {sorted(_FORMATS)}, got {output_format!r}")
     guidance = data.get("guidance_scale")
-    steps = _int(data, "num_inference_steps", 20, minimum=1)
+    steps = read_int(data, "num_inference_steps", 20, minimum=1)
     if max_steps is not None and steps > max_steps:
         # The scheduler refuses more steps than the model was trained with.
         raise RequestError(f"num_inference_steps: this model takes at most {max_steps}, got {steps}")
@@ -75,19 +73,10 @@ def _read(request: EngineRequest, *, default_size: tuple[int, int], max_steps: i
         height=height,
         steps=steps,
         guidance_scale=7.5 if guidance is None else float(guidance),
-        seed=secrets.randbits(32) if seed is None else _int(data, "seed", 0, minimum=0),
-        num_outputs=_int(data, "num_outputs", 1, minimum=1),
+        seed=read_seed(data),
+        num_outputs=read_int(data, "num_outputs", 1, minimum=1),
         output_format=output_format,
     )
-
-
-def _int(data: dict[str, Any], field: str, default: int, *, minimum: int) -> int:
-    value = data.get(field)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise RequestError(f"{field}: must be an integer of at least {minimum}, got {value!r}")
-    return value
 
 
 def _default_size(pipe: StableDiffusionPipeline) -> tuple[int, int]:

@@ -10,7 +10,6 @@ transformers are imported only where the engine runs, so the API reads the spec 
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from blaze_jobs import builtin_models
-from blaze_jobs.engines.base import Engine, EngineRequest, OutputFuture, request_territory
+from blaze_jobs.engines.base import Engine, EngineRequest, OutputFuture, read_int, read_seed, request_territory
 from blaze_jobs.engines.spec import Batching, Bound, BuiltinModel, CommaList, EngineSpec, JSONInt, OptionalJSONInt, OutOfBounds
 from blaze_jobs.errors import BlazeError, RequestError, WorkerFault
 
@@ -334,7 +333,6 @@ def _resolve(request: EngineRequest, generator: TextGenerator) -> TextRequest:
     temperature, top_p = _number(data, "temperature", 1.0), _number(data, "top_p", 1.0)
     if temperature < 0 or not 0 < top_p <= 1:
         raise RequestError("temperature must be at least 0, and top_p in (0, 1]")
-    seed = data.get("seed")
     stop = data.get("stop") or []
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise RequestError("stop: must be a list of non-empty strings")
@@ -342,10 +340,10 @@ def _resolve(request: EngineRequest, generator: TextGenerator) -> TextRequest:
 
     return TextRequest(
         prompt_ids=list(ids),
-        max_new_tokens=_int(data, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS, minimum=1),
+        max_new_tokens=read_int(data, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS, minimum=1),
         temperature=temperature,
         top_p=top_p,
-        seed=secrets.randbits(32) if seed is None else _int(data, "seed", 0, minimum=0),
+        seed=read_seed(data),
         stop=tuple(stop),
         should_stop=request.should_stop,
         on_delta=getattr(request, "on_delta", None),
@@ -356,15 +354,6 @@ def _resolve(request: EngineRequest, generator: TextGenerator) -> TextRequest:
 
 def _is_message(message: Any) -> bool:
     return isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)
-
-
-def _int(data: dict[str, Any], field: str, default: int, *, minimum: int) -> int:
-    value = data.get(field)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise RequestError(f"{field}: must be an integer of at least {minimum}, got {value!r}")
-    return value
 
 
 def _number(data: dict[str, Any], field: str, default: float) -> float:
