@@ -9,7 +9,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 import httpx_sse
@@ -35,8 +35,13 @@ STREAM_READ_TIMEOUT_S = 60.0
 STREAM_RECONNECTS = 5
 
 
-class BlazeClient:
-    """Submit jobs, follow them and fetch their artifacts over HTTP."""
+HTTP = TypeVar("HTTP", httpx.Client, httpx.AsyncClient)
+
+
+class _Options(Generic[HTTP]):
+    """What both clients hold: the API's address, timeouts, the webhook secret, an HTTP client."""
+
+    http: HTTP
 
     def __init__(
         self,
@@ -53,11 +58,21 @@ class BlazeClient:
         deployment's secret once (``admin_token`` authorises that from another host)."""
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
         self._secret = webhook_secret
         self._admin_token = admin_token
         self._long_poll = LongPoll()
         self.poll_s, self.stream_read_timeout_s, self.stream_reconnects = poll_s, stream_read_timeout_s, stream_reconnects
+        self.http = self._open()
+
+    def _open(self) -> HTTP:
+        raise NotImplementedError
+
+
+class BlazeClient(_Options[httpx.Client]):
+    """Submit jobs, follow them and fetch their artifacts over HTTP."""
+
+    def _open(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=self.timeout)
 
     def __enter__(self) -> BlazeClient:
         return self
@@ -306,27 +321,11 @@ def _wait_request(wait: float | None, timeout: float) -> tuple[dict[str, str], f
     return {"Prefer": f"wait={wait:g}"}, timeout + wait
 
 
-class AsyncBlazeClient:
+class AsyncBlazeClient(_Options[httpx.AsyncClient]):
     """``BlazeClient`` for asyncio: the same methods, awaited (``events`` is an async iterator)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        timeout: float = 30.0,
-        webhook_secret: str | None = None,
-        admin_token: str | None = None,
-        poll_s: float = POLL_S,
-        stream_read_timeout_s: float = STREAM_READ_TIMEOUT_S,
-        stream_reconnects: int = STREAM_RECONNECTS,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
-        self._secret = webhook_secret
-        self._admin_token = admin_token
-        self._long_poll = LongPoll()
-        self.poll_s, self.stream_read_timeout_s, self.stream_reconnects = poll_s, stream_read_timeout_s, stream_reconnects
+    def _open(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout)
 
     async def __aenter__(self) -> AsyncBlazeClient:
         return self
