@@ -42,7 +42,7 @@ from blaze_jobs.client import BlazeClient
 from blaze_jobs.errors import WaitTimeout
 from blaze_jobs.stack import Stack, StackError, free_port, redis_reachable, redis_server_binary
 from common import broke_off, forget_all, machine, start_api, unique_prefix, write_json
-from overhead import bare_app
+from overhead import bare_app, serve_bare
 from redis_trace import print_trace, profile
 
 #: The issue's goal: at most this many Redis commands per echo job, end to end.
@@ -100,12 +100,6 @@ def private_redis(stack: Stack) -> str:
     return url
 
 
-def serve_bare(redis_url: str, prefix: str) -> None:
-    app = bare_app(redis_url, prefix)
-    argv = ["worker", "--pool=threads", "--concurrency=1", "--without-mingle", "--without-gossip", "--loglevel=WARNING"]
-    app.worker_main([*argv, f"--hostname=bench-bare-{os.getpid()}@%h"])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=200, help="measured echo jobs (and bare round trips)")
@@ -116,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-bare", nargs=2, metavar=("URL", "PREFIX"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_bare:
-        serve_bare(*args.serve_bare)
+        serve_bare(*args.serve_bare, events=False)
         return 0
 
     summary: dict[str, Any] = {"benchmark": "redis_commands", "machine_before": machine(), "goal": GOAL, "args": vars(args)}
