@@ -25,6 +25,7 @@ from blaze_jobs.settings import ENGINES, Settings, get_settings
 from blaze_jobs.store import CURSOR, AsyncJobStore, queue_create, text
 
 from . import bounds, connections, problems, waits, webhooks
+from .auth import Caller
 from .problems import InputProblem
 from .request_context import base_url
 from .responses import JSONResponse
@@ -80,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             202: {"headers": {"Location": {"description": "The job's URL.", "schema": {"type": "string", "format": "uri"}}}}
         },
     )
-    async def create_job(request: Request, body: Annotated[JobCreate, Body()]) -> JSONResponse:
+    async def create_job(request: Request, caller: Caller, body: Annotated[JobCreate, Body()]) -> JSONResponse:
         """Accept a job: it is queued for a worker of its engine and answered at once."""
         # 1. Bounds that belong to the deployment, not the schema.
         engine = body.engine
@@ -90,7 +91,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         bounds.check_bounds(body, settings)
         job_id = str(uuid.uuid4())
         job_input = body.input.model_dump(exclude_none=True)
-        record = new_record(job_id=job_id, engine=engine, model=model, input=job_input, created_at=time.time())
+        record = new_record(
+            job_id=job_id, tenant=caller.tenant, engine=engine, model=model, input=job_input, created_at=time.time()
+        )
         bounds.check_input(job_input, stored=record["input"], settings=settings)
         record.update(await webhooks.webhook_fields(body, settings))
         store: AsyncJobStore = request.app.state.store

@@ -61,7 +61,9 @@ def engine_progress_cost(
 
     def running_job() -> str:
         job_id = str(uuid.uuid4())
-        store.create(new_record(job_id=job_id, engine="diffusion", model=model, input={}, created_at=time.time()))
+        store.create(
+            new_record(job_id=job_id, tenant="default", engine="diffusion", model=model, input={}, created_at=time.time())
+        )
         store.transition(job_id, allowed=(JobStatus.queued,), to=JobStatus.running)
         return job_id
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
@@ -48,18 +49,21 @@ class _Options(Generic[HTTP]):
         base_url: str,
         *,
         timeout: float = 30.0,
+        api_key: str | None = None,
         webhook_secret: str | None = None,
         admin_token: str | None = None,
         poll_s: float = POLL_S,
         stream_read_timeout_s: float = STREAM_READ_TIMEOUT_S,
         stream_reconnects: int = STREAM_RECONNECTS,
     ) -> None:
-        """``webhook_secret`` verifies webhooks; without it, ``verify_webhook`` fetches the
-        deployment's secret once (``admin_token`` authorises that from another host)."""
+        """``api_key`` (by default ``BLAZE_API_KEY``) is sent as ``Authorization: Bearer`` on
+        every request; ``admin_token`` is its older name. ``webhook_secret`` verifies webhooks;
+        without it, ``verify_webhook`` fetches the key's tenant's secret once."""
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self._secret = webhook_secret
-        self._admin_token = admin_token
+        self.api_key = api_key or admin_token or os.environ.get("BLAZE_API_KEY") or None
+        self.headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._long_poll = LongPoll()
         self.poll_s, self.stream_read_timeout_s, self.stream_reconnects = poll_s, stream_read_timeout_s, stream_reconnects
         self.http = self._open()
@@ -72,7 +76,7 @@ class BlazeClient(_Options[httpx.Client]):
     """Submit jobs, follow them and fetch their artifacts over HTTP."""
 
     def _open(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=self.timeout)
+        return httpx.Client(base_url=self.base_url, timeout=self.timeout, headers=self.headers)
 
     def __enter__(self) -> BlazeClient:
         return self
@@ -199,8 +203,7 @@ class BlazeClient(_Options[httpx.Client]):
     def webhook_secret(self) -> str:
         """The ``whsec_`` secret the deployment signs webhooks with."""
         if self._secret is None:
-            headers = {"Authorization": f"Bearer {self._admin_token}"} if self._admin_token else {}
-            self._secret = self._json(self._send("GET", "/v1/webhooks/secret", headers=headers))["secret"]
+            self._secret = self._json(self._send("GET", "/v1/webhooks/secret"))["secret"]
         return self._secret
 
     def verify_webhook(self, headers: Mapping[str, str], body: bytes | str) -> dict[str, Any]:
@@ -325,7 +328,7 @@ class AsyncBlazeClient(_Options[httpx.AsyncClient]):
     """``BlazeClient`` for asyncio: the same methods, awaited (``events`` is an async iterator)."""
 
     def _open(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout)
+        return httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, headers=self.headers)
 
     async def __aenter__(self) -> AsyncBlazeClient:
         return self
@@ -432,8 +435,7 @@ class AsyncBlazeClient(_Options[httpx.AsyncClient]):
 
     async def webhook_secret(self) -> str:
         if self._secret is None:
-            headers = {"Authorization": f"Bearer {self._admin_token}"} if self._admin_token else {}
-            self._secret = BlazeClient._json(await self._send("GET", "/v1/webhooks/secret", headers=headers))["secret"]
+            self._secret = BlazeClient._json(await self._send("GET", "/v1/webhooks/secret"))["secret"]
         return self._secret
 
     async def verify_webhook(self, headers: Mapping[str, str], body: bytes | str) -> dict[str, Any]:

@@ -69,3 +69,19 @@ class WaitTimeout(BlazeError, TimeoutError):
 
 class RedisMisconfigured(BlazeError):
     """Redis is set up so that it would lose accepted jobs (it evicts); the message says what to set."""
+
+
+class QuotaExceeded(BlazeError):
+    """The tenant already has as many jobs queued and running as its key allows."""
+
+    def __init__(self, tenant: str, *, count: int, limit: int) -> None:
+        super().__init__(f"tenant {tenant} has {count} jobs queued or running, its quota is {limit}")
+        self.tenant, self.count, self.limit = tenant, count, limit
+
+
+class QueueFull(BlazeError):
+    """The engine's queue holds as many jobs as the deployment allows (``BLAZE_QUEUE_MAX``)."""
+
+    def __init__(self, engine: str, *, length: int, limit: int) -> None:
+        super().__init__(f"the {engine} queue holds {length} jobs, its bound is {limit}")
+        self.engine, self.length, self.limit = engine, length, limit

@@ -145,10 +145,11 @@ class JobPage(BaseModel):
 JSON_FIELDS = ("input", "output", "error")
 
 
-def new_record(*, job_id: str, engine: str, model: str, input: dict[str, Any], created_at: float) -> dict[str, str]:
-    """The hash fields of a job just accepted."""
+def new_record(*, job_id: str, tenant: str, engine: str, model: str, input: dict[str, Any], created_at: float) -> dict[str, str]:
+    """The hash fields of a job just accepted, for ``tenant`` (its creator's key's)."""
     return {
         "id": job_id,
+        "tenant": tenant,
         "engine": engine,
         "model": model,
         "status": JobStatus.queued.value,

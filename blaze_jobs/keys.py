@@ -46,6 +46,24 @@ SCHEMA: dict[str, KeyInfo] = {
     "artifact": KeyInfo("artifact:<key>", "string (bytes)", "job_ttl_s", "worker"),
     "webhook_secret": KeyInfo("webhook-secret", "string", "none", "first API or webhook worker needing it"),
     "readyz": KeyInfo("readyz", "string", "10 s (redis_config.PROBE_TTL_MS)", "API /readyz, start-up checks"),
+    "tenant_all": KeyInfo("t:<tenant>:idx:all", "zset", "none; entries older than job_ttl_s trimmed on list", "job creation"),
+    "tenant_status": KeyInfo(
+        "t:<tenant>:idx:status:<status>", "zset", "none; entries trimmed on list", "every status change (Lua)"
+    ),
+    "tenant_engine": KeyInfo("t:<tenant>:idx:engine:<engine>", "zset", "none; entries trimmed on list", "job creation"),
+    "api_key": KeyInfo("api-key:<sha256 of the key>", "hash (tenant, name, limits, admin)", "none", "blaze keys, admin API"),
+    "api_key_ids": KeyInfo("api-keys", "hash (key id: sha256 of the key)", "none", "blaze keys, admin API"),
+    "tenant_webhook_secret": KeyInfo(
+        "t:<tenant>:webhook-secret", "string", "none", "first API or webhook worker needing it, rotation"
+    ),
+    "tenant_previous_webhook_secret": KeyInfo(
+        "t:<tenant>:webhook-secret-previous", "string", "webhook_secret_grace_s", "rotation"
+    ),
+    "idempotency": KeyInfo("t:<tenant>:idem:<sha256 of the Idempotency-Key>", "string", "idempotency_ttl_s", "API create"),
+    "rate_limits": KeyInfo("limits:<key id>…", "list (limits' moving window)", "the window", "API, through limits"),
+    "audit": KeyInfo("audit", "stream", "none; at most audit_max_entries", "API, blaze keys"),
+    "artifact_owners": KeyInfo("artifact-owners:<key>", "set (tenants)", "job_ttl_s", "worker, API (cache hits)"),
+    "artifact_url_secret": KeyInfo("artifact-url-secret", "string", "none", "first API or webhook worker needing it"),
 }
 
 
@@ -62,6 +80,11 @@ class Keys:
         self.cache_index = f"{prefix}cache-index"
         self.webhook_secret = f"{prefix}webhook-secret"
         self.readyz = f"{prefix}readyz"
+        self.api_key_ids = f"{prefix}api-keys"
+        #: The prefix ``limits`` keeps its rate-limit windows under.
+        self.rate_limits = f"{prefix}limits"
+        self.audit = f"{prefix}audit"
+        self.artifact_url_secret = f"{prefix}artifact-url-secret"
         #: Every status index, in ``JobStatus`` order (the order the scripts take them in).
         self.statuses = [self.status(s.value) for s in JobStatus]
 
@@ -99,13 +122,41 @@ class Keys:
     def artifact(self, key: str) -> str:
         return f"{self.prefix}artifact:{key}"
 
-    def index_for(self, *, status: str | None, engine: str | None) -> str:
-        """The index ``GET /v1/jobs`` pages through for these filters."""
+    def tenant_all(self, tenant: str) -> str:
+        return f"{self.prefix}t:{tenant}:idx:all"
+
+    def tenant_status(self, tenant: str, status: str) -> str:
+        return f"{self.prefix}t:{tenant}:idx:status:{status}"
+
+    def tenant_statuses(self, tenant: str) -> list[str]:
+        """The tenant's status indexes, in ``JobStatus`` order (as ``statuses``)."""
+        return [self.tenant_status(tenant, s.value) for s in JobStatus]
+
+    def tenant_engine(self, tenant: str, engine: str) -> str:
+        return f"{self.prefix}t:{tenant}:idx:engine:{engine}"
+
+    def api_key(self, key_hash: str) -> str:
+        return f"{self.prefix}api-key:{key_hash}"
+
+    def tenant_webhook_secret(self, tenant: str) -> str:
+        return f"{self.prefix}t:{tenant}:webhook-secret"
+
+    def tenant_previous_webhook_secret(self, tenant: str) -> str:
+        return f"{self.prefix}t:{tenant}:webhook-secret-previous"
+
+    def idempotency(self, tenant: str, key_hash: str) -> str:
+        return f"{self.prefix}t:{tenant}:idem:{key_hash}"
+
+    def artifact_owners(self, key: str) -> str:
+        return f"{self.prefix}artifact-owners:{key}"
+
+    def index_for(self, *, tenant: str, status: str | None, engine: str | None) -> str:
+        """The tenant's index ``GET /v1/jobs`` pages through for these filters."""
         if status:
-            return self.status(status)
+            return self.tenant_status(tenant, status)
         if engine:
-            return self.engine(engine)
-        return self.all
+            return self.tenant_engine(tenant, engine)
+        return self.tenant_all(tenant)
 
     def event_keys(self, job_id: str) -> list[str]:
         """What a script that makes one of the job's events touches, in the order the shared

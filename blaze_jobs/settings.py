@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -150,9 +150,44 @@ class Settings(DiffusionSettings, EchoSettings, LLMSettings, BaseSettings):
     webhook_attempt_margin_s: float = 5.0
     #: Deliveries one webhook worker sends at once: threads, since the work is waiting.
     webhook_concurrency: int = 16
-    #: Bearer token of administrative endpoints (``GET /v1/webhooks/secret``). Empty: they
-    #: answer nobody (403), since a caller's address proves nothing.
+    # --- Tenants, keys and limits (docs/security.md) -----------------------------------
+    #: ``on``: every ``/v1`` request needs ``Authorization: Bearer <API key>``. ``off``: no
+    #: key is asked for and every request is an admin of ``BLAZE_DEFAULT_TENANT``, for a
+    #: private single-user deployment only (the API logs a warning at start).
+    auth: Literal["on", "off"] = "on"
+    #: A bootstrap admin credential: a Bearer equal to it is an admin key of
+    #: ``BLAZE_DEFAULT_TENANT``, so a fresh deployment can make its first keys over HTTP.
+    #: Empty: only keys stored in Redis (``blaze keys create``) are accepted.
     admin_token: str = ""
+    #: The tenant of ``BLAZE_ADMIN_TOKEN``, of every request with auth off, and of job records
+    #: written before jobs had tenants.
+    default_tenant: str = "default"
+    #: How long an API process trusts a key it looked up, in seconds: a revoked key stops
+    #: working within this, and a request costs no Redis round trip for its key meanwhile.
+    key_cache_s: float = 2.0
+    #: A key's request rate when it was made without ``--rate`` (``limits`` notation, moving
+    #: window); empty: such keys are not rate limited. 20 requests/s per key by default.
+    default_rate: str = "1200/minute"
+    #: A tenant's jobs queued plus running, at most, for keys made without ``--max-jobs``;
+    #: 0: no quota.
+    default_max_jobs: int = 1000
+    #: Messages one engine's queue holds at most before creates answer 503: a bound on the
+    #: memory a flood takes (about 2 KB a job with its record), well under any Redis size.
+    queue_max: int = 100_000
+    #: ``tenant``: a cache entry serves only the tenant whose job made it, so a hit never tells
+    #: one tenant what another asked for. ``global``: one cache for the whole deployment.
+    cache_scope: Literal["tenant", "global"] = "tenant"
+    #: How long an ``Idempotency-Key`` names the job it created, in seconds (24 h, the IETF
+    #: draft's suggestion).
+    idempotency_ttl_s: int = 86_400
+    #: After a webhook secret rotation, deliveries carry signatures of both the old and the new
+    #: secret for this long (seconds), so receivers switch without losing an event.
+    webhook_secret_grace_s: int = 86_400
+    #: Entries the audit trail keeps (key creation and revocation, secret rotation, cancels).
+    audit_max_entries: int = 100_000
+    #: The key artifact URLs are signed with. Empty: one is generated on first use and kept in
+    #: Redis, so every API process and webhook worker signs and checks the same way.
+    artifact_url_secret: str = ""
 
     #: An event stream sends a keep-alive comment this often, so that proxies with an idle
     #: timeout (often 30-60 s) keep it open and clients that went away are found.

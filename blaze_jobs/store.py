@@ -113,6 +113,12 @@ def transition_result(job_id: str, reply: list[Any], *, wanted: str) -> str:
     return current
 
 
+def tenant_of(value: Any, settings: Settings) -> str:
+    """The tenant a job's ``tenant`` field (str, bytes or None) names: records written before
+    jobs had tenants belong to ``BLAZE_DEFAULT_TENANT``."""
+    return text(value) if value else settings.default_tenant
+
+
 def text(value: Any) -> str:
     """A Redis reply (bytes, as these clients return them) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)

@@ -28,6 +28,10 @@ REDIS_URL = os.environ.get("BLAZE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 FLOWER_AUTH = "blaze:test-secret"
 #: The test stack's BLAZE_ADMIN_TOKEN: clients that read the webhook secret send it.
 ADMIN_TOKEN = "blaze-test-admin-token"
+#: What the tests' own HTTP calls to the API send: the admin token, an admin key of the
+#: default tenant. ``BlazeClient`` sends it unasked (``BLAZE_API_KEY``, set below).
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+os.environ["BLAZE_API_KEY"] = ADMIN_TOKEN
 
 _private_redis: Stack | None = None
 
@@ -178,7 +182,7 @@ def client(stack: dict[str, Any]) -> Iterator[BlazeClient]:
 @pytest.fixture()
 def http(stack: dict[str, Any]) -> Iterator[httpx.Client]:
     """Raw HTTP to the API, for checking status codes and headers."""
-    with httpx.Client(base_url=stack["api_url"], timeout=30) as session:
+    with httpx.Client(base_url=stack["api_url"], timeout=30, headers=AUTH) as session:
         yield session
 
 

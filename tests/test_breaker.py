@@ -160,7 +160,9 @@ def queued_job(context: WorkerContext, input: dict[str, Any], *, engine: str = "
     """Store a queued job (as the API does, less the message); returns its id."""
     job_id = str(uuid.uuid4())
     model = context.settings.default_model(engine)
-    context.store.create(new_record(job_id=job_id, engine=engine, model=model, input=input, created_at=time.time()))
+    context.store.create(
+        new_record(job_id=job_id, tenant="default", engine=engine, model=model, input=input, created_at=time.time())
+    )
     return job_id
 
 

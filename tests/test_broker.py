@@ -208,7 +208,14 @@ def test_a_real_worker_runs_a_job_published_by_lpush(stack: dict[str, Any], sett
     with redis.Redis.from_url(settings.redis_url) as client:
         store = JobStore(client, settings)
         store.create(
-            new_record(job_id=job_id, engine="echo", model="builtin:echo", input={"via": "lpush"}, created_at=time.time())
+            new_record(
+                job_id=job_id,
+                tenant="default",
+                engine="echo",
+                model="builtin:echo",
+                input={"via": "lpush"},
+                created_at=time.time(),
+            )
         )
         client.lpush(queue_key(settings, "echo"), task_message(job_id=job_id, engine="echo", input={"via": "lpush"}))
 

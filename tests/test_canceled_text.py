@@ -100,7 +100,11 @@ def test_a_canceled_text_job_keeps_only_the_text_of_the_attempt_that_ran() -> No
         # Given two text jobs whose first attempt streamed text, then was put back (its worker faulted)
         jobs = [f"job-{n}" for n in range(2)]
         for job_id in jobs:
-            store.create(new_record(job_id=job_id, engine="llm", model="m", input={"prompt": "p"}, created_at=time.time()))
+            store.create(
+                new_record(
+                    job_id=job_id, tenant="default", engine="llm", model="m", input={"prompt": "p"}, created_at=time.time()
+                )
+            )
             attempt(job_id, ["lost ", "text"])
             store.transition(job_id, allowed=(JobStatus.running,), to=JobStatus.queued)
 

@@ -57,7 +57,11 @@ class Clock:
 
 def queued(store: JobStore, *, age_s: float = 0) -> str:
     job_id = str(uuid.uuid4())
-    store.create(new_record(job_id=job_id, engine="echo", model="builtin:echo", input={"n": 1}, created_at=time.time() - age_s))
+    store.create(
+        new_record(
+            job_id=job_id, tenant="default", engine="echo", model="builtin:echo", input={"n": 1}, created_at=time.time() - age_s
+        )
+    )
     return job_id
 
 

@@ -210,7 +210,11 @@ def store_old_records(api: API) -> dict[str, str]:
         store = JobStore(client, api.settings)
         for case, (stored, _) in OLD_INPUTS.items():
             ids[case] = str(uuid.uuid4())
-            store.create(new_record(job_id=ids[case], engine="echo", model="builtin:echo", input=stored, created_at=time.time()))
+            store.create(
+                new_record(
+                    job_id=ids[case], tenant="default", engine="echo", model="builtin:echo", input=stored, created_at=time.time()
+                )
+            )
     return ids
 
 

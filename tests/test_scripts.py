@@ -40,7 +40,12 @@ def store() -> Iterator[JobStore]:
 def queued(store: JobStore, **record: str) -> str:
     job_id = str(uuid.uuid4())
     store.create(
-        {**new_record(job_id=job_id, engine="echo", model="builtin:echo", input={"n": 1}, created_at=time.time()), **record}
+        {
+            **new_record(
+                job_id=job_id, tenant="default", engine="echo", model="builtin:echo", input={"n": 1}, created_at=time.time()
+            ),
+            **record,
+        }
     )
     return job_id
 

@@ -39,7 +39,9 @@ def store(settings: Settings) -> Iterator[JobStore]:
 
 def queued_job(store: JobStore, *, engine: str = "echo") -> str:
     job_id = str(uuid.uuid4())
-    store.create(new_record(job_id=job_id, engine=engine, model="builtin:echo", input={"n": 1}, created_at=time.time()))
+    store.create(
+        new_record(job_id=job_id, tenant="default", engine=engine, model="builtin:echo", input={"n": 1}, created_at=time.time())
+    )
     return job_id
 
 
@@ -161,7 +163,9 @@ def test_the_status_indexes_follow_the_job(store: JobStore, settings: Settings) 
 def test_a_created_job_keeps_every_character_of_its_input_and_is_queued_and_indexed(store: JobStore, settings: Settings) -> None:
     # Given input with quotes, escapes, control characters and text outside ASCII
     job_input = {"prompt": 'é 漢字 🦊 "q" \\ \n \u2028 \u0000', "seed": 7}
-    record = new_record(job_id=str(uuid.uuid4()), engine="echo", model="builtin:echo", input=job_input, created_at=time.time())
+    record = new_record(
+        job_id=str(uuid.uuid4()), tenant="default", engine="echo", model="builtin:echo", input=job_input, created_at=time.time()
+    )
 
     # When the API's create path stores it and pushes its message
     async def create() -> None:
@@ -192,7 +196,11 @@ def test_jobs_of_the_same_microsecond_are_each_listed_once_across_pages(store: J
     ids = []
     for offset in (-2.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0):
         job_id = str(uuid.uuid4())
-        store.create(new_record(job_id=job_id, engine="echo", model="builtin:echo", input={}, created_at=created_at + offset))
+        store.create(
+            new_record(
+                job_id=job_id, tenant="default", engine="echo", model="builtin:echo", input={}, created_at=created_at + offset
+            )
+        )
         ids.append(job_id)
 
     # When a client pages through the listing one, two and three jobs at a time
@@ -284,7 +292,9 @@ def test_a_finish_keeps_a_lease_that_is_not_its_own(store: JobStore) -> None:
 def test_a_jobs_events_expire_with_it_whatever_retention_the_worker_has(store: JobStore, settings: Settings) -> None:
     # Given a job with a webhook that the API created, and a worker with another BLAZE_JOB_TTL_S
     job_id = str(uuid.uuid4())
-    record = new_record(job_id=job_id, engine="echo", model="builtin:echo", input={"n": 1}, created_at=time.time())
+    record = new_record(
+        job_id=job_id, tenant="default", engine="echo", model="builtin:echo", input={"n": 1}, created_at=time.time()
+    )
     record.update(webhook="https://hooks.example.com/in", webhook_events="started,completed")
 
     async def create() -> None:
@@ -318,7 +328,9 @@ def test_a_jobs_events_expire_with_it_whatever_retention_the_worker_has(store: J
 def test_a_job_born_ended_expires_with_its_stream(store: JobStore) -> None:
     # Given a job stored already succeeded (a cache hit) a while after its request came
     job_id = str(uuid.uuid4())
-    record = new_record(job_id=job_id, engine="echo", model="builtin:echo", input={"n": 1}, created_at=time.time() - 5)
+    record = new_record(
+        job_id=job_id, tenant="default", engine="echo", model="builtin:echo", input={"n": 1}, created_at=time.time() - 5
+    )
     record.update(status="succeeded", output='{"n":1}', completed_at=repr(time.time()), cache_hit="1")
 
     # When it is stored with its job.completed

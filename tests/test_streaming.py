@@ -217,7 +217,14 @@ def test_a_job_with_as_many_events_as_the_bounds_allow_replays_whole_from_0_0(ht
         store = JobStore(client, settings)
         job_id = str(uuid.uuid4())
         store.create(
-            new_record(job_id=job_id, engine="llm", model=settings.llm_model, input={"prompt": "long"}, created_at=time.time())
+            new_record(
+                job_id=job_id,
+                tenant="default",
+                engine="llm",
+                model=settings.llm_model,
+                input={"prompt": "long"},
+                created_at=time.time(),
+            )
         )
         store.transition(job_id, allowed=(JobStatus.queued,), to=JobStatus.running, started_at=repr(time.time()))
         tokens = settings.llm_max_new_tokens

@@ -47,7 +47,9 @@ def own() -> Iterator[Settings]:
 
 def create_job(store: JobStore, **fields: str) -> str:
     job_id = str(uuid.uuid4())
-    record = new_record(job_id=job_id, engine="echo", model="builtin:echo", input={"n": 1}, created_at=time.time())
+    record = new_record(
+        job_id=job_id, tenant="default", engine="echo", model="builtin:echo", input={"n": 1}, created_at=time.time()
+    )
     store.create({**record, **fields})
     return job_id
 
