@@ -31,8 +31,12 @@ MAX_REQUESTS = 5_000_000
 RESPONSE_TIMEOUT_S = 10.0
 
 
-def encode_requests(*, path: str, bodies: Sequence[bytes], method: str = "POST", host: str = HOST, port: int) -> list[bytes]:
-    """Complete HTTP/1.1 requests, one per body, ready to write as they are."""
+def encode_requests(
+    *, path: str, bodies: Sequence[bytes], method: str = "POST", host: str = HOST, port: int, headers: Sequence[str] = ()
+) -> list[bytes]:
+    """Complete HTTP/1.1 requests, one per body, ready to write as they are; ``headers``
+    (``"Name: value"``, such as an ``Authorization``) go on every one."""
+    extra = "".join(f"{header}\r\n" for header in headers)
     requests = []
     for body in bodies:
         head = (
@@ -40,6 +44,7 @@ def encode_requests(*, path: str, bodies: Sequence[bytes], method: str = "POST",
             f"Host: {host}:{port}\r\n"
             "Content-Type: application/json\r\n"
             "Accept: application/json\r\n"
+            f"{extra}"
             f"Content-Length: {len(body)}\r\n"
             "\r\n"
         )
@@ -171,7 +176,15 @@ async def _connection(port: int, requests: list[bytes], offset: int, clock: _Clo
 
 
 async def run(
-    *, port: int, path: str, bodies: Sequence[bytes], connections: int, seconds: float, warmup: float, method: str = "POST"
+    *,
+    port: int,
+    path: str,
+    bodies: Sequence[bytes],
+    connections: int,
+    seconds: float,
+    warmup: float,
+    method: str = "POST",
+    headers: Sequence[str] = (),
 ) -> Result:
     """Load ``http://127.0.0.1:<port><path>`` with ``connections`` keep-alive connections."""
     if not 0 < seconds <= MAX_SECONDS or not 0 <= warmup <= MAX_SECONDS:
@@ -180,7 +193,7 @@ async def run(
         raise ValueError(f"connections must lie within [1, {MAX_CONNECTIONS}]")
     if not bodies:
         raise ValueError("at least one body")
-    requests = encode_requests(path=path, bodies=bodies, method=method, port=port)
+    requests = encode_requests(path=path, bodies=bodies, method=method, port=port, headers=headers)
     result = Result(connections=connections, seconds=seconds)
     clock = _Clock(warmup=warmup, seconds=seconds)
     budget = [MAX_REQUESTS]
@@ -222,10 +235,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--path", default="/")
     parser.add_argument("--method", default="POST")
     parser.add_argument("--body", action="append", default=[], help="a JSON body; repeat to rotate several")
+    parser.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'", help="sent on every request; repeat")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     args = parser.parse_args(argv)
+    if any(":" not in header or "\r" in header or "\n" in header for header in args.header):
+        parser.error("--header takes 'NAME: VALUE' on one line")
     bodies = [b.encode() for b in args.body] or [b""]
     loop = new_loop()
     try:
@@ -238,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seconds=args.seconds,
                 warmup=args.warmup,
                 method=args.method,
+                headers=args.header,
             )
         )
     finally:
