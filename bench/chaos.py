@@ -16,6 +16,7 @@ import importlib
 import inspect
 import json
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -48,6 +49,8 @@ def base_env() -> dict[str, str]:
         BLAZE_WEBHOOK_ALLOW_PRIVATE="1",
         BLAZE_WEBHOOK_RETRY_SCHEDULE="0.2,0.5,1",
         BLAZE_WEBHOOK_TIMEOUT_S="2",
+        # An admin token of this run's own: the scenarios' APIs take it, and their requests send it.
+        BLAZE_ADMIN_TOKEN=f"bench-chaos-{secrets.token_urlsafe(16)}",
         PYTHONUNBUFFERED="1",
     )
     return env

@@ -28,6 +28,10 @@ from blaze_jobs.store import Keys
 from submit import cpu_seconds, forget  # noqa: F401  (re-exported for the benchmarks)
 
 HOST = "127.0.0.1"
+#: The admin token the benchmarks' API runs with (``start_api``) and their own requests send
+#: (``AUTH``): a fresh one each run, so a benchmark needs no key set up beforehand.
+ADMIN_TOKEN = f"bench-{uuid.uuid4().hex}"
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 #: Packages whose versions a summary records, so figures from two runs can be compared.
 PACKAGES = ("blaze-jobs", "celery", "kombu", "redis", "fastapi", "uvicorn", "torch", "diffusers", "transformers")
 
@@ -38,9 +42,10 @@ def unique_prefix(name: str) -> str:
 
 
 def start_api(stack: Stack, *, timeout: float = 60) -> tuple[Child, str]:
-    """``blaze api`` on a free port, with the stack's environment; returns it and its URL once ready."""
+    """``blaze api`` on a free port, with the stack's environment and ``ADMIN_TOKEN``; returns
+    it and its URL once ready."""
     port = free_port()
-    api = stack.blaze("api", "api", "--port", str(port))
+    api = stack.blaze("api", "api", "--port", str(port), BLAZE_ADMIN_TOKEN=ADMIN_TOKEN)
     url = f"http://{HOST}:{port}"
     stack.wait_http("the API", api, f"{url}/readyz", timeout=timeout)
     return api, url
@@ -142,7 +147,7 @@ def wait_ended(
 
 async def _post_all(api_url: str, bodies: list[dict[str, Any]]) -> list[str]:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=api_url, timeout=60, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=api_url, timeout=60, limits=limits, headers=AUTH) as client:
         responses = await asyncio.gather(*(client.post("/v1/jobs", json=body) for body in bodies))
     refused = [r for r in responses if r.status_code != 202]
     if refused:

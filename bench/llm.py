@@ -40,7 +40,7 @@ import redis
 from blaze_jobs.settings import get_settings
 from blaze_jobs.stack import Stack, StackError
 from blaze_jobs.store import Keys
-from common import broke_off, forget_all, machine, start_api, submit_all, unique_prefix, wait_ended, write_json
+from common import AUTH, broke_off, forget_all, machine, start_api, submit_all, unique_prefix, wait_ended, write_json
 
 GOAL_SEQUENTIAL = 5.0  # at 16 jobs, x the sequential tokens/s
 GOAL_STATIC = 0.8  # at 16 jobs, x the raw static batch's tokens/s
@@ -149,7 +149,7 @@ def body(prompt: str, tokens: int) -> dict[str, Any]:
 
 
 def fetch_jobs(api_url: str, ids: list[str]) -> list[dict[str, Any]]:
-    with httpx.Client(base_url=api_url, timeout=30) as client:
+    with httpx.Client(base_url=api_url, timeout=30, headers=AUTH) as client:
         return [client.get(f"/v1/jobs/{job_id}").raise_for_status().json() for job_id in ids]
 
 

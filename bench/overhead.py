@@ -44,7 +44,18 @@ import redis
 
 from blaze_jobs.settings import get_settings
 from blaze_jobs.stack import Stack, StackError
-from common import HOST, broke_off, cpu_seconds, forget_all, latency_summary, machine, start_api, unique_prefix, write_json
+from common import (
+    AUTH,
+    HOST,
+    broke_off,
+    cpu_seconds,
+    forget_all,
+    latency_summary,
+    machine,
+    start_api,
+    unique_prefix,
+    write_json,
+)
 from redis_trace import print_trace, profile
 
 #: The issue's goal: an echo job's p50 is at most this many times the bare round trip's.
@@ -106,7 +117,7 @@ class Http:
         return conn
 
     def call(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
-        headers = {**({"Content-Type": "application/json"} if body is not None else {}), **(headers or {})}
+        headers = {**({"Content-Type": "application/json"} if body is not None else {}), **AUTH, **(headers or {})}
         if time.monotonic() - self.used > self.IDLE_S:
             self.conn.close()
             self.conn = self._connect()

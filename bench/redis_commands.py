@@ -41,7 +41,7 @@ import redis
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.errors import WaitTimeout
 from blaze_jobs.stack import Stack, StackError, free_port, redis_reachable, redis_server_binary
-from common import broke_off, forget_all, machine, start_api, unique_prefix, write_json
+from common import ADMIN_TOKEN, broke_off, forget_all, machine, start_api, unique_prefix, write_json
 from overhead import bare_app, serve_bare
 from redis_trace import print_trace, profile
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             # 1. The system, warmed up: its first job ends once the worker consumes.
             api, api_url = start_api(stack)
             worker = stack.blaze("worker-echo", "worker", "--engine", "echo", "--concurrency", "1")
-            blaze = BlazeClient(api_url, timeout=30)
+            blaze = BlazeClient(api_url, api_key=ADMIN_TOKEN, timeout=30)
 
             def one_job(timeout: float = 30) -> None:
                 job = blaze.submit("echo", ECHO_INPUT)

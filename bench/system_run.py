@@ -19,7 +19,7 @@ import redis
 
 from blaze_jobs.stack import Stack, StackError
 from blaze_jobs.store import Keys
-from common import cpu_seconds, submit_all, wait_ended
+from common import AUTH, cpu_seconds, submit_all, wait_ended
 from pipelines import PROMPT  # keeps the Hugging Face hub offline
 
 #: The line a worker logs for each batch it runs.
@@ -40,7 +40,7 @@ def job_body(*, size: int, steps: int, seed: int, index: int) -> dict[str, Any]:
 
 
 def fetch_jobs(api_url: str, ids: list[str]) -> list[dict[str, Any]]:
-    with httpx.Client(base_url=api_url, timeout=30) as client:
+    with httpx.Client(base_url=api_url, timeout=30, headers=AUTH) as client:
         return [client.get(f"/v1/jobs/{job_id}").raise_for_status().json() for job_id in ids]
 
 

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.receiver
 from blaze_jobs.settings import get_settings
 from blaze_jobs.signing import new_secret, signed_headers
 from blaze_jobs.stack import Stack, StackError
-from common import cpu_seconds, forget, latency_summary, machine, start_api, unique_prefix, write_json
+from common import AUTH, cpu_seconds, forget, latency_summary, machine, start_api, unique_prefix, write_json
 from progress_cost import engine_progress_cost, system_progress_cost
 from tests.receiver import Receiver
 
@@ -66,7 +66,7 @@ def delivery_latency(
 ) -> dict[str, Any]:
     path = f"/bench/{uuid.uuid4().hex[:8]}"
     hook = receiver.url(path)
-    with httpx.Client(base_url=api_url, timeout=30) as http:
+    with httpx.Client(base_url=api_url, timeout=30, headers=AUTH) as http:
         # Warm-up: the workers' first tasks, connections and code paths.
         for n in range(10):
             http.post(

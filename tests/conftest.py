@@ -212,7 +212,7 @@ def wait_for_workers(api_url: str, count: int, *, timeout: float = 120) -> list[
     """Wait until ``GET /v1/workers`` lists ``count`` workers (they publish once loaded)."""
 
     def listed() -> list[dict[str, Any]] | None:
-        workers = httpx.get(f"{api_url}/v1/workers", timeout=5).json()["workers"]
+        workers = httpx.get(f"{api_url}/v1/workers", timeout=5, headers=AUTH).json()["workers"]
         return workers if len(workers) >= count else None
 
     return wait_until(listed, timeout=timeout, what=f"{count} workers in GET /v1/workers", interval=0.2)

@@ -10,8 +10,10 @@ import httpx
 import pytest
 import redis
 
+from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack, free_port
+from tests.conftest import AUTH
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -65,9 +67,11 @@ BAD_BODIES = [
 
 @pytest.fixture()
 def jobs_in_redis(settings: Settings) -> Iterator[Callable[[], int]]:
-    """How many jobs this run's deployment has ever stored (the all-jobs index)."""
+    """How many jobs this run's deployment has stored for the tests' tenant (the admin
+    token's: the default tenant), by that tenant's all-jobs index."""
     client = redis.Redis.from_url(settings.redis_url)
-    yield lambda: client.zcard(f"{settings.redis_prefix}idx:all")
+    index = Keys(settings.redis_prefix).tenant_all(settings.default_tenant)
+    yield lambda: client.zcard(index)
     client.close()
 
 
@@ -121,7 +125,7 @@ def test_an_image_over_max_pixels_is_refused_though_each_side_fits(small_api: st
     before = jobs_in_redis()
 
     # When a client asks for that image
-    with httpx.Client(base_url=small_api, timeout=10) as http:
+    with httpx.Client(base_url=small_api, timeout=10, headers=AUTH) as http:
         response = http.post("/v1/jobs", json=diffusion(**GOOD, width=1024, height=512))
 
     # Then the size is refused, naming the width and the budget, and nothing is stored

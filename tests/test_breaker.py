@@ -26,7 +26,7 @@ from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack
 from blaze_jobs.worker import run_job
 from blaze_jobs.worker_context import WorkerContext, current_context, install_context
-from tests.conftest import REDIS_URL, own_prefix, start_api, wait_for_workers, wait_until
+from tests.conftest import AUTH, REDIS_URL, own_prefix, start_api, wait_for_workers, wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -35,7 +35,7 @@ FAST_BREAKER = {"BLAZE_BREAKER_FAILURES": "2", "BLAZE_BREAKER_COOLDOWN_S": "6", 
 
 
 def worker_named(api_url: str, prefix: str) -> dict[str, Any] | None:
-    workers = httpx.get(f"{api_url}/v1/workers", timeout=5).json()["workers"]
+    workers = httpx.get(f"{api_url}/v1/workers", timeout=5, headers=AUTH).json()["workers"]
     return next((w for w in workers if w["name"].startswith(prefix)), None)
 
 
@@ -82,7 +82,9 @@ def test_a_job_that_faults_on_two_workers_is_its_own_fault_and_alone_one_is_retr
         # When such a job comes while one worker is left
         second.stop()
         wait_until(
-            lambda: len(httpx.get(f"{api_url}/v1/workers", timeout=5).json()["workers"]) == 1, timeout=30, what="one worker"
+            lambda: len(httpx.get(f"{api_url}/v1/workers", timeout=5, headers=AUTH).json()["workers"]) == 1,
+            timeout=30,
+            what="one worker",
         )
         alone = client.wait(client.submit("echo", {"fail": "worker"})["id"], timeout=60)
         # Then it ran three times and failed as a worker fault, naming why and where

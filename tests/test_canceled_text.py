@@ -20,7 +20,7 @@ from blaze_jobs.jobs import JobStatus, new_record
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack
 from blaze_jobs.store import AsyncJobStore, JobStore, Keys
-from tests.conftest import REDIS_URL, own_prefix, start_api, wait_for_workers, wait_until
+from tests.conftest import AUTH, REDIS_URL, own_prefix, start_api, wait_for_workers, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -33,7 +33,7 @@ def test_a_canceled_text_job_ends_with_the_text_it_streamed(own_stack: Stack) ->
     api_url = start_api(own_stack)
     own_stack.blaze("worker-llm", "worker", "--engine", "llm", OMP_NUM_THREADS="1")
     wait_for_workers(api_url, 1)
-    http = httpx.Client(base_url=api_url, timeout=30)
+    http = httpx.Client(base_url=api_url, timeout=30, headers=AUTH)
     request = {"prompt": "A canceled tale: the tide", "max_new_tokens": 1000, "temperature": 0}
     job = http.post("/v1/jobs", json={"engine": "llm", "input": request}).json()
 

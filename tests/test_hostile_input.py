@@ -19,10 +19,11 @@ import pytest
 import redis
 
 from blaze_jobs.jobs import new_record
+from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack, free_port
 from blaze_jobs.store import JobStore
-from tests.conftest import own_prefix, start_api, wait_until
+from tests.conftest import AUTH, own_prefix, start_api, wait_until
 from tests.test_api_errors import assert_problem
 
 pytestmark = pytest.mark.timeout(180)
@@ -44,9 +45,10 @@ class API:
         return self.stack.log_dir / "api.log"
 
     def stored(self) -> int:
-        """How many jobs this API's deployment has stored (its all-jobs index)."""
+        """How many jobs this API's deployment has stored for the tests' tenant (the admin
+        token's: the default tenant), by that tenant's all-jobs index."""
         with redis.Redis.from_url(self.settings.redis_url) as client:
-            return client.zcard(self.settings.key("idx", "all"))
+            return client.zcard(Keys(self.settings.redis_prefix).tenant_all(self.settings.default_tenant))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def api(test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> I
 
 @pytest.fixture()
 def http(api: API) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api.url, timeout=30) as session:
+    with httpx.Client(base_url=api.url, timeout=30, headers=AUTH) as session:
         yield session
 
 
@@ -169,7 +171,7 @@ def test_a_body_over_the_bound_is_refused_while_it_is_read(api: API) -> None:
         yield b'"}}'
 
     # When it is posted
-    with httpx.Client(base_url=api.url, timeout=30) as http:
+    with httpx.Client(base_url=api.url, timeout=30, headers=AUTH) as http:
         response = http.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
         assert "content-length" not in response.request.headers
 
@@ -308,7 +310,7 @@ def test_forwarded_headers_from_a_configured_proxy_are_believed(api: API) -> Non
     api.stack.wait_http("the API behind a proxy", child, f"{url}/readyz", timeout=60)
 
     # When that proxy forwards an https request
-    response = httpx.post(f"{url}/v1/jobs", json=echo(), headers=FORWARDED, timeout=30)
+    response = httpx.post(f"{url}/v1/jobs", json=echo(), headers={**AUTH, **FORWARDED}, timeout=30)
 
     # Then the job's URLs use the scheme the client used
     assert response.status_code == 202, response.text

@@ -16,7 +16,7 @@ import pytest
 
 from blaze_jobs.stack import Stack, StackError, free_port, redis_reachable
 from tests.chaos.harness import PrivateRedis
-from tests.conftest import wait_until
+from tests.conftest import AUTH, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -71,7 +71,7 @@ def succeeded(http: httpx.Client, job_id: str, *, timeout: float) -> dict[str, A
 def test_the_api_answers_503_while_redis_is_down_and_recovers_after(deployment: dict[str, Any]) -> None:
     private: PrivateRedis = deployment["private"]
     # Given a deployment where an echo job succeeds
-    with httpx.Client(base_url=deployment["api_url"], timeout=30) as http:
+    with httpx.Client(base_url=deployment["api_url"], timeout=30, headers=AUTH) as http:
         before = http.post("/v1/jobs", json={"engine": "echo", "input": {"n": 1}})
         assert before.status_code == 202, before.text
         succeeded(http, before.json()["id"], timeout=30)
@@ -114,7 +114,7 @@ def test_the_api_answers_503_while_redis_is_down_and_recovers_after(deployment: 
 
 def test_the_api_answers_503_while_redis_hangs_and_recovers_after(deployment: dict[str, Any]) -> None:
     private: PrivateRedis = deployment["private"]
-    with httpx.Client(base_url=deployment["api_url"], timeout=30) as http:
+    with httpx.Client(base_url=deployment["api_url"], timeout=30, headers=AUTH) as http:
         # Given a deployment that takes jobs
         assert http.post("/v1/jobs", json={"engine": "echo", "input": {"n": 1}}).status_code == 202
 

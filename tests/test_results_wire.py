@@ -15,7 +15,7 @@ from blaze_jobs import signing
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.errors import APIConnectionError, BlazeError
 from blaze_jobs.stack import Stack, free_port
-from tests.conftest import start_api
+from tests.conftest import AUTH, start_api
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(120)
 def test_an_idle_event_stream_sends_keep_alives_at_the_configured_interval(own_stack: Stack) -> None:
     # Given an API that keeps streams alive every 0.3 s, and a job no worker runs
     api_url = start_api(own_stack, BLAZE_EVENT_KEEP_ALIVE_S="0.3")
-    with httpx.Client(base_url=api_url, timeout=30) as http:
+    with httpx.Client(base_url=api_url, timeout=30, headers=AUTH) as http:
         job = http.post("/v1/jobs", json={"engine": "echo", "input": {"n": 1}}).json()
 
         # When a client follows its events for a while

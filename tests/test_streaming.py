@@ -20,7 +20,7 @@ from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack
 from blaze_jobs.store import JobStore
-from tests.conftest import start_api, wait_until
+from tests.conftest import AUTH, start_api, wait_until
 from tests.test_event_position import commands_during
 
 # Generous: the first test to use the stack also waits for it to start.
@@ -286,7 +286,7 @@ def test_past_the_waiter_bound_a_stream_is_refused_up_front_and_a_create_that_pr
 ) -> None:
     # Given an API that holds one waiter at a time, and no worker (jobs stay queued)
     api_url = start_api(own_stack, BLAZE_MAX_WAITERS="1")
-    with httpx.Client(base_url=api_url, timeout=30) as http:
+    with httpx.Client(base_url=api_url, timeout=30, headers=AUTH) as http:
         first = http.post("/v1/jobs", json={"engine": "echo", "input": {"n": 1}}).json()
         # When one client follows a job's events (and so holds the one place)
         with http.stream("GET", f"/v1/jobs/{first['id']}/events") as held:

@@ -22,7 +22,7 @@ from blaze_jobs.client import BlazeClient
 from blaze_jobs.events import stream_key
 from blaze_jobs.settings import Settings
 from blaze_jobs.store import Keys
-from tests.conftest import wait_until
+from tests.conftest import ADMIN_TOKEN, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -187,7 +187,7 @@ def test_blaze_submit_stream_prints_the_text(stack: dict[str, Any], test_env: di
         "--input",
         "max_new_tokens=20",
     ]
-    env = {**test_env, "BLAZE_API_URL": stack["api_url"], "PYTHONIOENCODING": "utf-8"}
+    env = {**test_env, "BLAZE_API_URL": stack["api_url"], "BLAZE_API_KEY": ADMIN_TOKEN, "PYTHONIOENCODING": "utf-8"}
     done = subprocess.run(
         [sys.executable, "-m", "blaze_jobs.cli", *argv, "--input", "temperature=0"],
         env=env,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,15 @@ def chaos_env(base: dict[str, str], *, redis_url: str, prefix: str, **extra: str
     return {**base, "BLAZE_REDIS_URL": redis_url, "BLAZE_REDIS_PREFIX": prefix, **extra}
 
 
+def admin_headers(env: Mapping[str, str]) -> dict[str, str]:
+    """What a scenario's own requests to its API send: the admin token that API runs with
+    (``BLAZE_ADMIN_TOKEN`` of ``env``: the tests' token, or the one ``bench/chaos.py`` makes)."""
+    token = env.get("BLAZE_ADMIN_TOKEN")
+    if not token:
+        raise AssertionError("the scenario's environment sets no BLAZE_ADMIN_TOKEN: its API would refuse every request")
+    return {"Authorization": f"Bearer {token}"}
+
+
 def wait_http(stack: Stack, child: Child, url: str, *, timeout: float = 60) -> None:
     try:
         stack.wait_http(child.name, child, url, timeout=timeout)
@@ -110,13 +119,16 @@ def wait_http(stack: Stack, child: Child, url: str, *, timeout: float = 60) -> N
         raise AssertionError(str(error)) from None
 
 
-def wait_workers(api_url: str, count: int, *, timeout: float = 120, engine: str | None = None) -> list[dict[str, Any]]:
-    """Wait until ``GET /v1/workers`` lists ``count`` workers (of ``engine``, if given)."""
+def wait_workers(
+    api_url: str, count: int, *, headers: Mapping[str, str], timeout: float = 120, engine: str | None = None
+) -> list[dict[str, Any]]:
+    """Wait until ``GET /v1/workers`` lists ``count`` workers (of ``engine``, if given);
+    ``headers`` carry the key (``admin_headers``)."""
     deadline = time.monotonic() + timeout
     seen: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         try:
-            seen = httpx.get(f"{api_url}/v1/workers", timeout=5).json()["workers"]
+            seen = httpx.get(f"{api_url}/v1/workers", timeout=5, headers=headers).json()["workers"]
         except (httpx.HTTPError, ValueError, KeyError):
             seen = []
         matching = [w for w in seen if engine is None or w.get("engine") == engine]

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from blaze_jobs.stack import Stack
-from tests.chaos.harness import Row, redis_and_api, tally, wait_all_ended, wait_running, wait_workers
+from tests.chaos.harness import Row, admin_headers, redis_and_api, tally, wait_all_ended, wait_running, wait_workers
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -51,10 +51,10 @@ def scenario_lease_outage(*, env: dict[str, str], tmp_path: Path, scale: int) ->
     with Stack(env=env, log_dir=tmp_path) as stack:
         server, api_url = redis_and_api(stack, tmp_path, prefix=prefix, BLAZE_LEASE_S=str(LEASE_S))
         workers = [stack.blaze(f"worker-{i}", "worker", "--engine", "echo", "--concurrency", str(THREADS + 1)) for i in range(2)]
-        wait_workers(api_url, 2, engine="echo")
+        wait_workers(api_url, 2, engine="echo", headers=admin_headers(env))
         ids: list[str] = []
         recoveries: list[float] = []
-        with httpx.Client(base_url=api_url, timeout=30) as http:
+        with httpx.Client(base_url=api_url, timeout=30, headers=admin_headers(env)) as http:
             for n in range(outages):
                 # Given long jobs running on both workers
                 burst = [create(http, {"round": n, "job": i, "sleep_ms": sleep_ms}) for i in range(2 * THREADS)]

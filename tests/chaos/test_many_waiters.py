@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from blaze_jobs.stack import Stack
-from tests.chaos.harness import Row, redis_and_api, tally, wait_all_ended
+from tests.chaos.harness import Row, admin_headers, redis_and_api, tally, wait_all_ended
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -67,12 +67,12 @@ async def create(http: httpx.AsyncClient, n: int) -> str | None:
     return response.json()["id"] if response.status_code == 202 else None
 
 
-async def crowd(api_url: str, stack: Stack, *, waiters: int, creates: int) -> dict[str, Any]:
+async def crowd(api_url: str, stack: Stack, *, headers: dict[str, str], waiters: int, creates: int) -> dict[str, Any]:
     """Open ``waiters`` long-polls and event streams (half each) on queued jobs, then send
     ``creates`` creates at once, then start a worker; what every client got."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(90, connect=30)
-    async with httpx.AsyncClient(base_url=api_url, limits=limits, timeout=timeout) as http:
+    async with httpx.AsyncClient(base_url=api_url, limits=limits, timeout=timeout, headers=headers) as http:
         # Given jobs that nothing runs yet (no worker), with many clients waiting on them
         answers = await asyncio.gather(*(create(http, n) for n in range(WAITED_JOBS)))
         waited = [job_id for job_id in answers if job_id is not None]
@@ -121,7 +121,7 @@ def scenario_many_waiters(*, env: dict[str, str], tmp_path: Path, scale: int) ->
     with Stack(env=env, log_dir=tmp_path) as stack:
         server, api_url = redis_and_api(stack, tmp_path, prefix=prefix)
         started = time.monotonic()
-        seen = asyncio.run(crowd(api_url, stack, waiters=waiters, creates=creates))
+        seen = asyncio.run(crowd(api_url, stack, headers=admin_headers(env), waiters=waiters, creates=creates))
         created = [job_id for job_id in seen["created"] if job_id]
         records = wait_all_ended(server.url, prefix, seen["waited"] + created, timeout=60)
         tally(row, records)

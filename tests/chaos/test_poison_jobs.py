@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from blaze_jobs.stack import Stack
-from tests.chaos.harness import PrivateRedis, Row, redis_and_api, tally, wait_all_ended, wait_workers
+from tests.chaos.harness import PrivateRedis, Row, admin_headers, redis_and_api, tally, wait_all_ended, wait_workers
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -80,8 +80,8 @@ def scenario_poison_jobs(*, env: dict[str, str], tmp_path: Path, scale: int) -> 
     with Stack(env=env, log_dir=tmp_path) as stack:
         server, api_url = redis_and_api(stack, tmp_path, prefix=prefix, **BREAKER)
         workers = [stack.blaze(f"worker-{i}", "worker", "--engine", "echo", "--concurrency", str(THREADS)) for i in range(2)]
-        wait_workers(api_url, 2, engine="echo")
-        with httpx.Client(base_url=api_url, timeout=30) as http:
+        wait_workers(api_url, 2, engine="echo", headers=admin_headers(env))
+        with httpx.Client(base_url=api_url, timeout=30, headers=admin_headers(env)) as http:
             # Given the queue time of healthy jobs alone
             baseline = run_wave(http, server, prefix, healthy=healthy, poison=0)
             # When poison jobs come among as many healthy ones

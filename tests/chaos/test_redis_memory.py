@@ -14,7 +14,17 @@ import pytest
 import redis
 
 from blaze_jobs.stack import Stack, free_port
-from tests.chaos.harness import PrivateRedis, Row, chaos_env, tally, wait_all_ended, wait_http, wait_running, wait_workers
+from tests.chaos.harness import (
+    PrivateRedis,
+    Row,
+    admin_headers,
+    chaos_env,
+    tally,
+    wait_all_ended,
+    wait_http,
+    wait_running,
+    wait_workers,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -68,11 +78,11 @@ def scenario_redis_memory(*, env: dict[str, str], tmp_path: Path, scale: int) ->
         workers = [stack.blaze(f"worker-{i}", "worker", "--engine", "echo", "--concurrency", str(THREADS)) for i in range(2)]
         api_url = f"http://127.0.0.1:{port}"
         wait_http(stack, api, f"{api_url}/readyz")
-        wait_workers(api_url, 2, engine="echo")
+        wait_workers(api_url, 2, engine="echo", headers=admin_headers(env))
         accepted: list[str] = []
         bad: list[str] = []
         refused = 0
-        with httpx.Client(base_url=api_url, timeout=30) as http, server.client() as client:
+        with httpx.Client(base_url=api_url, timeout=30, headers=admin_headers(env)) as http, server.client() as client:
             # Given jobs running on both workers and more queued behind them
             for n in range(8 * THREADS):
                 answer = create(http, n, sleep_ms=1000)

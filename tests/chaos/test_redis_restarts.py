@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from blaze_jobs.stack import Child, Stack
-from tests.chaos.harness import PrivateRedis, Row, redis_and_api, tally, wait_all_ended, wait_running, wait_workers
+from tests.chaos.harness import PrivateRedis, Row, admin_headers, redis_and_api, tally, wait_all_ended, wait_running, wait_workers
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -73,11 +73,11 @@ def run_restarts(*, env: dict[str, str], tmp_path: Path, restarts: int, outage_s
     with Stack(env=env, log_dir=tmp_path) as stack:
         server, api_url = redis_and_api(stack, tmp_path, prefix=prefix)
         workers = [stack.blaze(f"worker-{i}", "worker", "--engine", "echo", "--concurrency", str(THREADS)) for i in range(2)]
-        wait_workers(api_url, 2, engine="echo")
+        wait_workers(api_url, 2, engine="echo", headers=admin_headers(env))
         ids: list[str] = []
         recoveries: list[float] = []
         serving: list[int] = []
-        with httpx.Client(base_url=api_url, timeout=30) as http:
+        with httpx.Client(base_url=api_url, timeout=30, headers=admin_headers(env)) as http:
             for _ in range(restarts):
                 # Given jobs running that will outlast the outage, and workers waiting for more
                 spanning = submit(http, SPANNING_JOBS, sleep_ms=int(outage_s * 1000) + 2000)

@@ -18,7 +18,7 @@ import pytest
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack
 from blaze_jobs.webhook_retries import RETRY_POLL_S
-from tests.chaos.harness import Row, redis_and_api, wait_workers
+from tests.chaos.harness import Row, admin_headers, redis_and_api, wait_workers
 from tests.receiver import Answer, Receiver
 
 pytestmark = pytest.mark.timeout(240)
@@ -73,8 +73,8 @@ def scenario_webhook_worker_death(*, env: dict[str, str], tmp_path: Path, scale:
             _, api_url = redis_and_api(stack, tmp_path, prefix=prefix, BLAZE_WEBHOOK_TIMEOUT_S=str(TIMEOUT_S))
             stack.blaze("worker-echo", "worker", "--engine", "echo", "--concurrency", "2")
             first = stack.blaze("webhooks-1", "worker", "--engine", "webhooks")
-            wait_workers(api_url, 1, engine="echo")
-            with httpx.Client(base_url=api_url, timeout=30) as http:
+            wait_workers(api_url, 1, engine="echo", headers=admin_headers(env))
+            with httpx.Client(base_url=api_url, timeout=30, headers=admin_headers(env)) as http:
                 # Given jobs whose completion webhooks the receiver holds without answering
                 held_paths = [f"/held/{n}" for n in range(held)]
                 for path in held_paths:
