@@ -16,11 +16,12 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from blaze_jobs.errors import JobConflict, JobNotFound
+from blaze_jobs.errors import JobConflict, JobNotFound, QueueFull, QuotaExceeded
 from blaze_jobs.redis_config import refusal
 from blaze_jobs.settings import ENGINES
 
 from .connections import Busy
+from .rate_limits import RateLimited
 
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_SCHEMA = {
@@ -44,6 +45,15 @@ RETRY_AFTER_S = 2
 #: How long a client should wait while Redis refuses writes (at its memory limit): room comes
 #: back as jobs expire or an operator acts, not within the seconds a restart takes.
 REFUSED_RETRY_AFTER_S = 10
+#: How long a client should wait at a tenant's quota or a full engine queue: room comes back
+#: as jobs end, which on a busy deployment is every few seconds.
+BACKLOG_RETRY_AFTER_S = 5
+#: Problem types of the refusals a client may act on by waiting (RFC 9457 section 3.1.1: a
+#: tag URI names a type without promising a page behind it).
+PROBLEM_TYPES = "tag:blaze-jobs.dev,2026:"
+RATE_LIMITED = f"{PROBLEM_TYPES}rate-limit"
+QUOTA_JOBS = f"{PROBLEM_TYPES}quota/jobs"
+QUEUE_FULL = f"{PROBLEM_TYPES}queue-full"
 
 log = logging.getLogger("blaze_jobs.api.problems")
 
@@ -65,13 +75,18 @@ def problem(
     errors: list[dict[str, str]] | None = None,
     problem_id: str = "",
     headers: dict[str, str] | None = None,
+    type: str = "about:blank",
+    extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
     """A problem+json answer with an id the log carries (a caller that logged the cause
-    itself passes its ``problem_id``)."""
+    itself passes its ``problem_id``); ``type`` names a problem a client may tell apart, and
+    ``extra`` adds that problem's own members (a quota's ``count`` and ``limit``)."""
     if not problem_id:
         problem_id = str(uuid.uuid4())
         log.log(logging.ERROR if status >= 500 else logging.INFO, "problem %s: %d %s: %s", problem_id, status, title, detail)
-    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail, "id": problem_id}
+    body: dict[str, Any] = {"type": type, "title": title, "status": status, "detail": detail, "id": problem_id}
+    if extra:
+        body.update(extra)
     if errors:
         body["errors"] = errors
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
@@ -181,6 +196,35 @@ def install(app: FastAPI) -> None:
     async def on_busy(request: Request, exc: Busy) -> JSONResponse:
         # A bound of the API process (its Redis pool, its waiters), not a Redis fault.
         return problem(503, "API busy", f"{exc}; retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.exception_handler(RateLimited)
+    async def on_rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
+        extra = {"limit": exc.quota, "window_s": exc.window_s}
+        return problem(429, "Too many requests", str(exc), type=RATE_LIMITED, extra=extra, headers=exc.headers)
+
+    @app.exception_handler(QuotaExceeded)
+    async def on_quota(request: Request, exc: QuotaExceeded) -> JSONResponse:
+        # A quota of the tenant, not of the request rate: waiting helps once its jobs end.
+        return problem(
+            429,
+            "Job quota exceeded",
+            f"{exc}; retry once some of its jobs end",
+            type=QUOTA_JOBS,
+            extra={"tenant": exc.tenant, "count": exc.count, "limit": exc.limit},
+            headers={"Retry-After": str(BACKLOG_RETRY_AFTER_S)},
+        )
+
+    @app.exception_handler(QueueFull)
+    async def on_queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        # The deployment's backpressure: refused before Redis fills up and refuses everything.
+        return problem(
+            503,
+            "Queue full",
+            f"{exc}; retry later",
+            type=QUEUE_FULL,
+            extra={"engine": exc.engine, "length": exc.length, "limit": exc.limit},
+            headers={"Retry-After": str(BACKLOG_RETRY_AFTER_S)},
+        )
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)

@@ -1,12 +1,74 @@
-"""Request rates per API key (placeholder until the rate-limit work lands)."""
+"""Request rates per API key. A key made with ``--rate 600/minute`` makes at most that many
+requests in any moving window of a minute, counted in Redis by the ``limits`` library, so
+every API process (``blaze api --workers N``, several hosts) shares one count. Past it: 429
+with ``Retry-After`` and the IETF ``RateLimit-Policy`` / ``RateLimit`` headers
+(draft-ietf-httpapi-ratelimit-headers)."""
 
 from __future__ import annotations
 
-from fastapi import Request
+import math
+import time
+from functools import lru_cache
+
+import limits
+from fastapi import FastAPI, Request
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
 
 from blaze_jobs.api_keys import ApiKey
+from blaze_jobs.keys import Keys
+from blaze_jobs.settings import Settings
+
+#: The name the headers give a key's one policy.
+POLICY = "default"
+
+
+class RateLimited(Exception):
+    """The key made as many requests as its rate allows within the window (a 429)."""
+
+    def __init__(self, key_id: str, *, rate: str, quota: int, window_s: int, retry_after_s: int) -> None:
+        super().__init__(f"API key {key_id} is limited to {rate}; retry in {retry_after_s} s")
+        self.key_id, self.rate, self.quota, self.window_s, self.retry_after_s = key_id, rate, quota, window_s, retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``Retry-After`` and the draft's ``RateLimit-Policy`` and ``RateLimit`` (none left)."""
+        return {
+            "Retry-After": str(self.retry_after_s),
+            "RateLimit-Policy": f'"{POLICY}";q={self.quota};w={self.window_s}',
+            "RateLimit": f'"{POLICY}";r=0;t={self.retry_after_s}',
+        }
+
+
+@lru_cache(maxsize=1024)
+def parse(rate: str) -> limits.RateLimitItem:
+    """``600/minute`` as a ``limits`` item, parsed once per distinct rate (a ``ValueError`` names
+    a rate ``limits`` cannot read: keys are checked with this when they are made)."""
+    return limits.parse(rate)
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Count requests over ``app.state.redis``'s pool (its bound and its 503s apply), under
+    ``Keys(prefix).rate_limits``. Call it once the pool exists, in the app's lifespan."""
+    storage = RedisStorage(
+        "async+redis://",
+        implementation="redispy",
+        key_prefix=Keys(settings.redis_prefix).rate_limits,
+        connection_pool=app.state.redis.connection_pool,
+    )
+    app.state.rate_limiter = MovingWindowRateLimiter(storage)
 
 
 async def check(request: Request, key: ApiKey) -> None:
-    """Raise a 429 problem when ``key`` is past its rate."""
-    return None
+    """Count this request against ``key``'s rate; ``RateLimited`` when it is past it. One Redis
+    round trip for a key with a rate (a second only when refused), none for one without."""
+    if key.rate is None:
+        return
+    item = parse(key.rate)
+    limiter: MovingWindowRateLimiter = request.app.state.rate_limiter
+    if await limiter.hit(item, key.id):
+        return
+    # Refused: a slot frees when the oldest request in the window leaves it.
+    reset, _ = await limiter.get_window_stats(item, key.id)
+    retry_after_s = max(1, math.ceil(reset - time.time()))
+    raise RateLimited(key.id, rate=key.rate, quota=item.amount, window_s=item.get_expiry(), retry_after_s=retry_after_s)
