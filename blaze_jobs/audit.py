@@ -1,0 +1,121 @@
+"""The audit trail: who made or revoked a key, changed its limits, rotated a webhook secret or
+canceled a job, for which tenant, when, and from where. A bounded Redis stream (``Keys.audit``,
+at most ``BLAZE_AUDIT_MAX_ENTRIES``) that admin keys read at ``GET /v1/admin/audit``.
+
+The address is the one the request showed (or the CLI's host name), kept for the record only:
+nothing is ever authorised by it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from blaze_jobs.api_keys import ApiKey
+from blaze_jobs.keys import Keys
+from blaze_jobs.settings import Settings
+from blaze_jobs.store import decode, text
+
+#: What an entry may say was done.
+ACTIONS = ("key.create", "key.revoke", "key.update", "webhook_secret.rotate", "job.cancel")
+#: A page's cursor: the stream id of the last entry the previous page gave.
+CURSOR = re.compile(r"\d{1,20}-\d{1,20}")
+
+
+def _entry(key: ApiKey, *, action: str, target: str, tenant: str | None, address: str | None) -> dict[str, str]:
+    if action not in ACTIONS:
+        raise ValueError(f"action: {action!r} is not one of {', '.join(ACTIONS)}")
+    return {
+        "who_id": key.id,
+        "who_name": key.name,
+        "who_tenant": key.tenant,
+        "tenant": tenant or key.tenant,
+        "action": action,
+        "target": target,
+        "at": repr(time.time()),
+        "address": address or "",
+    }
+
+
+def _xadd_args(settings: Settings, entry: dict[str, str]) -> dict[str, Any]:
+    # ``~``: Redis trims whole nodes of the stream, so the bound costs nothing per entry.
+    return {"name": Keys(settings.redis_prefix).audit, "fields": entry, "maxlen": settings.audit_max_entries, "approximate": True}
+
+
+def record(
+    client: redis.Redis,
+    settings: Settings,
+    *,
+    key: ApiKey,
+    action: str,
+    target: str,
+    address: str | None,
+    tenant: str | None = None,
+) -> str:
+    """Append what ``key`` did (``action``, one of ``ACTIONS``) to ``target`` (a key or job id)
+    in ``tenant`` (by default the key's own); the entry's stream id."""
+    entry = _entry(key, action=action, target=target, tenant=tenant, address=address)
+    return text(client.xadd(**_xadd_args(settings, entry)))
+
+
+async def record_async(
+    client: redis.asyncio.Redis,
+    settings: Settings,
+    *,
+    key: ApiKey,
+    action: str,
+    target: str,
+    address: str | None,
+    tenant: str | None = None,
+) -> str:
+    """``record`` for the API's client."""
+    entry = _entry(key, action=action, target=target, tenant=tenant, address=address)
+    return text(await client.xadd(**_xadd_args(settings, entry)))
+
+
+def _range_args(settings: Settings, *, limit: int, cursor: str | None) -> dict[str, Any]:
+    if cursor is not None and not CURSOR.fullmatch(cursor):
+        raise ValueError(f"cursor: not a cursor this trail gave (got {cursor!r})")
+    # One more than the page, to know whether another page follows.
+    newest = f"({cursor}" if cursor else "+"
+    return {"name": Keys(settings.redis_prefix).audit, "max": newest, "min": "-", "count": limit + 1}
+
+
+def _page(rows: Any, limit: int) -> tuple[list[dict[str, Any]], str | None]:
+    entries: list[dict[str, Any]] = []
+    for entry_id, raw in (rows or [])[:limit]:
+        fields = decode(raw)
+        entries.append(
+            {
+                "id": text(entry_id),
+                "at": float(fields.get("at") or 0),
+                "who": {
+                    "key_id": fields.get("who_id", ""),
+                    "name": fields.get("who_name", ""),
+                    "tenant": fields.get("who_tenant", ""),
+                },
+                "tenant": fields.get("tenant", ""),
+                "action": fields.get("action", ""),
+                "target": fields.get("target", ""),
+                "address": fields.get("address") or None,
+            }
+        )
+    return entries, (str(entries[-1]["id"]) if len(rows or []) > limit else None)
+
+
+def read(
+    client: redis.Redis, settings: Settings, *, limit: int = 50, cursor: str | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Entries newest first, ``limit`` at a time, and the cursor of the next page (None at the end)."""
+    return _page(client.xrevrange(**_range_args(settings, limit=limit, cursor=cursor)), limit)
+
+
+async def read_async(
+    client: redis.asyncio.Redis, settings: Settings, *, limit: int = 50, cursor: str | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """``read`` for the API's client."""
+    return _page(await client.xrevrange(**_range_args(settings, limit=limit, cursor=cursor)), limit)
