@@ -23,18 +23,25 @@ class Attempt:
     """One attempt of a started job on this worker, and the ways it ends: each one atomic step
     guarded by the attempt, so a worker whose lease was taken away can no longer change the job."""
 
-    def __init__(self, context: WorkerContext, job_id: str, number: int) -> None:
+    def __init__(self, context: WorkerContext, job_id: str, number: int, *, tenant: str) -> None:
         self.context = context
         self.store = context.store
         self.job_id = job_id
         self.number = number
+        self.tenant = tenant  # the job's: its end moves it between the tenant's indexes
         # The lease names this attempt: once the job was handed to another, its lease is not ours.
         self.lease = {"key": context.store.keys.lease(job_id), "owner": lease_owner(context.name, number)}
 
     def _end(self, to: JobStatus, **fields: Any) -> bool:
         try:
             self.store.transition(
-                self.job_id, allowed=(JobStatus.running,), to=to, attempts=self.number, release=self.lease, **fields
+                self.job_id,
+                tenant=self.tenant,
+                allowed=(JobStatus.running,),
+                to=to,
+                attempts=self.number,
+                release=self.lease,
+                **fields,
             )
             return True
         except (JobConflict, JobNotFound):

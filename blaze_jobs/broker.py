@@ -49,14 +49,26 @@ def summary(input: dict[str, Any]) -> str:
     return text if len(text) <= SUMMARY_CHARS else text[: SUMMARY_CHARS - 1] + "…"
 
 
-def task_message(*, job_id: str, engine: str, input: dict[str, Any], faulted_on: list[str] | None = None, passes: int = 0) -> str:
+def task_message(
+    *,
+    job_id: str,
+    engine: str,
+    input: dict[str, Any],
+    tenant: str | None = None,
+    faulted_on: list[str] | None = None,
+    passes: int = 0,
+) -> str:
     """The JSON envelope, as kombu's Redis transport stores it, of the job's Celery task.
 
+    ``tenant`` is the job's: the worker's take moves the job between its tenant's indexes
+    without reading the record first (a message without one names the default tenant).
     ``faulted_on`` names the workers the job met a worker fault on, and ``passes`` counts the
     times such a worker put it back for a peer: the task reads them before it takes the job,
     so a worker can pass on a job it faulted without touching the record."""
     args = [job_id]
     kwargs: dict[str, Any] = {"summary": summary(input)}
+    if tenant is not None:
+        kwargs["tenant"] = tenant
     if faulted_on:
         kwargs["faulted_on"] = faulted_on
     if passes:
@@ -182,10 +194,17 @@ def requeue_push(settings: Settings, record: dict[str, str], *, passes: int = 0)
     Kombu takes a queue's messages from its right end. A job that never faulted goes back
     there, to run next (its worker died or stepped aside); one that faulted a worker goes to
     the left end, behind the jobs waiting, so that a poison job is not the next job of the
-    worker it just faulted nor the half-open probe of a peer."""
+    worker it just faulted nor the half-open probe of a peer. The message names the job's
+    tenant, as its first did."""
     workers = faulted_workers(record)
     message = task_message(
-        job_id=record["id"], engine=record["engine"], input=json.loads(record["input"]), faulted_on=workers, passes=passes
+        job_id=record["id"],
+        engine=record["engine"],
+        input=json.loads(record["input"]),
+        # A record from before tenants is the default tenant's (store.tenant_of).
+        tenant=record.get("tenant") or settings.default_tenant,
+        faulted_on=workers,
+        passes=passes,
     )
     push: dict[str, Any] = {"key": queue_key(settings, record["engine"]), "message": message}
     if workers:

@@ -41,11 +41,17 @@ def counts_against(record: dict[str, str], worker: str) -> bool:
     return worker not in faulted_workers(record)
 
 
-def note_fault(store: JobStore, job_id: str, *, attempt: int, worker: str) -> None:
-    """Record on the job that it faulted on ``worker`` (guarded by the attempt, like every write)."""
+def note_fault(store: JobStore, job_id: str, *, tenant: str, attempt: int, worker: str) -> None:
+    """Record on the job (of ``tenant``) that it faulted on ``worker`` (guarded by the
+    attempt, like every write)."""
     try:
         store.transition(
-            job_id, allowed=(JobStatus.running,), to=JobStatus.running, attempts=attempt, faulted_on=json.dumps([worker])
+            job_id,
+            tenant=tenant,
+            allowed=(JobStatus.running,),
+            to=JobStatus.running,
+            attempts=attempt,
+            faulted_on=json.dumps([worker]),
         )
     except (JobConflict, JobNotFound):
         pass  # the attempt is no longer ours: its end will not be recorded either

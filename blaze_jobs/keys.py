@@ -28,9 +28,12 @@ class KeyInfo:
 #: The schema, by the name of the ``Keys`` method (or attribute) that builds the key.
 SCHEMA: dict[str, KeyInfo] = {
     "job": KeyInfo("job:<id>", "hash", "job_ttl_s", "API (create, cancel), worker (take, end), reaper"),
-    "all": KeyInfo("idx:all", "zset", "none; entries older than job_ttl_s trimmed on list", "job creation"),
-    "status": KeyInfo("idx:status:<status>", "zset", "none; entries trimmed as idx:all", "every status change (Lua)"),
-    "engine": KeyInfo("idx:engine:<engine>", "zset", "none; entries trimmed as idx:all", "job creation"),
+    "status": KeyInfo(
+        "idx:status:<queued|running>",
+        "zset",
+        "none; entries older than job_ttl_s trimmed by the reaper",
+        "every status change (Lua)",
+    ),
     "lease": KeyInfo("lease:<id>", "string (worker:attempt)", "lease_s", "worker (take, renew, release)"),
     "stream": KeyInfo("job-stream:<id>", "stream", "the job's", "every job event (Lua)"),
     "deliveries": KeyInfo("job-deliveries:<id>", "hash", "the job's", "events with a webhook (Lua), webhook worker, API"),
@@ -72,7 +75,6 @@ class Keys:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.all = f"{prefix}idx:all"
         self.unacked = f"{prefix}unacked"  # kombu's, under the same global key prefix
         self.workers = f"{prefix}workers"
         self.reaper = f"{prefix}reaper"
@@ -85,17 +87,15 @@ class Keys:
         self.rate_limits = f"{prefix}limits"
         self.audit = f"{prefix}audit"
         self.artifact_url_secret = f"{prefix}artifact-url-secret"
-        #: Every status index, in ``JobStatus`` order (the order the scripts take them in).
-        self.statuses = [self.status(s.value) for s in JobStatus]
+        #: The deployment's status indexes of live jobs (queued, running), which the reaper
+        #: scans; lists page through the tenants' own indexes (``tenant_statuses``).
+        self.live_statuses = [self.status(JobStatus.queued.value), self.status(JobStatus.running.value)]
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
 
     def status(self, status: str) -> str:
         return f"{self.prefix}idx:status:{status}"
-
-    def engine(self, engine: str) -> str:
-        return f"{self.prefix}idx:engine:{engine}"
 
     def lease(self, job_id: str) -> str:
         return f"{self.prefix}lease:{job_id}"

@@ -38,13 +38,18 @@ from blaze_jobs.broker import requeue_push, task_name
 from blaze_jobs.errors import BlazeError
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.settings import ENGINES, Settings
-from blaze_jobs.store import JobStore, decode, score_of, text
+from blaze_jobs.store import JobStore, decode, score_of, tenant_of, text
 
 log = logging.getLogger("blaze_jobs.reaper")
 
 #: Engine task names: an unacknowledged message of any other task (a webhook delivery) is
 #: no job's message.
 JOB_TASKS = frozenset(task_name(engine) for engine in ENGINES)
+
+#: How often the reaper trims the deployment's live indexes of the entries left by jobs that
+#: expired unrun (their hash gone): rare enough to cost nothing, often enough that a scan of
+#: the running jobs never reads many of them.
+TRIM_EVERY_S = 60.0
 
 
 class Reaper:
@@ -63,6 +68,7 @@ class Reaper:
         self._last_look: float | None = None  # when it last reached Redis
         self._watching_since = 0.0  # since when it has reached Redis without a break
         self._missing: dict[tuple[str, str], float] = {}  # (job, attempt) -> first seen without lease
+        self._trimmed: float | None = None  # when it last trimmed the live indexes
 
     @property
     def interval_s(self) -> float:
@@ -126,7 +132,20 @@ class Reaper:
                 reaped += self._reap_one(*seen)
         self._missing = missing
         self.rescue()
+        if self._trimmed is None or now - self._trimmed >= TRIM_EVERY_S:
+            self.trim()
+            self._trimmed = now
         return reaped
+
+    def trim(self) -> int:
+        """Drop the entries older than a retention from the deployment's queued and running
+        indexes (``Keys.live_statuses``): their jobs expired before they ended, and nothing
+        else removes them. Returns how many. (Tenants' indexes are trimmed as they are listed.)"""
+        oldest = score_of(time.time() - self.settings.job_ttl_s)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for index in self.store.keys.live_statuses:
+                pipe.zremrangebyscore(index, "-inf", f"({oldest}")
+            return sum(pipe.execute())
 
     def _looked(self, now: float) -> None:
         if self._last_look is None or now - self._last_look > 2 * self.interval_s:
@@ -162,7 +181,10 @@ class Reaper:
             change = {"push": requeue_push(self.settings, record)}
         try:
             lease = self.store.keys.lease(job_id)
-            self.store.transition(job_id, allowed=(JobStatus.running,), to=to, attempts=attempts, unleased=lease, **change)
+            tenant = tenant_of(record.get("tenant"), self.settings)
+            self.store.transition(
+                job_id, tenant=tenant, allowed=(JobStatus.running,), to=to, attempts=attempts, unleased=lease, **change
+            )
         except BlazeError:
             return 0  # its worker came back, another reaper was first, or it ended meanwhile
         log.warning("job %s %s: %s", job_id, to.value, reason)
@@ -211,7 +233,11 @@ class Reaper:
                 continue
             try:
                 self.store.transition(
-                    job_id, allowed=(JobStatus.queued,), to=JobStatus.queued, push=requeue_push(self.settings, record)
+                    job_id,
+                    tenant=tenant_of(record.get("tenant"), self.settings),
+                    allowed=(JobStatus.queued,),
+                    to=JobStatus.queued,
+                    push=requeue_push(self.settings, record),
                 )
             except BlazeError:
                 continue  # taken or canceled meanwhile

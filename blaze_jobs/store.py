@@ -1,9 +1,11 @@
 """Job records in Redis: create, read, list, and move between statuses atomically.
 
-A job is a hash (``keys.Keys.job``) with the job's retention TTL. Sorted sets index jobs by
-creation time (all jobs, per status, per engine) for listing, newest first. Every status
-change goes through one Lua script, so a worker finishing a job and a client canceling it
-can never both win; each change is appended to the job's event stream (``events.py``).
+A job is a hash (``keys.Keys.job``) with the job's retention TTL, and belongs to a tenant
+(its ``tenant`` field). Sorted sets of each tenant index its jobs by creation time (all, per
+status, per engine) for listing, newest first; the deployment's own index only its live jobs
+(queued, running) for the reaper. Every status change goes through one Lua script, so a
+worker finishing a job and a client canceling it can never both win; each change is
+appended to the job's event stream (``events.py``).
 
 ``JobStore`` serves workers and the CLI (blocking redis-py); the API uses
 ``AsyncJobStore`` (redis.asyncio). Both share the keys, the script and the encoding here.
@@ -25,7 +27,7 @@ from redis.exceptions import NoScriptError
 
 from blaze_jobs import scripts
 from blaze_jobs.broker import webhook_task_template
-from blaze_jobs.errors import JobConflict, JobNotFound
+from blaze_jobs.errors import JobConflict, JobNotFound, QueueFull, QuotaExceeded
 from blaze_jobs.events import queue_born_ended
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.keys import Keys as Keys  # named here too: tests and callers import it from the store
@@ -67,15 +69,25 @@ def expires_at_ms(created_at: str, ttl_s: int) -> int:
     return int((float(created_at) + ttl_s) * 1000)
 
 
+def indexes_of(keys: Keys, *, tenant: str, status: str, engine: str) -> list[str]:
+    """The indexes a new job of ``tenant`` in ``status`` goes into: its tenant's (all, the
+    status's, the engine's) and, while it is live, the deployment's of its status."""
+    indexes = [keys.tenant_all(tenant), keys.tenant_status(tenant, status), keys.tenant_engine(tenant, engine)]
+    if not JobStatus(status).ended:
+        indexes.append(keys.status(status))
+    return indexes
+
+
 def queue_create(pipe: Any, keys: Keys, record: dict[str, str], *, ttl_s: int) -> None:
-    """Queue on a pipeline the commands that store a new job and index it."""
+    """Queue on a pipeline the commands that store a new job (of ``record["tenant"]``) and
+    index it. No admission: a job stored so is born ended (a cache hit) or a test's."""
     score = score_of(float(record["created_at"]))
     expires = expires_at_ms(record["created_at"], ttl_s)
     record = {**record, "score": str(score), EXPIRES: str(expires)}
     key = keys.job(record["id"])
     pipe.hset(key, mapping=record)
     pipe.pexpireat(key, expires)
-    for index in (keys.all, keys.status(record["status"]), keys.engine(record["engine"])):
+    for index in indexes_of(keys, tenant=record["tenant"], status=record["status"], engine=record["engine"]):
         pipe.zadd(index, {record["id"]: score})
     if JobStatus(record["status"]).ended:
         queue_born_ended(pipe, keys=keys, job_id=record["id"], ttl_s=ttl_s)
@@ -85,6 +97,7 @@ def transition_call(
     keys: Keys,
     job_id: str,
     *,
+    tenant: str,
     allowed: Iterable[JobStatus],
     to: JobStatus,
     fields: dict[str, Any],
@@ -92,11 +105,12 @@ def transition_call(
     push: dict[str, Any] | None = None,
     **options: Any,
 ) -> tuple[list[str], list[str]]:
-    """The KEYS and ARGV of ``lua/transition.lua`` for one move. ``lease_key`` is the job's
-    lease (its own by default); ``push`` is ``{key, message, back}``: its key goes in KEYS."""
+    """The KEYS and ARGV of ``lua/transition.lua`` for one move of a job of ``tenant`` (whose
+    status indexes it moves the job between). ``lease_key`` is the job's lease (its own by
+    default); ``push`` is ``{key, message, back}``: its key goes in KEYS."""
     spec: dict[str, Any] = {"from": [s.value for s in allowed], "to": to.value, "fields": {k: str(v) for k, v in fields.items()}}
     spec.update({name: value for name, value in options.items() if value})
-    script_keys = [*keys.event_keys(job_id), lease_key or keys.lease(job_id), *keys.statuses]
+    script_keys = [*keys.event_keys(job_id), lease_key or keys.lease(job_id), *keys.live_statuses, *keys.tenant_statuses(tenant)]
     if push:
         spec["push"] = {"message": push["message"], "back": bool(push.get("back"))}
         script_keys.append(push["key"])
@@ -157,6 +171,7 @@ class JobStore:
         self,
         job_id: str,
         *,
+        tenant: str | None = None,
         allowed: Iterable[JobStatus],
         to: JobStatus,
         count_attempt: bool = False,
@@ -168,9 +183,10 @@ class JobStore:
         set_attempts: int | None = None,
         **fields: Any,
     ) -> str:
-        """Move the job to ``to`` if it is in one of ``allowed`` (and the conditions hold);
-        returns the status it left. See ``lua/transition.lua`` for the options. ``attempts``
-        guards the move; ``set_attempts`` writes the count (an attempt given back)."""
+        """Move the job (of ``tenant``, the default tenant if None) to ``to`` if it is in one
+        of ``allowed`` (and the conditions hold); returns the status it left. See
+        ``lua/transition.lua`` for the options. ``attempts`` guards the move; ``set_attempts``
+        writes the count (an attempt given back)."""
         if set_attempts is not None:
             fields["attempts"] = set_attempts
         # The lease the move takes, drops or requires gone is the job's; the key named wins.
@@ -178,6 +194,7 @@ class JobStore:
         script_keys, args = transition_call(
             self.keys,
             job_id,
+            tenant=tenant or self.settings.default_tenant,
             ttl=self.settings.job_ttl_s,
             allowed=allowed,
             to=to,
@@ -192,14 +209,16 @@ class JobStore:
         )
         return transition_result(job_id, self._transition(keys=script_keys, args=args), wanted=to.value)
 
-    def take(self, job_id: str, *, worker: str, lease_ms: int, **fields: Any) -> dict[str, str]:
+    def take(self, job_id: str, *, tenant: str | None = None, worker: str, lease_ms: int, **fields: Any) -> dict[str, str]:
         """A worker's start of a queued job, in one round trip: the job becomes running, its
         attempt is counted, the worker holds its lease as ``<worker>:<attempt>``; returns the
-        job's fields after the move. Raises JobNotFound, or JobConflict unless it was queued."""
+        job's fields after the move. Raises JobNotFound, or JobConflict unless it was queued.
+        ``tenant`` is the job's, as its message names it (None: the default tenant)."""
         lease = {"owner": worker, "ms": lease_ms, "numbered": True}
         script_keys, args = transition_call(
             self.keys,
             job_id,
+            tenant=tenant or self.settings.default_tenant,
             ttl=self.settings.job_ttl_s,
             allowed=(JobStatus.queued,),
             to=JobStatus.running,
@@ -227,28 +246,37 @@ class AsyncJobStore:
         self.keys = Keys(settings.redis_prefix)
         self._transition = scripts.script(client, "transition")
         self._create = scripts.script(client, "create")
-        self._queued_indexes: dict[str, list[str]] = {}  # by engine: where a new job is indexed
+        # By (tenant, engine): where a new queued job is indexed, and the tenant's running index.
+        self._queued_indexes: dict[tuple[str, str], tuple[list[str], str]] = {}
 
-    async def create_queued(self, record: dict[str, str], *, queue: str, message: str) -> None:
-        """Store a new queued job, index it and push its Celery message, in one round trip."""
-        created_at = record["created_at"]
+    async def create_queued(self, record: dict[str, str], *, queue: str, message: str, max_jobs: int = 0) -> None:
+        """Admit a new queued job, store it, index it and push its Celery message, in one
+        round trip. Raises QuotaExceeded when its tenant (``record["tenant"]``) already has
+        ``max_jobs`` jobs queued or running (0: no quota), and QueueFull when the engine's
+        queue holds ``BLAZE_QUEUE_MAX`` messages; then nothing is written."""
+        tenant, engine, created_at = record["tenant"], record["engine"], record["created_at"]
         expires = str(expires_at_ms(created_at, self.settings.job_ttl_s))
         fields = orjson.dumps({**record, "score": str(score_of(float(created_at))), EXPIRES: expires})
-        indexes = self._queued_indexes.get(record["engine"])
-        if indexes is None:
+        found = self._queued_indexes.get((tenant, engine))
+        if found is None:
             keys = self.keys
-            indexes = self._queued_indexes[record["engine"]] = [
-                keys.all,
-                keys.status(JobStatus.queued.value),
-                keys.engine(record["engine"]),
-            ]
-        script_keys = [self.keys.job(record["id"]), *indexes, queue]
-        args = [message, fields]
+            indexes = indexes_of(keys, tenant=tenant, status=JobStatus.queued.value, engine=engine)
+            found = self._queued_indexes[(tenant, engine)] = (indexes, keys.tenant_status(tenant, JobStatus.running.value))
+        indexes, running = found
+        script_keys = [self.keys.job(record["id"]), *indexes, queue, running]
+        oldest = score_of(time.time() - self.settings.job_ttl_s)
+        args = [message, fields, max_jobs, self.settings.queue_max, oldest]
         try:
             # EVALSHA straight away: the script object's own call costs ~10 µs more, per create.
-            await self.redis.execute_command("EVALSHA", self._create.sha, len(script_keys), *script_keys, *args)
+            reply = await self.redis.execute_command("EVALSHA", self._create.sha, len(script_keys), *script_keys, *args)
         except NoScriptError:  # Redis restarted or was flushed: the script object loads it again
-            await self._create(keys=script_keys, args=args)
+            reply = await self._create(keys=script_keys, args=args)
+        if reply == 1:
+            return
+        refusal, count = reply
+        if refusal == -1:
+            raise QuotaExceeded(tenant, count=int(count), limit=max_jobs)
+        raise QueueFull(engine, length=int(count), limit=self.settings.queue_max)
 
     async def get(self, job_id: str) -> dict[str, str]:
         record = decode(await self.redis.hgetall(self.keys.job(job_id)))
@@ -257,21 +285,44 @@ class AsyncJobStore:
         return record
 
     async def transition(
-        self, job_id: str, *, allowed: Iterable[JobStatus], to: JobStatus, streamed: bool = False, **fields: Any
+        self,
+        job_id: str,
+        *,
+        tenant: str,
+        allowed: Iterable[JobStatus],
+        to: JobStatus,
+        streamed: bool = False,
+        owned: bool = False,
+        **fields: Any,
     ) -> str:
+        """Move a job of ``tenant`` (see ``JobStore.transition``). ``owned``: only if the job is
+        ``tenant``'s, else JobNotFound, as if it did not exist."""
+        # A record from before tenants is the default tenant's.
+        owner = [tenant, tenant == self.settings.default_tenant] if owned else None
         script_keys, args = transition_call(
-            self.keys, job_id, ttl=self.settings.job_ttl_s, allowed=allowed, to=to, fields=fields, streamed=streamed
+            self.keys,
+            job_id,
+            tenant=tenant,
+            ttl=self.settings.job_ttl_s,
+            allowed=allowed,
+            to=to,
+            fields=fields,
+            streamed=streamed,
+            owner=owner,
         )
         reply = await self._transition(keys=script_keys, args=args)
         return transition_result(job_id, reply, wanted=to.value)
 
-    async def cancel(self, job_id: str) -> None:
-        """Cancel a queued or running job. A worker drops a canceled job when it takes it,
-        and stops a running one at its next step."""
+    async def cancel(self, job_id: str, *, tenant: str) -> None:
+        """Cancel a queued or running job of ``tenant``; another tenant's is JobNotFound and
+        stays as it is. A worker drops a canceled job when it takes it, and stops a running
+        one at its next step."""
         now = repr(time.time())
         try:
             await self.transition(
                 job_id,
+                tenant=tenant,
+                owned=True,
                 allowed=(JobStatus.queued, JobStatus.running),
                 to=JobStatus.canceled,
                 # A streaming text job ends with the text it streamed, in the same step, so its
@@ -284,14 +335,15 @@ class AsyncJobStore:
             raise JobConflict(f"job {job_id} already ended") from conflict
 
     async def list(
-        self, *, status: str | None, engine: str | None, limit: int, cursor: str | None
+        self, *, tenant: str, status: str | None, engine: str | None, limit: int, cursor: str | None
     ) -> tuple[builtins.list[dict[str, str]], str | None]:
-        """A page of jobs, newest first, and the cursor of the next page (None on the last).
+        """A page of ``tenant``'s jobs, newest first, and the cursor of the next page (None on
+        the last). It reads only the tenant's own indexes.
 
         A cursor is ``<score>:<job id>`` of the last job of the page: jobs created in the same
         microsecond share a score, and the id orders them (as Redis does), so none is skipped
         or repeated at a page's edge. A bare ``<score>`` (older cursors) starts below it."""
-        index = self.keys.index_for(status=status, engine=engine)
+        index = self.keys.index_for(tenant=tenant, status=status, engine=engine)
         oldest = score_of(time.time() - self.settings.job_ttl_s)
         # Index entries outlive their jobs by at most one retention period; drop them here.
         await self.redis.zremrangebyscore(index, "-inf", f"({oldest}")

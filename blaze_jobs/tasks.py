@@ -12,11 +12,14 @@ from blaze_jobs.worker import run_job
 
 
 def _task_for(engine: str) -> None:
-    # ``summary`` is only there so Flower shows a short prompt beside the job id;
+    # ``summary`` is only there so Flower shows a short prompt beside the job id; ``tenant``
+    # is the job's (absent from messages made before tenants: the default tenant's);
     # ``faulted_on`` and ``passes`` come with a job that met a worker fault (broker.py).
     @app.task(name=task_name(engine), acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-    def generate(job_id: str, summary: str = "", faulted_on: list[str] | None = None, passes: int = 0) -> str:
-        return run_job(job_id, engine=engine, faulted_on=faulted_on or [], passes=passes)
+    def generate(
+        job_id: str, summary: str = "", faulted_on: list[str] | None = None, passes: int = 0, tenant: str | None = None
+    ) -> str:
+        return run_job(job_id, engine=engine, tenant=tenant, faulted_on=faulted_on or [], passes=passes)
 
 
 for _engine in ENGINES:

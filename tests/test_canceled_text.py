@@ -90,7 +90,7 @@ def test_a_canceled_text_job_keeps_only_the_text_of_the_attempt_that_ran() -> No
 
             async def run() -> None:
                 async with redis.asyncio.Redis.from_url(REDIS_URL) as api:
-                    await AsyncJobStore(api, settings).cancel(job_id)
+                    await AsyncJobStore(api, settings).cancel(job_id, tenant="default")
 
             asyncio.run(run())
             [(_, last)] = client.xrevrange(stream_key(prefix, job_id), count=1)

@@ -23,7 +23,7 @@ from blaze_jobs.jobs import JobStatus, new_record
 from blaze_jobs.keys import SCHEMA, WEBHOOK_QUEUE, Keys
 from blaze_jobs.leases import LeaseKeeper
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import JobStore, text
+from blaze_jobs.store import JobStore, text, transition_call
 from blaze_jobs.webhook_retries import RetryMover, attempt_member
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,8 +67,10 @@ def test_a_job_taken_and_finished_moves_its_index_lease_and_events(store: JobSto
     # holding the job as it stood, all but its input
     assert (record["status"], record["attempts"], record["worker"], record["started_at"]) == ("running", "1", "w1", "1.5")
     assert store.redis.get(keys.lease(job_id)) == b"w1:1"
-    assert store.redis.zscore(keys.status("running"), job_id) is not None
-    assert store.redis.zscore(keys.status("queued"), job_id) is None
+    # (in the deployment's live indexes and its tenant's)
+    for index in (keys.status, lambda status: keys.tenant_status("default", status)):
+        assert store.redis.zscore(index("running"), job_id) is not None
+        assert store.redis.zscore(index("queued"), job_id) is None
     (started,) = events(store, job_id)
     assert started["type"] == "job.started" and json.loads(started["job"])["attempts"] == "1"
     assert "input" not in json.loads(started["job"])
@@ -84,9 +86,11 @@ def test_a_job_taken_and_finished_moves_its_index_lease_and_events(store: JobSto
         release={"key": keys.lease(job_id), "owner": "w1:1"},
     )
 
-    # Then the lease is gone, the index says succeeded and job.completed holds the end
+    # Then the lease is gone, its tenant's index says succeeded (the deployment's live ones
+    # hold it no more) and job.completed holds the end
     assert store.redis.exists(keys.lease(job_id)) == 0
-    assert store.redis.zscore(keys.status("succeeded"), job_id) is not None
+    assert store.redis.zscore(keys.tenant_status("default", "succeeded"), job_id) is not None
+    assert [store.redis.zscore(index, job_id) for index in keys.live_statuses] == [None, None]
     assert [e["type"] for e in events(store, job_id)] == ["job.started", "job.completed"]
     assert json.loads(events(store, job_id)[-1]["job"])["status"] == "succeeded"
 
@@ -127,9 +131,17 @@ def test_a_canceled_text_job_ends_with_the_text_it_streamed(store: JobStore) -> 
         )
 
     # When it is canceled with streamed=True (as the API cancels)
-    script_keys = store.keys.event_keys(job_id) + [store.keys.lease(job_id), *store.keys.statuses]
-    spec = {"from": ["running"], "to": "canceled", "fields": {}, "streamed": True, "ttl": 600}
-    store._transition(keys=script_keys, args=[json.dumps(spec), webhook_task_template()])
+    script_keys, args = transition_call(
+        store.keys,
+        job_id,
+        tenant="default",
+        allowed=(JobStatus.running,),
+        to=JobStatus.canceled,
+        fields={},
+        streamed=True,
+        ttl=600,
+    )
+    store._transition(keys=script_keys, args=args)
 
     # Then its output is the streamed text, marked canceled, and job.completed carries it
     output = json.loads(store.get(job_id)["output"])
@@ -176,8 +188,10 @@ def test_a_due_retry_is_queued_once_by_two_movers(store: JobStore) -> None:
 def test_every_key_has_a_row_in_the_schema_and_the_docs() -> None:
     # Given the Keys methods and attributes and the schema table
     keys = Keys("p:")
-    named = {n for n in vars(keys) if n not in ("prefix", "statuses")}
-    named |= {n for n, v in vars(Keys).items() if callable(v) and not n.startswith("_") and n not in ("index_for", "event_keys")}
+    # (lists of keys whose rows are their members': the status indexes, the event keys)
+    named = {n for n in vars(keys) if n not in ("prefix", "live_statuses")}
+    lists = ("index_for", "event_keys", "tenant_statuses")
+    named |= {n for n, v in vars(Keys).items() if callable(v) and not n.startswith("_") and n not in lists}
 
     # Then each key has a row, each row a key, and docs/redis.md lists every pattern
     assert named == set(SCHEMA)

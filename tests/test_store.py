@@ -14,6 +14,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from blaze_jobs.artifacts import UrlSigner
 from blaze_jobs.errors import JobConflict, JobNotFound
 from blaze_jobs.jobs import JobStatus, job_view, new_record
 from blaze_jobs.settings import Settings
@@ -65,7 +66,7 @@ def cancel(settings: Settings, job_id: str) -> None:
     async def run() -> None:
         client = redis.asyncio.Redis.from_url(settings.redis_url)
         try:
-            await AsyncJobStore(client, settings).cancel(job_id)
+            await AsyncJobStore(client, settings).cancel(job_id, tenant="default")
         finally:
             await client.aclose()
 
@@ -73,6 +74,13 @@ def cancel(settings: Settings, job_id: str) -> None:
 
 
 def indexed_under(store: JobStore, job_id: str) -> list[str]:
+    """The statuses the default tenant's indexes hold the job under."""
+    keys = store.keys
+    return [s.value for s in JobStatus if store.redis.zscore(keys.tenant_status("default", s.value), job_id) is not None]
+
+
+def live_indexed_under(store: JobStore, job_id: str) -> list[str]:
+    """The statuses the deployment's own (live) indexes hold the job under."""
     return [s.value for s in JobStatus if store.redis.zscore(store.keys.status(s.value), job_id) is not None]
 
 
@@ -141,23 +149,29 @@ def test_moving_a_missing_job_raises_job_not_found(store: JobStore, settings: Se
 
 
 def test_the_status_indexes_follow_the_job(store: JobStore, settings: Settings) -> None:
-    # Given a new job: it is indexed as queued, under its engine, and among all jobs
+    # Given a new job of the default tenant: its tenant indexes it as queued, under its
+    # engine and among all its jobs; the deployment's live index holds it as queued
+    keys = store.keys
     job_id = queued_job(store, engine="echo")
-    assert indexed_under(store, job_id) == ["queued"]
-    assert store.redis.zscore(store.keys.engine("echo"), job_id) is not None
-    assert store.redis.zscore(store.keys.all, job_id) is not None
-    score = store.redis.zscore(store.keys.status("queued"), job_id)
+    assert indexed_under(store, job_id) == live_indexed_under(store, job_id) == ["queued"]
+    assert store.redis.zscore(keys.tenant_engine("default", "echo"), job_id) is not None
+    assert store.redis.zscore(keys.tenant_all("default"), job_id) is not None
+    score = store.redis.zscore(keys.tenant_status("default", "queued"), job_id)
+    assert store.redis.zscore(keys.status("queued"), job_id) == score
 
-    # When it starts, Then it moves from queued to running, keeping its creation-time score
+    # When it starts, Then it moves from queued to running in both, keeping its creation-time score
     start(store, job_id)
-    assert indexed_under(store, job_id) == ["running"]
-    assert store.redis.zscore(store.keys.status("running"), job_id) == score
+    assert indexed_under(store, job_id) == live_indexed_under(store, job_id) == ["running"]
+    assert store.redis.zscore(keys.tenant_status("default", "running"), job_id) == score
+    assert store.redis.zscore(keys.status("running"), job_id) == score
 
-    # When it is canceled, Then it moves to canceled; the engine and all-jobs indexes keep it
+    # When it is canceled, Then its tenant holds it as canceled, with the engine and
+    # all-jobs indexes; the deployment's live indexes let it go
     cancel(settings, job_id)
     assert indexed_under(store, job_id) == ["canceled"]
-    assert store.redis.zscore(store.keys.engine("echo"), job_id) == score
-    assert store.redis.zscore(store.keys.all, job_id) == score
+    assert live_indexed_under(store, job_id) == []
+    assert store.redis.zscore(keys.tenant_engine("default", "echo"), job_id) == score
+    assert store.redis.zscore(keys.tenant_all("default"), job_id) == score
 
 
 def test_a_created_job_keeps_every_character_of_its_input_and_is_queued_and_indexed(store: JobStore, settings: Settings) -> None:
@@ -184,7 +198,7 @@ def test_a_created_job_keeps_every_character_of_its_input_and_is_queued_and_inde
     assert json.loads(stored["input"]) == job_input
     assert {name: stored[name] for name in record} == record
     assert indexed_under(store, record["id"]) == ["queued"]
-    assert store.redis.zscore(store.keys.all, record["id"]) == float(stored["score"])
+    assert store.redis.zscore(store.keys.tenant_all("default"), record["id"]) == float(stored["score"])
     assert 0 < store.redis.ttl(store.keys.job(record["id"])) <= settings.job_ttl_s
     assert store.redis.lrange(f"{settings.redis_prefix}echo", 0, -1) == [b"the message"]
 
@@ -209,7 +223,9 @@ def test_jobs_of_the_same_microsecond_are_each_listed_once_across_pages(store: J
         listed, cursor = [], None
         try:
             while True:
-                page, cursor = await AsyncJobStore(client, settings).list(status=None, engine=None, limit=limit, cursor=cursor)
+                page, cursor = await AsyncJobStore(client, settings).list(
+                    tenant="default", status=None, engine=None, limit=limit, cursor=cursor
+                )
                 listed += [record["id"] for record in page]
                 if cursor is None:
                     return listed
@@ -322,7 +338,7 @@ def test_a_jobs_events_expire_with_it_whatever_retention_the_worker_has(store: J
     delivered: Any = store.redis.hget(keys.deliveries(job_id), event_id + b":job")
     assert "expires_at_ms" not in json.loads(entry[b"job"])
     assert "expires_at_ms" not in json.loads(delivered)
-    assert "expires_at_ms" not in job_view(store.get(job_id), base_url="http://api")
+    assert "expires_at_ms" not in job_view(store.get(job_id), base_url="http://api", signer=UrlSigner("s", ttl_s=60))
 
 
 def test_a_job_born_ended_expires_with_its_stream(store: JobStore) -> None:

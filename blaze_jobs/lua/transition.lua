@@ -1,7 +1,8 @@
 --#include events
 -- Move a job between statuses, atomically, with what goes with the move (store.JobStore.transition).
--- KEYS[1..5] the job's event keys (events.lua), KEYS[6] its lease, KEYS[7..11] the status
--- indexes in JobStatus order, KEYS[12] the queue to push onto (when pushing).
+-- KEYS[1..5] the job's event keys (events.lua), KEYS[6] its lease, KEYS[7..8] the deployment's
+-- queued and running indexes (the reaper's), KEYS[9..13] the job's tenant's status indexes in
+-- JobStatus order, KEYS[14] the queue to push onto (when pushing).
 -- ARGV[1] a JSON spec:
 --   from: statuses the job may be in; to: the new status; attempt: count a start;
 --   fields: hash fields to set; attempts: only if the attempt count is this (a stale worker
@@ -9,10 +10,12 @@
 --   (numbered: the owner is suffixed with ':<attempts>' after the count), or release: {owner,
 --   ms} to drop the lease only if it is still this owner's (a stale attempt must not drop the
 --   lease of the attempt that replaced it; ms: the lease period); unleased: move only if the lease is gone (its
---   worker died); push: {message, back} to RPUSH (with back: LPUSH) onto KEYS[12] in the
+--   worker died); push: {message, back} to RPUSH (with back: LPUSH) onto KEYS[14] in the
 --   same step, so a requeued job can never be left without a message; streamed: a running
 --   text job's output becomes the text it streamed (a cancel); read: also return the job's
---   fields after the move; ttl: the job's retention (job_ttl_s), which its events share.
+--   fields after the move; ttl: the job's retention (job_ttl_s), which its events share;
+--   owner: {tenant, legacy}: move only a job of this tenant (legacy: a job with no tenant
+--   field, from before tenants, is this tenant's), else answer as for no such job.
 -- ARGV[2] the webhook task's message template (broker.webhook_task_template).
 -- A change of status is also appended to the job's event stream, with the webhook delivery
 -- it calls for. Returns {1, old status} (with read: {1, old status, the fields}) when moved,
@@ -20,12 +23,17 @@
 --
 -- The job is read once (HGETALL) and written once (HSET, with the event's id when there is
 -- an event): the checks, the event's snapshot and `read` use that copy, kept up to date.
-local STATUS_INDEX = {queued = KEYS[7], running = KEYS[8], succeeded = KEYS[9], failed = KEYS[10], canceled = KEYS[11]}
+local LIVE_INDEX = {queued = KEYS[7], running = KEYS[8]}
+local STATUS_INDEX = {queued = KEYS[9], running = KEYS[10], succeeded = KEYS[11], failed = KEYS[12], canceled = KEYS[13]}
 local k = blaze_event_keys(ARGV[2])
 local spec = cjson.decode(ARGV[1])
 local rec = blaze_record(redis.call('HGETALL', k.job))
 local current = rec['status']
 if not current then return {-1} end
+if spec['owner'] then
+  local tenant = rec['tenant']
+  if not (tenant == spec['owner'][1] or (tenant == nil and spec['owner'][2])) then return {-1} end
+end
 local allowed = false
 for _, status in ipairs(spec['from']) do if status == current then allowed = true end end
 if not allowed then return {0, current} end
@@ -61,11 +69,14 @@ elseif spec['release'] and redis.call('GET', KEYS[6]) == spec['release']['owner'
 end
 if spec['push'] then
   -- kombu pops from the right: back=true queues the job behind every job waiting (LPUSH)
-  redis.call(spec['push']['back'] and 'LPUSH' or 'RPUSH', KEYS[12], spec['push']['message'])
+  redis.call(spec['push']['back'] and 'LPUSH' or 'RPUSH', KEYS[14], spec['push']['message'])
 end
 if current ~= spec['to'] then
   redis.call('ZREM', STATUS_INDEX[current], rec['id'])
   redis.call('ZADD', STATUS_INDEX[spec['to']], rec['score'], rec['id'])
+  -- The deployment indexes only live jobs: nothing reads its ended ones.
+  if LIVE_INDEX[current] then redis.call('ZREM', LIVE_INDEX[current], rec['id']) end
+  if LIVE_INDEX[spec['to']] then redis.call('ZADD', LIVE_INDEX[spec['to']], rec['score'], rec['id']) end
   -- Only a queued job may have no stream yet: a job leaves queued with an event, and a job
   -- stored in another status is born ended, with its event (born_ended.lua). The event's
   -- HSET writes the changes.
