@@ -203,9 +203,9 @@ async def update_key(request: Request, caller: Admin, key_id: KeyId, body: Annot
     if key is None:
         return _not_found(key_id)
     key_cache(request.app).forget(key.id)
-    target = f"{key.id} " + ", ".join(f"{name}={value}" for name, value in changes.items())
+    target = audit.change_target(key.id, changes)
     await audit.record_async(
-        client, settings, key=caller, action="key.update", target=target.strip(), tenant=key.tenant, address=_address(request)
+        client, settings, key=caller, action="key.update", target=target, tenant=key.tenant, address=_address(request)
     )
     return JSONResponse(view(key))
 

@@ -26,6 +26,11 @@ ACTIONS = ("key.create", "key.revoke", "key.update", "webhook_secret.rotate", "j
 CURSOR = re.compile(r"\d{1,20}-\d{1,20}")
 
 
+def change_target(key_id: str, changes: dict[str, Any]) -> str:
+    """What a ``key.update`` entry names: the key and its new limits (``default``: the deployment's)."""
+    return " ".join([key_id, *(f"{name}={'default' if value is None else value}" for name, value in changes.items())])
+
+
 def _entry(key: ApiKey, *, action: str, target: str, tenant: str | None, address: str | None) -> dict[str, str]:
     if action not in ACTIONS:
         raise ValueError(f"action: {action!r} is not one of {', '.join(ACTIONS)}")
