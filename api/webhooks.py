@@ -1,26 +1,30 @@
 """Webhooks as the API serves them: a new job's webhook URL (checked to lead to a public
-address), the job's deliveries and their redelivery, and the signing secret receivers
-verify with. Deliveries themselves are sent by the webhook workers (``blaze_jobs/webhooks.py``)."""
+address), the job's deliveries and their redelivery (for the job's tenant only), and the
+tenant's signing secret receivers verify with, and its rotation. Deliveries themselves are
+sent by the webhook workers (``blaze_jobs/webhooks.py``)."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import socket
-from typing import Annotated, Any
+from datetime import datetime, timezone
+from typing import Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.exceptions import HTTPException
+from pydantic import BaseModel, Field
 
 from blaze_jobs.addresses import WebhookRefused, check_addresses
+from blaze_jobs.api_keys import ApiKey
 from blaze_jobs.deliveries import Delivery, DeliveryPage, delivery_list
 from blaze_jobs.deliveries import redeliver as record_redelivery
 from blaze_jobs.errors import JobNotFound
 from blaze_jobs.settings import Settings
-from blaze_jobs.signing import signing_secret_async
+from blaze_jobs.signing import TenantSecrets, fixed_secret, rotate_async, tenant_secrets_async
+from blaze_jobs.store import tenant_of
 
+from .auth import Caller
 from .problems import PROBLEM_JSON, PROBLEM_SCHEMA, InputProblem, problem
 from .request_context import settings_of
 from .responses import JSONResponse
@@ -53,51 +57,90 @@ async def webhook_fields(body: Any, settings: Settings) -> dict[str, str]:
     return {"webhook": str(body.webhook), "webhook_events": ",".join(dict.fromkeys(body.webhook_events_filter))}
 
 
-@router.get("/v1/jobs/{job_id}/deliveries", response_model=DeliveryPage, responses={404: PROBLEM})
-async def list_deliveries(request: Request, job_id: str) -> JSONResponse:
-    """Every webhook delivery of the job, oldest first, with each attempt: when, the
-    receiver's status code or the error, and how long it took."""
+class WebhookSecret(BaseModel):
+    """The secrets a tenant's webhooks are signed with: verify with either."""
+
+    secret: str = Field(description="The `whsec_` secret that signs every delivery from now on.")
+    previous: str | None = Field(
+        None,
+        description="During a rotation's grace period, the secret it replaced: deliveries carry a "
+        "signature by each, space-separated in `webhook-signature`. Null otherwise.",
+    )
+    previous_until: datetime | None = Field(None, description="When `previous` stops signing deliveries.")
+
+
+def _secret_view(found: TenantSecrets) -> JSONResponse:
+    until = None if found.previous_until is None else datetime.fromtimestamp(found.previous_until, tz=timezone.utc)
+    view = WebhookSecret(secret=found.secret, previous=found.previous, previous_until=until)
+    return JSONResponse(view.model_dump(mode="json"))
+
+
+async def _own_job(request: Request, caller: ApiKey, job_id: str, *reads: str) -> list[Any]:
+    """The replies of ``reads`` (Redis hash reads of keys named by the job id, such as its
+    deliveries) in the pipeline that finds the job; JobNotFound for a job that is missing or
+    another tenant's (a 404: never tell that it exists)."""
     store = request.app.state.store
     async with store.redis.pipeline(transaction=False) as pipe:
         pipe.exists(store.keys.job(job_id))
-        pipe.hgetall(store.keys.deliveries(job_id))
-        exists, raw = await pipe.execute()
-    if not exists:
+        pipe.hget(store.keys.job(job_id), "tenant")
+        for key in reads:
+            pipe.hgetall(key)
+        exists, tenant, *replies = await pipe.execute()
+    if not exists or tenant_of(tenant, settings_of(request.app)) != caller.tenant:
         raise JobNotFound(job_id)
+    return replies
+
+
+@router.get("/v1/jobs/{job_id}/deliveries", response_model=DeliveryPage, responses={401: PROBLEM, 404: PROBLEM})
+async def list_deliveries(request: Request, caller: Caller, job_id: str) -> JSONResponse:
+    """Every webhook delivery of the job, oldest first, with each attempt: when, the
+    receiver's status code or the error, and how long it took."""
+    (raw,) = await _own_job(request, caller, job_id, request.app.state.store.keys.deliveries(job_id))
     return JSONResponse({"deliveries": delivery_list(raw)})
 
 
 @router.post(
-    "/v1/jobs/{job_id}/deliveries/{delivery_id}/redeliver", status_code=202, response_model=Delivery, responses={404: PROBLEM}
+    "/v1/jobs/{job_id}/deliveries/{delivery_id}/redeliver",
+    status_code=202,
+    response_model=Delivery,
+    responses={401: PROBLEM, 404: PROBLEM},
 )
-async def redeliver(request: Request, job_id: str, delivery_id: str) -> Response:
+async def redeliver(request: Request, caller: Caller, job_id: str, delivery_id: str) -> Response:
     """Send a delivery's event again: a new delivery with the same `webhook-id` and body. It
     also lifts a receiver's earlier `410 Gone` for the job."""
     store = request.app.state.store
+    await _own_job(request, caller, job_id)  # first: another tenant's job must not be sent again
     reply = await record_redelivery(store.redis, store.keys, job_id, delivery_id)
     if reply is None:
-        await store.get(job_id)  # 404 for the job first
         return problem(404, "Delivery not found", f"job {job_id} has no delivery {delivery_id!r}")
     (delivery,) = delivery_list({"new": reply})
     return JSONResponse(delivery, status_code=202)
 
 
-@router.get("/v1/webhooks/secret", responses={401: PROBLEM, 403: PROBLEM})
-async def webhook_secret(request: Request, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
-    """The `whsec_` secret webhooks are signed with, for receivers to verify them. Needs
-    `Authorization: Bearer <BLAZE_ADMIN_TOKEN>`; with no token configured, nobody gets it
-    (never by the caller's address: a forwarded header can claim any)."""
+@router.get("/v1/webhooks/secret", response_model=WebhookSecret, responses={401: PROBLEM})
+async def webhook_secret(request: Request, caller: Caller) -> JSONResponse:
+    """The `whsec_` secret the caller's tenant's webhooks are signed with, for receivers to
+    verify them; during a rotation's grace period also the one it replaced, and until when.
+    Any key of the tenant may read it: each tenant has its own."""
+    return _secret_view(await tenant_secrets_async(request.app.state.store.redis, settings_of(request.app), caller.tenant))
+
+
+@router.post("/v1/webhooks/secret/rotate", response_model=WebhookSecret, responses={401: PROBLEM, 409: PROBLEM})
+async def rotate_webhook_secret(request: Request, caller: Caller) -> Response:
+    """Give the caller's tenant a new `whsec_` secret. The old one keeps signing beside it for
+    `BLAZE_WEBHOOK_SECRET_GRACE_S` (a day by default), so receivers switch without losing an
+    event; a second rotation within that period ends it for the oldest secret. Any key of the
+    tenant may rotate its secret (every one can read it, and a leaked secret must be replaceable
+    without an operator); an admin key rotates its own tenant's only. Each rotation is audited.
+    The default tenant's secret, when `BLAZE_WEBHOOK_SECRET` sets it, changes with that setting
+    only: a 409."""
     settings = settings_of(request.app)
-    if not settings.admin_token:
-        raise HTTPException(
-            403,
-            "the webhook secret needs an admin token: set BLAZE_ADMIN_TOKEN on the API and send Authorization: Bearer <token>",
+    if fixed_secret(settings, caller.tenant):
+        return problem(
+            409,
+            "Webhook secret set by the deployment",
+            f"tenant {caller.tenant}'s webhook secret is BLAZE_WEBHOOK_SECRET: change that setting to change it",
         )
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.admin_token.encode()):
-        raise HTTPException(
-            401,
-            "a valid admin token is required: send Authorization: Bearer <BLAZE_ADMIN_TOKEN>",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return JSONResponse({"secret": await signing_secret_async(request.app.state.store.redis, settings)})
+    client = request.app.state.store.redis
+    rotated = await rotate_async(client, settings, caller.tenant)
+    return _secret_view(rotated)

@@ -129,8 +129,11 @@ class Settings(DiffusionSettings, EchoSettings, LLMSettings, BaseSettings):
     max_waiters: int = 10_000
     #: A running job reports progress at most this often, in seconds; 0 turns progress off.
     progress_interval_s: float = 0.5
-    #: The ``whsec_`` secret webhooks are signed with. Empty: one is generated on first use
-    #: and kept in Redis, so every API process and webhook worker shares it.
+    #: The ``whsec_`` secret the default tenant's webhooks are signed with (it predates
+    #: tenants; it cannot be rotated over HTTP: change it here). Every other tenant, and the
+    #: default one when this is empty, has a secret generated on first use and kept in Redis,
+    #: so every API process and webhook worker shares it, rotated by
+    #: ``POST /v1/webhooks/secret/rotate``.
     webhook_secret: str = ""
     #: Deliver to loopback, private, link-local and metadata addresses. For local development
     #: and tests only: otherwise a webhook could probe the deployment's own network.

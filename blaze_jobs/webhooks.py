@@ -26,20 +26,27 @@ import httpx
 import redis
 
 from blaze_jobs import scripts
+from blaze_jobs.artifacts import url_signer
 from blaze_jobs.deliveries import event_body
 from blaze_jobs.events import event_order
 from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
-from blaze_jobs.signing import signed_headers, signing_secret
-from blaze_jobs.store import text
+from blaze_jobs.signing import signed_headers, tenant_secrets
+from blaze_jobs.store import tenant_of, text
 from blaze_jobs.webhook_client import http_client, time_limit
 from blaze_jobs.webhook_retries import attempt_member, parse_retry_after, retry_delay
 
 log = logging.getLogger("blaze_jobs.webhooks")
 
+#: How long a webhook worker signs with a tenant's secrets before it reads them again, in
+#: seconds: a rotation reaches every delivery within this, and a worker sending a tenant's
+#: events costs one read of its secrets per this span, not one per delivery.
+SECRETS_CACHE_S = 2.0
+
 
 class Deliverer:
-    """What a webhook worker holds: Redis, the HTTP client and the signing secret."""
+    """What a webhook worker holds: Redis, the HTTP client and the tenants' signing secrets,
+    each read a few seconds at most ago (``SECRETS_CACHE_S``)."""
 
     def __init__(self, settings: Settings, *, client: redis.Redis | None = None) -> None:
         self.settings = settings
@@ -47,7 +54,8 @@ class Deliverer:
             settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10, retry_on_timeout=True
         )
         self.http = http_client(settings)
-        self.secret = signing_secret(self.redis, settings)
+        #: Tenant -> (monotonic time the entry stops being used, the secrets it signs with).
+        self._secrets: dict[str, tuple[float, list[str]]] = {}
         self.base_url = (settings.public_url or settings.api_url).rstrip("/")
         self.keys = Keys(settings.redis_prefix)
         self._claim_script = scripts.script(self.redis, "claim")
@@ -62,6 +70,20 @@ class Deliverer:
 
     def close(self) -> None:
         self.http.close()
+
+    def secrets(self, tenant: str) -> list[str]:
+        """The secrets ``tenant``'s deliveries are signed with now: its current one, and its
+        previous one during a rotation's grace period (read again once that ends)."""
+        now = time.monotonic()
+        cached = self._secrets.get(tenant)
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        found = tenant_secrets(self.redis, self.settings, tenant)
+        until = now + SECRETS_CACHE_S
+        if found.previous_until is not None:  # not a moment past the grace period
+            until = min(until, now + found.previous_until - time.time())
+        self._secrets[tenant] = (until, found.signing)
+        return found.signing
 
     def deliver(self, job_id: str, delivery_id: str) -> str:
         """Make one attempt at a delivery and record it; returns the delivery's new state
@@ -101,9 +123,12 @@ class Deliverer:
             return "skipped"
 
         # 3. One signed POST, within the receiver's time. The body is the same on every
-        #    attempt; the timestamp is now.
-        body = event_body(delivery, json.loads(snapshot), base_url=self.base_url)
-        headers = signed_headers(self.secret, msg_id=delivery["webhook_id"], body=body)
+        #    attempt; the timestamp is now. The job's tenant's secrets sign it: the job as it
+        #    stood names its tenant.
+        job = json.loads(snapshot)
+        body = event_body(delivery, job, base_url=self.base_url, signer=url_signer(self.redis, self.settings))
+        secrets = self.secrets(tenant_of(job.get("tenant"), self.settings))
+        headers = signed_headers(secrets, msg_id=delivery["webhook_id"], body=body)
         at, started = time.time(), time.perf_counter()
         status_code: int | None = None
         error: str | None = None
