@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 from typing import Any
 
@@ -31,17 +32,9 @@ from .request_context import raw_header
 HEADER = b"idempotency-key"
 FIELD = "Idempotency-Key"
 MAX_LENGTH = 255
+#: What a key may be: visible ASCII at both ends (HTTP drops the spaces around a value).
+KEY = re.compile(r"[!-~]([ -~]*[!-~])?")
 log = logging.getLogger("blaze_jobs.api.idempotency")
-#: The header in the OpenAPI document (read off the scope, not a FastAPI parameter: the create
-#: route is the hot one).
-PARAMETER = {
-    "name": FIELD,
-    "in": "header",
-    "required": False,
-    "description": "Retry a create safely: the same key with the same body answers the job the first"
-    " request made (200), for as long as the job is kept; with another body, 422. Scoped to the tenant.",
-    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_LENGTH},
-}
 #: How long a retry that raced the first request waits for that request's job to be stored:
 #: a create takes milliseconds, so this is only reached when the first request is stuck.
 RACE_WAIT_S = 5.0
@@ -56,12 +49,11 @@ def fingerprint(body: BaseModel) -> str:
 
 
 def _key_from(header: bytes) -> str:
-    """The header's key: the draft's sf-string (``"abc"``) or, as most clients send it, bare."""
-    value = header.decode("latin-1").strip()
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        value = value[1:-1]
-    if not 1 <= len(value) <= MAX_LENGTH or not value.isprintable():
-        raise InputProblem(FIELD, f"must be 1 to {MAX_LENGTH} printable characters")
+    """The header's key, taken whole (the draft's quoted sf-string or, as most clients send
+    it, bare): visible ASCII, inner spaces allowed."""
+    value = header.decode("latin-1")
+    if len(value) > MAX_LENGTH or not KEY.fullmatch(value):
+        raise InputProblem(FIELD, f"must be 1 to {MAX_LENGTH} visible ASCII characters (inner spaces allowed)")
     return value
 
 

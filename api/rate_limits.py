@@ -6,21 +6,26 @@ with ``Retry-After`` and the IETF ``RateLimit-Policy`` / ``RateLimit`` headers
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from functools import lru_cache
 
 import limits
+import redis.exceptions
 from fastapi import FastAPI, Request
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from blaze_jobs.api_keys import ApiKey
 from blaze_jobs.keys import Keys
+from blaze_jobs.redis_config import refusal
 from blaze_jobs.settings import Settings
 
 #: The name the headers give a key's one policy.
 POLICY = "default"
+
+log = logging.getLogger("blaze_jobs.api.rate_limits")
 
 
 class RateLimited(Exception):
@@ -66,7 +71,16 @@ async def check(request: Request, key: ApiKey) -> None:
         return
     item = parse(key.rate)
     limiter: MovingWindowRateLimiter = request.app.state.rate_limiter
-    if await limiter.hit(item, key.id):
+    try:
+        if await limiter.hit(item, key.id):
+            return
+    except redis.exceptions.ResponseError as error:
+        # A Redis that refuses writes (at its memory limit, a replica) cannot count the request;
+        # let it through rather than refuse reads too: every write it could make is refused
+        # anyway. An unreachable Redis is a 503 as everywhere else.
+        if refusal(error) is None:
+            raise
+        log.warning("request of key %s not counted against its rate: %s", key.id, refusal(error))
         return
     # Refused: a slot frees when the oldest request in the window leaves it.
     reset, _ = await limiter.get_window_stats(item, key.id)

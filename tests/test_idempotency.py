@@ -1,0 +1,105 @@
+"""``Idempotency-Key`` on ``POST /v1/jobs``: retries of one create make one job, even when they
+race each other across API processes; the key is the tenant's own; a different body with the
+same key, or a malformed key, is refused naming ``Idempotency-Key``."""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from blaze_jobs.api_keys import create_key
+from blaze_jobs.settings import Settings
+from blaze_jobs.stack import Stack, StackError, free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+BODY = {"engine": "echo", "input": {"text": "once"}}
+
+
+def tenant_key(stack: Stack, tenant: str) -> dict[str, str]:
+    """The Authorization header of a new key of ``tenant``, with no rate limit to meet here."""
+    settings = Settings(redis_url=stack.env["BLAZE_REDIS_URL"], redis_prefix=stack.env["BLAZE_REDIS_PREFIX"])
+    with redis.Redis.from_url(settings.redis_url) as client:
+        secret, _ = create_key(client, settings, tenant=tenant, name="ci", rate="10000/minute")
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture()
+def api_url(own_stack: Stack) -> str:
+    """``blaze api --workers 2`` of this test's own, and no worker: jobs stay queued."""
+    port = free_port()
+    api = own_stack.blaze("api", "api", "--port", str(port), "--workers", "2")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        own_stack.wait_http("the API", api, f"{url}/readyz", timeout=90)
+    except StackError as error:
+        pytest.fail(str(error))
+    return url
+
+
+def create(url: str, auth: dict[str, str], key: str, body: dict[str, Any] = BODY) -> httpx.Response:
+    """One create on a connection of its own, with ``key`` as its Idempotency-Key."""
+    return httpx.post(f"{url}/v1/jobs", json=body, headers={**auth, "Idempotency-Key": key}, timeout=30)
+
+
+def test_twenty_racing_creates_with_one_key_make_one_job(own_stack: Stack, api_url: str) -> None:
+    # Given a tenant's key and one Idempotency-Key
+    auth = tenant_key(own_stack, "acme")
+    key = str(uuid.uuid4())
+
+    # When 20 identical creates carrying it race each other, each on its own connection
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda _: create(api_url, auth, key), range(20)))
+
+    # Then every answer is the one job: one 202 that made it, 19 answering it with 200
+    assert sorted(a.status_code for a in answers) == [200] * 19 + [202], [a.text for a in answers]
+    ids = {a.json()["id"] for a in answers}
+    assert len(ids) == 1, ids
+    assert {a.headers["location"] for a in answers} == {f"{api_url}/v1/jobs/{ids.pop()}"}
+    # And the tenant's list holds that one job
+    listed = httpx.get(f"{api_url}/v1/jobs", headers=auth, timeout=30).json()["jobs"]
+    assert [j["id"] for j in listed] == [answers[0].json()["id"]]
+
+
+def test_the_same_key_with_another_body_is_refused_and_another_tenant_has_its_own(own_stack: Stack, api_url: str) -> None:
+    # Given a job made with an Idempotency-Key
+    acme, globex = tenant_key(own_stack, "acme"), tenant_key(own_stack, "globex")
+    key = "order-42"
+    first = create(api_url, acme, key)
+    assert first.status_code == 202, first.text
+
+    # When the same tenant sends the key with another body
+    other_body = create(api_url, acme, key, {"engine": "echo", "input": {"text": "twice"}})
+
+    # Then it is refused naming the header, and the key still answers its own job
+    assert other_body.status_code == 422, other_body.text
+    assert other_body.headers["content-type"].startswith("application/problem+json")
+    assert [e["field"] for e in other_body.json()["errors"]] == ["Idempotency-Key"]
+    again = create(api_url, acme, key)
+    assert (again.status_code, again.json()["id"]) == (200, first.json()["id"])
+
+    # When another tenant sends the same key and body, Then it is a job of that tenant's own
+    theirs = create(api_url, globex, key)
+    assert theirs.status_code == 202, theirs.text
+    assert theirs.json()["id"] != first.json()["id"]
+    assert httpx.get(theirs.headers["location"], headers=acme, timeout=30).status_code == 404
+
+
+def test_a_malformed_key_is_refused_naming_the_header(own_stack: Stack, api_url: str) -> None:
+    # Given a tenant's key
+    auth = tenant_key(own_stack, "acme")
+
+    # When creates carry an empty, an overlong and an unprintable Idempotency-Key
+    answers = [create(api_url, auth, key) for key in ("", "x" * 256, "tab\there")]
+
+    # Then each is refused naming the header, and nothing is stored
+    assert [a.status_code for a in answers] == [422] * 3, [a.text for a in answers]
+    assert [[e["field"] for e in a.json()["errors"]] for a in answers] == [["Idempotency-Key"]] * 3
+    assert httpx.get(f"{api_url}/v1/jobs", headers=auth, timeout=30).json()["jobs"] == []
+    # And a key of 255 characters is fine
+    assert create(api_url, auth, "x" * 255).status_code == 202
