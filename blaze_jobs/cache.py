@@ -4,7 +4,11 @@ The key is a hash of the canonical request: the engine, the model and its revisi
 input that changes the output. Only requests that fix their randomness (a seed) are cached.
 L1 is a small dictionary in each process; L2 is Redis, with a TTL and a bound on entries
 (the oldest go first). A cached output refers to artifacts by content address; the cache
-renews their TTL on every hit, so a hit never points at an expired image.
+renews their TTL on every hit, so a hit never points at an expired image, and makes the hit's
+tenant one of their owners (``artifacts``), so it may read them.
+
+Under ``BLAZE_CACHE_SCOPE=tenant`` (the default) the tenant is part of the key: a hit never
+tells one tenant what another asked for, nor hands it another's image.
 """
 
 from __future__ import annotations
@@ -17,12 +21,11 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from typing import Any
 
-from blaze_jobs.artifacts import KEY_PATTERN, artifact_url
+from blaze_jobs.artifacts import artifact_names
 from blaze_jobs.engines import SPECS, spec_of
+from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 
-#: Where the API serves artifacts; a stored output's artifact URLs are these paths.
-ARTIFACT_PATH = artifact_url("")
 #: Revisions of the built-in models (their specs' ``BuiltinModel.revision``).
 BUILTIN_REVISIONS = {builtin.id: builtin.revision for spec in SPECS for builtin in spec.builtin_models}
 
@@ -32,11 +35,13 @@ def cacheable(engine: str, input: dict[str, Any]) -> bool:
     return spec_of(engine).cacheable(input)
 
 
-def cache_key(*, engine: str, model: str, input: dict[str, Any], settings: Settings) -> str:
+def cache_key(*, engine: str, model: str, input: dict[str, Any], tenant: str, settings: Settings) -> str:
+    """The request's cache key; ``tenant`` is part of it unless ``BLAZE_CACHE_SCOPE=global``."""
     revision = settings.model_revisions.get(model) or BUILTIN_REVISIONS.get(model, "")
     ignored = spec_of(engine).not_output
     relevant = {k: v for k, v in input.items() if k not in ignored}
-    canonical = json.dumps([engine, model, revision, relevant], sort_keys=True, separators=(",", ":"))
+    scope = tenant if settings.cache_scope == "tenant" else None
+    canonical = json.dumps([engine, model, revision, relevant, scope], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -77,28 +82,22 @@ class CacheKeys:
         return f"{self.prefix}cache:{key}"
 
 
-def artifact_keys(output: Any, prefix: str) -> list[str]:
-    """The Redis keys of every artifact an output refers to, wherever it sits (images, or
-    any other file an engine makes): each is a ``{"url": "/v1/artifacts/<key>", …}``."""
-    keys: list[str] = []
-    pending = [output]
-    while pending:  # a stack, not recursion: an output may nest deeper than the recursion limit
-        value = pending.pop()
-        if isinstance(value, dict):
-            url = value.get("url")
-            if isinstance(url, str) and url.startswith(ARTIFACT_PATH) and KEY_PATTERN.match(url[len(ARTIFACT_PATH) :]):
-                keys.append(f"{prefix}artifact:{url[len(ARTIFACT_PATH) :]}")
-            pending.extend(value.values())
-        elif isinstance(value, list):
-            pending.extend(value)
-    return list(dict.fromkeys(keys))
+def queue_own(pipe: Any, output: Any, *, tenant: str, settings: Settings) -> None:
+    """Queue on a pipeline the commands that make ``tenant`` an owner of every artifact the
+    output points at, for as long as a job made now lives."""
+    keys = Keys(settings.redis_prefix)
+    for name in artifact_names(output):
+        pipe.sadd(keys.artifact_owners(name), tenant)
+        pipe.expire(keys.artifact_owners(name), settings.job_ttl_s)
 
 
-def queue_renew(pipe: Any, output: Any, *, settings: Settings) -> None:
+def queue_renew(pipe: Any, output: Any, *, tenant: str, settings: Settings) -> None:
     """Queue on a pipeline the commands that keep an output's artifacts as long as a job that
-    shows it now (a cache hit's new job)."""
-    for key in artifact_keys(output, settings.redis_prefix):
-        pipe.expire(key, settings.job_ttl_s)
+    shows it now (a cache hit's new job), and make that job's tenant their owner."""
+    keys = Keys(settings.redis_prefix)
+    for name in artifact_names(output):
+        pipe.expire(keys.artifact(name), settings.job_ttl_s)
+    queue_own(pipe, output, tenant=tenant, settings=settings)
 
 
 def queue_store(pipe: Any, keys: CacheKeys, key: str, output_json: str, *, settings: Settings) -> None:

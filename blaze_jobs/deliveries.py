@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from blaze_jobs import scripts
+from blaze_jobs.artifacts import UrlSigner
 from blaze_jobs.broker import webhook_task_template
 from blaze_jobs.jobs import job_view
 from blaze_jobs.keys import WEBHOOK_QUEUE, Keys
@@ -60,10 +61,11 @@ class DeliveryPage(BaseModel):
     deliveries: list[Delivery]
 
 
-def event_body(delivery: dict[str, Any], record: dict[str, str], *, base_url: str) -> bytes:
-    """The POSTed JSON; the same bytes on every attempt and redelivery of an event."""
+def event_body(delivery: dict[str, Any], record: dict[str, str], *, base_url: str, signer: UrlSigner) -> bytes:
+    """The POSTed JSON; the same bytes on every attempt and redelivery of an event (its
+    artifact URLs are signed until the job's expiry, which the snapshot's creation fixes)."""
     timestamp = datetime.fromtimestamp(float(delivery["at"]), tz=timezone.utc).isoformat()
-    payload = {"type": delivery["type"], "timestamp": timestamp, "data": job_view(record, base_url=base_url)}
+    payload = {"type": delivery["type"], "timestamp": timestamp, "data": job_view(record, base_url=base_url, signer=signer)}
     return json.dumps(payload, separators=(",", ":")).encode()
 
 

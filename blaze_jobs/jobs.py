@@ -11,12 +11,15 @@ import json
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, create_model
 
 from blaze_jobs.engines import SPECS
 from blaze_jobs.engines.spec import EngineSpec
+
+if TYPE_CHECKING:  # artifacts imports keys, which imports this module
+    from blaze_jobs.artifacts import UrlSigner
 
 
 class JobStatus(str, Enum):
@@ -167,12 +170,13 @@ def _elapsed(start: str | None, end: str | None) -> float | None:
     return round(float(end) - float(start), 6) if start and end else None
 
 
-def job_view(record: dict[str, str], *, base_url: str) -> dict[str, Any]:
-    """The JSON a client sees for a stored record. ``base_url`` makes URLs absolute."""
+def job_view(record: dict[str, str], *, base_url: str, signer: UrlSigner) -> dict[str, Any]:
+    """The JSON a client sees for a stored record. ``base_url`` makes URLs absolute;
+    ``signer`` signs its artifact URLs until the job expires, so they need no key."""
     job_url = f"{base_url}/v1/jobs/{record['id']}"
     output = json.loads(record["output"]) if record.get("output") else None
     if output:
-        _absolute_urls(output, base_url)
+        _absolute_urls(output, base_url, signer, signer.expiry(record))
     return {
         "id": record["id"],
         "engine": record["engine"],
@@ -204,14 +208,15 @@ def _iso(value: str | None) -> str | None:
     return moment.isoformat() if moment else None
 
 
-def _absolute_urls(value: Any, base_url: str) -> None:
-    # Workers store artifact URLs as paths, since they cannot know where the API is reached.
+def _absolute_urls(value: Any, base_url: str, signer: UrlSigner, expires: int) -> None:
+    # Workers store artifact URLs as paths, since they cannot know where the API is reached
+    # (and the cache shares them between jobs); each view signs its own.
     if isinstance(value, dict):
         url = value.get("url")
         if isinstance(url, str) and url.startswith("/"):
-            value["url"] = base_url + url
+            value["url"] = base_url + (signer.sign_path(url, expires) or url)
         for item in value.values():
-            _absolute_urls(item, base_url)
+            _absolute_urls(item, base_url, signer, expires)
     elif isinstance(value, list):
         for item in value:
-            _absolute_urls(item, base_url)
+            _absolute_urls(item, base_url, signer, expires)

@@ -13,6 +13,7 @@ import redis
 from blaze_jobs import cache
 from blaze_jobs.artifacts import RedisArtifactStore, artifact_url
 from blaze_jobs.client import BlazeClient
+from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 from blaze_jobs.worker import run_job
 from tests.test_breaker import queued_job, worker_contexts
@@ -75,11 +76,17 @@ def cached_output_with_artifacts(settings: Settings, engine: str, input: dict[st
     artifacts = RedisArtifactStore(client, prefix=settings.redis_prefix, ttl_s=ttl_s)
     image, mask = artifacts.put(uuid.uuid4().bytes, "png"), artifacts.put(uuid.uuid4().bytes, "json")
     output = {"images": [{"url": artifact_url(image)}], "extra": {"mask": {"url": artifact_url(mask)}}}
-    key = cache.cache_key(engine=engine, model=settings.default_model(engine), input=input, settings=settings)
+    model = settings.default_model(engine)
+    key = cache.cache_key(engine=engine, model=model, input=input, tenant=settings.default_tenant, settings=settings)
     with client.pipeline() as pipe:
         cache.queue_store(pipe, cache.CacheKeys(settings.redis_prefix), key, json.dumps(output), settings=settings)
         pipe.execute()
     return [f"{settings.redis_prefix}artifact:{k}" for k in (image, mask)]
+
+
+def owners(settings: Settings, artifact: str) -> str:
+    """The owners set of the artifact stored at Redis key ``artifact``."""
+    return Keys(settings.redis_prefix).artifact_owners(artifact.rsplit(":", 1)[1])
 
 
 def test_a_hit_at_creation_renews_every_artifact_the_output_points_at(client: BlazeClient, settings: Settings) -> None:
@@ -88,10 +95,12 @@ def test_a_hit_at_creation_renews_every_artifact_the_output_points_at(client: Bl
     keys = cached_output_with_artifacts(settings, "echo", request, ttl_s=60)
     # When the same request is made
     job = client.submit("echo", request)
-    # Then the job is born from the cache and every artifact lives as long as the job
+    # Then the job is born from the cache and every artifact lives as long as the job, owned
+    # by the job's tenant
     assert job["metrics"]["cache_hit"] is True
     with redis.Redis.from_url(settings.redis_url) as r:
         assert [r.ttl(k) > 3600 for k in keys] == [True, True]
+        assert [r.smembers(owners(settings, k)) for k in keys] == [{settings.default_tenant.encode()}] * 2
 
 
 def test_a_hit_in_the_worker_renews_every_artifact_the_output_points_at() -> None:
@@ -103,6 +112,9 @@ def test_a_hit_in_the_worker_renews_every_artifact_the_output_points_at() -> Non
         job_id = queued_job(worker, request)
         # When the worker runs it
         assert run_job(job_id, engine="echo", context=worker) == "succeeded"
-        # Then it answered from the cache and every artifact lives as long as the job
+        # Then it answered from the cache and every artifact lives as long as the job, owned
+        # by the job's tenant
         assert worker.store.get(job_id)["cache_hit"] == "1"
         assert [worker.redis.ttl(k) > 3600 for k in keys] == [True, True]
+        tenant = worker.settings.default_tenant.encode()
+        assert [worker.redis.smembers(owners(worker.settings, k)) for k in keys] == [{tenant}] * 2

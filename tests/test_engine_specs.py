@@ -176,7 +176,9 @@ def test_the_cache_follows_each_specs_rules() -> None:
         # and the inputs that never change the output stay out of the key
         for ignored in spec.not_output:
             inputs = ({"seed": 1, ignored: value} for value in (1, 2))
-            assert len({cache.cache_key(engine=spec.name, model="m", input=i, settings=settings) for i in inputs}) == 1
+            assert (
+                len({cache.cache_key(engine=spec.name, model="m", input=i, tenant="t", settings=settings) for i in inputs}) == 1
+            )
         # and every built-in model's revision is part of its keys
         for builtin in spec.builtin_models:
             assert cache.BUILTIN_REVISIONS[builtin.id] == builtin.revision
@@ -185,9 +187,9 @@ def test_the_cache_follows_each_specs_rules() -> None:
     assert cache.cacheable("llm", {"temperature": 0}) is True
     seeded = {"prompt": "x", "seed": 1}
     revised = Settings(model_revisions={"builtin:tiny-sd": "2"})
-    assert cache.cache_key(engine="diffusion", model="builtin:tiny-sd", input=seeded, settings=settings) != cache.cache_key(
-        engine="diffusion", model="builtin:tiny-sd", input=seeded, settings=revised
-    )
+    assert cache.cache_key(
+        engine="diffusion", model="builtin:tiny-sd", input=seeded, tenant="t", settings=settings
+    ) != cache.cache_key(engine="diffusion", model="builtin:tiny-sd", input=seeded, tenant="t", settings=revised)
 
 
 def test_every_kind_of_artifact_an_engine_makes_is_served_with_its_content_type() -> None:
