@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from blaze_jobs.addresses import WebhookRefused, check_addresses
 from blaze_jobs.api_keys import ApiKey
+from blaze_jobs.audit import record_async
 from blaze_jobs.deliveries import Delivery, DeliveryPage, delivery_list
 from blaze_jobs.deliveries import redeliver as record_redelivery
 from blaze_jobs.errors import JobNotFound
@@ -143,4 +144,6 @@ async def rotate_webhook_secret(request: Request, caller: Caller) -> Response:
         )
     client = request.app.state.store.redis
     rotated = await rotate_async(client, settings, caller.tenant)
+    address = request.client.host if request.client else None
+    await record_async(client, settings, key=caller, action="webhook_secret.rotate", target=caller.tenant, address=address)
     return _secret_view(rotated)

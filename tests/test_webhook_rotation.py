@@ -15,7 +15,7 @@ from blaze_jobs import signing
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.stack import Stack
 from blaze_jobs.webhooks import SECRETS_CACHE_S
-from tests.conftest import wait_until
+from tests.conftest import AUTH, wait_until
 from tests.receiver import Receiver
 from tests.test_webhook_secret import deploy, tenant
 
@@ -27,7 +27,8 @@ def test_during_the_grace_period_deliveries_verify_with_the_old_secret_and_the_n
 ) -> None:
     # Given a tenant whose receiver verifies with the secret it has, and a delivery signed by it
     api = deploy(own_stack)
-    key = api.key(tenant())
+    acme = tenant()
+    key = api.key(acme)
     old = api.secrets(key)["secret"]
     before = BlazeClient(api.url, api_key=key["Authorization"].split()[1])
     request.addfinalizer(before.close)
@@ -51,6 +52,10 @@ def test_during_the_grace_period_deliveries_verify_with_the_old_secret_and_the_n
     again = api.secrets(key)
     assert (again["secret"], again["previous"]) == (new, old)
     assert abs(datetime.fromisoformat(again["previous_until"]).timestamp() - until) < 1  # read from the old one's TTL
+    # and the audit trail says who rotated it
+    trail = httpx.get(f"{api.url}/v1/admin/audit", headers=AUTH, timeout=10).json()["entries"]
+    (entry,) = [e for e in trail if e["action"] == "webhook_secret.rotate"]
+    assert (entry["tenant"], entry["target"], entry["who"]["tenant"]) == (acme, acme, acme)
 
     # When a job ends once webhook workers have read the secrets again
     time.sleep(SECRETS_CACHE_S)
