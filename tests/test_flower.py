@@ -91,6 +91,17 @@ def test_the_compose_file_needs_a_login_and_keeps_flower_on_loopback() -> None:
     assert [compose_value(port, opened) for port in flower["ports"]] == ["0.0.0.0:5555:5555"]
 
 
+def test_the_compose_file_runs_the_api_with_auth_and_needs_its_admin_token() -> None:
+    api = yaml.safe_load((Path(__file__).parents[1] / "docker-compose.yml").read_text())["services"]["api"]
+
+    # Given an operator who sets nothing: compose refuses (no default admin token)
+    with pytest.raises(ValueError, match="BLAZE_ADMIN_TOKEN"):
+        compose_value(api["environment"]["BLAZE_ADMIN_TOKEN"], {})
+    # and the API asks every caller for a key, the token being the first one
+    assert api["environment"]["BLAZE_AUTH"] == "on"
+    assert compose_value(api["environment"]["BLAZE_ADMIN_TOKEN"], {"BLAZE_ADMIN_TOKEN": "t0ken"}) == "t0ken"
+
+
 def test_flower_lists_each_job_under_its_id_with_its_task_and_prompt(stack: dict[str, Any], client: BlazeClient) -> None:
     # Given an echo job and a diffusion job that both succeeded
     echo = client.submit("echo", {"n": 1})
