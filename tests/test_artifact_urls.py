@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from blaze_jobs.api_keys import create_key
-from blaze_jobs.artifacts import url_signer
+from blaze_jobs.artifacts import UrlSigner, url_signer
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.settings import Settings
 from tests.receiver import Receiver, path
@@ -101,12 +101,14 @@ def test_a_signed_url_serves_the_image_to_anyone_until_the_job_expires(tenants: 
 
 
 def test_every_view_of_the_job_signs_its_urls(tenants: Tenants) -> None:
-    # When the owner reads the job again and lists its jobs
+    # When the owner reads the job again, lists its jobs and streams its events
     with BlazeClient(tenants.api_url, api_key=tenants.owner_key) as owner:
         again = owner.get(tenants.job["id"])
         (listed,) = [j for j in owner.http.get("/v1/jobs").json()["jobs"] if j["id"] == tenants.job["id"]]
+        streamed = [e.data for e in owner.events(tenants.job["id"], last_event_id="0-0") if e.final][-1]
     # Then each shows the same signed URL, which needs no key
-    assert again["output"]["images"][0]["url"] == listed["output"]["images"][0]["url"] == tenants.url
+    urls = {view["output"]["images"][0]["url"] for view in (again, listed, streamed)}
+    assert urls == {tenants.url}
     assert httpx.get(listed["output"]["images"][0]["url"], timeout=30).status_code == 200
 
 
@@ -191,3 +193,21 @@ def test_naming_another_tenants_artifact_in_a_job_reads_nothing(tenants: Tenants
     assert job["output"] is None
     # and the artifact still does not exist for that tenant
     assert httpx.get(tenants.unsigned, headers=bearer(tenants.other_key), timeout=30).status_code == 404
+
+
+def test_a_signature_holds_only_for_its_key_expiry_and_secret() -> None:
+    # Given a URL signed for an hour
+    signer, other = UrlSigner("secret", ttl_s=60), UrlSigner("another secret", ttl_s=60)
+    key, expires = "a" * 64 + ".png", int(time.time()) + 3600
+    signature = parse_qs(urlsplit(signer.signed_url(key, expires)).query)["signature"][0]
+    # Then it holds as signed, and for nothing else
+    assert signer.check(key, expires=str(expires), signature=signature) == "valid"
+    assert signer.check("b" * 64 + ".png", expires=str(expires), signature=signature) == "tampered"
+    assert signer.check(key, expires=str(expires + 1), signature=signature) == "tampered"
+    assert other.check(key, expires=str(expires), signature=signature) == "tampered"
+    assert signer.check(key, expires=None, signature=signature) == "tampered"
+    # and once its hour is over it has expired
+    assert signer.check(key, expires=str(expires), signature=signature, now=expires) == "expired"
+    # A job's URLs expire with the job: its own expiry, else its creation and retention
+    assert signer.expiry({"created_at": "1000.5", "expires_at_ms": "1030999"}) == 1030
+    assert signer.expiry({"created_at": "1000.5"}) == 1060
