@@ -4,6 +4,8 @@ deliveries are seen and sent again only by its tenant."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -11,13 +13,16 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import redis.asyncio
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from blaze_jobs import signing
 from blaze_jobs.api_keys import create_key
 from blaze_jobs.client import BlazeClient
+from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack
-from tests.conftest import AUTH, start_api
+from tests.conftest import AUTH, REDIS_URL, own_prefix, start_api
 from tests.receiver import Receiver, path
 
 pytestmark = pytest.mark.timeout(180)
@@ -170,3 +175,32 @@ def test_the_default_tenant_s_secret_is_the_setting_and_is_rotated_only_by_chang
     assert refused.headers["content-type"] == "application/problem+json"
     assert "BLAZE_WEBHOOK_SECRET" in refused.json()["detail"]
     assert api.secrets(AUTH)["secret"] == fixed
+
+
+def test_an_upgraded_deployment_s_default_tenant_keeps_its_secret_through_rotations() -> None:
+    with own_prefix("secrets") as prefix:
+        # Given a Redis holding the deployment's secret from before tenants had their own
+        settings = Settings(redis_url=REDIS_URL, redis_prefix=prefix, webhook_secret_grace_s=3600)
+        client = redis.Redis.from_url(REDIS_URL)
+        client.set(Keys(prefix).webhook_secret, "whsec_old")
+
+        # Then the default tenant signs with it, and another tenant gets a new one
+        assert signing.tenant_secrets(client, settings, settings.default_tenant).signing == ["whsec_old"]
+        assert signing.tenant_secrets(client, settings, "acme").secret not in ("whsec_old", "")
+
+        # When the default tenant rotates twice
+        async def rotate() -> signing.TenantSecrets:
+            async with redis.asyncio.Redis.from_url(REDIS_URL) as async_client:
+                return await signing.rotate_async(async_client, settings, settings.default_tenant)
+
+        first = asyncio.run(rotate())
+        second = asyncio.run(rotate())
+
+        # Then the first rotation keeps the old secret signing beside the new one; the second
+        # keeps only the one it replaced
+        assert first.previous == "whsec_old" and first.secret.startswith("whsec_")
+        assert second.previous == first.secret
+        now = signing.tenant_secrets(client, settings, settings.default_tenant)
+        assert now.signing == [second.secret, first.secret]
+        assert now.previous_until is not None and time.time() + 3500 < now.previous_until <= time.time() + 3600
+        client.close()
