@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from hashlib import sha256
 from typing import Any
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 import redis
 
 from blaze_jobs.api_keys import create_key
+from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack, StackError, free_port
 
@@ -103,3 +105,30 @@ def test_a_malformed_key_is_refused_naming_the_header(own_stack: Stack, api_url:
     assert httpx.get(f"{api_url}/v1/jobs", headers=auth, timeout=30).json()["jobs"] == []
     # And a key of 255 characters is fine
     assert create(api_url, auth, "x" * 255).status_code == 202
+
+
+def test_a_claim_whose_create_never_finished_is_taken_over_once_stale(own_stack: Stack, api_url: str) -> None:
+    # Given the claims two earlier creates left behind on their keys, for jobs never stored
+    # (their API went away between claiming and creating): one long ago, one just now
+    auth = tenant_key(own_stack, "acme")
+    first = create(api_url, auth, "seen")
+    assert first.status_code == 202, first.text
+    keys = Keys(own_stack.env["BLAZE_REDIS_PREFIX"])
+    settings = Settings()
+    ttl_s = min(settings.idempotency_ttl_s, settings.job_ttl_s)  # the API's defaults, as the stack runs
+    with redis.Redis.from_url(own_stack.env["BLAZE_REDIS_URL"], decode_responses=True) as client:
+        _, printed = client.get(keys.idempotency("acme", sha256(b"seen").hexdigest())).split(" ")
+        stale, recent = sha256(b"stale").hexdigest(), sha256(b"recent").hexdigest()
+        # Its remaining life tells a claim's age: this one was made a minute ago.
+        client.set(keys.idempotency("acme", stale), f"{uuid.uuid4()} {printed}", ex=ttl_s - 60)
+        client.set(keys.idempotency("acme", recent), f"{uuid.uuid4()} {printed}", ex=ttl_s)
+
+    # When a retry comes with the stale key, Then it creates the job, and the key answers it since
+    taken = create(api_url, auth, "stale")
+    assert taken.status_code == 202, taken.text
+    assert (create(api_url, auth, "stale").json()["id"]) == taken.json()["id"]
+
+    # When one comes with the recent key, Then it waits for that create, and answers 409 in the end
+    waited = create(api_url, auth, "recent")
+    assert waited.status_code == 409, waited.text
+    assert waited.headers["content-type"].startswith("application/problem+json")
