@@ -17,7 +17,7 @@ from kombu import Connection, Queue
 
 from blaze_jobs.broker import DELIVER_TASK, SUMMARY_CHARS, queue_key, summary, task_message, task_name, webhook_task_message
 from blaze_jobs.celery_app import app as blaze_app
-from blaze_jobs.jobs import new_record
+from blaze_jobs.jobs import JobStatus, new_record
 from blaze_jobs.keys import WEBHOOK_QUEUE
 from blaze_jobs.settings import Settings
 from blaze_jobs.store import JobStore
@@ -46,11 +46,10 @@ def prefix() -> Iterator[str]:
         yield prefix
 
 
-def sent_by_celery(prefix: str, *, job_id: str, engine: str, input: dict[str, Any]) -> dict[str, Any]:
+def sent_by_celery(prefix: str, *, job_id: str, engine: str, input: dict[str, Any], tenant: str) -> dict[str, Any]:
     """The envelope Celery's own ``send_task`` stores in Redis for the same job."""
-    return celery_envelope(
-        prefix, name=task_name(engine), args=[job_id], kwargs={"summary": summary(input)}, task_id=job_id, queue=engine
-    )
+    kwargs = {"summary": summary(input), "tenant": tenant}
+    return celery_envelope(prefix, name=task_name(engine), args=[job_id], kwargs=kwargs, task_id=job_id, queue=engine)
 
 
 def celery_envelope(
@@ -76,13 +75,13 @@ def body_of(envelope: dict[str, Any]) -> Any:
 
 
 def test_the_message_is_the_one_celery_sends_for_the_same_job(prefix: str) -> None:
-    # Given a diffusion job
+    # Given a diffusion job of tenant acme
     job_id = str(uuid.uuid4())
     input = {"prompt": PROMPT, "seed": 3}
 
     # When the API builds its message, and Celery sends the same task itself
-    ours = json.loads(task_message(job_id=job_id, engine="diffusion", input=input))
-    theirs = sent_by_celery(prefix, job_id=job_id, engine="diffusion", input=input)
+    ours = json.loads(task_message(job_id=job_id, engine="diffusion", input=input, tenant="acme"))
+    theirs = sent_by_celery(prefix, job_id=job_id, engine="diffusion", input=input, tenant="acme")
 
     # Then the envelopes have the same shape and encoding
     assert ours.keys() == theirs.keys()
@@ -97,8 +96,8 @@ def test_the_message_is_the_one_celery_sends_for_the_same_job(prefix: str) -> No
     assert {k: v for k, v in ours["properties"].items() if k not in DIFFERENT_PROPERTIES} == {
         k: v for k, v in theirs["properties"].items() if k not in DIFFERENT_PROPERTIES
     }
-    # And the same decoded body: [args, kwargs, embed]
-    assert body_of(ours) == body_of(theirs) == [[job_id], {"summary": PROMPT}, body_of(theirs)[2]]
+    # And the same decoded body: [args, kwargs (the tenant among them), embed]
+    assert body_of(ours) == body_of(theirs) == [[job_id], {"summary": PROMPT, "tenant": "acme"}, body_of(theirs)[2]]
 
 
 def test_the_headers_and_body_match_celerys_protocol_2_builder() -> None:
@@ -203,21 +202,23 @@ def test_kombu_reads_the_webhook_message_as_a_celery_task(prefix: str) -> None:
 
 @pytest.mark.timeout(240)
 def test_a_real_worker_runs_a_job_published_by_lpush(stack: dict[str, Any], settings: Settings) -> None:
-    # Given a queued job record, and its message pushed with one LPUSH (as the API does)
+    # Given a queued job record of tenant acme, and its message, naming the tenant, pushed
+    # with one LPUSH (as the API does)
     job_id = str(uuid.uuid4())
     with redis.Redis.from_url(settings.redis_url) as client:
         store = JobStore(client, settings)
         store.create(
             new_record(
                 job_id=job_id,
-                tenant="default",
+                tenant="acme",
                 engine="echo",
                 model="builtin:echo",
                 input={"via": "lpush"},
                 created_at=time.time(),
             )
         )
-        client.lpush(queue_key(settings, "echo"), task_message(job_id=job_id, engine="echo", input={"via": "lpush"}))
+        message = task_message(job_id=job_id, engine="echo", input={"via": "lpush"}, tenant="acme")
+        client.lpush(queue_key(settings, "echo"), message)
 
         # When the stack's echo worker (plain Celery) consumes its queue
         record = wait_until(
@@ -226,10 +227,14 @@ def test_a_real_worker_runs_a_job_published_by_lpush(stack: dict[str, Any], sett
             what=f"job {job_id} to end",
         )
 
-    # Then it ran the job once and recorded its output
-    assert record["status"] == "succeeded", record
-    assert json.loads(record["output"]) == {"via": "lpush"}
-    assert record["attempts"] == "1"
+        # Then it ran the job once and recorded its output
+        assert record["status"] == "succeeded", record
+        assert json.loads(record["output"]) == {"via": "lpush"}
+        assert record["attempts"] == "1"
+        # And moved it between acme's status indexes (the message's tenant), out of the live ones
+        indexed = [s.value for s in JobStatus if client.zscore(store.keys.tenant_status("acme", s.value), job_id) is not None]
+        assert indexed == ["succeeded"]
+        assert [client.zscore(index, job_id) for index in store.keys.live_statuses] == [None, None]
 
 
 def test_summary_shortens_long_prompts_for_flower() -> None:
