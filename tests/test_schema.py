@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from blaze_jobs.stack import Stack
-from tests.conftest import own_prefix, start_api
+from tests.conftest import ADMIN_TOKEN, AUTH, own_prefix, start_api
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -74,7 +74,7 @@ def test_an_integer_written_with_a_zero_fraction_is_an_integer(api_url: str) -> 
     body = {"engine": "diffusion", "input": {"prompt": "a red fox", "num_outputs": 2.0, "width": 64.0, "seed": 7.0}}
 
     # When it is posted, Then it is accepted, with the integers as integers
-    response = httpx.post(f"{api_url}/v1/jobs", json=body, timeout=30)
+    response = httpx.post(f"{api_url}/v1/jobs", json=body, headers=AUTH, timeout=30)
     assert response.status_code == 202, response.text
     job_input = response.json()["input"]
     assert [job_input[name] for name in ("num_outputs", "width", "seed")] == [2, 64, 7]
@@ -93,6 +93,8 @@ def test_schemathesis_finds_no_fault(api_url: str, tmp_path: Path) -> None:
         "--phases=examples,coverage,fuzzing",
         "--workers=1",
         "--request-timeout=10",
+        # Every /v1 route wants a key: the admin token reaches them all (the admin routes too).
+        f"--header=Authorization: Bearer {ADMIN_TOKEN}",
         "--generation-database=none",
         # An event stream lasts as long as its job, and no worker runs jobs here: the
         # streaming tests read it.
