@@ -10,15 +10,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query, Request
 from fastapi.responses import Response
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from blaze_jobs import api_keys, audit
 from blaze_jobs.api_keys import ApiKey
+from blaze_jobs.engines.spec import OptionalJSONInt
 from blaze_jobs.heartbeat import workers_index
 from blaze_jobs.keys import Keys
 from blaze_jobs.store import text
 
-from . import problems
+from . import bounds, problems
 from .auth import Admin, key_cache
 from .problems import InputProblem
 from .request_context import settings_of
@@ -28,59 +29,60 @@ PROBLEM = {
     "content": {problems.PROBLEM_JSON: {"schema": problems.PROBLEM_SCHEMA}},
     "description": "A problem+json body naming the fault.",
 }
-router = APIRouter(responses={401: PROBLEM, 403: PROBLEM})
+# Bodies are read as the create route reads them: bad UTF-8 or JSON is a 422 naming the body.
+router = APIRouter(route_class=bounds.JSONBodyRoute, responses={401: PROBLEM, 403: PROBLEM})
 
 Name = Annotated[str, Field(pattern=api_keys.NAME.pattern, min_length=1, max_length=64)]
 Rate = Annotated[
     str | None,
-    AfterValidator(lambda v: _valid(api_keys.check_rate, v)),
     Field(
+        pattern=api_keys.RATE.pattern,
         description="Requests allowed, in `limits` notation (`600/minute`, `10/second`), moving window; "
         "null: the deployment's `BLAZE_DEFAULT_RATE`.",
         examples=["600/minute"],
     ),
 ]
-MaxJobs = Annotated[
-    int | None,
-    Field(
+
+
+# Limits as fields, not Annotated types: a bound on an optional integer belongs to its field
+# (see engines.spec.OptionalJSONInt).
+def max_jobs_field() -> Any:
+    return Field(
+        None,
         ge=1,
         description="The tenant's jobs queued plus running that this key may reach (429 past it); "
         "null: the deployment's `BLAZE_DEFAULT_MAX_JOBS`.",
-    ),
-]
-MaxPriority = Annotated[int | None, Field(ge=0, description="The highest job `priority` this key may ask for; null: any.")]
+    )
+
+
+def max_priority_field() -> Any:
+    return Field(None, ge=0, description="The highest job `priority` this key may ask for; null: any.")
+
+
 KeyId = Annotated[str, Path(pattern=api_keys.KEY_ID.pattern, description="The key's id (`key_…`), never its secret.")]
-
-
-def _valid(check: Any, value: Any) -> Any:
-    # The library's checks say "field: why"; pydantic names the field itself.
-    try:
-        return check(value)
-    except ValueError as error:
-        raise ValueError(str(error).partition(": ")[2] or str(error)) from None
 
 
 class KeyCreate(BaseModel):
     """A key to make."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     tenant: Name = Field(description="The tenant the key acts for: its jobs, quota, cache and webhook secret.")
     name: Name = Field(description="What the key is for (`ci`, `alice`), to tell keys apart; need not be unique.")
     admin: bool = Field(False, description="An admin key may manage keys of every tenant, read the audit trail and see workers.")
     rate: Rate = None
-    max_jobs: MaxJobs = None
-    max_priority: MaxPriority = None
+    max_jobs: OptionalJSONInt = max_jobs_field()
+    max_priority: OptionalJSONInt = max_priority_field()
 
 
 class KeyUpdate(BaseModel):
     """Limits to change. A field left out stays as it is; null sets it back to the deployment's default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     rate: Rate = None
-    max_jobs: MaxJobs = None
-    max_priority: MaxPriority = None
+    max_jobs: OptionalJSONInt = max_jobs_field()
+    max_priority: OptionalJSONInt = max_priority_field()
 
 
 class KeyView(BaseModel):

@@ -31,9 +31,12 @@ AUTH_OFF_ID = "auth-off"
 #: What every secret starts with, so a leaked one is recognisable (secret scanners, logs).
 SECRET_PREFIX = "bz_live_"
 #: A tenant's or a key's name: safe in a Redis key, a URL and a log line.
-NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 #: A key's id: public, printed by ``blaze keys list``, used to revoke a key without its secret.
-KEY_ID = re.compile(r"key_[0-9a-f]{12}")
+KEY_ID = re.compile(r"^key_[0-9a-f]{12}$")
+#: A request rate, in the part of ``limits``' notation the API documents: ``600/minute``,
+#: ``10 per second``, ``100/2 hours``. (Anchored, and written for JSON Schema as well.)
+RATE = re.compile(r"^[1-9][0-9]{0,8} ?(/|per) ?([1-9][0-9]{0,8} ?)?(second|minute|hour|day|month|year)s?$")
 #: The limits a key carries, which ``update_key`` may change.
 LIMITS = ("rate", "max_jobs", "max_priority")
 
@@ -93,6 +96,8 @@ def check_rate(value: str | None) -> str | None:
     if value is None:
         return None
     try:
+        if not isinstance(value, str) or not RATE.fullmatch(value):
+            raise ValueError(value)
         limits.parse(value)
     except ValueError:
         raise ValueError(f"rate: not a rate such as 600/minute or 10/second (got {value!r})") from None

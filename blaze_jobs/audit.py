@@ -23,7 +23,9 @@ from blaze_jobs.store import decode, text
 #: What an entry may say was done.
 ACTIONS = ("key.create", "key.revoke", "key.update", "webhook_secret.rotate", "job.cancel")
 #: A page's cursor: the stream id of the last entry the previous page gave.
-CURSOR = re.compile(r"\d{1,20}-\d{1,20}")
+CURSOR = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+#: Each half of a stream id is an unsigned 64-bit number.
+_ID_MAX = 2**64 - 1
 
 
 def change_target(key_id: str, changes: dict[str, Any]) -> str:
@@ -82,11 +84,22 @@ async def record_async(
     return text(await client.xadd(**_xadd_args(settings, entry)))
 
 
-def _range_args(settings: Settings, *, limit: int, cursor: str | None) -> dict[str, Any]:
-    if cursor is not None and not CURSOR.fullmatch(cursor):
+def _before(cursor: str) -> str | None:
+    """The newest stream id older than ``cursor``; None if none can be (``0-0``)."""
+    if not CURSOR.fullmatch(cursor):
         raise ValueError(f"cursor: not a cursor this trail gave (got {cursor!r})")
+    # Past the largest id, every entry is older: the page starts at the newest.
+    ms, seq = (min(int(part), _ID_MAX) for part in cursor.split("-"))
+    if seq:
+        return f"{ms}-{seq - 1}"
+    return f"{ms - 1}-{_ID_MAX}" if ms else None
+
+
+def _range_args(settings: Settings, *, limit: int, cursor: str | None) -> dict[str, Any] | None:
+    newest = _before(cursor) if cursor else "+"
+    if newest is None:
+        return None
     # One more than the page, to know whether another page follows.
-    newest = f"({cursor}" if cursor else "+"
     return {"name": Keys(settings.redis_prefix).audit, "max": newest, "min": "-", "count": limit + 1}
 
 
@@ -116,11 +129,13 @@ def read(
     client: redis.Redis, settings: Settings, *, limit: int = 50, cursor: str | None = None
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Entries newest first, ``limit`` at a time, and the cursor of the next page (None at the end)."""
-    return _page(client.xrevrange(**_range_args(settings, limit=limit, cursor=cursor)), limit)
+    args = _range_args(settings, limit=limit, cursor=cursor)
+    return _page(client.xrevrange(**args) if args else [], limit)
 
 
 async def read_async(
     client: redis.asyncio.Redis, settings: Settings, *, limit: int = 50, cursor: str | None = None
 ) -> tuple[list[dict[str, Any]], str | None]:
     """``read`` for the API's client."""
-    return _page(await client.xrevrange(**_range_args(settings, limit=limit, cursor=cursor)), limit)
+    args = _range_args(settings, limit=limit, cursor=cursor)
+    return _page(await client.xrevrange(**args) if args else [], limit)
