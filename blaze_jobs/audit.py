@@ -22,10 +22,18 @@ from blaze_jobs.store import decode, text
 
 #: What an entry may say was done.
 ACTIONS = ("key.create", "key.revoke", "key.update", "webhook_secret.rotate", "job.cancel")
+#: The key id entries made by ``blaze`` commands on the operator's host carry.
+CLI_ID = "cli"
 #: A page's cursor: the stream id of the last entry the previous page gave.
 CURSOR = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 #: Each half of a stream id is an unsigned 64-bit number.
 _ID_MAX = 2**64 - 1
+
+
+def cli_operator(settings: Settings, name: str) -> ApiKey:
+    """Who a ``blaze`` command that changes keys in Redis directly is in the trail: ``cli``,
+    an admin of the default tenant, named for what ran it (the OS user, ``blaze-local``)."""
+    return ApiKey(id=CLI_ID, tenant=settings.default_tenant, name=name, admin=True)
 
 
 def change_target(key_id: str, changes: dict[str, Any]) -> str:
