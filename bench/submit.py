@@ -1,17 +1,22 @@
-"""``python bench/submit.py``: the API's submit path against a bare endpoint, in one run.
+"""``python bench/submit.py``: the API's submit path against a bare endpoint, and with
+authentication and rate limiting on against off, in one run.
 
 Submitting is the API's hot path. The baseline is the least any submit endpoint can do:
 a FastAPI app in its own uvicorn process (one worker, uvloop + httptools, as ``blaze api``
 serves) that validates a small pydantic body, sends one pipelined HSET + LPUSH with
 redis.asyncio and answers 202. The real API (``blaze api``) takes ``POST /v1/jobs`` with the
-same echo body under the same load: the load generator runs in its own process, so on two
-cores the server has one and the generator the other. It prints both rates, p50/p99 and
-the ratio; the goal is at least ``GOAL``.
+same echo body under the same load, twice over: once with ``BLAZE_AUTH=off``, and once with
+auth on, every request carrying a stored API key (``blaze keys create``) whose rate limit
+(moving window on Redis) and job quota are counted but set too high ever to refuse. The
+load generator runs in its own process, so on two cores the server has one and the
+generator the other. It prints the rates, p50/p99 and two ratios: the API (auth off) over
+the bare endpoint, goal at least ``GOAL``, and auth on over auth off, goal at least
+``AUTH_GOAL`` (a key check costs microseconds from the API's key cache, not a round trip).
 
-Nothing consumes the queues: every key either server wrote is deleted at the end (and
-between runs, so each run starts from the same Redis). Exit status: 0 when every response
-was 2xx and the ratio met ``--min-ratio``, 1 when any request failed, 2 when the ratio fell
-short.
+Nothing consumes the queues: every key a server wrote is deleted at the end (and between
+runs, so each run starts from the same Redis; the stored key is made again). Exit status: 0
+when every response was 2xx and both ratios met ``--min-ratio`` and ``--min-auth-ratio``, 1
+when any request failed, 2 when a ratio fell short.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
-from blaze_jobs.settings import get_settings
+from blaze_jobs.api_keys import create_key
+from blaze_jobs.settings import Settings, get_settings
 from blaze_jobs.stack import Stack, StackError, free_port
 
 HOST = "127.0.0.1"
@@ -40,6 +46,14 @@ LOADGEN = Path(__file__).resolve().with_name("loadgen.py")
 JOB = {"engine": "echo", "input": {"prompt": "a lighthouse at dusk"}}
 #: The issue's target: the real submit path keeps at least this share of the bare rate.
 GOAL = 0.8
+#: With a key checked and rate limited on every request, at least this share of auth off.
+AUTH_GOAL = 0.9
+#: The bench key's limits: counted on every request, but far above what a run reaches, so
+#: none is refused (a few thousand creates a second for seconds; nothing consumes them).
+BENCH_RATE = "100000000/minute"
+BENCH_MAX_JOBS = 100_000_000
+#: The API's queue bound in both runs: checked on every create, never reached.
+BENCH_QUEUE_MAX = 100_000_000
 
 
 # --- the baseline server ------------------------------------------------------------------
@@ -116,10 +130,14 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def load(*, port: int, pid: int, seconds: float, warmup: float, connections: int) -> dict[str, Any]:
+def load(
+    *, port: int, pid: int, seconds: float, warmup: float, connections: int, headers: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Run the load generator in its own process against ``POST /v1/jobs`` on ``port``."""
     argv = [sys.executable, str(LOADGEN), "--port", str(port), "--path", "/v1/jobs", "--body", json.dumps(JOB)]
     argv += ["--connections", str(connections), "--seconds", str(seconds), "--warmup", str(warmup)]
+    for header in headers:
+        argv += ["--header", header]
     before = cpu_seconds(pid)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=warmup + seconds + 60)
     after = cpu_seconds(pid)
@@ -131,6 +149,15 @@ def load(*, port: int, pid: int, seconds: float, warmup: float, connections: int
         # Over warm-up and window together: the server's CPU for each response it gave.
         result["cpu_us_per_req"] = (after - before) / result["responses_total"] * 1e6
     return result
+
+
+def bench_key(client: redis.Redis, redis_url: str, prefix: str, *, rate: str | None) -> str:
+    """A stored key of tenant ``bench`` under ``prefix``, as ``blaze keys create`` makes one,
+    with limits that are checked but never reached (``rate`` None: not rate limited, the
+    benchmark's APIs having no default rate)."""
+    settings = Settings(redis_url=redis_url, redis_prefix=prefix)
+    secret, _ = create_key(client, settings, tenant="bench", name="bench", rate=rate, max_jobs=BENCH_MAX_JOBS)
+    return secret
 
 
 def forget(client: redis.Redis, prefix: str) -> int:
@@ -164,28 +191,38 @@ def row(label: str, results: list[dict[str, Any]]) -> str:
     )
 
 
-def report(base: list[dict[str, Any]], blaze: list[dict[str, Any]], *, args: argparse.Namespace) -> float:
-    ratios = [b["rate"] / a["rate"] if a["rate"] else 0.0 for a, b in zip(base, blaze, strict=True)]
-    ratio = median_of(blaze, "rate") / median_of(base, "rate") if median_of(base, "rate") else 0.0
+def ratio_line(label: str, over: list[dict[str, Any]], under: list[dict[str, Any]], *, goal: float) -> float:
+    """Print the ratio of the median rates (and each run's); returns it."""
+    ratios = [b["rate"] / a["rate"] if a["rate"] else 0.0 for a, b in zip(under, over, strict=True)]
+    ratio = median_of(over, "rate") / median_of(under, "rate") if median_of(under, "rate") else 0.0
+    verdict = "met" if ratio >= goal else "NOT met"
+    per_run = ", ".join(f"{r:.2f}" for r in ratios)
+    print(f"{label:<44}{ratio:>10.2f}   goal >= {goal}: {verdict}" + (f"   (runs: {per_run})" if len(ratios) > 1 else ""))
+    return ratio
+
+
+def report(results: dict[str, list[dict[str, Any]]], *, args: argparse.Namespace) -> tuple[float, float]:
+    """Print the table and the two ratios: (blaze auth off / bare, auth on / auth off)."""
+    base, off, on, key_only = results["bare"], results["auth-off"], results["auth-on"], results["key-only"]
     runs = f", median of {len(base)} runs" if len(base) > 1 else ""
     print(f"\nsubmit: {args.connections} connections, {args.seconds:g} s measured after {args.warmup:g} s warm-up{runs}")
     print(f"{'endpoint':<44}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'server µs/req':>14}{'loadgen µs':>12}{'failed':>8}")
     print(row("bare validate + HSET + LPUSH" + (" (gc.freeze)" if args.bare_gc_freeze else ""), base))
-    print(row("POST /v1/jobs (blaze api)", blaze))
-    verdict = "met" if ratio >= GOAL else "NOT met"
-    per_run = ", ".join(f"{r:.2f}" for r in ratios)
-    print(
-        f"{'ratio blaze / bare':<44}{ratio:>10.2f}   goal >= {GOAL}: {verdict}"
-        + (f"   (runs: {per_run})" if len(ratios) > 1 else "")
-    )
-    for name, results in (("bare", base), ("blaze", blaze)):
-        for result in results:
+    print(row("POST /v1/jobs (blaze api, BLAZE_AUTH=off)", off))
+    print(row("POST /v1/jobs (API key, rate limit, quota)", on))
+    print(row("POST /v1/jobs (API key, quota, no rate limit)", key_only))
+    ratio = ratio_line("ratio blaze (auth off) / bare", off, base, goal=GOAL)
+    auth_ratio = ratio_line("ratio auth on / auth off", on, off, goal=AUTH_GOAL)
+    # Where the cost of auth on lies: the key and the quota, or the rate limit's count.
+    ratio_line("ratio key without rate limit / auth off", key_only, off, goal=AUTH_GOAL)
+    for name, each in results.items():
+        for result in each:
             if not result["ok"]:
                 print(
                     f"{name}: FAILED statuses={result['statuses']} errors={result['errors']}"
                     f" {result['error_samples']} {result['failure_sample']}"
                 )
-    return ratio
+    return ratio, auth_ratio
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -197,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds of load before each window")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--runs", type=int, default=1, help="alternate the endpoints this many times; report medians")
-    parser.add_argument("--min-ratio", type=float, default=GOAL, help="exit 2 when the ratio is below this")
+    parser.add_argument("--min-ratio", type=float, default=GOAL, help="exit 2 when blaze (auth off) / bare is below this")
+    parser.add_argument("--min-auth-ratio", type=float, default=AUTH_GOAL, help="exit 2 when auth on / auth off is below this")
     parser.add_argument(
         "--bare-gc-freeze", action="store_true", help="give the bare endpoint blaze api's gc.freeze() after start-up too"
     )
@@ -212,51 +250,64 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must lie within [1, 20]")
 
     tag = f"blaze-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    base_prefix, blaze_prefix = f"{tag}-bare:", f"{tag}:"
+    prefixes = {"bare": f"{tag}-bare:", "auth-off": f"{tag}-off:", "auth-on": f"{tag}-on:", "key-only": f"{tag}-key:"}
     client = redis.Redis.from_url(redis_url)
-    base_results: list[dict[str, Any]] = []
-    blaze_results: list[dict[str, Any]] = []
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in prefixes}
     try:
         with Stack() as stack:
-            stack.env.update(BLAZE_REDIS_URL=redis_url)
-            base_port, blaze_port = free_port(), free_port()
-            bare_argv = [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--serve-baseline",
-                str(base_port),
-                "--prefix",
-                base_prefix,
-            ]
-            bare = stack.start("bare", bare_argv + (["--bare-gc-freeze"] if args.bare_gc_freeze else []))
-            api = stack.blaze("api", "api", "--port", str(blaze_port), BLAZE_REDIS_PREFIX=blaze_prefix)
-            stack.wait_http("the bare server", bare, f"http://{HOST}:{base_port}/healthz", timeout=60)
-            stack.wait_http("the API", api, f"http://{HOST}:{blaze_port}/readyz", timeout=60)
-            targets = {"bare": (base_port, bare.pid, base_results), "blaze": (blaze_port, api.pid, blaze_results)}
+            # No default rate: only the key made with BENCH_RATE is rate limited.
+            stack.env.update(BLAZE_REDIS_URL=redis_url, BLAZE_QUEUE_MAX=str(BENCH_QUEUE_MAX), BLAZE_DEFAULT_RATE="")
+            ports = {name: free_port() for name in prefixes}
+            bare_argv = [sys.executable, str(Path(__file__).resolve()), "--serve-baseline", str(ports["bare"])]
+            bare_argv += ["--prefix", prefixes["bare"]] + (["--bare-gc-freeze"] if args.bare_gc_freeze else [])
+            servers = {"bare": stack.start("bare", bare_argv)}
+            for name, auth in (("auth-off", "off"), ("auth-on", "on"), ("key-only", "on")):
+                servers[name] = stack.blaze(
+                    name,
+                    "api",
+                    "--port",
+                    str(ports[name]),
+                    BLAZE_REDIS_PREFIX=prefixes[name],
+                    BLAZE_AUTH=auth,
+                    BLAZE_ADMIN_TOKEN="",
+                )
+            stack.wait_http("the bare server", servers["bare"], f"http://{HOST}:{ports['bare']}/healthz", timeout=60)
+            for name in ("auth-off", "auth-on", "key-only"):
+                stack.wait_http(f"the API ({name})", servers[name], f"http://{HOST}:{ports[name]}/readyz", timeout=60)
             for run in range(args.runs):
-                # Alternate which goes first, so a drift in the machine favours neither.
-                for name in ("bare", "blaze") if run % 2 == 0 else ("blaze", "bare"):
-                    port, pid, results = targets[name]
-                    result = load(port=port, pid=pid, seconds=args.seconds, warmup=args.warmup, connections=args.connections)
-                    results.append(result)
+                # Alternate the order, so a drift in the machine favours none of them.
+                order = list(prefixes) if run % 2 == 0 else list(reversed(prefixes))
+                for name in order:
+                    # Made again each run: the forget after the last one took it along.
+                    rate = BENCH_RATE if name == "auth-on" else None
+                    key = bench_key(client, redis_url, prefixes[name], rate=rate) if name in ("auth-on", "key-only") else ""
+                    result = load(
+                        port=ports[name],
+                        pid=servers[name].pid,
+                        seconds=args.seconds,
+                        warmup=args.warmup,
+                        connections=args.connections,
+                        headers=(f"Authorization: Bearer {key}",) if key else (),
+                    )
+                    results[name].append(result)
                     print(
-                        f"run {run + 1} {name:<5} {result['rate']:>8,.0f} req/s  p50 {result['p50_ms']:.2f} ms  "
+                        f"run {run + 1} {name:<9} {result['rate']:>8,.0f} req/s  p50 {result['p50_ms']:.2f} ms  "
                         f"p99 {result['p99_ms']:.2f} ms  non-2xx {result['non_2xx']}  errors {result['errors']}",
                         flush=True,
                     )
-                    forget(client, base_prefix if name == "bare" else blaze_prefix)
+                    forget(client, prefixes[name])
     except StackError as error:
         print(f"bench/submit.py: {error}", file=sys.stderr)
         return 1
     finally:
-        for prefix in (base_prefix, blaze_prefix):
+        for prefix in prefixes.values():
             forget(client, prefix)
         client.close()
 
-    ratio = report(base_results, blaze_results, args=args)
-    if not all(r["ok"] for r in base_results + blaze_results):
+    ratio, auth_ratio = report(results, args=args)
+    if not all(r["ok"] for each in results.values() for r in each):
         return 1
-    return 0 if ratio >= args.min_ratio else 2
+    return 0 if ratio >= args.min_ratio and auth_ratio >= args.min_auth_ratio else 2
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ one, or a private embedded server), the API, workers and Flower. ``blaze demo`` 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -18,6 +19,10 @@ from pathlib import Path
 
 import httpx
 import redis
+
+from blaze_jobs import audit
+from blaze_jobs.api_keys import ApiKey, create_key, revoke_key
+from blaze_jobs.settings import Settings
 
 #: How long a child gets to stop on SIGTERM before it is killed.
 STOP_GRACE_S = 15.0
@@ -221,6 +226,44 @@ def start_services(stack: Stack, *, api_port: int, flower_port: int, engines: tu
     api_url = f"http://127.0.0.1:{api_port}"
     stack.wait_http("the API", api, f"{api_url}/readyz", timeout=60)
     return api_url
+
+
+def flower_login(stack: Stack, settings: Settings) -> str:
+    """Flower always asks for a login: BLAZE_FLOWER_BASIC_AUTH, or one made now for this
+    stack. Returns how to log in, as printed (a password the operator chose is not shown)."""
+    if settings.flower_basic_auth:
+        return "(login: BLAZE_FLOWER_BASIC_AUTH)"
+    password = secrets.token_urlsafe(12)
+    stack.env["BLAZE_FLOWER_BASIC_AUTH"] = f"blaze:{password}"
+    return f"(login: blaze / {password})"
+
+
+def _local(settings: Settings, *, redis_url: str, prefix: str) -> tuple[Settings, ApiKey]:
+    """The settings of the stack's Redis and prefix, and who ``blaze demo`` / ``up`` is in the audit trail."""
+    where = settings.model_copy(update={"redis_url": redis_url, "redis_prefix": prefix})
+    return where, audit.cli_operator(settings, "blaze-local")
+
+
+def local_key(settings: Settings, *, redis_url: str, prefix: str, name: str) -> str:
+    """A new admin key of the default tenant, stored (and audited) in the stack's Redis under
+    ``prefix``, so the demo and ``blaze up`` need no set-up; "" when the API asks for none
+    (BLAZE_AUTH=off)."""
+    if settings.auth == "off":
+        return ""
+    where, operator = _local(settings, redis_url=redis_url, prefix=prefix)
+    with redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=10) as client:
+        secret, key = create_key(client, where, tenant=settings.default_tenant, name=name, admin=True)
+        audit.record(client, where, key=operator, action="key.create", target=key.id, address=socket.gethostname())
+    return secret
+
+
+def revoke_local_key(settings: Settings, *, redis_url: str, prefix: str, secret: str) -> None:
+    """End a key ``local_key`` made (``blaze up`` does as it stops), in the audit trail too."""
+    where, operator = _local(settings, redis_url=redis_url, prefix=prefix)
+    with redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5) as client:
+        key = revoke_key(client, where, secret)
+        if key is not None:
+            audit.record(client, where, key=operator, action="key.revoke", target=key.id, address=socket.gethostname())
 
 
 def preferred_port(preferred: int) -> int:
