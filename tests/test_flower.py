@@ -134,7 +134,8 @@ def test_flower_lists_each_job_under_its_id_with_its_task_and_prompt(stack: dict
     assert tasks[image["id"]]["name"] == "blaze.diffusion.generate"
     # And the operator can tell the image job by its prompt, and which worker ran it
     assert PROMPT in tasks[image["id"]]["kwargs"]
-    assert tasks[image["id"]]["kwargs"] == repr({"summary": PROMPT})
+    # and whose tenant's job it is (the admin token's tenant here)
+    assert tasks[image["id"]]["kwargs"] == repr({"summary": PROMPT, "tenant": "default"})
     assert image["id"] in tasks[image["id"]]["args"]
     assert tasks[image["id"]]["worker"].startswith("diffusion-")
     assert tasks[echo["id"]]["worker"].startswith("echo-")
