@@ -76,7 +76,7 @@ async def claim(request: Request, *, tenant: str, body: BaseModel, job_id: str) 
     # A create, once it holds the key, takes at most a pool wait and two commands.
     stale_after_ms = 1000 * (settings.redis_pool_wait_s + 2 * settings.redis_timeout_s + 1)
     deadline = time.monotonic() + RACE_WAIT_S
-    while True:
+    while time.monotonic() < deadline:
         if await store.redis.set(key, mine, nx=True, ex=ttl_s):
             request.state.idempotency_claim = (key, mine)
             return None
@@ -96,9 +96,10 @@ async def claim(request: Request, *, tenant: str, body: BaseModel, job_id: str) 
         if 1000 * ttl_s - left_ms > stale_after_ms:  # its create never finished: take over
             await _drop(store, key, text(held))
             continue
-        if time.monotonic() > deadline:
-            raise HTTPException(409, "a request with this Idempotency-Key is still being processed; retry shortly")
         await asyncio.sleep(POLL_S)
+    raise HTTPException(
+        409, "a request with this Idempotency-Key is still being processed; retry shortly", headers={"Retry-After": "1"}
+    )
 
 
 async def release(request: Request) -> None:

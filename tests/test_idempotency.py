@@ -132,3 +132,4 @@ def test_a_claim_whose_create_never_finished_is_taken_over_once_stale(own_stack:
     waited = create(api_url, auth, "recent")
     assert waited.status_code == 409, waited.text
     assert waited.headers["content-type"].startswith("application/problem+json")
+    assert waited.headers["retry-after"] == "1"
