@@ -20,7 +20,8 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from blaze_jobs.api_keys import ApiKey
 from blaze_jobs.keys import Keys
 from blaze_jobs.redis_config import refusal
-from blaze_jobs.settings import Settings
+
+from .request_context import settings_of
 
 #: The name the headers give a key's one policy.
 POLICY = "default"
@@ -52,16 +53,21 @@ def parse(rate: str) -> limits.RateLimitItem:
     return limits.parse(rate)
 
 
-def install(app: FastAPI, settings: Settings) -> None:
-    """Count requests over ``app.state.redis``'s pool (its bound and its 503s apply), under
-    ``Keys(prefix).rate_limits``. Call it once the pool exists, in the app's lifespan."""
-    storage = RedisStorage(
-        "async+redis://",
-        implementation="redispy",
-        key_prefix=Keys(settings.redis_prefix).rate_limits,
-        connection_pool=app.state.redis.connection_pool,
-    )
-    app.state.rate_limiter = MovingWindowRateLimiter(storage)
+def limiter_of(app: FastAPI) -> MovingWindowRateLimiter:
+    """The app's limiter, made on first use: it counts over ``app.state.redis``'s pool (its
+    bound and its 503s apply), under ``Keys(prefix).rate_limits``; made again for a new pool
+    (an app whose lifespan ran twice)."""
+    pool = app.state.redis.connection_pool
+    made: tuple[object, MovingWindowRateLimiter] | None = getattr(app.state, "rate_limiter", None)
+    if made is None or made[0] is not pool:
+        storage = RedisStorage(
+            "async+redis://",
+            implementation="redispy",
+            key_prefix=Keys(settings_of(app).redis_prefix).rate_limits,
+            connection_pool=pool,
+        )
+        made = app.state.rate_limiter = (pool, MovingWindowRateLimiter(storage))
+    return made[1]
 
 
 async def check(request: Request, key: ApiKey) -> None:
@@ -70,7 +76,7 @@ async def check(request: Request, key: ApiKey) -> None:
     if key.rate is None:
         return
     item = parse(key.rate)
-    limiter: MovingWindowRateLimiter = request.app.state.rate_limiter
+    limiter = limiter_of(request.app)
     try:
         if await limiter.hit(item, key.id):
             return
