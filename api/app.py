@@ -15,17 +15,17 @@ import redis
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import Response
 
-from blaze_jobs import cache, redis_config
-from blaze_jobs.artifacts import CONTENT_TYPES, KEY_PATTERN, artifact_store, content_type
+from blaze_jobs import audit, cache, redis_config
+from blaze_jobs.artifacts import artifact_store
 from blaze_jobs.broker import queue_key, task_message
-from blaze_jobs.heartbeat import workers_index
 from blaze_jobs.jobs import Job, JobCreate, JobPage, JobStatus, job_view, new_record
 from blaze_jobs.keys import Keys
 from blaze_jobs.settings import ENGINES, Settings, get_settings
 from blaze_jobs.store import CURSOR, AsyncJobStore, queue_create, text
 
-from . import bounds, connections, problems, waits, webhooks
-from .auth import Caller
+from . import admin, artifacts, bounds, connections, idempotency, problems, waits, webhooks
+from .artifacts import signer_of
+from .auth import Caller, warn_if_off
 from .problems import InputProblem
 from .request_context import base_url
 from .responses import JSONResponse
@@ -41,6 +41,7 @@ PROBLEM = {
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API, configured by ``settings`` (by default the ``BLAZE_*`` environment)."""
     settings = settings or get_settings()
+    warn_if_off(settings, log)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -66,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         summary="An asynchronous job queue for generative AI.",
         lifespan=lifespan,
-        responses={413: PROBLEM, 422: PROBLEM, 503: PROBLEM},
+        responses={413: PROBLEM, 422: PROBLEM, 429: PROBLEM, 503: PROBLEM},
     )
     problems.install(app)
     bounds.install(app, settings)
@@ -78,7 +79,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         status_code=202,
         response_model=Job,
         responses={
-            202: {"headers": {"Location": {"description": "The job's URL.", "schema": {"type": "string", "format": "uri"}}}}
+            # The header is not a declared parameter: a fuzzer reusing one key for other bodies
+            # would read its 422 as a valid request refused.
+            200: {"description": "The job an earlier create with the same `Idempotency-Key` header made.", "model": Job},
+            202: {"headers": {"Location": {"description": "The job's URL.", "schema": {"type": "string", "format": "uri"}}}},
+            409: PROBLEM,
+            429: PROBLEM,
         },
     )
     async def create_job(request: Request, caller: Caller, body: Annotated[JobCreate, Body()]) -> JSONResponse:
@@ -97,35 +103,49 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         bounds.check_input(job_input, stored=record["input"], settings=settings)
         record.update(await webhooks.webhook_fields(body, settings))
         store: AsyncJobStore = request.app.state.store
-        # 2. A deterministic request computed before is born succeeded, with no worker involved.
-        cached = None
-        if body.cache == "bypass":
-            record["cache"] = "bypass"
-        elif cache.cacheable(engine, job_input):
-            key = cache.cache_key(engine=engine, model=model, input=job_input, settings=settings)
-            cached = await store.redis.get(cache_keys.entry(key))
-        # 3. Store the job and publish its Celery message (or its cached result) in one round trip.
-        if cached is None:
-            message = task_message(job_id=job_id, engine=engine, input=job_input)
-            await store.create_queued(record, queue=queue_key(settings, engine), message=message)
-        else:
-            async with store.redis.pipeline(transaction=True) as pipe:
-                output = text(cached)
-                now = repr(time.time())
-                record.update(status="succeeded", output=output, started_at=now, completed_at=now, cache_hit="1")
-                queue_create(pipe, store.keys, record, ttl_s=settings.job_ttl_s)
-                # The images outlive the new job as long as the job itself.
-                for artifact in cache.artifact_keys(json.loads(output), settings.redis_prefix):
-                    pipe.expire(artifact, settings.job_ttl_s)
-                await pipe.execute()
+        # A retry with the Idempotency-Key of an earlier create gets that create's job.
+        original = await idempotency.claim(request, tenant=caller.tenant, body=body, job_id=job_id)
+        if original is not None:
+            original = await waits.wait_if_preferred(request, original)
+            view = job_view(original, base_url=base_url(request), signer=signer_of(request))
+            return JSONResponse(view, status_code=200, headers={"Location": view["urls"]["get"]})
+        try:
+            # 2. A deterministic request computed before is born succeeded, with no worker involved.
+            cached = None
+            if body.cache == "bypass":
+                record["cache"] = "bypass"
+            elif cache.cacheable(engine, job_input):
+                key = cache.cache_key(engine=engine, model=model, input=job_input, tenant=caller.tenant, settings=settings)
+                cached = await store.redis.get(cache_keys.entry(key))
+            # 3. Store the job and publish its Celery message (or its cached result) in one round trip.
+            if cached is None:
+                message = task_message(job_id=job_id, engine=engine, input=job_input, tenant=caller.tenant)
+                # Admitted in the same step: the tenant's quota (the key's) and the queue's bound.
+                await store.create_queued(
+                    record, queue=queue_key(settings, engine), message=message, max_jobs=caller.max_jobs or 0
+                )
+            else:
+                async with store.redis.pipeline(transaction=True) as pipe:
+                    output = text(cached)
+                    now = repr(time.time())
+                    record.update(status="succeeded", output=output, started_at=now, completed_at=now, cache_hit="1")
+                    queue_create(pipe, store.keys, record, ttl_s=settings.job_ttl_s)
+                    # The images outlive the new job as long as the job itself, and its tenant owns them.
+                    cache.queue_renew(pipe, json.loads(output), tenant=caller.tenant, settings=settings)
+                    await pipe.execute()
+        except Exception:
+            # Refused (quota, full queue, full Redis) and nothing stored: a retry may create it.
+            await idempotency.release(request)
+            raise
         # 4. With ``Prefer: wait=N``, answer once the job ends (within N seconds).
         record = await waits.wait_if_preferred(request, record)
-        view = job_view(record, base_url=base_url(request))
+        view = job_view(record, base_url=base_url(request), signer=signer_of(request))
         return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["get"]})
 
     @app.get("/v1/jobs/{job_id}", response_model=Job, responses={404: PROBLEM})
     async def get_job(
         request: Request,
+        caller: Caller,
         job_id: str,
         # Defaults, not Annotated: a bound read from `settings` cannot be named in an annotation.
         wait: float = Query(
@@ -136,53 +156,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
     ) -> JSONResponse:
         """The job as it stands now; with `wait`, once it ends (or when the wait runs out)."""
-        record = await waits.job_after_wait(request, job_id, wait)
-        return JSONResponse(job_view(record, base_url=base_url(request)))
+        record = await waits.job_after_wait(request, job_id, wait, tenant=caller.tenant)
+        return JSONResponse(job_view(record, base_url=base_url(request), signer=signer_of(request)))
 
     @app.get("/v1/jobs", response_model=JobPage)
     async def list_jobs(
         request: Request,
+        caller: Caller,
         status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
         engine: Annotated[Literal[ENGINES] | None, Query(description="Only jobs of this engine.")] = None,  # type: ignore[valid-type]
         limit: int = Query(50, ge=1, le=settings.list_limit_max, description="Page size, at most BLAZE_LIST_LIMIT_MAX."),
         cursor: Annotated[str | None, Query(pattern=CURSOR.pattern, description="`next_cursor` of the previous page.")] = None,
     ) -> JSONResponse:
-        """Jobs, newest first, a page at a time."""
+        """The caller's tenant's jobs, newest first, a page at a time."""
         records, next_cursor = await request.app.state.store.list(
-            status=status.value if status else None, engine=engine, limit=limit, cursor=cursor
+            tenant=caller.tenant, status=status.value if status else None, engine=engine, limit=limit, cursor=cursor
         )
-        root = base_url(request)
-        return JSONResponse({"jobs": [job_view(r, base_url=root) for r in records], "next_cursor": next_cursor})
+        root, signer = base_url(request), signer_of(request)
+        return JSONResponse({"jobs": [job_view(r, base_url=root, signer=signer) for r in records], "next_cursor": next_cursor})
 
     @app.post("/v1/jobs/{job_id}/cancel", response_model=Job, responses={404: PROBLEM, 409: PROBLEM})
-    async def cancel_job(request: Request, job_id: str) -> JSONResponse:
+    async def cancel_job(request: Request, caller: Caller, job_id: str) -> JSONResponse:
         """Cancel a queued job (it never runs) or a running one (it stops at its next step).
-        409 when the job already ended."""
+        409 when the job already ended; 404 for another tenant's job, which stays as it is."""
         store: AsyncJobStore = request.app.state.store
-        await store.cancel(job_id)
-        return JSONResponse(job_view(await store.get(job_id), base_url=base_url(request)))
-
-    @app.get(
-        "/v1/artifacts/{key}",
-        responses={200: {"content": {kind: {} for kind in CONTENT_TYPES.values()}}, 404: PROBLEM},
-        response_class=Response,
-    )
-    def get_artifact(request: Request, key: str) -> Response:
-        """A file a job produced, by its content address."""
-        data = request.app.state.artifacts.get(key) if KEY_PATTERN.match(key) else None
-        if data is None:
-            return problems.problem(404, "Artifact not found", f"no artifact {key!r} (or its retention ran out)")
-        # Content-addressed: the bytes behind a key never change.
-        return Response(data, media_type=content_type(key), headers={"Cache-Control": "public, max-age=31536000, immutable"})
-
-    @app.get("/v1/workers")
-    async def list_workers(request: Request) -> JSONResponse:
-        """Live workers: engine, device, breaker state and counts, loaded models, batches run,
-        last heartbeat. A worker that stops beating drops out within three lease thirds."""
-        client = request.app.state.redis
-        names = [text(n) for n in await client.zrangebyscore(workers_index(settings), time.time() - settings.lease_s, "+inf")]
-        states = await client.mget([Keys(settings.redis_prefix).worker(n) for n in names]) if names else []
-        return JSONResponse({"workers": [json.loads(s) for s in states if s]})
+        await store.cancel(job_id, tenant=caller.tenant)
+        address = request.client.host if request.client else None
+        await audit.record_async(store.redis, settings, key=caller, action="job.cancel", target=job_id, address=address)
+        return JSONResponse(job_view(await store.get(job_id), base_url=base_url(request), signer=signer_of(request)))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -203,4 +204,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # route, the hot one, is matched first.
     app.include_router(waits.router)
     app.include_router(webhooks.router)
+    app.include_router(artifacts.router)
+    app.include_router(admin.router)
     return app

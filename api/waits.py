@@ -19,11 +19,16 @@ from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from blaze_jobs import events
+from blaze_jobs.artifacts import UrlSigner
 from blaze_jobs.errors import JobNotFound
 from blaze_jobs.events import event_order
 from blaze_jobs.jobs import job_view
+from blaze_jobs.settings import Settings
+from blaze_jobs.store import tenant_of
 
 from . import event_reader
+from .artifacts import signer_of
+from .auth import Caller
 from .connections import Busy
 from .event_reader import EventReader, TooManyWaiters
 from .problems import PROBLEM_JSON, PROBLEM_SCHEMA, InputProblem
@@ -67,31 +72,42 @@ async def wait_if_preferred(request: Request, record: dict[str, str]) -> dict[st
     try:
         # This request has just created the job, queued: it made no event yet, so its events
         # are read from the stream's start, with no read of the job.
-        return await wait_for_end(request.app, record["id"], seconds, known=(record, "0-0"))
+        tenant = tenant_of(record.get("tenant"), settings_of(request.app))
+        return await wait_for_end(request.app, record["id"], seconds, tenant=tenant, known=(record, "0-0"))
     except (Busy, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         # The job is stored and queued: a 503 now would tell the client to create it again.
         # A wait is a preference (RFC 7240), so answer the job as accepted instead.
         return record
 
 
-async def job_after_wait(request: Request, job_id: str, wait: float) -> dict[str, str]:
-    """``GET /v1/jobs/{id}?wait=N``: the job as soon as it ends, or as it stands after N seconds."""
+def owned(record: dict[str, str], job_id: str, *, tenant: str, settings: Settings) -> dict[str, str]:
+    """The job's record if it is ``tenant``'s; JobNotFound for a missing job and, the same
+    answer, for another tenant's (a 404 never tells that a job exists)."""
+    if not record or tenant_of(record.get("tenant"), settings) != tenant:
+        raise JobNotFound(job_id)
+    return record
+
+
+async def job_after_wait(request: Request, job_id: str, wait: float, *, tenant: str) -> dict[str, str]:
+    """``GET /v1/jobs/{id}?wait=N``: ``tenant``'s job as soon as it ends, or as it stands after
+    N seconds."""
     settings = settings_of(request.app)
     if wait > settings.max_wait_s:
         raise InputProblem("wait", f"must be at most {settings.max_wait_s:g} seconds")
     if wait <= 0:
-        return await request.app.state.store.get(job_id)
-    return await wait_for_end(request.app, job_id, wait)
+        return owned(await request.app.state.store.get(job_id), job_id, tenant=tenant, settings=settings)
+    return await wait_for_end(request.app, job_id, wait, tenant=tenant)
 
 
 async def wait_for_end(
-    app: FastAPI, job_id: str, seconds: float, *, known: tuple[dict[str, str], str] | None = None
+    app: FastAPI, job_id: str, seconds: float, *, tenant: str, known: tuple[dict[str, str], str] | None = None
 ) -> dict[str, str]:
-    """The job once it ended, or as it stands after ``seconds``. ``known``: the job and the id
-    of its latest event, when the caller has them (else they are read)."""
+    """``tenant``'s job once it ended, or as it stands after ``seconds``. ``known``: the job
+    and the id of its latest event, when the caller has them (else they are read)."""
     if known is None:
-        prefix = settings_of(app).redis_prefix
-        known = await events.job_and_position(app.state.store.redis, prefix=prefix, job_id=job_id)
+        settings = settings_of(app)
+        known = await events.job_and_position(app.state.store.redis, prefix=settings.redis_prefix, job_id=job_id)
+        owned(known[0], job_id, tenant=tenant, settings=settings)
     record, position = known
     if not record:
         raise JobNotFound(job_id)
@@ -117,11 +133,11 @@ def sse(event_id: str, kind: str, data: Any) -> ServerSentEvent:
     return ServerSentEvent(dumps(data).decode(), id=event_id, event=kind, sep=LINE_END)
 
 
-def event_data(event: events.JobEvent, record: dict[str, str], *, base: str) -> Any:
+def event_data(event: events.JobEvent, record: dict[str, str], *, base: str, signer: UrlSigner) -> Any:
     """What an SSE event carries: at a status change the job (``record`` is the job before
     it), with progress its ``{step, total}``, otherwise the event's fields."""
     if event.record is not None:
-        return job_view(record, base_url=base)
+        return job_view(record, base_url=base, signer=signer)
     if event.type == "job.progress":
         return json.loads(event.fields["progress"])
     return event.fields
@@ -135,6 +151,7 @@ def event_data(event: events.JobEvent, record: dict[str, str], *, base: str) -> 
 )
 async def job_events(
     request: Request,
+    caller: Caller,
     job_id: str,
     last_event_id: Annotated[str | None, Header(description="Resume after this event id.")] = None,
 ) -> EventSourceResponse:
@@ -147,14 +164,21 @@ async def job_events(
     replays the whole stream."""
     app, settings = request.app, settings_of(request.app)
     record, position = await events.job_and_position(app.state.store.redis, prefix=settings.redis_prefix, job_id=job_id)
-    if not record:
-        raise JobNotFound(job_id)
+    owned(record, job_id, tenant=caller.tenant, settings=settings)
     resume = last_event_id.strip() if last_event_id and EVENT_ID.match(last_event_id.strip()) else None
     # Refuse a stream past the waiter bound now, as a 503, rather than after its 200 has gone
     # out (the stream's watch checks again: another may have taken the last place meanwhile).
     if app.state.reader.waiters >= settings.max_waiters:
         raise TooManyWaiters(settings.max_waiters)
-    stream = _event_stream(app.state.reader, job_id, record=record, position=position, resume=resume, base=base_url(request))
+    stream = _event_stream(
+        app.state.reader,
+        job_id,
+        record=record,
+        position=position,
+        resume=resume,
+        base=base_url(request),
+        signer=signer_of(request),
+    )
     return EventSourceResponse(
         stream,
         headers={"Cache-Control": "no-cache"},
@@ -169,12 +193,19 @@ def _keep_alive() -> ServerSentEvent:
 
 
 async def _event_stream(
-    reader: EventReader, job_id: str, *, record: dict[str, str], position: str, resume: str | None, base: str
+    reader: EventReader,
+    job_id: str,
+    *,
+    record: dict[str, str],
+    position: str,
+    resume: str | None,
+    base: str,
+    signer: UrlSigner,
 ) -> AsyncIterator[ServerSentEvent]:
     # A client that loses the stream reconnects after a second (with Last-Event-ID).
     yield ServerSentEvent(retry=1000, sep=LINE_END)
     if resume is None:
-        yield sse(position, "job", job_view(record, base_url=base))
+        yield sse(position, "job", job_view(record, base_url=base, signer=signer))
         after = position
     else:
         after = resume
@@ -187,6 +218,6 @@ async def _event_stream(
             # timeout only bounds each wait.
             for event in await feed.next_events(reader.settings.event_keep_alive_s):
                 record = events.apply(record, event)
-                yield sse(event.id, event.type, event_data(event, record, base=base))
+                yield sse(event.id, event.type, event_data(event, record, base=base, signer=signer))
                 if event.type == events.COMPLETED:
                     return

@@ -17,23 +17,31 @@ from typing import Any
 import redis
 
 from blaze_jobs import cache, events, faults, progress
-from blaze_jobs.artifacts import ArtifactStore, artifact_url
+from blaze_jobs.artifacts import ArtifactStore, artifact_name, artifact_url
 from blaze_jobs.attempt import Attempt
 from blaze_jobs.broker import requeue_push
 from blaze_jobs.engines.base import Artifact, EngineRequest
 from blaze_jobs.errors import HandedBack, JobCanceled, JobConflict, JobNotFound, RequestError, WorkerFault
 from blaze_jobs.jobs import JobStatus
+from blaze_jobs.store import tenant_of
 from blaze_jobs.worker_context import WorkerContext, current_context
 
 log = logging.getLogger("blaze_jobs.worker")
 
 
 def run_job(
-    job_id: str, *, engine: str, context: WorkerContext | None = None, faulted_on: Sequence[str] = (), passes: int = 0
+    job_id: str,
+    *,
+    engine: str,
+    context: WorkerContext | None = None,
+    tenant: str | None = None,
+    faulted_on: Sequence[str] = (),
+    passes: int = 0,
 ) -> str:
     """Run the job and record its end. Returns the status the job ended in (or was found in).
 
-    ``faulted_on`` and ``passes`` come from the job's message (``broker.task_message``)."""
+    ``tenant`` (None: the default tenant), ``faulted_on`` and ``passes`` come from the job's
+    message (``broker.task_message``)."""
     context = context or current_context(engine)
     settings = context.settings
 
@@ -48,7 +56,7 @@ def run_job(
     if not context.breaker.allow():
         return hand_back(context, job_id)
     try:
-        return _take_and_run(context, job_id)
+        return _take_and_run(context, job_id, tenant or settings.default_tenant)
     except BaseException:
         # No verdict on the device (Redis failed us, say): a half-open breaker must not
         # wait for ever on a probe that will never report.
@@ -56,10 +64,14 @@ def run_job(
         raise
 
 
-def _take_and_run(context: WorkerContext, job_id: str) -> str:
+def _take_and_run(context: WorkerContext, job_id: str, tenant: str) -> str:
     store, settings = context.store, context.settings
     try:
-        record = store.take(job_id, worker=context.name, lease_ms=int(settings.lease_s * 1000), started_at=repr(time.time()))
+        # The message names the job's tenant, whose indexes the take moves it between: the
+        # take reads nothing first.
+        record = store.take(
+            job_id, tenant=tenant, worker=context.name, lease_ms=int(settings.lease_s * 1000), started_at=repr(time.time())
+        )
     except JobNotFound:
         context.breaker.release_probe()
         log.warning("job %s not found (expired before it ran); dropping its message", job_id)
@@ -82,14 +94,15 @@ def _take_and_run(context: WorkerContext, job_id: str) -> str:
 def _run_taken(context: WorkerContext, record: dict[str, str], number: int) -> str:
     settings = context.settings
     job_id = record["id"]
-    attempt = Attempt(context, job_id, number)
+    tenant = tenant_of(record.get("tenant"), settings)
+    attempt = Attempt(context, job_id, number, tenant=tenant)
 
     # 2. Read the request. Whatever fails here is the request's content, not this worker.
     try:
         job_input = json.loads(record["input"])
         cacheable = record.get("cache") != "bypass" and cache.cacheable(record["engine"], job_input)
         key = (
-            cache.cache_key(engine=record["engine"], model=record["model"], input=job_input, settings=settings)
+            cache.cache_key(engine=record["engine"], model=record["model"], input=job_input, tenant=tenant, settings=settings)
             if cacheable
             else None
         )
@@ -105,19 +118,22 @@ def _run_taken(context: WorkerContext, record: dict[str, str], number: int) -> s
             cached = context.inflight.follow(key, timeout=settings.batch_timeout_s)
         if cached is not None:
             context.breaker.release_probe()
-            # The artifacts it points at live on as long as the job that now shows them.
+            # The artifacts it points at live on as long as the job that now shows them, and
+            # its tenant owns them.
             with context.redis.pipeline(transaction=False) as pipe:
-                cache.queue_renew(pipe, json.loads(cached), settings=settings)
+                cache.queue_renew(pipe, json.loads(cached), tenant=tenant, settings=settings)
                 pipe.execute()
             return attempt.succeeded(cached, batch_size=None, cache_hit=True)
     try:
-        return _compute(context, record, job_input, attempt, key)
+        return _compute(context, record, job_input, attempt, key, tenant)
     finally:
         if key is not None:
             context.inflight.done(key)
 
 
-def _compute(context: WorkerContext, record: dict[str, str], job_input: dict[str, Any], attempt: Attempt, key: str | None) -> str:
+def _compute(
+    context: WorkerContext, record: dict[str, str], job_input: dict[str, Any], attempt: Attempt, key: str | None, tenant: str
+) -> str:
     settings, job_id = context.settings, record["id"]
 
     # 4. Hand the job to the batcher and wait for its batch, at most the watchdog's time.
@@ -152,12 +168,16 @@ def _compute(context: WorkerContext, record: dict[str, str], job_input: dict[str
         reason = str(error) if isinstance(error, WorkerFault) else f"{type(error).__name__}: {error}"
         return _worker_fault(context, attempt, record, reason)
 
-    # 5. Store what it made (its files are encoded here, off the device thread), remember it
-    #    for the next identical request, record success.
+    # 5. Store what it made (its files are encoded here, off the device thread), make the
+    #    job's tenant the owner of its files, remember it for the next identical request,
+    #    record success.
     try:
         output = _store_artifacts(result.output, context.artifacts)
     except redis.RedisError:
         raise
+    except ForgedArtifact as error:
+        context.breaker.release_probe()
+        return attempt.failed("request", str(error))
     except Exception as error:  # an encoder failed on what the engine made
         return _worker_fault(context, attempt, record, f"could not encode the output: {type(error).__name__}: {error}")
     context.breaker.record_success()
@@ -165,12 +185,16 @@ def _compute(context: WorkerContext, record: dict[str, str], job_input: dict[str
     if result.output.get("finish_reason") == "canceled":
         # A text job stopped by a cancel keeps the text it had streamed; a partial text is never cached.
         return attempt.canceled()
+    # Owners before the job shows its output, so its tenant may fetch the files at once.
+    with context.redis.pipeline(transaction=False) as pipe:
+        cache.queue_own(pipe, output, tenant=tenant, settings=settings)
+        if key is not None:
+            cache.queue_store(pipe, context.cache_keys, key, output_json, settings=settings)
+        if len(pipe):
+            pipe.execute()
     if key is not None:
         context.local_cache.put(key, output_json)
         context.inflight.publish(key, output_json)
-        with context.redis.pipeline(transaction=False) as pipe:
-            cache.queue_store(pipe, context.cache_keys, key, output_json, settings=settings)
-            pipe.execute()
         cache.trim(context.redis, context.cache_keys, max_entries=settings.cache_max_entries)
     return attempt.succeeded(output_json, batch_size=result.batch_size, cache_hit=False)
 
@@ -190,7 +214,7 @@ def _worker_fault(context: WorkerContext, attempt: Attempt, record: dict[str, st
         return attempt.failed("request", poison)
     if faults.counts_against(record, context.name):
         context.breaker.record_failure(reason)
-        faults.note_fault(context.store, attempt.job_id, attempt=attempt.number, worker=context.name)
+        faults.note_fault(context.store, attempt.job_id, tenant=attempt.tenant, attempt=attempt.number, worker=context.name)
     else:
         context.breaker.release_probe()
     if attempt.number < context.settings.max_attempts:
@@ -213,8 +237,14 @@ def hand_back(context: WorkerContext, job_id: str, *, passes: int = 0) -> str:
     return "handed_back"
 
 
+class ForgedArtifact(RequestError):
+    """An output names an artifact URL its job did not make (an echo of a request that
+    names one): a job view would sign it, and its tenant become an owner of another's file."""
+
+
 def _store_artifacts(value: Any, artifacts: ArtifactStore) -> Any:
-    """The output with each ``Artifact`` stored and replaced by its URL and digest.
+    """The output with each ``Artifact`` stored and replaced by its URL and digest. An
+    artifact URL anywhere else in it is refused (``ForgedArtifact``).
 
     It walks the output with a stack of its own, not by recursion: an output (an echo's is
     its input) may be nested deeper than Python's recursion limit."""
@@ -224,6 +254,8 @@ def _store_artifacts(value: Any, artifacts: ArtifactStore) -> Any:
             key = artifacts.put(item.data, item.extension)
             return {"url": artifact_url(key), "content_type": item.content_type, **item.meta, "sha256": key.split(".", 1)[0]}
         if isinstance(item, dict):
+            if artifact_name(item.get("url")) is not None:
+                raise ForgedArtifact(f"the output names an artifact it did not make: {item['url']!r}")
             copy: dict[str, Any] = dict(item)
             pending.append(copy)
             return copy
