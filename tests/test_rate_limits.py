@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +15,7 @@ import redis
 from blaze_jobs.api_keys import create_key
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack, StackError, free_port
+from tests.chaos.harness import PrivateRedis, chaos_env
 from tests.conftest import start_api
 
 pytestmark = pytest.mark.timeout(180)
@@ -91,3 +93,24 @@ def test_the_window_frees_when_retry_after_says_and_each_key_has_its_own(own_sta
     time.sleep(retry_after)
     again = list_jobs(url, limited)
     assert again.status_code == 200, again.text
+
+
+def test_a_rate_limited_key_meets_an_unreachable_redis_with_503(own_stack: Stack, tmp_path: Path) -> None:
+    # Given a private Redis, an API on it that trusts a key it looked up for a minute, and a
+    # rate-limited key that has made a request (so its next one needs Redis only for its count)
+    server = PrivateRedis(own_stack, data_dir=tmp_path / "redis", persist=False)
+    server.start()
+    own_stack.env.update(chaos_env(own_stack.env, redis_url=server.url, prefix=own_stack.env["BLAZE_REDIS_PREFIX"]))
+    secret = key_with_rate(own_stack, "100/minute")
+    url = start_api(own_stack, BLAZE_KEY_CACHE_S="60")
+    assert list_jobs(url, secret).status_code == 200
+
+    # When Redis goes away
+    server.stop(kill=True)
+
+    # Then the key's request is a 503 problem with Retry-After (the limiter's redis-py error,
+    # not a 500)
+    answer = list_jobs(url, secret)
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["content-type"].startswith(PROBLEM_JSON)
+    assert int(answer.headers["retry-after"]) > 0
