@@ -8,6 +8,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -20,7 +21,7 @@ import httpx_sse
 from httpx_sse._decoders import SSEDecoder
 
 from blaze_jobs.errors import APIConnectionError, APIError, WaitTimeout
-from blaze_jobs.signing import verify
+from blaze_jobs.signing import HeldSecrets, WebhookVerificationError, verify
 
 __all__ = ["APIConnectionError", "APIError", "AsyncBlazeClient", "BlazeClient", "SSEParser", "ServerEvent", "WaitTimeout"]
 
@@ -34,6 +35,13 @@ POLL_S = 1.0
 STREAM_READ_TIMEOUT_S = 60.0
 #: Times an event stream reconnects (with ``Last-Event-ID``) before giving up.
 STREAM_RECONNECTS = 5
+#: Times ``submit`` sends its create again when the connection failed or a proxy answered
+#: 502/504 (whether the job was made is unknown then): each retry carries the first one's
+#: ``Idempotency-Key``, so the API makes one job whatever happened. Pauses 0.5 s, then 1 s.
+SUBMIT_RETRIES = 2
+SUBMIT_RETRY_PAUSE_S = 0.5
+#: Answers after which a create may or may not have been made: a proxy lost the API's answer.
+UNKNOWN_OUTCOME = frozenset({502, 504})
 
 
 HTTP = TypeVar("HTTP", httpx.Client, httpx.AsyncClient)
@@ -55,17 +63,22 @@ class _Options(Generic[HTTP]):
         poll_s: float = POLL_S,
         stream_read_timeout_s: float = STREAM_READ_TIMEOUT_S,
         stream_reconnects: int = STREAM_RECONNECTS,
+        submit_retries: int = SUBMIT_RETRIES,
     ) -> None:
         """``api_key`` (by default ``BLAZE_API_KEY``) is sent as ``Authorization: Bearer`` on
         every request; ``admin_token`` is its older name. ``webhook_secret`` verifies webhooks;
-        without it, ``verify_webhook`` fetches the key's tenant's secret once."""
+        without it, ``verify_webhook`` fetches the key's tenant's secrets (again after a rotation).
+        ``submit_retries``: how often ``submit`` tries again, with the same idempotency key,
+        when it cannot tell whether its job was made."""
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self._secret = webhook_secret
+        self._held = HeldSecrets()  # the tenant's secrets, fetched when no webhook_secret is given
         self.api_key = api_key or admin_token or os.environ.get("BLAZE_API_KEY") or None
         self.headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._long_poll = LongPoll()
         self.poll_s, self.stream_read_timeout_s, self.stream_reconnects = poll_s, stream_read_timeout_s, stream_reconnects
+        self.submit_retries = submit_retries
         self.http = self._open()
 
     def _open(self) -> HTTP:
@@ -96,13 +109,31 @@ class BlazeClient(_Options[httpx.Client]):
         webhook: str | None = None,
         webhook_events_filter: Iterable[str] | None = None,
         wait: float | None = None,
+        idempotency_key: str | None = None,
         **options: Any,
     ) -> dict[str, Any]:
         """Create a job; returns it as accepted (``queued``), or, with ``wait``, once it ended
-        if it did within that many seconds. ``options`` are further fields (``cache``)."""
+        if it did within that many seconds. ``options`` are further fields (``cache``).
+
+        Every create carries an ``Idempotency-Key``, a fresh one unless ``idempotency_key``
+        is given. When the connection fails or a proxy answers 502/504, ``submit`` itself
+        sends the create again with that key (``submit_retries`` times), and the API answers
+        the job the first try made, if it made one: never two jobs. Pass your own
+        ``idempotency_key`` to retry safely yourself, for 24 h (``BLAZE_IDEMPOTENCY_TTL_S``)."""
         body = _create_body(engine, input, model=model, webhook=webhook, webhook_events_filter=webhook_events_filter, **options)
-        headers, timeout = _wait_request(wait, self.timeout)
-        return self._json(self._send("POST", "/v1/jobs", json=body, headers=headers, timeout=timeout))
+        headers, timeout = _create_request(wait, self.timeout, idempotency_key)
+        for attempt in range(self.submit_retries + 1):
+            last = attempt == self.submit_retries
+            try:
+                response = self._send("POST", "/v1/jobs", json=body, headers=headers, timeout=timeout)
+            except APIConnectionError:
+                if last:
+                    raise
+            else:
+                if last or response.status_code not in UNKNOWN_OUTCOME:
+                    return self._json(response)
+            time.sleep(SUBMIT_RETRY_PAUSE_S * 2**attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def get(self, job_id: str, *, wait: float | None = None) -> dict[str, Any]:
         """The job; with ``wait``, as soon as it ends or after ``wait`` seconds (long-poll)."""
@@ -201,15 +232,27 @@ class BlazeClient(_Options[httpx.Client]):
         return self._json(self._send("POST", f"/v1/jobs/{job_id}/deliveries/{delivery_id}/redeliver"))
 
     def webhook_secret(self) -> str:
-        """The ``whsec_`` secret the deployment signs webhooks with."""
-        if self._secret is None:
-            self._secret = self._json(self._send("GET", "/v1/webhooks/secret"))["secret"]
-        return self._secret
+        """The ``whsec_`` secret the key's tenant signs webhooks with (``webhook_secret=`` if given)."""
+        if self._secret is not None:
+            return self._secret
+        return (self._held.secrets or self._fetch_secrets())[0]
+
+    def _fetch_secrets(self) -> list[str]:
+        return self._held.hold(self._json(self._send("GET", "/v1/webhooks/secret")))
 
     def verify_webhook(self, headers: Mapping[str, str], body: bytes | str) -> dict[str, Any]:
         """The event a webhook request carries, once its signature holds; raises
-        ``blaze_jobs.signing.WebhookVerificationError`` otherwise."""
-        return verify(self.webhook_secret(), headers, body)
+        ``blaze_jobs.signing.WebhookVerificationError`` otherwise. Without ``webhook_secret=``
+        it verifies with the tenant's secrets, read from the API again (at most every
+        ``signing.REFETCH_S``) when none verifies: the tenant may have rotated its secret."""
+        if self._secret is not None:
+            return verify(self._secret, headers, body)
+        try:
+            return verify(self._held.secrets or self._fetch_secrets(), headers, body)
+        except WebhookVerificationError:
+            if not self._held.stale:
+                raise
+            return verify(self._fetch_secrets(), headers, body)
 
 
 # --- shared by both clients ---------------------------------------------------------------
@@ -282,7 +325,12 @@ def problem_of(response: httpx.Response) -> APIError:
     except ValueError:
         problem = None
     if isinstance(problem, dict):
-        return APIError(response.status_code, problem)
+        error = APIError(response.status_code, problem)
+        if response.status_code == 401:
+            # The one refusal the caller fixes in its own set-up: say where a key goes.
+            hint = "set BLAZE_API_KEY, or pass api_key= (blaze: --api-key); `blaze keys create` makes a key"
+            error.args = (f"{error}; {hint}",)
+        return error
     kind = response.headers.get("content-type", "no content type").split(";")[0]
     text = " ".join(response.text.split())
     start = f"{kind} body: {text[:300]}" if text else f"empty {kind} body"
@@ -317,11 +365,13 @@ def _create_body(
     return body
 
 
-def _wait_request(wait: float | None, timeout: float) -> tuple[dict[str, str], float]:
-    """Headers and HTTP timeout of a create that waits (``Prefer: wait=N``)."""
+def _create_request(wait: float | None, timeout: float, idempotency_key: str | None) -> tuple[dict[str, str], float]:
+    """Headers and HTTP timeout of a create: its ``Idempotency-Key`` (a fresh uuid4 unless
+    given), and ``Prefer: wait=N`` for one that waits."""
+    headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
     if not wait:
-        return {}, timeout
-    return {"Prefer": f"wait={wait:g}"}, timeout + wait
+        return headers, timeout
+    return {**headers, "Prefer": f"wait={wait:g}"}, timeout + wait
 
 
 class AsyncBlazeClient(_Options[httpx.AsyncClient]):
@@ -348,11 +398,23 @@ class AsyncBlazeClient(_Options[httpx.AsyncClient]):
         webhook: str | None = None,
         webhook_events_filter: Iterable[str] | None = None,
         wait: float | None = None,
+        idempotency_key: str | None = None,
         **options: Any,
     ) -> dict[str, Any]:
         body = _create_body(engine, input, model=model, webhook=webhook, webhook_events_filter=webhook_events_filter, **options)
-        headers, timeout = _wait_request(wait, self.timeout)
-        return BlazeClient._json(await self._send("POST", "/v1/jobs", json=body, headers=headers, timeout=timeout))
+        headers, timeout = _create_request(wait, self.timeout, idempotency_key)
+        for attempt in range(self.submit_retries + 1):
+            last = attempt == self.submit_retries
+            try:
+                response = await self._send("POST", "/v1/jobs", json=body, headers=headers, timeout=timeout)
+            except APIConnectionError:
+                if last:
+                    raise
+            else:
+                if last or response.status_code not in UNKNOWN_OUTCOME:
+                    return BlazeClient._json(response)
+            await asyncio.sleep(SUBMIT_RETRY_PAUSE_S * 2**attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def get(self, job_id: str, *, wait: float | None = None) -> dict[str, Any]:
         params = {"wait": wait} if wait else None
@@ -434,9 +496,19 @@ class AsyncBlazeClient(_Options[httpx.AsyncClient]):
         return BlazeClient._json(await self._send("POST", f"/v1/jobs/{job_id}/deliveries/{delivery_id}/redeliver"))
 
     async def webhook_secret(self) -> str:
-        if self._secret is None:
-            self._secret = BlazeClient._json(await self._send("GET", "/v1/webhooks/secret"))["secret"]
-        return self._secret
+        if self._secret is not None:
+            return self._secret
+        return (self._held.secrets or await self._fetch_secrets())[0]
+
+    async def _fetch_secrets(self) -> list[str]:
+        return self._held.hold(BlazeClient._json(await self._send("GET", "/v1/webhooks/secret")))
 
     async def verify_webhook(self, headers: Mapping[str, str], body: bytes | str) -> dict[str, Any]:
-        return verify(await self.webhook_secret(), headers, body)
+        if self._secret is not None:
+            return verify(self._secret, headers, body)
+        try:
+            return verify(self._held.secrets or await self._fetch_secrets(), headers, body)
+        except WebhookVerificationError:
+            if not self._held.stale:
+                raise
+            return verify(await self._fetch_secrets(), headers, body)

@@ -130,14 +130,32 @@ def test_the_async_client_learns_the_bound_too(stack: dict[str, Any], settings: 
     asyncio.run(story())
 
 
-class BrokenServer:
+class LocalServer:
+    """A real HTTP server on 127.0.0.1, in a thread of the test, serving ``handler``."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class BrokenServer(LocalServer):
     """A real HTTP server on 127.0.0.1 that answers every request with one status, content
     type and body, as a failing proxy or a crashed app does."""
 
     def __init__(self, status: int, content_type: str, body: bytes) -> None:
+        #: The headers of every request it got, in order.
+        self.seen: list[dict[str, str]] = []
+        seen = self.seen
+
         class Handler(BaseHTTPRequestHandler):
             def answer(self) -> None:
                 self.rfile.read(int(self.headers.get("content-length") or 0))
+                seen.append({name.lower(): value for name, value in self.headers.items()})
                 self.send_response(status)
                 self.send_header("content-type", content_type)
                 self.send_header("content-length", str(len(body)))
@@ -149,13 +167,7 @@ class BrokenServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture()
@@ -290,3 +302,88 @@ def test_the_event_parser_follows_the_sse_rules() -> None:
     ]
     events = [e for e in (parser.feed(line) for line in lines) if e]
     assert [(e.id, e.event, e.data) for e in events] == [("5-0", "job.progress", {"step": 1, "total": 2})]
+
+
+class LosingProxy(LocalServer):
+    """A real HTTP proxy in front of the API that forwards every request, but drops the
+    connection instead of passing on the first create's answer: the job was made, and the
+    client cannot know it. It records each create's ``Idempotency-Key`` and the API's answer."""
+
+    def __init__(self, api_url: str) -> None:
+        self.creates: list[tuple[str | None, int, dict[str, Any]]] = []
+        creates = self.creates
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                answer = httpx.post(f"{api_url}{self.path}", content=body, headers=headers, timeout=30)
+                creates.append((self.headers.get("idempotency-key"), answer.status_code, answer.json()))
+                if len(creates) == 1:
+                    self.close_connection = True  # the answer is lost on the way back
+                    return
+                self.send_response(answer.status_code)
+                for name in ("content-type", "content-length", "location"):
+                    if name in answer.headers:
+                        self.send_header(name, answer.headers[name])
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(Handler)
+
+
+def test_a_submit_whose_answer_is_lost_is_retried_into_the_same_job(stack: dict[str, Any]) -> None:
+    # Given a proxy that loses the API's answer to the first create
+    proxy = LosingProxy(stack["api_url"])
+    try:
+        with BlazeClient(proxy.url) as client:
+            # When the client submits a job through it
+            job = client.submit("echo", {"tag": uuid.uuid4().hex})
+    finally:
+        proxy.close()
+
+    # Then the client sent the create again with the same Idempotency-Key, and the API
+    # answered the job the first create made: one job, not two
+    (first_key, first_status, first), (second_key, second_status, second) = proxy.creates
+    assert first_key and first_key == second_key
+    assert (first_status, second_status) == (202, 200), proxy.creates
+    assert job["id"] == first["id"] == second["id"]
+
+
+def test_every_retry_of_one_submit_carries_its_key() -> None:
+    # Given a proxy that answers every create 502 (the API's answer lost, the job perhaps made)
+    server = BrokenServer(502, "text/html", b"<html>502 Bad Gateway</html>")
+    try:
+        with BlazeClient(server.url, submit_retries=2) as client:
+            # When a job is submitted, twice
+            for _ in range(2):
+                with pytest.raises(APIError) as failed:
+                    client.submit("echo", {"n": 1})
+                assert failed.value.status == 502
+            # and once with a key of the caller's own
+            with pytest.raises(APIError):
+                client.submit("echo", {"n": 1}, idempotency_key="order-42")
+    finally:
+        server.close()
+
+    # Then each submit was tried three times, always with its own one key
+    keys = [seen.get("idempotency-key") for seen in server.seen]
+    assert len(keys) == 9 and all(keys)
+    assert len(set(keys[:3])) == len(set(keys[3:6])) == 1 and keys[0] != keys[3]
+    assert keys[6:] == ["order-42"] * 3
+
+
+def test_a_missing_or_unknown_key_says_how_to_send_one(stack: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given no BLAZE_API_KEY in the environment
+    monkeypatch.delenv("BLAZE_API_KEY")
+    for client in (BlazeClient(stack["api_url"]), BlazeClient(stack["api_url"], api_key="bz_live_not-a-key")):
+        with client:
+            # When a client without a key, or with an unknown one, submits
+            with pytest.raises(APIError) as refused:
+                client.submit("echo", {"n": 1})
+        # Then it is a 401 whose message says where a key goes
+        assert refused.value.status == 401
+        assert "BLAZE_API_KEY" in str(refused.value) and "api_key=" in str(refused.value)
