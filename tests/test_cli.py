@@ -13,11 +13,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import redis
 from PIL import Image
 
+from blaze_jobs import audit
+from blaze_jobs.api_keys import create_key, get_key
+from blaze_jobs.settings import Settings
 from blaze_jobs.stack import free_port
-from tests.conftest import own_prefix, wait_until
+from tests.conftest import REDIS_URL, own_prefix, wait_until
 
 
 def blaze(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -65,12 +70,23 @@ def test_demo_makes_an_image_with_an_embedded_redis(test_env: dict[str, str], tm
     assert image.format == "PNG" and image.size == (64, 64)
 
 
+def tenant_key(settings: Settings, tenant: str) -> str:
+    """A new key of ``tenant`` in the test stack's Redis, as `blaze keys create` makes one."""
+    with redis.Redis.from_url(settings.redis_url) as client:
+        secret, _ = create_key(client, settings, tenant=tenant, name="cli-test")
+    return secret
+
+
 @pytest.mark.timeout(120)
-def test_submit_wait_status_and_cancel(stack: dict[str, Any], test_env: dict[str, str], tmp_path: Path) -> None:
-    env = {**test_env, "BLAZE_API_URL": stack["api_url"]}
+def test_submit_wait_status_and_cancel(
+    stack: dict[str, Any], test_env: dict[str, str], settings: Settings, tmp_path: Path
+) -> None:
+    # Given a user whose API key is in BLAZE_API_KEY
+    key = tenant_key(settings, "cli-fox")
+    env = {**test_env, "BLAZE_API_URL": stack["api_url"], "BLAZE_API_KEY": key}
     fox = tmp_path / "fox.png"
 
-    # When a user submits an image job and waits for it
+    # When they submit an image job and wait for it
     result = blaze(
         "submit",
         "--engine",
@@ -91,9 +107,10 @@ def test_submit_wait_status_and_cancel(stack: dict[str, Any], test_env: dict[str
     assert Image.open(io.BytesIO(fox.read_bytes())).size == (64, 64)
     job_id = result.stdout.split()[1]
 
-    # and `blaze status` shows the job, with the seed it was given
-    status = blaze("status", job_id, env=env, timeout=30)
-    assert status.returncode == 0
+    # and `blaze status`, given the key with --api-key instead, shows the job, with the seed it was given
+    without = {k: v for k, v in env.items() if k != "BLAZE_API_KEY"}
+    status = blaze("status", job_id, "--api-key", key, env=without, timeout=30)
+    assert status.returncode == 0, status.stderr
     job = json.loads(status.stdout)
     assert job["status"] == "succeeded" and job["input"]["seed"] == 7
 
@@ -103,8 +120,24 @@ def test_submit_wait_status_and_cancel(stack: dict[str, Any], test_env: dict[str
 
 
 @pytest.mark.timeout(60)
-def test_bad_input_gets_a_message_naming_the_field(stack: dict[str, Any], test_env: dict[str, str]) -> None:
+def test_a_command_without_a_key_says_how_to_give_one(stack: dict[str, Any], test_env: dict[str, str]) -> None:
+    # Given a user who has not set BLAZE_API_KEY
     env = {**test_env, "BLAZE_API_URL": stack["api_url"]}
+    env.pop("BLAZE_API_KEY", None)
+
+    # When they submit a job, or give a key the API does not know
+    for extra in ((), ("--api-key", "bz_live_no-such-key")):
+        result = blaze("submit", *extra, "--engine", "echo", "--input", "n=1", env=env, timeout=30)
+
+        # Then the API refused it (401), and the message says how to send a key
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "HTTP 401" in result.stderr
+        assert "BLAZE_API_KEY" in result.stderr and "--api-key" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_gets_a_message_naming_the_field(stack: dict[str, Any], test_env: dict[str, str]) -> None:
+    env = {**test_env, "BLAZE_API_URL": stack["api_url"], "BLAZE_API_KEY": test_env["BLAZE_ADMIN_TOKEN"]}
     result = blaze("submit", "--engine", "diffusion", "--input", "prompt=x", "--input", "width=100000", env=env, timeout=30)
     assert result.returncode == 2
     assert "input.width" in result.stderr
@@ -151,6 +184,14 @@ def test_the_demo_stops_with_the_workers_log_when_its_worker_dies(test_env: dict
     assert str(missing) in result.stderr
 
 
+def status_of(url: str) -> int | None:
+    """The status of a GET without credentials; None while nothing answers there."""
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return None
+
+
 def _stat(pid: int) -> tuple[str, int, int] | None:
     """(state, parent pid, start time) of a process, from /proc; None once it is gone."""
     try:
@@ -188,12 +229,15 @@ def running(pid: int, start: int) -> bool:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_blaze_up_stops_every_child_when_told_to_stop(signum: int, test_env: dict[str, str], tmp_path: Path) -> None:
-    # Given `blaze up` running (under a prefix of its own: its workers must not take others' jobs)
+    # Given `blaze up` running (under a prefix of its own: its workers must not take others' jobs),
+    # with no Flower login configured
     with own_prefix("up") as prefix:
         log = tmp_path / "up.log"
-        argv = [sys.executable, "-m", "blaze_jobs.cli", "up", "--port", str(free_port()), "--flower-port", str(free_port())]
+        api_port, flower_port = free_port(), free_port()
+        argv = [sys.executable, "-m", "blaze_jobs.cli", "up", "--port", str(api_port), "--flower-port", str(flower_port)]
         with open(log, "wb") as out:
             env = {**test_env, "BLAZE_REDIS_PREFIX": prefix, "TMPDIR": str(tmp_path)}
+            env.pop("BLAZE_FLOWER_BASIC_AUTH")
             up = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
         children: dict[int, int] = {}
         try:
@@ -206,6 +250,20 @@ def test_blaze_up_stops_every_child_when_told_to_stop(signum: int, test_env: dic
             children = descendants(up.pid)
             # the API, four workers and Flower
             assert len(children) >= 6, children
+            printed = log.read_text()
+
+            # It printed an API key, alone on its line, that the API takes
+            key = re.search(r"^(bz_live_\S+)$", printed, re.MULTILINE)
+            assert key and f"export BLAZE_API_KEY={key[1]}" in printed, printed
+            api = f"http://127.0.0.1:{api_port}"
+            assert httpx.get(f"{api}/v1/jobs", headers={"Authorization": f"Bearer {key[1]}"}, timeout=10).status_code == 200
+            assert httpx.get(f"{api}/v1/jobs", timeout=10).status_code == 401
+            # and the login it made for Flower, which refuses anyone without it
+            login = re.search(r"\(login: (\S+) / (\S+)\)", printed)
+            assert login, printed
+            flower = f"http://127.0.0.1:{flower_port}/api/workers"
+            wait_until(lambda: status_of(flower) == 401, timeout=60, what=f"Flower to answer at {flower}")
+            assert httpx.get(flower, auth=(login[1], login[2]), timeout=10).status_code == 200
 
             # When a supervisor, `kill` or a closing terminal sends it the signal
             up.send_signal(signum)
@@ -218,6 +276,13 @@ def test_blaze_up_stops_every_child_when_told_to_stop(signum: int, test_env: dic
                 what=f"every child of blaze up ({sorted(children)}) to be gone",
             )
             assert "stopping" in log.read_text()
+            # and the key it made is revoked, its making and its end both in the audit trail
+            up_settings = Settings(redis_url=REDIS_URL, redis_prefix=prefix)
+            with redis.Redis.from_url(REDIS_URL) as client:
+                assert get_key(client, up_settings, key[1]) is None
+                entries, _ = audit.read(client, up_settings)
+            assert [e["action"] for e in entries] == ["key.revoke", "key.create"], entries
+            assert entries[0]["target"] == entries[1]["target"]
         finally:
             # Whatever it left behind (it orphaned them all before the fix), by pid; read its
             # children again, since the test may have failed before it first read them.
