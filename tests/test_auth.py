@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from blaze_jobs import api_keys
+from blaze_jobs.api.auth import CACHE_MAX_KEYS, CACHE_MAX_UNKNOWN, KeyCache
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack, StackError, free_port
 from tests.conftest import AUTH, REDIS_URL, delete_keys, start_api, wait_until
@@ -230,3 +231,31 @@ def test_with_auth_off_no_key_is_asked_for(own_stack: Stack, tmp_path: Path) -> 
     assert httpx.get(f"{url}/v1/admin/keys", timeout=10).status_code == 200
     log = own_stack.child("api").log_path.read_text()
     assert "BLAZE_AUTH=off" in log and "Every caller" in log and "WARNING" in log.upper()
+
+
+def test_the_key_cache_is_bounded_and_unknown_keys_cannot_push_known_ones_out() -> None:
+    # Given a process's key cache holding one real key
+    cache = KeyCache(ttl_s=KEY_CACHE_S)
+    key = api_keys.ApiKey(id="key_0123456789ab", tenant="acme", name="ci")
+    cache.put("real", key, now=0.0)
+
+    # When a client sends many more unknown secrets than the cache holds
+    for n in range(CACHE_MAX_UNKNOWN * 3):
+        cache.put(f"guess-{n}", None, now=0.5)
+
+    # Then the unknown ones stay within their bound, and the real key is still served from memory
+    assert len(cache.unknown) <= CACHE_MAX_UNKNOWN
+    assert cache.get("real", now=1.0) == (True, key)
+    assert cache.get(f"guess-{CACHE_MAX_UNKNOWN * 3 - 1}", now=1.0) == (True, None)
+
+    # And an entry is trusted only for the cache's bound
+    assert cache.get("real", now=KEY_CACHE_S + 0.01) == (False, None)
+
+    # And known keys stay within theirs too
+    for n in range(CACHE_MAX_KEYS + 10):
+        cache.put(f"key-{n}", key, now=0.0)
+    assert len(cache.known) <= CACHE_MAX_KEYS
+
+    # And forgetting a key (its limits changed, or it was revoked, here) drops every entry of it
+    cache.forget(key.id)
+    assert cache.known == {}
