@@ -38,6 +38,13 @@ PROBLEM_SCHEMA = {
             "description": "One entry per faulty field, e.g. `input.width`.",
             "items": {"type": "object", "properties": {"field": {"type": "string"}, "message": {"type": "string"}}},
         },
+        # The members of the refusals a client may wait out (their `type` says which).
+        "tenant": {"type": "string", "description": "Job quota: the tenant at its quota."},
+        "count": {"type": "integer", "description": "Job quota: the tenant's jobs queued or running now."},
+        "limit": {"type": "integer", "description": "Job quota, rate limit, full queue: the bound met."},
+        "window_s": {"type": "integer", "description": "Rate limit: the window the key's rate counts requests in."},
+        "engine": {"type": "string", "description": "Full queue: the engine whose queue is full."},
+        "length": {"type": "integer", "description": "Full queue: the messages in its queue."},
     },
 }
 #: How long a client should wait before retrying while Redis is unreachable.
