@@ -366,14 +366,23 @@ def test_every_retry_of_one_submit_carries_its_key() -> None:
             # and once with a key of the caller's own
             with pytest.raises(APIError):
                 client.submit("echo", {"n": 1}, idempotency_key="order-42")
+
+        # and once by the async client
+        async def story() -> None:
+            async with AsyncBlazeClient(server.url, submit_retries=2) as async_client:
+                with pytest.raises(APIError):
+                    await async_client.submit("echo", {"n": 1})
+
+        asyncio.run(story())
     finally:
         server.close()
 
     # Then each submit was tried three times, always with its own one key
     keys = [seen.get("idempotency-key") for seen in server.seen]
-    assert len(keys) == 9 and all(keys)
-    assert len(set(keys[:3])) == len(set(keys[3:6])) == 1 and keys[0] != keys[3]
-    assert keys[6:] == ["order-42"] * 3
+    assert len(keys) == 12 and all(keys)
+    assert len(set(keys[:3])) == len(set(keys[3:6])) == len(set(keys[9:])) == 1
+    assert len({keys[0], keys[3], keys[9]}) == 3
+    assert keys[6:9] == ["order-42"] * 3
 
 
 def test_a_missing_or_unknown_key_says_how_to_send_one(stack: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
