@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 import time
@@ -45,7 +46,12 @@ POLL_S = 0.02
 def fingerprint(body: BaseModel) -> str:
     """The sha256 of the request's canonical JSON (parsed, defaults filled, keys sorted): two
     bodies that differ only in spacing, key order or spelled-out defaults are the same request."""
-    return hashlib.sha256(orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
+    fields = body.model_dump(mode="json")
+    try:
+        canonical = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # an integer past 64 bits (an echo job takes any JSON): the same body always lands here
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()
 
 
 def _key_from(header: bytes) -> str:
