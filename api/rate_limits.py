@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 
 import limits
@@ -70,16 +71,62 @@ def limiter_of(app: FastAPI) -> MovingWindowRateLimiter:
     return made[1]
 
 
+#: How long slots a process took from a key's shared window stay usable, in seconds (or a
+#: tenth of the window, if shorter): a request is counted at most this long before it is made.
+SLOT_LIFETIME_S = 1.0
+#: A process takes at most this share of a key's limit in one round trip, so the limit holds
+#: across API processes to within this share per process (a batch taken and not used).
+SLOT_SHARE = 0.01
+
+
+@dataclass
+class _Slots:
+    """Slots of one key's window this process has counted in Redis and not used yet."""
+
+    left: int = 0
+    until: float = 0.0
+    #: How many the next round trip takes: doubled while they run out within their lifetime
+    #: (the key is busy here), back to one when some went unused.
+    batch: int = 1
+
+
+#: By key id and rate; bounded, since keys come and go.
+_SLOTS: dict[tuple[str, str], _Slots] = {}
+
+
 async def check(request: Request, key: ApiKey) -> None:
-    """Count this request against ``key``'s rate; ``RateLimited`` when it is past it. One Redis
-    round trip for a key with a rate (a second only when refused), none for one without."""
+    """Count this request against ``key``'s rate; ``RateLimited`` when it is past it.
+
+    A key sending one request at a time costs a Redis round trip per request. A busy key's
+    requests are counted in batches: the process takes several slots of the shared moving
+    window in one round trip (at most ``SLOT_SHARE`` of the limit) and spends them over the
+    next ``SLOT_LIFETIME_S``, so a key at hundreds of requests a second costs the create path
+    almost nothing. Slots a process took and did not use count as used (at most one batch per
+    process), and a request is counted up to ``SLOT_LIFETIME_S`` before it is made."""
     if key.rate is None:
         return
+    slots = _SLOTS.get((key.id, key.rate))
+    now = time.monotonic()
+    if slots is not None and slots.left and now < slots.until:
+        slots.left -= 1
+        return
     item = parse(key.rate)
+    if slots is None:
+        if len(_SLOTS) >= 10_000:
+            _SLOTS.clear()
+        slots = _SLOTS[(key.id, key.rate)] = _Slots()
+    cap = max(1, int(item.amount * SLOT_SHARE))
+    batch = min(slots.batch * 2, cap) if now < slots.until else 1
     limiter = limiter_of(request.app)
     try:
-        if await limiter.hit(item, key.id):
+        taken = batch if await limiter.hit(item, key.id, cost=batch) else 0
+        if not taken and batch > 1:  # near the limit: the window may still hold a slot or a few
+            taken = 1 if await limiter.hit(item, key.id) else 0
+        if taken:
+            slots.left, slots.batch = taken - 1, taken
+            slots.until = time.monotonic() + min(SLOT_LIFETIME_S, item.get_expiry() / 10)
             return
+        slots.left, slots.batch = 0, 1
     except redis.exceptions.ResponseError as error:
         # A Redis that refuses writes (at its memory limit, a replica) cannot count the request;
         # let it through rather than refuse reads too: every write it could make is refused

@@ -74,6 +74,23 @@ def test_a_key_past_its_rate_gets_429_with_rate_limit_headers_across_api_process
         assert reset is not None and int(reset.group(1)) == retry_after, refused.headers
 
 
+def test_a_busy_key_is_counted_in_batches_and_never_passes_its_rate(own_stack: Stack) -> None:
+    # Given a key allowed 1,000 requests a minute (a process takes up to 10 slots at a time)
+    secret = key_with_rate(own_stack, "1000/minute")
+    url = start_api(own_stack)
+
+    # When it sends 1,050 requests as fast as one connection goes
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {secret}"}, timeout=30) as http:
+        codes = [http.get("/v1/jobs", params={"limit": 1}).status_code for _ in range(1050)]
+
+    # Then never more than 1,000 are answered, and at most one batch of slots goes unused
+    answered = codes.count(200)
+    assert 990 <= answered <= 1000, answered
+    assert codes.count(429) == 1050 - answered, set(codes)
+    # and once refused, every later request is refused too (the window is full for a minute)
+    assert 200 not in codes[codes.index(429) :], codes[codes.index(429) :][:20]
+
+
 def test_the_window_frees_when_retry_after_says_and_each_key_has_its_own(own_stack: Stack) -> None:
     # Given a key allowed 2 requests in 10 seconds, and another key of the same tenant
     limited = key_with_rate(own_stack, "2/10 seconds", name="limited")
