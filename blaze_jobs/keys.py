@@ -47,7 +47,9 @@ SCHEMA: dict[str, KeyInfo] = {
     "cache": KeyInfo("cache:<key>", "string (JSON output)", "cache_ttl_s", "worker"),
     "cache_index": KeyInfo("cache-index", "zset", "none; bounded by cache_max_entries", "worker"),
     "artifact": KeyInfo("artifact:<key>", "string (bytes)", "job_ttl_s", "worker"),
-    "webhook_secret": KeyInfo("webhook-secret", "string", "none", "first API or webhook worker needing it"),
+    "webhook_secret": KeyInfo(
+        "webhook-secret", "string", "none", "nobody now: the secret from before tenants, adopted by the default tenant"
+    ),
     "readyz": KeyInfo("readyz", "string", "10 s (redis_config.PROBE_TTL_MS)", "API /readyz, start-up checks"),
     "tenant_all": KeyInfo("t:<tenant>:idx:all", "zset", "none; entries older than job_ttl_s trimmed on list", "job creation"),
     "tenant_status": KeyInfo(
@@ -63,7 +65,7 @@ SCHEMA: dict[str, KeyInfo] = {
         "t:<tenant>:webhook-secret-previous", "string", "webhook_secret_grace_s", "rotation"
     ),
     "idempotency": KeyInfo("t:<tenant>:idem:<sha256 of the Idempotency-Key>", "string", "idempotency_ttl_s", "API create"),
-    "rate_limits": KeyInfo("limits:<key id>…", "list (limits' moving window)", "the window", "API, through limits"),
+    "rate_limits": KeyInfo("limits:LIMITER/<key id>/<rate>", "list (limits' moving window)", "the window", "API, through limits"),
     "audit": KeyInfo("audit", "stream", "none; at most audit_max_entries", "API, blaze keys"),
     "artifact_owners": KeyInfo("artifact-owners:<key>", "set (tenants)", "job_ttl_s", "worker, API (cache hits)"),
     "artifact_url_secret": KeyInfo("artifact-url-secret", "string", "none", "first API or webhook worker needing it"),
