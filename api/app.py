@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from blaze_jobs import audit, cache, redis_config
 from blaze_jobs.artifacts import artifact_store
 from blaze_jobs.broker import queue_key, task_message
+from blaze_jobs.errors import QueueFull, QuotaExceeded
 from blaze_jobs.jobs import Job, JobCreate, JobPage, JobStatus, job_view, new_record
 from blaze_jobs.keys import Keys
 from blaze_jobs.settings import ENGINES, Settings, get_settings
@@ -133,8 +134,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     # The images outlive the new job as long as the job itself, and its tenant owns them.
                     cache.queue_renew(pipe, json.loads(output), tenant=caller.tenant, settings=settings)
                     await pipe.execute()
-        except Exception:
-            # Refused (quota, full queue, full Redis) and nothing stored: a retry may create it.
+        except (QuotaExceeded, QueueFull, redis.exceptions.ResponseError, connections.Busy):
+            # Refused (quota, full queue, full Redis, no connection free) and nothing stored: a
+            # retry may create it. A connection lost mid-create may have stored the job: its
+            # claim stays, and a retry answers that job, or takes the claim over once stale.
             await idempotency.release(request)
             raise
         # 4. With ``Prefer: wait=N``, answer once the job ends (within N seconds).
