@@ -36,12 +36,14 @@ STREAM_READ_TIMEOUT_S = 60.0
 #: Times an event stream reconnects (with ``Last-Event-ID``) before giving up.
 STREAM_RECONNECTS = 5
 #: Times ``submit`` sends its create again when the connection failed or a proxy answered
-#: 502/504 (whether the job was made is unknown then): each retry carries the first one's
-#: ``Idempotency-Key``, so the API makes one job whatever happened. Pauses 0.5 s, then 1 s.
+#: 502/504 (whether the job was made is unknown then), or a 409 says an earlier try is still
+#: being created: each retry carries the first one's ``Idempotency-Key``, so the API makes
+#: one job whatever happened. Pauses 0.5 s, then 1 s.
 SUBMIT_RETRIES = 2
 SUBMIT_RETRY_PAUSE_S = 0.5
-#: Answers after which a create may or may not have been made: a proxy lost the API's answer.
-UNKNOWN_OUTCOME = frozenset({502, 504})
+#: Answers after which a create may or may not have been made: a proxy lost the API's answer
+#: (502, 504), or an earlier try with the same key is still being created (409).
+UNKNOWN_OUTCOME = frozenset({409, 502, 504})
 
 
 HTTP = TypeVar("HTTP", httpx.Client, httpx.AsyncClient)
@@ -116,9 +118,10 @@ class BlazeClient(_Options[httpx.Client]):
         if it did within that many seconds. ``options`` are further fields (``cache``).
 
         Every create carries an ``Idempotency-Key``, a fresh one unless ``idempotency_key``
-        is given. When the connection fails or a proxy answers 502/504, ``submit`` itself
-        sends the create again with that key (``submit_retries`` times), and the API answers
-        the job the first try made, if it made one: never two jobs. Pass your own
+        is given. When the connection fails, a proxy answers 502/504 or the API is still
+        making an earlier try's job (409), ``submit`` itself sends the create again with that
+        key (``submit_retries`` times), and the API answers the job the first try made, if it
+        made one: never two jobs. Pass your own
         ``idempotency_key`` to retry safely yourself, for 24 h (``BLAZE_IDEMPOTENCY_TTL_S``)."""
         body = _create_body(engine, input, model=model, webhook=webhook, webhook_events_filter=webhook_events_filter, **options)
         headers, timeout = _create_request(wait, self.timeout, idempotency_key)

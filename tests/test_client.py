@@ -353,16 +353,25 @@ def test_a_submit_whose_answer_is_lost_is_retried_into_the_same_job(stack: dict[
     assert job["id"] == first["id"] == second["id"]
 
 
-def test_every_retry_of_one_submit_carries_its_key() -> None:
-    # Given a proxy that answers every create 502 (the API's answer lost, the job perhaps made)
-    server = BrokenServer(502, "text/html", b"<html>502 Bad Gateway</html>")
+UNKNOWN_OUTCOMES = {
+    # a proxy lost the API's answer: the job perhaps made
+    502: ("text/html", b"<html>502 Bad Gateway</html>"),
+    # the API is still making the job of an earlier try with the same key
+    409: ("application/problem+json", b'{"title": "Conflict", "status": 409, "detail": "still being processed"}'),
+}
+
+
+@pytest.mark.parametrize("status", sorted(UNKNOWN_OUTCOMES))
+def test_every_retry_of_one_submit_carries_its_key(status: int) -> None:
+    # Given a server that answers every create so that the client cannot tell whether its job was made
+    server = BrokenServer(status, *UNKNOWN_OUTCOMES[status])
     try:
         with BlazeClient(server.url, submit_retries=2) as client:
             # When a job is submitted, twice
             for _ in range(2):
                 with pytest.raises(APIError) as failed:
                     client.submit("echo", {"n": 1})
-                assert failed.value.status == 502
+                assert failed.value.status == status
             # and once with a key of the caller's own
             with pytest.raises(APIError):
                 client.submit("echo", {"n": 1}, idempotency_key="order-42")
