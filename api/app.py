@@ -18,7 +18,7 @@ from fastapi.responses import Response
 from blaze_jobs import audit, cache, redis_config
 from blaze_jobs.artifacts import artifact_store
 from blaze_jobs.broker import queue_key, task_message
-from blaze_jobs.errors import QueueFull, QuotaExceeded
+from blaze_jobs.errors import ClaimTakenOver, QueueFull, QuotaExceeded
 from blaze_jobs.jobs import Job, JobCreate, JobPage, JobStatus, job_view, new_record
 from blaze_jobs.keys import Keys
 from blaze_jobs.settings import ENGINES, Settings, get_settings
@@ -123,17 +123,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 message = task_message(job_id=job_id, engine=engine, input=job_input, tenant=caller.tenant)
                 # Admitted in the same step: the tenant's quota (the key's) and the queue's bound.
                 await store.create_queued(
-                    record, queue=queue_key(settings, engine), message=message, max_jobs=caller.max_jobs or 0
+                    record,
+                    queue=queue_key(settings, engine),
+                    message=message,
+                    max_jobs=caller.max_jobs or 0,
+                    claim=idempotency.held(request),
                 )
             else:
                 async with store.redis.pipeline(transaction=True) as pipe:
+                    claim = idempotency.held(request)
+                    if claim is not None:  # born only while this create holds its claim (create.lua's rule)
+                        await pipe.watch(claim[0])
+                        if text(await pipe.get(claim[0]) or b"") != claim[1]:
+                            raise ClaimTakenOver(job_id)
+                        pipe.multi()
                     output = text(cached)
                     now = repr(time.time())
                     record.update(status="succeeded", output=output, started_at=now, completed_at=now, cache_hit="1")
                     queue_create(pipe, store.keys, record, ttl_s=settings.job_ttl_s)
                     # The images outlive the new job as long as the job itself, and its tenant owns them.
                     cache.queue_renew(pipe, json.loads(output), tenant=caller.tenant, settings=settings)
-                    await pipe.execute()
+                    try:
+                        await pipe.execute()
+                    except redis.exceptions.WatchError:  # the claim changed hands after the look
+                        raise ClaimTakenOver(job_id) from None
         except (QuotaExceeded, QueueFull, redis.exceptions.ResponseError, connections.Busy):
             # Refused (quota, full queue, full Redis, no connection free) and nothing stored: a
             # retry may create it. A connection lost mid-create may have stored the job: its
@@ -185,7 +198,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store: AsyncJobStore = request.app.state.store
         await store.cancel(job_id, tenant=caller.tenant)
         address = request.client.host if request.client else None
-        await audit.record_async(store.redis, settings, key=caller, action="job.cancel", target=job_id, address=address)
+        try:
+            await audit.record_async(store.redis, settings, key=caller, action="job.cancel", target=job_id, address=address)
+        except redis.exceptions.RedisError as error:
+            # The job is canceled already: a 503 now would have the client retry into a 409.
+            log.error("job %s canceled by key %s, but its audit entry was not written: %s", job_id, caller.id, error)
         return JSONResponse(job_view(await store.get(job_id), base_url=base_url(request), signer=signer_of(request)))
 
     @app.get("/healthz")

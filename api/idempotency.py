@@ -108,11 +108,17 @@ async def claim(request: Request, *, tenant: str, body: BaseModel, job_id: str) 
     )
 
 
+def held(request: Request) -> tuple[str, str] | None:
+    """The claim this request holds (its key and value), for the create to be made only while
+    it still holds it: a retry may take a claim over once it looks stale."""
+    return getattr(request.state, "idempotency_claim", None)
+
+
 async def release(request: Request) -> None:
     """Give up the key this request claimed, once its create was refused (nothing stored), so
     a retry with the key may create the job; a claim taken over meanwhile stays. Best effort:
     with Redis unreachable the claim goes stale and a later retry takes it over."""
-    claimed: tuple[str, str] | None = getattr(request.state, "idempotency_claim", None)
+    claimed = held(request)
     if claimed is None:
         return
     request.state.idempotency_claim = None

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from blaze_jobs.errors import JobConflict, JobNotFound, QueueFull, QuotaExceeded
+from blaze_jobs.errors import ClaimTakenOver, JobConflict, JobNotFound, QueueFull, QuotaExceeded
 from blaze_jobs.redis_config import refusal
 from blaze_jobs.settings import ENGINES
 
@@ -182,6 +182,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     async def on_not_found(request: Request, exc: JobNotFound) -> JSONResponse:
         return problem(404, "Job not found", f"no job with id {exc.args[0]!r}")
+
+    @app.exception_handler(ClaimTakenOver)
+    async def on_claim_taken_over(request: Request, exc: ClaimTakenOver) -> JSONResponse:
+        # This create ran so late that a retry took its Idempotency-Key over: the retry's job is
+        # the one, and the next retry is answered with it.
+        detail = "a retry with this Idempotency-Key took over while this request waited; retry to get its job"
+        return problem(409, "Conflict", detail, headers={"Retry-After": "1"})
 
     @app.exception_handler(JobConflict)
     async def on_conflict(request: Request, exc: JobConflict) -> JSONResponse:

@@ -85,3 +85,8 @@ class QueueFull(BlazeError):
     def __init__(self, engine: str, *, length: int, limit: int) -> None:
         super().__init__(f"the {engine} queue holds {length} jobs, its bound is {limit}")
         self.engine, self.length, self.limit = engine, length, limit
+
+
+class ClaimTakenOver(BlazeError):
+    """A create's ``Idempotency-Key`` claim was taken over by a retry (it looked stale): the
+    create stored nothing, and the retry's job is the key's one job."""

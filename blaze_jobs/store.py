@@ -27,7 +27,7 @@ from redis.exceptions import NoScriptError
 
 from blaze_jobs import scripts
 from blaze_jobs.broker import webhook_task_template
-from blaze_jobs.errors import JobConflict, JobNotFound, QueueFull, QuotaExceeded
+from blaze_jobs.errors import ClaimTakenOver, JobConflict, JobNotFound, QueueFull, QuotaExceeded
 from blaze_jobs.events import queue_born_ended
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.keys import Keys as Keys  # named here too: tests and callers import it from the store
@@ -249,11 +249,15 @@ class AsyncJobStore:
         # By (tenant, engine): where a new queued job is indexed, and the tenant's running index.
         self._queued_indexes: dict[tuple[str, str], tuple[list[str], str]] = {}
 
-    async def create_queued(self, record: dict[str, str], *, queue: str, message: str, max_jobs: int = 0) -> None:
+    async def create_queued(
+        self, record: dict[str, str], *, queue: str, message: str, max_jobs: int = 0, claim: tuple[str, str] | None = None
+    ) -> None:
         """Admit a new queued job, store it, index it and push its Celery message, in one
         round trip. Raises QuotaExceeded when its tenant (``record["tenant"]``) already has
-        ``max_jobs`` jobs queued or running (0: no quota), and QueueFull when the engine's
-        queue holds ``BLAZE_QUEUE_MAX`` messages; then nothing is written."""
+        ``max_jobs`` jobs queued or running (0: no quota), QueueFull when the engine's queue
+        holds ``BLAZE_QUEUE_MAX`` messages, and ClaimTakenOver when ``claim`` (an
+        Idempotency-Key's key and the value this create holds it with) is no longer held;
+        then nothing is written."""
         tenant, engine, created_at = record["tenant"], record["engine"], record["created_at"]
         expires = str(expires_at_ms(created_at, self.settings.job_ttl_s))
         fields = orjson.dumps({**record, "score": str(score_of(float(created_at))), EXPIRES: expires})
@@ -266,6 +270,9 @@ class AsyncJobStore:
         script_keys = [self.keys.job(record["id"]), *indexes, queue, running]
         oldest = score_of(time.time() - self.settings.job_ttl_s)
         args = [message, fields, max_jobs, self.settings.queue_max, oldest]
+        if claim is not None:
+            script_keys.append(claim[0])
+            args.append(claim[1])
         try:
             # EVALSHA straight away: the script object's own call costs ~10 µs more, per create.
             reply = await self.redis.execute_command("EVALSHA", self._create.sha, len(script_keys), *script_keys, *args)
@@ -276,6 +283,8 @@ class AsyncJobStore:
         refusal, count = reply
         if refusal == -1:
             raise QuotaExceeded(tenant, count=int(count), limit=max_jobs)
+        if refusal == -3:
+            raise ClaimTakenOver(record["id"])
         raise QueueFull(engine, length=int(count), limit=self.settings.queue_max)
 
     async def get(self, job_id: str) -> dict[str, str]:

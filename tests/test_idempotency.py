@@ -4,6 +4,8 @@ same key, or a malformed key, is refused naming ``Idempotency-Key``."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from hashlib import sha256
@@ -12,11 +14,16 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import redis.asyncio
 
 from blaze_jobs.api_keys import create_key
+from blaze_jobs.broker import queue_key, task_message
+from blaze_jobs.errors import ClaimTakenOver
+from blaze_jobs.jobs import new_record
 from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack, StackError, free_port
+from blaze_jobs.store import AsyncJobStore
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -133,3 +140,35 @@ def test_a_claim_whose_create_never_finished_is_taken_over_once_stale(own_stack:
     assert waited.status_code == 409, waited.text
     assert waited.headers["content-type"].startswith("application/problem+json")
     assert waited.headers["retry-after"] == "1"
+
+
+def test_a_create_whose_claim_was_taken_over_stores_nothing(own_stack: Stack) -> None:
+    # Given a create that claimed its Idempotency-Key, and a retry that has since taken the
+    # claim over (it looked stale: the first create was stalled past any create's time)
+    settings = Settings(redis_url=own_stack.env["BLAZE_REDIS_URL"], redis_prefix=own_stack.env["BLAZE_REDIS_PREFIX"])
+    keys = Keys(settings.redis_prefix)
+    claim_key = keys.idempotency("acme", sha256(b"retry-me").hexdigest())
+    late, retry = str(uuid.uuid4()), str(uuid.uuid4())
+
+    async def late_create() -> None:
+        client = redis.asyncio.Redis.from_url(settings.redis_url)
+        try:
+            await client.set(claim_key, f"{retry} fingerprint")  # the retry holds it now
+            store = AsyncJobStore(client, settings)
+            record = new_record(job_id=late, tenant="acme", engine="echo", model="builtin:echo", input={}, created_at=time.time())
+            message = task_message(job_id=late, engine="echo", input={}, tenant="acme")
+            # When the stalled create finally runs, under its own (lost) claim
+            with pytest.raises(ClaimTakenOver):
+                await store.create_queued(
+                    record, queue=queue_key(settings, "echo"), message=message, claim=(claim_key, f"{late} fp")
+                )
+        finally:
+            await client.aclose()
+
+    asyncio.run(late_create())
+
+    # Then it stored nothing: no record, no queued message, no index entry
+    with redis.Redis.from_url(settings.redis_url) as client:
+        assert not client.exists(keys.job(late))
+        assert client.llen(keys.queue("echo")) == 0
+        assert client.zcard(keys.tenant_all("acme")) == 0

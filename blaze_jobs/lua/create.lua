@@ -8,8 +8,12 @@
 -- expires_at_ms, the job's expiry in Unix ms, in it: its events' keys expire then too), the
 -- key's quota of the tenant's jobs queued plus running (0: none), the queue's bound (0: none),
 -- the score below which an index entry is older than a retention (its job has expired).
--- Returns 1 when stored; {-1, count} past the quota and {-2, length} past the queue's bound,
--- with nothing written (admission before storage).
+-- With an Idempotency-Key, KEYS[8] is its claim and ARGV[6] the value this create claimed it
+-- with: a create whose claim was taken over (a retry took it as stale) stores nothing, so a
+-- key never makes two jobs however late this create runs.
+-- Returns 1 when stored; {-1, count} past the quota, {-2, length} past the queue's bound and
+-- {-3, 0} for a claim taken over, with nothing written (admission before storage).
+if KEYS[8] and redis.call('GET', KEYS[8]) ~= ARGV[6] then return {-3, 0} end
 local quota = tonumber(ARGV[3])
 if quota > 0 then
   local count = redis.call('ZCARD', KEYS[3]) + redis.call('ZCARD', KEYS[7])
