@@ -136,6 +136,7 @@ async def check(request: Request, key: ApiKey) -> None:
         log.warning("request of key %s not counted against its rate: %s", key.id, refusal(error))
         return
     # Refused: a slot frees when the oldest request in the window leaves it.
-    reset, _ = await limiter.get_window_stats(item, key.id)
-    retry_after_s = max(1, math.ceil(reset - time.time()))
+    reset, remaining = await limiter.get_window_stats(item, key.id)
+    # A slot that freed since the refusal (the window moved on) is free now: a second from now.
+    retry_after_s = 1 if remaining > 0 else max(1, math.ceil(reset - time.time()))
     raise RateLimited(key.id, rate=key.rate, quota=item.amount, window_s=item.get_expiry(), retry_after_s=retry_after_s)
