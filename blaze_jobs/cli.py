@@ -48,6 +48,13 @@ def _exec(argv: list[str]) -> None:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    if get_settings().auth == "off" and not _loopback(args.host):
+        # With auth off every caller is an admin: only this machine may be one.
+        print(
+            f"blaze api: BLAZE_AUTH=off makes every caller an admin; it listens on loopback only, not {args.host}",
+            file=sys.stderr,
+        )
+        return 2
     _exec(["-m", "blaze_jobs.api", "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)])
     return 0
 

@@ -144,6 +144,16 @@ def test_bad_input_gets_a_message_naming_the_field(stack: dict[str, Any], test_e
 
 
 @pytest.mark.timeout(30)
+def test_an_api_without_auth_listens_on_loopback_only(test_env: dict[str, str]) -> None:
+    # Given BLAZE_AUTH=off, under which every caller is an admin
+    env = {**test_env, "BLAZE_AUTH": "off"}
+    # When the API is asked to listen on every address, it refuses, saying why
+    result = blaze("api", "--host", "0.0.0.0", "--port", str(free_port()), env=env, timeout=20)
+    assert result.returncode == 2
+    assert "BLAZE_AUTH=off" in result.stderr and "loopback" in result.stderr
+
+
+@pytest.mark.timeout(30)
 def test_an_unreachable_api_is_a_clear_error(test_env: dict[str, str]) -> None:
     env = {**test_env, "BLAZE_API_URL": f"http://127.0.0.1:{free_port()}"}
     result = blaze("status", "some-job", env=env, timeout=20)
