@@ -176,6 +176,8 @@ def _queue_create(pipe: Any, keys: Keys, secret: str, key: ApiKey) -> None:
     hashed = key_hash(secret)
     pipe.hset(keys.api_key(hashed), mapping=_fields(key))
     pipe.hset(keys.api_key_ids, key.id, hashed)
+    # The tenant's first key makes it one the reaper trims the indexes of (reaper.trim).
+    pipe.sadd(keys.tenants, key.tenant)
 
 
 @dataclass(frozen=True)

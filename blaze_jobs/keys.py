@@ -25,11 +25,14 @@ class KeyInfo:
     writers: str
 
 
+#: What bounds a tenant's index: its entries older than job_ttl_s are dropped.
+TENANT_INDEX_TTL = "none; entries older than job_ttl_s trimmed by the reaper once a minute and on list"
+
 #: The schema, by the name of the ``Keys`` method (or attribute) that builds the key.
 SCHEMA: dict[str, KeyInfo] = {
     "job": KeyInfo("job:<id>", "hash", "job_ttl_s", "API (create, cancel), worker (take, end), reaper"),
     "status": KeyInfo(
-        "idx:status:<queued|running>",
+        "idx:status:<queued or running>",
         "zset",
         "none; entries older than job_ttl_s trimmed by the reaper",
         "every status change (Lua)",
@@ -51,11 +54,10 @@ SCHEMA: dict[str, KeyInfo] = {
         "webhook-secret", "string", "none", "nobody now: the secret from before tenants, adopted by the default tenant"
     ),
     "readyz": KeyInfo("readyz", "string", "10 s (redis_config.PROBE_TTL_MS)", "API /readyz, start-up checks"),
-    "tenant_all": KeyInfo("t:<tenant>:idx:all", "zset", "none; entries older than job_ttl_s trimmed on list", "job creation"),
-    "tenant_status": KeyInfo(
-        "t:<tenant>:idx:status:<status>", "zset", "none; entries trimmed on list", "every status change (Lua)"
-    ),
-    "tenant_engine": KeyInfo("t:<tenant>:idx:engine:<engine>", "zset", "none; entries trimmed on list", "job creation"),
+    "tenants": KeyInfo("tenants", "set (tenant names)", "none", "key creation (blaze keys, admin API)"),
+    "tenant_all": KeyInfo("t:<tenant>:idx:all", "zset", TENANT_INDEX_TTL, "job creation"),
+    "tenant_status": KeyInfo("t:<tenant>:idx:status:<status>", "zset", TENANT_INDEX_TTL, "every status change (Lua)"),
+    "tenant_engine": KeyInfo("t:<tenant>:idx:engine:<engine>", "zset", TENANT_INDEX_TTL, "job creation"),
     "api_key": KeyInfo("api-key:<sha256 of the key>", "hash (tenant, name, limits, admin)", "none", "blaze keys, admin API"),
     "api_key_ids": KeyInfo("api-keys", "hash (key id: sha256 of the key)", "none", "blaze keys, admin API"),
     "tenant_webhook_secret": KeyInfo(
@@ -89,6 +91,8 @@ class Keys:
         self.rate_limits = f"{prefix}limits"
         self.audit = f"{prefix}audit"
         self.artifact_url_secret = f"{prefix}artifact-url-secret"
+        #: Every tenant that ever had a key, so the reaper can trim indexes nobody lists.
+        self.tenants = f"{prefix}tenants"
         #: The deployment's status indexes of live jobs (queued, running), which the reaper
         #: scans; lists page through the tenants' own indexes (``tenant_statuses``).
         self.live_statuses = [self.status(JobStatus.queued.value), self.status(JobStatus.running.value)]

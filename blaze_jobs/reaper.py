@@ -51,6 +51,11 @@ JOB_TASKS = frozenset(task_name(engine) for engine in ENGINES)
 #: the running jobs never reads many of them.
 TRIM_EVERY_S = 60.0
 
+#: How many tenants one trim goes through (one round trip each), so a pass stays well inside
+#: a look's interval however many tenants there are; a deployment with more goes round them
+#: over several passes, a minute per this many.
+TRIM_TENANTS_PER_PASS = 500
+
 
 class Reaper:
     def __init__(self, *, store: JobStore, settings: Settings, name: str, clock: Callable[[], float] = time.monotonic) -> None:
@@ -68,7 +73,8 @@ class Reaper:
         self._last_look: float | None = None  # when it last reached Redis
         self._watching_since = 0.0  # since when it has reached Redis without a break
         self._missing: dict[tuple[str, str], float] = {}  # (job, attempt) -> first seen without lease
-        self._trimmed: float | None = None  # when it last trimmed the live indexes
+        self._trimmed: float | None = None  # when it last trimmed the indexes
+        self._tenant_cursor = 0  # where the next trim goes on through the tenants (SSCAN)
 
     @property
     def interval_s(self) -> float:
@@ -138,14 +144,43 @@ class Reaper:
         return reaped
 
     def trim(self) -> int:
-        """Drop the entries older than a retention from the deployment's queued and running
-        indexes (``Keys.live_statuses``): their jobs expired before they ended, and nothing
-        else removes them. Returns how many. (Tenants' indexes are trimmed as they are listed.)"""
-        oldest = score_of(time.time() - self.settings.job_ttl_s)
+        """Drop the index entries older than a retention, whose jobs have expired: from the
+        deployment's queued and running indexes (``Keys.live_statuses``: jobs that expired
+        before they ended) and from the tenants' indexes (all, each engine's, each status's),
+        which a list trims only when it reads that very index, so a tenant that never lists
+        would keep them for ever. Returns how many.
+
+        The tenants are those that ever had a key (``Keys.tenants``) and the default one (the
+        admin token's, and everyone's with auth off). One round trip per tenant, at most
+        ``TRIM_TENANTS_PER_PASS`` tenants a pass; the next pass goes on where this one ended."""
+        keys = self.store.keys
+        oldest = f"({score_of(time.time() - self.settings.job_ttl_s)}"
         with self.redis.pipeline(transaction=False) as pipe:
-            for index in self.store.keys.live_statuses:
-                pipe.zremrangebyscore(index, "-inf", f"({oldest}")
-            return sum(pipe.execute())
+            for index in keys.live_statuses:
+                pipe.zremrangebyscore(index, "-inf", oldest)
+            removed = sum(pipe.execute())
+        for tenant in self._tenants_to_trim():
+            with self.redis.pipeline(transaction=False) as pipe:
+                for index in self._tenant_indexes(tenant):
+                    pipe.zremrangebyscore(index, "-inf", oldest)
+                removed += sum(pipe.execute())
+        return removed
+
+    def _tenants_to_trim(self) -> list[str]:
+        """The next tenants to trim: the default one at the start of each round, then the
+        next stretch of ``Keys.tenants``, without repeats."""
+        starting = self._tenant_cursor == 0
+        cursor, found = self.redis.sscan(self.store.keys.tenants, self._tenant_cursor, count=TRIM_TENANTS_PER_PASS)
+        self._tenant_cursor = int(cursor)
+        tenants = [self.settings.default_tenant] if starting else []
+        tenants += [text(t) for t in found]
+        return list(dict.fromkeys(tenants))
+
+    def _tenant_indexes(self, tenant: str) -> list[str]:
+        """Every index ``tenant`` has: all its jobs, each engine's, each status's."""
+        keys = self.store.keys
+        engines = [keys.tenant_engine(tenant, engine) for engine in ENGINES]
+        return [keys.tenant_all(tenant), *engines, *keys.tenant_statuses(tenant)]
 
     def _looked(self, now: float) -> None:
         if self._last_look is None or now - self._last_look > 2 * self.interval_s:

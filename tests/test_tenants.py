@@ -257,3 +257,37 @@ def test_the_reaper_trims_entries_of_expired_jobs_from_the_live_indexes(store: J
     assert Reaper(store=store, settings=store.settings, name="w1").trim() == 2
     assert members(store, store.keys.status("queued")) == [live]
     assert store.redis.zcard(store.keys.status("running")) == 0
+
+
+def test_one_reaper_trim_drops_a_tenants_stale_index_entries_though_nobody_lists(store: JobStore) -> None:
+    # Given acme (a key of its own) with a job queued and one that ended, and entries left in
+    # its all, echo and succeeded indexes by jobs that expired; the same in the default
+    # tenant's (no key of its own: the admin token's), and nobody ever listing either
+    create_key(store.redis, store.settings, tenant="acme", name="ci")
+    queued, ended = create(store, "acme"), create(store, "acme")
+    store.take(ended, tenant="acme", worker="w1", lease_ms=30_000)
+    store.transition(ended, tenant="acme", allowed=(JobStatus.running,), to=JobStatus.succeeded)
+    expired = score_of(time.time() - store.settings.job_ttl_s - 60)
+    default = store.settings.default_tenant
+    stale = [
+        index
+        for tenant in ("acme", default)
+        for index in (
+            store.keys.tenant_all(tenant),
+            store.keys.tenant_engine(tenant, "echo"),
+            store.keys.tenant_status(tenant, JobStatus.succeeded.value),
+        )
+    ]
+    for index in stale:
+        store.redis.zadd(index, {"gone": expired})
+
+    # When the reaper makes one trim pass
+    removed = Reaper(store=store, settings=store.settings, name="w1").trim()
+
+    # Then every stale entry is gone, and acme's own jobs keep theirs
+    assert removed == len(stale)
+    assert all(store.redis.zscore(index, "gone") is None for index in stale)
+    assert sorted(members(store, store.keys.tenant_all("acme"))) == sorted([queued, ended])
+    assert sorted(members(store, store.keys.tenant_engine("acme", "echo"))) == sorted([queued, ended])
+    assert members(store, store.keys.tenant_status("acme", JobStatus.succeeded.value)) == [ended]
+    assert members(store, store.keys.tenant_status("acme", JobStatus.queued.value)) == [queued]
