@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 from datetime import datetime, timezone
 from typing import Any
 
-from fastapi import APIRouter, Request
+import redis.exceptions
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
@@ -33,6 +35,7 @@ from .responses import JSONResponse
 PROBLEM = {"content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}, "description": "A problem+json body naming the fault."}
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 
 async def webhook_fields(body: Any, settings: Settings) -> dict[str, str]:
@@ -126,16 +129,36 @@ async def webhook_secret(request: Request, caller: Caller) -> JSONResponse:
     return _secret_view(await tenant_secrets_async(request.app.state.store.redis, settings_of(request.app), caller.tenant))
 
 
-@router.post("/v1/webhooks/secret/rotate", response_model=WebhookSecret, responses={401: PROBLEM, 409: PROBLEM})
-async def rotate_webhook_secret(request: Request, caller: Caller) -> Response:
+@router.post("/v1/webhooks/secret/rotate", response_model=WebhookSecret, responses={401: PROBLEM, 409: PROBLEM, 422: PROBLEM})
+async def rotate_webhook_secret(
+    request: Request,
+    caller: Caller,
+    # A default, not Annotated: its upper bound is a setting, checked below.
+    grace_s: float | None = Query(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="Seconds the replaced secret keeps signing beside the new one, from 0 to "
+        "`BLAZE_WEBHOOK_SECRET_GRACE_S` (its default). After a leak, 0: the old secret stops at once.",
+    ),
+) -> Response:
     """Give the caller's tenant a new `whsec_` secret. The old one keeps signing beside it for
-    `BLAZE_WEBHOOK_SECRET_GRACE_S` (a day by default), so receivers switch without losing an
-    event; a second rotation within that period ends it for the oldest secret. Any key of the
-    tenant may rotate its secret (every one can read it, and a leaked secret must be replaceable
-    without an operator); an admin key rotates its own tenant's only. Each rotation is audited.
-    The default tenant's secret, when `BLAZE_WEBHOOK_SECRET` sets it, changes with that setting
-    only: a 409."""
+    `grace_s` seconds (`BLAZE_WEBHOOK_SECRET_GRACE_S`, a day, by default), so receivers switch
+    without losing an event; a second rotation within that period ends it for the oldest secret.
+
+    **After a leak, rotate with `grace_s=0`**: otherwise whoever holds the leaked secret can
+    still sign forged webhooks that receivers accept for the whole grace period. With 0 the old
+    secret is dropped at once (webhook workers stop signing with it within 2 s, the time they
+    keep a secret), so receivers must switch to the new secret now; deliveries they refuse
+    meanwhile are retried, or sent again with redeliver.
+
+    Any key of the tenant may rotate its secret (every one can read it, and a leaked secret
+    must be replaceable without an operator); an admin key rotates its own tenant's only. Each
+    rotation is audited. The default tenant's secret, when `BLAZE_WEBHOOK_SECRET` sets it,
+    changes with that setting only: a 409."""
     settings = settings_of(request.app)
+    if grace_s is not None and grace_s > settings.webhook_secret_grace_s:
+        raise InputProblem("grace_s", f"at most BLAZE_WEBHOOK_SECRET_GRACE_S ({settings.webhook_secret_grace_s})")
     if fixed_secret(settings, caller.tenant):
         return problem(
             409,
@@ -143,7 +166,17 @@ async def rotate_webhook_secret(request: Request, caller: Caller) -> Response:
             f"tenant {caller.tenant}'s webhook secret is BLAZE_WEBHOOK_SECRET: change that setting to change it",
         )
     client = request.app.state.store.redis
-    rotated = await rotate_async(client, settings, caller.tenant)
+    rotated = await rotate_async(client, settings, caller.tenant, grace_s=grace_s)
     address = request.client.host if request.client else None
-    await record_async(client, settings, key=caller, action="webhook_secret.rotate", target=caller.tenant, address=address)
+    try:
+        await record_async(client, settings, key=caller, action="webhook_secret.rotate", target=caller.tenant, address=address)
+    except redis.exceptions.RedisError as error:
+        # The secret is rotated already: an error now would hide it from its caller, whose
+        # retry would rotate again and end the replaced secret's grace period early.
+        log.error(
+            "tenant %s's webhook secret rotated by key %s, but its audit entry was not written: %s",
+            caller.tenant,
+            caller.id,
+            error,
+        )
     return _secret_view(rotated)

@@ -2,9 +2,10 @@
 a delivery carries, and their verification by a receiver (``BlazeClient.verify_webhook``).
 Signatures are made and checked by ``standardwebhooks``, the specification's reference library.
 
-A rotation keeps the replaced secret for ``BLAZE_WEBHOOK_SECRET_GRACE_S``; meanwhile a delivery
-carries a signature by each (``v1,<new> v1,<old>``, as the specification allows), so a
-receiver holding either secret verifies it and none loses an event while it switches."""
+A rotation keeps the replaced secret for ``BLAZE_WEBHOOK_SECRET_GRACE_S`` (or a shorter grace
+the rotation asks for; none after a leak); meanwhile a delivery carries a signature by each
+(``v1,<new> v1,<old>``, as the specification allows), so a receiver holding either secret
+verifies it and none loses an event while it switches."""
 
 from __future__ import annotations
 
@@ -91,13 +92,15 @@ async def tenant_secrets_async(client: Any, settings: Settings, tenant: str) -> 
     return _secrets(reply, now=now)
 
 
-async def rotate_async(client: Any, settings: Settings, tenant: str) -> TenantSecrets:
-    """Give ``tenant`` a new secret; the one it replaces keeps signing beside it for
-    ``webhook_secret_grace_s``. Not for a secret ``BLAZE_WEBHOOK_SECRET`` sets (``fixed_secret``):
-    that one changes with the setting."""
+async def rotate_async(client: Any, settings: Settings, tenant: str, *, grace_s: float | None = None) -> TenantSecrets:
+    """Give ``tenant`` a new secret; the one it replaces keeps signing beside it for ``grace_s``
+    seconds (``webhook_secret_grace_s`` when None; 0 drops it at once, as after a leak: a
+    leaked secret must not stay good for forgeries). Not for a secret ``BLAZE_WEBHOOK_SECRET``
+    sets (``fixed_secret``): that one changes with the setting."""
     now = time.time()
     default = "1" if tenant == settings.default_tenant else "0"
-    grace_ms = str(max(0, settings.webhook_secret_grace_s) * 1000)
+    grace = settings.webhook_secret_grace_s if grace_s is None else grace_s
+    grace_ms = str(int(max(0.0, grace) * 1000))
     reply = await scripts.script(client, "rotate_webhook_secret")(
         keys=_keys(settings, tenant), args=[new_secret(), grace_ms, default]
     )

@@ -108,3 +108,41 @@ def test_after_the_grace_period_only_the_new_secret_verifies(
     monkeypatch.setattr(signing, "REFETCH_S", 0.0)
     assert before.verify_webhook(after.headers, after.body)["data"]["id"] == job_id
     assert before.webhook_secret() == new
+
+
+def test_after_a_leak_a_rotation_without_grace_drops_the_old_secret_at_once(own_stack: Stack, receiver: Receiver) -> None:
+    # Given a tenant whose secret has leaked, and a delivery signed by it
+    api = deploy(own_stack)
+    key = api.key(tenant())
+    old = api.secrets(key)["secret"]
+    _, hook = api.hooked_job(key, receiver)
+    (first,) = receiver.wait_for(hook, 1, timeout=60)
+    Webhook(old).verify(first.body, first.headers)
+
+    # When it asks for a grace period outside 0 to BLAZE_WEBHOOK_SECRET_GRACE_S
+    for wrong in ("-1", "86401", "soon", "inf"):
+        refused = httpx.post(f"{api.url}/v1/webhooks/secret/rotate", params={"grace_s": wrong}, headers=key, timeout=10)
+        # Then it is refused, naming grace_s, and the secret stays
+        assert refused.status_code == 422, refused.text
+        assert [e["field"] for e in refused.json()["errors"]] == ["grace_s"], refused.text
+    assert api.secrets(key)["secret"] == old
+
+    # When it rotates with grace_s=0
+    rotated = httpx.post(f"{api.url}/v1/webhooks/secret/rotate", params={"grace_s": 0}, headers=key, timeout=10)
+
+    # Then the old secret is gone at once: the answer and later reads name the new one only
+    assert rotated.status_code == 200, rotated.text
+    new = rotated.json()["secret"]
+    assert new != old
+    assert (rotated.json()["previous"], rotated.json()["previous_until"]) == (None, None)
+    assert (api.secrets(key)["secret"], api.secrets(key)["previous"]) == (new, None)
+
+    # And once webhook workers have read the secrets again, a delivery carries one signature,
+    # which verifies with the new secret and not with the leaked one
+    time.sleep(SECRETS_CACHE_S)
+    job_id, hook = api.hooked_job(key, receiver)
+    (after,) = receiver.wait_for(hook, 1, timeout=60)
+    assert after.headers["webhook-signature"].count("v1,") == 1
+    assert Webhook(new).verify(after.body, after.headers)["data"]["id"] == job_id
+    with pytest.raises(WebhookVerificationError):
+        Webhook(old).verify(after.body, after.headers)
