@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from blaze_jobs.api_keys import create_key
-from blaze_jobs.artifacts import UrlSigner, url_signer
+from blaze_jobs.artifacts import ARTIFACT_PATH, KEY_PATTERN, UrlSigner, artifact_name, url_signer
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.settings import Settings
 from tests.receiver import Receiver, path
@@ -179,6 +179,8 @@ def test_a_webhook_payloads_url_serves_the_image_without_a_key(tenants: Tenants)
     # Then it is the image
     assert response.status_code == 200, response.text
     assert response.content == httpx.get(tenants.url, timeout=30).content
+    # and its signature expires when the job view's does: with the job
+    assert parse_qs(urlsplit(url).query)["expires"] == parse_qs(urlsplit(tenants.url).query)["expires"]
 
 
 def test_naming_another_tenants_artifact_in_a_job_reads_nothing(tenants: Tenants) -> None:
@@ -211,3 +213,13 @@ def test_a_signature_holds_only_for_its_key_expiry_and_secret() -> None:
     # A job's URLs expire with the job: its own expiry, else its creation and retention
     assert signer.expiry({"created_at": "1000.5", "expires_at_ms": "1030999"}) == 1030
     assert signer.expiry({"created_at": "1000.5"}) == 1060
+
+
+def test_an_artifact_key_is_the_whole_name_and_nothing_after_it() -> None:
+    # Given an artifact's key, and the same key with a trailing newline
+    key = "a" * 64 + ".png"
+    # Then the key is one, and the key with the newline (which `$` would take) is none
+    assert KEY_PATTERN.fullmatch(key) and artifact_name(ARTIFACT_PATH + key) == key
+    for other in (key + "\n", key + ".png", "x" + key):
+        assert not KEY_PATTERN.fullmatch(other) and not KEY_PATTERN.match(other), repr(other)
+        assert artifact_name(ARTIFACT_PATH + other) is None, repr(other)

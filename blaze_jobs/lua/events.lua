@@ -22,13 +22,18 @@ local function blaze_record(flat)
 end
 
 -- The job as JSON: every field, or all but its input (which never changes, and may be large).
--- Never its ``event`` (the id of its latest event, a reader's position) nor its
--- ``expires_at_ms`` (when Redis drops it): Redis's bookkeeping, not part of the job.
+-- Never its ``event`` (the id of its latest event, a reader's position). Its ``expires_at_ms``
+-- (when Redis drops it) only in a delivery's snapshot (``for_delivery``): the webhook body's
+-- artifact URLs are signed until then, the job's own expiry, not one the webhook worker would
+-- work out from created_at and its own BLAZE_JOB_TTL_S; an event's job leaves it out.
 local BLAZE_NOT_IN_SNAPSHOT = {event = true, expires_at_ms = true}
-local function blaze_snapshot(rec, with_input)
+local BLAZE_NOT_IN_DELIVERY = {event = true}
+local function blaze_snapshot(rec, with_input, for_delivery)
+  local left_out = BLAZE_NOT_IN_SNAPSHOT
+  if for_delivery then left_out = BLAZE_NOT_IN_DELIVERY end
   local copy = {}
   for name, value in pairs(rec) do
-    if not BLAZE_NOT_IN_SNAPSHOT[name] and (with_input or name ~= 'input') then copy[name] = value end
+    if not left_out[name] and (with_input or name ~= 'input') then copy[name] = value end
   end
   return cjson.encode(copy)
 end
@@ -95,7 +100,7 @@ local function blaze_event(k, rec, whole, fresh, kind, fields, maxlen, ttl_s, ch
       local delivery = cjson.encode({id = event_id, event_id = event_id, type = kind, at = at, url = hook,
         webhook_id = 'msg_' .. job_id .. '_' .. event_id, state = 'pending'})
       local snapshot
-      if whole then snapshot = blaze_snapshot(rec, true) else snapshot = blaze_snapshot(blaze_record(redis.call('HGETALL', k.job)), true) end
+      if whole then snapshot = blaze_snapshot(rec, true, true) else snapshot = blaze_snapshot(blaze_record(redis.call('HGETALL', k.job)), true, true) end
       redis.call('HSET', k.deliveries, event_id, delivery, event_id .. ':job', snapshot)
       -- Deliveries whose first attempt is still to come, so each goes after the ones before it.
       redis.call('ZADD', k.order, now_ms, event_id)
