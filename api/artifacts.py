@@ -92,12 +92,12 @@ async def get_artifact(
         caller = await authenticated(request)
         settings = settings_of(request.app)
         owners = Keys(settings.redis_prefix).artifact_owners(key)
-        if not KEY_PATTERN.match(key) or not await request.app.state.redis.sismember(owners, caller.tenant):
+        if not KEY_PATTERN.fullmatch(key) or not await request.app.state.redis.sismember(owners, caller.tenant):
             return _not_found(key)
         # Content-addressed, so the bytes never change; but fetched with a key, so only the
         # caller's own cache keeps them.
         cache_control = f"private, max-age={settings.job_ttl_s}"
-    data = await run_in_threadpool(request.app.state.artifacts.get, key) if KEY_PATTERN.match(key) else None
+    data = await run_in_threadpool(request.app.state.artifacts.get, key) if KEY_PATTERN.fullmatch(key) else None
     if data is None:
         return _not_found(key)
     return Response(data, media_type=content_type(key), headers={"Cache-Control": cache_control})

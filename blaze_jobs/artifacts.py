@@ -38,7 +38,9 @@ CONTENT_TYPES = {
     "json": "application/json",
     "txt": "text/plain; charset=utf-8",
 }
-KEY_PATTERN = re.compile(r"^[0-9a-f]{64}\.(" + "|".join(CONTENT_TYPES) + r")$")
+#: An artifact's key: its content's SHA-256 and extension. Check with ``fullmatch`` (and
+#: anchored by ``\A``/``\Z``, not ``$``, which also takes a key with a trailing newline).
+KEY_PATTERN = re.compile(r"\A[0-9a-f]{64}\.(" + "|".join(CONTENT_TYPES) + r")\Z")
 
 
 def artifact_key(data: bytes, extension: str) -> str:
@@ -130,7 +132,7 @@ def url_signer(client: redis.Redis, settings: Settings) -> UrlSigner:
 
 def artifact_name(url: object) -> str | None:
     """The key of the artifact a stored output's URL names; None for any other URL."""
-    if isinstance(url, str) and url.startswith(ARTIFACT_PATH) and KEY_PATTERN.match(url[len(ARTIFACT_PATH) :]):
+    if isinstance(url, str) and url.startswith(ARTIFACT_PATH) and KEY_PATTERN.fullmatch(url[len(ARTIFACT_PATH) :]):
         return url[len(ARTIFACT_PATH) :]
     return None
 

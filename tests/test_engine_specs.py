@@ -196,7 +196,7 @@ def test_every_kind_of_artifact_an_engine_makes_is_served_with_its_content_type(
     for spec in SPECS:
         for kind in spec.artifacts:
             key = artifacts.artifact_key(b"bytes", kind.extension)
-            assert artifacts.KEY_PATTERN.match(key), key
+            assert artifacts.KEY_PATTERN.fullmatch(key), key
             assert artifacts.content_type(key) == kind.content_type
 
 
