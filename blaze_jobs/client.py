@@ -86,6 +86,15 @@ class _Options(Generic[HTTP]):
     def _open(self) -> HTTP:
         raise NotImplementedError
 
+    def _download_request(self, url: str) -> httpx.Request:
+        """The GET of an artifact URL: with the key only to the API's own origin. A signed URL
+        needs no key, and one that leads elsewhere (a CDN, a store, a URL from a webhook body)
+        must not be handed it."""
+        request = self.http.build_request("GET", url)
+        if not same_origin(request.url, self.http.base_url):
+            request.headers.pop("Authorization", None)
+        return request
+
 
 class BlazeClient(_Options[httpx.Client]):
     """Submit jobs, follow them and fetch their artifacts over HTTP."""
@@ -176,8 +185,13 @@ class BlazeClient(_Options[httpx.Client]):
                 time.sleep(min(self.poll_s, max(deadline - time.monotonic(), 0)))
 
     def download(self, url: str) -> bytes:
-        """The bytes of an artifact, by the URL in a job's output."""
-        response = self._send("GET", url)
+        """The bytes of an artifact, by the URL in a job's output (a path, or an absolute URL:
+        the key goes with it only to the API's own scheme, host and port)."""
+        request = self._download_request(url)
+        try:
+            response = self.http.send(request)
+        except httpx.TransportError as error:
+            raise unreachable(error) from error
         if response.status_code != 200:
             self._json(response)
         return response.content
@@ -368,6 +382,18 @@ def _create_body(
     return body
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def same_origin(url: httpx.URL, base: httpx.URL) -> bool:
+    """Whether ``url`` has ``base``'s scheme, host and port (a default port written or not)."""
+
+    def origin(u: httpx.URL) -> tuple[str, str, int | None]:
+        return u.scheme, u.host.lower(), u.port or DEFAULT_PORTS.get(u.scheme)
+
+    return origin(url) == origin(base)
+
+
 def _create_request(wait: float | None, timeout: float, idempotency_key: str | None) -> tuple[dict[str, str], float]:
     """Headers and HTTP timeout of a create: its ``Idempotency-Key`` (a fresh uuid4 unless
     given), and ``Prefer: wait=N`` for one that waits."""
@@ -487,7 +513,11 @@ class AsyncBlazeClient(_Options[httpx.AsyncClient]):
     stream = events
 
     async def download(self, url: str) -> bytes:
-        response = await self._send("GET", url)
+        request = self._download_request(url)
+        try:
+            response = await self.http.send(request)
+        except httpx.TransportError as error:
+            raise unreachable(error) from error
         if response.status_code != 200:
             BlazeClient._json(response)
         return response.content

@@ -405,3 +405,34 @@ def test_a_missing_or_unknown_key_says_how_to_send_one(stack: dict[str, Any], mo
         # Then it is a 401 whose message says where a key goes
         assert refused.value.status == 401
         assert "BLAZE_API_KEY" in str(refused.value) and "api_key=" in str(refused.value)
+
+
+def test_download_sends_the_key_to_the_api_only() -> None:
+    # Given an API and another server (a CDN, a store: another port on the same host) that
+    # both serve artifacts, and a client of the API with a key
+    api = BrokenServer(200, "image/png", b"\x89PNG api")
+    elsewhere = BrokenServer(200, "image/png", b"\x89PNG elsewhere")
+    key = "bz_live_never-leaves-the-api"
+    signed = f"{elsewhere.url}/v1/artifacts/{'a' * 64}.png?expires=1&signature=s"
+    try:
+        with BlazeClient(api.url, api_key=key) as client:
+            # When it downloads an artifact by the API's path, by its absolute URL, and by a
+            # signed URL elsewhere
+            assert client.download(f"/v1/artifacts/{'a' * 64}.png") == b"\x89PNG api"
+            assert client.download(f"{api.url}/v1/artifacts/{'a' * 64}.png") == b"\x89PNG api"
+            assert client.download(signed) == b"\x89PNG elsewhere"
+
+        # and the async client does the same
+        async def story() -> None:
+            async with AsyncBlazeClient(api.url, api_key=key) as async_client:
+                assert await async_client.download(f"{api.url}/v1/artifacts/{'a' * 64}.png") == b"\x89PNG api"
+                assert await async_client.download(signed) == b"\x89PNG elsewhere"
+
+        asyncio.run(story())
+    finally:
+        api.close()
+        elsewhere.close()
+
+    # Then the API got the key every time, and the other server never
+    assert [seen.get("authorization") for seen in api.seen] == [f"Bearer {key}"] * 3
+    assert [seen.get("authorization") for seen in elsewhere.seen] == [None, None]
