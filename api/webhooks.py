@@ -133,13 +133,14 @@ async def webhook_secret(request: Request, caller: Caller) -> JSONResponse:
 async def rotate_webhook_secret(
     request: Request,
     caller: Caller,
-    # A default, not Annotated: its upper bound is a setting, checked below.
+    # A default, not Annotated: its upper bound is a setting, applied below.
     grace_s: float | None = Query(
         None,
         ge=0,
         allow_inf_nan=False,
         description="Seconds the replaced secret keeps signing beside the new one, from 0 to "
-        "`BLAZE_WEBHOOK_SECRET_GRACE_S` (its default). After a leak, 0: the old secret stops at once.",
+        "`BLAZE_WEBHOOK_SECRET_GRACE_S` (its default; a longer one is cut to it). After a leak, 0: "
+        "the old secret stops at once.",
     ),
 ) -> Response:
     """Give the caller's tenant a new `whsec_` secret. The old one keeps signing beside it for
@@ -157,8 +158,8 @@ async def rotate_webhook_secret(
     rotation is audited. The default tenant's secret, when `BLAZE_WEBHOOK_SECRET` sets it,
     changes with that setting only: a 409."""
     settings = settings_of(request.app)
-    if grace_s is not None and grace_s > settings.webhook_secret_grace_s:
-        raise InputProblem("grace_s", f"at most BLAZE_WEBHOOK_SECRET_GRACE_S ({settings.webhook_secret_grace_s})")
+    if grace_s is not None:  # a longer grace than the deployment allows is cut to it
+        grace_s = min(grace_s, settings.webhook_secret_grace_s)
     if fixed_secret(settings, caller.tenant):
         return problem(
             409,

@@ -119,8 +119,8 @@ def test_after_a_leak_a_rotation_without_grace_drops_the_old_secret_at_once(own_
     (first,) = receiver.wait_for(hook, 1, timeout=60)
     Webhook(old).verify(first.body, first.headers)
 
-    # When it asks for a grace period outside 0 to BLAZE_WEBHOOK_SECRET_GRACE_S
-    for wrong in ("-1", "86401", "soon", "inf"):
+    # When it asks for a grace period that is no number of seconds from 0 up
+    for wrong in ("-1", "soon", "inf"):
         refused = httpx.post(f"{api.url}/v1/webhooks/secret/rotate", params={"grace_s": wrong}, headers=key, timeout=10)
         # Then it is refused, naming grace_s, and the secret stays
         assert refused.status_code == 422, refused.text
