@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
@@ -15,19 +12,16 @@ import redis
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import Response
 
-from blaze_jobs import audit, cache, redis_config
+from blaze_jobs import audit, redis_config
 from blaze_jobs.artifacts import artifact_store
-from blaze_jobs.broker import queue_key, task_message
-from blaze_jobs.errors import ClaimTakenOver, QueueFull, QuotaExceeded
-from blaze_jobs.jobs import Job, JobCreate, JobPage, JobStatus, job_view, new_record
+from blaze_jobs.jobs import Job, JobCreate, JobPage, JobStatus, job_view
 from blaze_jobs.keys import Keys
 from blaze_jobs.settings import ENGINES, Settings, get_settings
-from blaze_jobs.store import CURSOR, AsyncJobStore, queue_create, text
+from blaze_jobs.store import CURSOR, AsyncJobStore
 
-from . import admin, artifacts, bounds, connections, idempotency, problems, waits, webhooks
+from . import admin, artifacts, bounds, connections, creation, problems, waits, webhooks
 from .artifacts import signer_of
 from .auth import Caller, warn_if_off
-from .problems import InputProblem
 from .request_context import base_url
 from .responses import JSONResponse
 
@@ -73,8 +67,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     bounds.install(app, settings)
 
-    cache_keys = cache.CacheKeys(settings.redis_prefix)
-
     @app.post(
         "/v1/jobs",
         status_code=202,
@@ -90,73 +82,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     async def create_job(request: Request, caller: Caller, body: Annotated[JobCreate, Body()]) -> JSONResponse:
         """Accept a job: it is queued for a worker of its engine and answered at once."""
-        # 1. Bounds that belong to the deployment, not the schema.
-        engine = body.engine
-        model = body.model or settings.default_model(engine)
-        if model not in settings.allowed_models(engine):
-            raise InputProblem("model", f"unknown model {model!r} for engine {engine}; known: {settings.allowed_models(engine)}")
-        bounds.check_bounds(body, settings)
-        job_id = str(uuid.uuid4())
-        job_input = body.input.model_dump(exclude_none=True)
-        record = new_record(
-            job_id=job_id, tenant=caller.tenant, engine=engine, model=model, input=job_input, created_at=time.time()
-        )
-        bounds.check_input(job_input, stored=record["input"], settings=settings)
-        record.update(await webhooks.webhook_fields(body, settings))
-        store: AsyncJobStore = request.app.state.store
-        # A retry with the Idempotency-Key of an earlier create gets that create's job.
-        original = await idempotency.claim(request, tenant=caller.tenant, body=body, job_id=job_id)
-        if original is not None:
-            original = await waits.wait_if_preferred(request, original)
-            view = job_view(original, base_url=base_url(request), signer=signer_of(request))
-            return JSONResponse(view, status_code=200, headers={"Location": view["urls"]["get"]})
-        try:
-            # 2. A deterministic request computed before is born succeeded, with no worker involved.
-            cached = None
-            if body.cache == "bypass":
-                record["cache"] = "bypass"
-            elif cache.cacheable(engine, job_input):
-                key = cache.cache_key(engine=engine, model=model, input=job_input, tenant=caller.tenant, settings=settings)
-                cached = await store.redis.get(cache_keys.entry(key))
-            # 3. Store the job and publish its Celery message (or its cached result) in one round trip.
-            if cached is None:
-                message = task_message(job_id=job_id, engine=engine, input=job_input, tenant=caller.tenant)
-                # Admitted in the same step: the tenant's quota (the key's) and the queue's bound.
-                await store.create_queued(
-                    record,
-                    queue=queue_key(settings, engine),
-                    message=message,
-                    max_jobs=caller.max_jobs or 0,
-                    claim=idempotency.held(request),
-                )
-            else:
-                async with store.redis.pipeline(transaction=True) as pipe:
-                    claim = idempotency.held(request)
-                    if claim is not None:  # born only while this create holds its claim (create.lua's rule)
-                        await pipe.watch(claim[0])
-                        if text(await pipe.get(claim[0]) or b"") != claim[1]:
-                            raise ClaimTakenOver(job_id)
-                        pipe.multi()
-                    output = text(cached)
-                    now = repr(time.time())
-                    record.update(status="succeeded", output=output, started_at=now, completed_at=now, cache_hit="1")
-                    queue_create(pipe, store.keys, record, ttl_s=settings.job_ttl_s)
-                    # The images outlive the new job as long as the job itself, and its tenant owns them.
-                    cache.queue_renew(pipe, json.loads(output), tenant=caller.tenant, settings=settings)
-                    try:
-                        await pipe.execute()
-                    except redis.exceptions.WatchError:  # the claim changed hands after the look
-                        raise ClaimTakenOver(job_id) from None
-        except (QuotaExceeded, QueueFull, redis.exceptions.ResponseError, connections.Busy):
-            # Refused (quota, full queue, full Redis, no connection free) and nothing stored: a
-            # retry may create it. A connection lost mid-create may have stored the job: its
-            # claim stays, and a retry answers that job, or takes the claim over once stale.
-            await idempotency.release(request)
-            raise
-        # 4. With ``Prefer: wait=N``, answer once the job ends (within N seconds).
+        record, created = await creation.create(request, caller, body)
+        # With ``Prefer: wait=N``, answer once the job ends (within N seconds).
         record = await waits.wait_if_preferred(request, record)
         view = job_view(record, base_url=base_url(request), signer=signer_of(request))
-        return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["get"]})
+        return JSONResponse(view, status_code=202 if created else 200, headers={"Location": view["urls"]["get"]})
 
     @app.get("/v1/jobs/{job_id}", response_model=Job, responses={404: PROBLEM})
     async def get_job(

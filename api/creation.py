@@ -1,0 +1,102 @@
+"""The one create path: every surface that makes a job (``POST /v1/jobs``, Replicate's
+predictions, OpenAI's images and chat) makes it here, so each gets the same bounds, tenant,
+quota, queue bound, cache, idempotency and webhooks, and the same job record."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+from fastapi import Request
+
+from blaze_jobs import cache
+from blaze_jobs.api_keys import ApiKey
+from blaze_jobs.broker import queue_key, task_message
+from blaze_jobs.errors import ClaimTakenOver, QueueFull, QuotaExceeded
+from blaze_jobs.jobs import new_record
+from blaze_jobs.store import AsyncJobStore, queue_create, text
+
+from . import bounds, connections, idempotency, webhooks
+from .problems import InputProblem
+from .request_context import settings_of
+
+
+async def create(
+    request: Request,
+    caller: ApiKey,
+    body: Any,
+    *,
+    extra: Mapping[str, str] | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[dict[str, str], bool]:
+    """Store and queue the job ``body`` (a ``JobCreate``) asks for, as ``caller``'s tenant's:
+    its record, and True; or, for a retry carrying the ``Idempotency-Key`` header (or
+    ``idempotency_key``) of an earlier create, that create's job and False. ``extra`` adds
+    fields to the record (the surface that made it, a batch line's ``custom_id``)."""
+    settings = settings_of(request.app)
+    # 1. Bounds that belong to the deployment, not the schema.
+    engine = body.engine
+    model = body.model or settings.default_model(engine)
+    if model not in settings.allowed_models(engine):
+        raise InputProblem("model", f"unknown model {model!r} for engine {engine}; known: {settings.allowed_models(engine)}")
+    bounds.check_bounds(body, settings)
+    job_id = str(uuid.uuid4())
+    job_input = body.input.model_dump(exclude_none=True)
+    record = new_record(job_id=job_id, tenant=caller.tenant, engine=engine, model=model, input=job_input, created_at=time.time())
+    bounds.check_input(job_input, stored=record["input"], settings=settings)
+    record.update(await webhooks.webhook_fields(body, settings))
+    if extra:
+        record.update(extra)
+    store: AsyncJobStore = request.app.state.store
+    # A retry with the Idempotency-Key of an earlier create gets that create's job.
+    original = await idempotency.claim(request, tenant=caller.tenant, body=body, job_id=job_id, key=idempotency_key)
+    if original is not None:
+        return original, False
+    try:
+        # 2. A deterministic request computed before is born succeeded, with no worker involved.
+        cached = None
+        if body.cache == "bypass":
+            record["cache"] = "bypass"
+        elif cache.cacheable(engine, job_input):
+            key = cache.cache_key(engine=engine, model=model, input=job_input, tenant=caller.tenant, settings=settings)
+            cached = await store.redis.get(cache.CacheKeys(settings.redis_prefix).entry(key))
+        # 3. Store the job and publish its Celery message (or its cached result) in one round trip.
+        if cached is None:
+            message = task_message(job_id=job_id, engine=engine, input=job_input, tenant=caller.tenant)
+            # Admitted in the same step: the tenant's quota (the key's) and the queue's bound.
+            await store.create_queued(
+                record,
+                queue=queue_key(settings, engine),
+                message=message,
+                max_jobs=caller.max_jobs or 0,
+                claim=idempotency.held(request),
+            )
+        else:
+            async with store.redis.pipeline(transaction=True) as pipe:
+                claim = idempotency.held(request)
+                if claim is not None:  # born only while this create holds its claim (create.lua's rule)
+                    await pipe.watch(claim[0])
+                    if text(await pipe.get(claim[0]) or b"") != claim[1]:
+                        raise ClaimTakenOver(job_id)
+                    pipe.multi()
+                output = text(cached)
+                now = repr(time.time())
+                record.update(status="succeeded", output=output, started_at=now, completed_at=now, cache_hit="1")
+                queue_create(pipe, store.keys, record, ttl_s=settings.job_ttl_s)
+                # The images outlive the new job as long as the job itself, and its tenant owns them.
+                cache.queue_renew(pipe, json.loads(output), tenant=caller.tenant, settings=settings)
+                try:
+                    await pipe.execute()
+                except redis.exceptions.WatchError:  # the claim changed hands after the look
+                    raise ClaimTakenOver(job_id) from None
+    except (QuotaExceeded, QueueFull, redis.exceptions.ResponseError, connections.Busy):
+        # Refused (quota, full queue, full Redis, no connection free) and nothing stored: a
+        # retry may create it. A connection lost mid-create may have stored the job: its
+        # claim stays, and a retry answers that job, or takes the claim over once stale.
+        await idempotency.release(request)
+        raise
+    return record, True
