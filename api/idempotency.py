@@ -66,9 +66,10 @@ def _key_from(header: bytes) -> str:
 async def claim(request: Request, *, tenant: str, body: BaseModel, job_id: str, key: str | None = None) -> dict[str, str] | None:
     """With an ``Idempotency-Key`` (the header, or ``key`` when an adapter names one): None
     when this request holds the key now and goes on to create ``job_id``; the original job's
-    record when an earlier request with the same key and body made it. 422 naming ``Idempotency-Key`` for the same key with another body; 409
-    when the request holding the key is still not done after ``RACE_WAIT_S``. Without the
-    header: None, with no Redis round trip."""
+    record when an earlier request with the same key and body made it. 422 naming
+    ``Idempotency-Key`` for the same key with another body; 409 when the request holding the
+    key is still not done after ``RACE_WAIT_S``. Without the header: None, with no Redis
+    round trip."""
     header = key.encode("latin-1") if key is not None else raw_header(request, HEADER)
     if header is None:
         return None

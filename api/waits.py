@@ -163,13 +163,8 @@ async def job_events(
     `Last-Event-ID` gets every event after that one and no `job` event; `Last-Event-ID: 0-0`
     replays the whole stream."""
     app, settings = request.app, settings_of(request.app)
-    record, position = await events.job_and_position(app.state.store.redis, prefix=settings.redis_prefix, job_id=job_id)
-    owned(record, job_id, tenant=caller.tenant, settings=settings)
+    record, position = await stream_start(app, job_id, tenant=caller.tenant)
     resume = last_event_id.strip() if last_event_id and EVENT_ID.match(last_event_id.strip()) else None
-    # Refuse a stream past the waiter bound now, as a 503, rather than after its 200 has gone
-    # out (the stream's watch checks again: another may have taken the last place meanwhile).
-    if app.state.reader.waiters >= settings.max_waiters:
-        raise TooManyWaiters(settings.max_waiters)
     stream = _event_stream(
         app.state.reader,
         job_id,
@@ -184,11 +179,40 @@ async def job_events(
         headers={"Cache-Control": "no-cache"},
         sep=LINE_END,
         ping=settings.event_keep_alive_s,
-        ping_message_factory=_keep_alive,
+        ping_message_factory=keep_alive,
     )
 
 
-def _keep_alive() -> ServerSentEvent:
+async def stream_start(app: FastAPI, job_id: str, *, tenant: str) -> tuple[dict[str, str], str]:
+    """Before an event stream of ``tenant``'s job answers 200: the job and the id of its latest
+    event; JobNotFound for a job the tenant may not see, and 503 busy past the waiter bound
+    (now, rather than after the 200 has gone out; the stream's watch checks again, since
+    another may take the last place meanwhile)."""
+    settings = settings_of(app)
+    record, position = await events.job_and_position(app.state.store.redis, prefix=settings.redis_prefix, job_id=job_id)
+    owned(record, job_id, tenant=tenant, settings=settings)
+    if app.state.reader.waiters >= settings.max_waiters:
+        raise TooManyWaiters(settings.max_waiters)
+    return record, position
+
+
+async def follow(
+    reader: EventReader, job_id: str, *, record: dict[str, str], after: str
+) -> AsyncIterator[tuple[dict[str, str], events.JobEvent]]:
+    """Each event of the job after ``after``, as it comes, with the job as it stands after it,
+    up to and including ``job.completed``. The caller's response sends the keep-alives
+    (sse-starlette's ``ping``) and notices a client that went away."""
+    async with reader.watch(job_id, after=after) as feed:
+        while True:
+            # The timeout only bounds each wait.
+            for event in await feed.next_events(reader.settings.event_keep_alive_s):
+                record = events.apply(record, event)
+                yield record, event
+                if event.type == events.COMPLETED:
+                    return
+
+
+def keep_alive() -> ServerSentEvent:
     return ServerSentEvent(comment="keep-alive", sep=LINE_END)
 
 
@@ -212,12 +236,5 @@ async def _event_stream(
     # A client that has seen the end of an ended job has nothing left to get.
     if events.ended(record) and event_order(after) >= event_order(position):
         return
-    async with reader.watch(job_id, after=after) as feed:
-        while True:
-            # sse-starlette sends the keep-alives and notices a client that went away; the
-            # timeout only bounds each wait.
-            for event in await feed.next_events(reader.settings.event_keep_alive_s):
-                record = events.apply(record, event)
-                yield sse(event.id, event.type, event_data(event, record, base=base, signer=signer))
-                if event.type == events.COMPLETED:
-                    return
+    async for now, event in follow(reader, job_id, record=record, after=after):
+        yield sse(event.id, event.type, event_data(event, now, base=base, signer=signer))
