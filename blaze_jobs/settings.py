@@ -192,7 +192,20 @@ class Settings(DiffusionSettings, EchoSettings, LLMSettings, BaseSettings):
     #: Redis, so every API process and webhook worker signs and checks the same way.
     artifact_url_secret: str = ""
 
-    #: An event stream sends a keep-alive comment this often, so that proxies with an idle
+    # --- compatible surfaces: Replicate predictions, OpenAI images, chat, files, batches -----
+    #: Longest an OpenAI-style images or (non-streamed) chat request waits for its job, in
+    #: seconds: those clients expect the result in the answer, and wait 600 s by default. Past
+    #: it the error names the job, which goes on and can be read at ``/v1/jobs/{id}``.
+    openai_wait_s: float = 300.0
+    #: Most request lines in one batch file (OpenAI's own bound).
+    batch_max_requests: int = 50_000
+    #: Largest file ``POST /v1/files`` accepts, in bytes: a file is held in memory while it is
+    #: read and kept in Redis, so this is far below OpenAI's 200 MB.
+    file_max_bytes: int = 104_857_600
+    #: How long an uploaded file, and a batch's output and error files, are kept (seconds).
+    file_ttl_s: int = 604_800
+
+ so that proxies with an idle
     #: timeout (often 30-60 s) keep it open and clients that went away are found.
     event_keep_alive_s: float = 15.0
     #: Longest single ``XREAD`` block of the API's event reader: a bound on how long a dead
