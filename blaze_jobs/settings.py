@@ -205,7 +205,7 @@ class Settings(DiffusionSettings, EchoSettings, LLMSettings, BaseSettings):
     #: How long an uploaded file, and a batch's output and error files, are kept (seconds).
     file_ttl_s: int = 604_800
 
- so that proxies with an idle
+    #: An event stream sends a keep-alive comment this often, so that proxies with an idle
     #: timeout (often 30-60 s) keep it open and clients that went away are found.
     event_keep_alive_s: float = 15.0
     #: Longest single ``XREAD`` block of the API's event reader: a bound on how long a dead
