@@ -1,0 +1,141 @@
+"""Where queued work stands: each engine's queue (how many messages wait in it, and how long
+the job at its head has waited), and one queued job's place in its engine's queue.
+
+Both are read from Redis at each request, from the lists kombu keeps (``keys.Keys.queue``):
+a queue costs an LLEN and an LINDEX, a place a scan of what lies ahead of the job
+(``lua/queue_position.lua``), bounded by ``POSITION_SCAN``. ``blaze top`` and ``blaze submit
+--wait`` read them; any caller may, since a queue's length says nothing of whose jobs wait.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from blaze_jobs import scripts
+from blaze_jobs.jobs import JobStatus
+from blaze_jobs.keys import Keys
+from blaze_jobs.settings import ENGINES
+from blaze_jobs.store import text
+
+from .auth import Caller
+from .problems import PROBLEM_JSON, PROBLEM_SCHEMA
+from .request_context import settings_of
+from .responses import JSONResponse
+from .waits import owned
+
+PROBLEM = {"content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}, "description": "A problem+json body naming the fault."}
+
+router = APIRouter(responses={401: PROBLEM})
+
+#: The most messages a job's place is looked for among. The scan runs inside Redis, which
+#: serves nobody else meanwhile; a job farther back is told only that it is farther back.
+POSITION_SCAN = 500
+#: Messages one LRANGE of the scan reads: a job near the head costs one short read.
+SCAN_CHUNK = 50
+
+
+class Queue(BaseModel):
+    """One engine's queue."""
+
+    engine: str = Field(description="The engine whose workers take from this queue.")
+    depth: int = Field(
+        description="Messages waiting in the queue. A job canceled while queued keeps its message "
+        "until a worker takes it and drops it, so it is counted until then."
+    )
+    oldest_job_id: str | None = Field(description="The job at the queue's head (the next one a worker takes); null when empty.")
+    oldest_age_s: float | None = Field(
+        description="Seconds since the job at the head was created (null when the queue is empty or that job "
+        "has expired). A job handed back after a worker fault is at the tail, not the head."
+    )
+
+
+class QueueList(BaseModel):
+    queues: list[Queue] = Field(description="Every engine's queue, in the deployment's engine order.")
+
+
+class JobPosition(BaseModel):
+    """A job's place in its engine's queue."""
+
+    id: str
+    engine: str
+    status: JobStatus
+    position: int | None = Field(
+        description="1 for the next message a worker takes, 2 for the one after it …; null when the job is not "
+        "queued, when its message was taken a moment ago, or when it lies farther back than `scan_limit` messages."
+    )
+    depth: int = Field(description="Messages waiting in the engine's queue, this job's among them while it is queued.")
+    scan_limit: int = Field(description="How far back the place is looked for (`position` is null beyond it).")
+
+
+def head_job_id(message: bytes | str | None) -> str | None:
+    """The job id of a queue's message (a Celery envelope names its task, which is the job)."""
+    if not message:
+        return None
+    try:
+        envelope: Any = json.loads(message)
+        job_id = envelope["headers"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return None  # not a message Blaze Jobs or Celery wrote: nothing to say of its age
+    return job_id if isinstance(job_id, str) else None
+
+
+@router.get("/v1/queues", response_model=QueueList)
+async def list_queues(request: Request, caller: Caller) -> JSONResponse:
+    """Each engine's queue: its depth, and the job at its head with the time it has waited."""
+    settings = settings_of(request.app)
+    client, keys = request.app.state.redis, Keys(settings.redis_prefix)
+    # 1. Each queue's length and head, in one round trip.
+    async with client.pipeline(transaction=False) as pipe:
+        for engine in ENGINES:
+            pipe.llen(keys.queue(engine))
+            pipe.lindex(keys.queue(engine), -1)  # kombu takes from the right
+        replies = await pipe.execute()
+    depths, heads = replies[0::2], [head_job_id(m) for m in replies[1::2]]
+    # 2. When each head job was created, in a second one.
+    async with client.pipeline(transaction=False) as pipe:
+        for job_id in heads:
+            pipe.hget(keys.job(job_id or ""), "created_at")
+        created = await pipe.execute()
+    now = time.time()
+    queues = [
+        {
+            "engine": engine,
+            "depth": int(depth),
+            "oldest_job_id": head,
+            "oldest_age_s": round(max(0.0, now - float(text(at))), 3) if head and at else None,
+        }
+        for engine, depth, head, at in zip(ENGINES, depths, heads, created, strict=True)
+    ]
+    return JSONResponse({"queues": queues})
+
+
+@router.get("/v1/jobs/{job_id}/position", response_model=JobPosition, responses={404: PROBLEM})
+async def job_position(request: Request, caller: Caller, job_id: str) -> JSONResponse:
+    """The job's place in its engine's queue while it is queued (1: the next one taken)."""
+    settings = settings_of(request.app)
+    record = owned(await request.app.state.store.get(job_id), job_id, tenant=caller.tenant, settings=settings)
+    queue = Keys(settings.redis_prefix).queue(record["engine"])
+    client = request.app.state.redis
+    position: int | None = None
+    if record["status"] == JobStatus.queued.value:
+        # The job's own message carries its id as a header: `"id": "<job id>"`, quotes and all,
+        # which no other message holds (a prompt's quotes are escaped inside its envelope).
+        marker = json.dumps({"id": job_id})[1:-1]
+        place, depth = await scripts.script(client, "queue_position")(keys=[queue], args=[marker, POSITION_SCAN, SCAN_CHUNK])
+        position = int(place) or None
+    else:
+        depth = await client.llen(queue)
+    view = {
+        "id": job_id,
+        "engine": record["engine"],
+        "status": record["status"],
+        "position": position,
+        "depth": int(depth),
+        "scan_limit": POSITION_SCAN,
+    }
+    return JSONResponse(view)
