@@ -67,10 +67,27 @@ SCHEMA: dict[str, KeyInfo] = {
         "t:<tenant>:webhook-secret-previous", "string", "webhook_secret_grace_s", "rotation"
     ),
     "idempotency": KeyInfo("t:<tenant>:idem:<sha256 of the Idempotency-Key>", "string", "idempotency_ttl_s", "API create"),
+    "openai_retry": KeyInfo(
+        "t:<tenant>:openai-retry:<sha256 of key id, route and body>",
+        "string (job id)",
+        "openai_wait_s + 120 s",
+        "API (OpenAI creates)",
+    ),
     "rate_limits": KeyInfo("limits:LIMITER/<key id>/<rate>", "list (limits' moving window)", "the window", "API, through limits"),
     "audit": KeyInfo("audit", "stream", "none; at most audit_max_entries", "API, blaze keys"),
     "artifact_owners": KeyInfo("artifact-owners:<key>", "set (tenants)", "job_ttl_s", "worker, API (cache hits)"),
     "artifact_url_secret": KeyInfo("artifact-url-secret", "string", "none", "first API or webhook worker needing it"),
+    "file": KeyInfo("file:<id>", "hash (tenant, filename, purpose, bytes, times)", "file_ttl_s", "API (files, batch output)"),
+    "file_content": KeyInfo("file-content:<id>", "string (bytes)", "file_ttl_s", "API (files, batch output)"),
+    "tenant_files": KeyInfo("t:<tenant>:files", "zset", "none; entries older than file_ttl_s trimmed on list", "API (files)"),
+    "batch": KeyInfo("batch:<id>", "hash", "24 h window + file_ttl_s", "API (batch create, progress, cancel, finalize)"),
+    "batch_jobs": KeyInfo("batch-jobs:<id>", "list (job ids, in line order)", "the batch's", "API (batch create)"),
+    "batch_errors": KeyInfo("batch-errors:<id>", "list (error-file lines)", "the batch's", "API (batch create)"),
+    "tenant_batches": KeyInfo(
+        "t:<tenant>:batches", "zset", "none; entries of expired batches trimmed on list", "API (batch create)"
+    ),
+    "batches_open": KeyInfo("batches-open", "zset (batch ids by expiry)", "none; a batch leaves it when it ends", "API"),
+    "batch_lock": KeyInfo("batch-lock:<id>", "string (holder)", "60 s", "the API process finalizing the batch"),
 }
 
 
@@ -93,6 +110,8 @@ class Keys:
         self.artifact_url_secret = f"{prefix}artifact-url-secret"
         #: Every tenant that ever had a key, so the reaper can trim indexes nobody lists.
         self.tenants = f"{prefix}tenants"
+        #: The batches not ended yet, scored by when they expire, which the API advances.
+        self.batches_open = f"{prefix}batches-open"
         #: The deployment's status indexes of live jobs (queued, running), which the reaper
         #: scans; lists page through the tenants' own indexes (``tenant_statuses``).
         self.live_statuses = [self.status(JobStatus.queued.value), self.status(JobStatus.running.value)]
@@ -153,6 +172,9 @@ class Keys:
     def idempotency(self, tenant: str, key_hash: str) -> str:
         return f"{self.prefix}t:{tenant}:idem:{key_hash}"
 
+    def openai_retry(self, tenant: str, fingerprint: str) -> str:
+        return f"{self.prefix}t:{tenant}:openai-retry:{fingerprint}"
+
     def artifact_owners(self, key: str) -> str:
         return f"{self.prefix}artifact-owners:{key}"
 
@@ -175,3 +197,27 @@ class Keys:
             self.webhook_order(job_id),
             self.queue(WEBHOOK_QUEUE),
         ]
+
+    def file(self, file_id: str) -> str:
+        return f"{self.prefix}file:{file_id}"
+
+    def file_content(self, file_id: str) -> str:
+        return f"{self.prefix}file-content:{file_id}"
+
+    def tenant_files(self, tenant: str) -> str:
+        return f"{self.prefix}t:{tenant}:files"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}batch:{batch_id}"
+
+    def batch_jobs(self, batch_id: str) -> str:
+        return f"{self.prefix}batch-jobs:{batch_id}"
+
+    def batch_errors(self, batch_id: str) -> str:
+        return f"{self.prefix}batch-errors:{batch_id}"
+
+    def tenant_batches(self, tenant: str) -> str:
+        return f"{self.prefix}t:{tenant}:batches"
+
+    def batch_lock(self, batch_id: str) -> str:
+        return f"{self.prefix}batch-lock:{batch_id}"
