@@ -237,18 +237,34 @@ def test_the_clients_retries_after_timeouts_wait_on_the_one_job_the_first_attemp
     assert len(jobs) == 1 and jobs[0]["status"] == "succeeded" and jobs[0]["engine"] == "diffusion"
 
 
-def test_past_the_wait_bound_the_error_names_the_job_which_goes_on(own_stack: Stack) -> None:
-    # Given an API that waits half a second, and no worker
+def test_past_the_wait_bound_the_error_names_the_job_which_goes_on_and_a_full_quota_is_a_rate_limit(own_stack: Stack) -> None:
+    # Given an API that waits half a second, no worker, and a key of a tenant allowed one job
     url = start_api(own_stack, BLAZE_OPENAI_WAIT_S="0.5")
-    with openai.OpenAI(api_key=ADMIN_TOKEN, base_url=url + "/v1", max_retries=0) as client:
+    settings = Settings(redis_url=own_stack.env["BLAZE_REDIS_URL"], redis_prefix=own_stack.env["BLAZE_REDIS_PREFIX"])
+    with redis.Redis.from_url(settings.redis_url) as r:
+        secret, _ = create_key(r, settings, tenant="one-job", name="ci", max_jobs=1)
+    messages = [{"role": "user", "content": "hi"}]
+    with openai.OpenAI(api_key=secret, base_url=url + "/v1", max_retries=0) as client:
         # When the client asks a chat completion
         with pytest.raises(openai.InternalServerError) as late:
-            client.chat.completions.create(model="builtin:tiny-lm", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-    # Then the error names the job and where to get it, and the job is queued still
-    assert late.value.status_code == 504 and late.value.code == "job_timeout"
-    body = late.value.body
-    assert isinstance(body, dict)
-    job_id = body["message"].split()[1]
-    assert f"/v1/jobs/{job_id}" in body["message"]
-    job = httpx.get(f"{url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
-    assert job.status_code == 200 and job.json()["status"] == "queued"
+            client.chat.completions.create(model="builtin:tiny-lm", messages=messages, max_tokens=4)  # type: ignore[arg-type]
+        # Then the error names the job and where to get it, and the job is queued still
+        assert late.value.status_code == 504 and late.value.code == "job_timeout"
+        body = late.value.body
+        assert isinstance(body, dict)
+        job_id = body["message"].split()[1]
+        assert f"/v1/jobs/{job_id}" in body["message"]
+        job = httpx.get(f"{url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {secret}"}, timeout=10)
+        assert job.status_code == 200 and job.json()["status"] == "queued"
+        # When the tenant, at its quota, asks another
+        with pytest.raises(openai.RateLimitError) as limited:
+            client.chat.completions.create(model="builtin:tiny-lm", messages=messages, max_tokens=5)  # type: ignore[arg-type]
+        # Then it is told to wait, in OpenAI's shape
+        assert limited.value.code == "quota_exceeded" and limited.value.response.headers["Retry-After"]
+    with openai.OpenAI(api_key=ADMIN_TOKEN, base_url=url + "/v1", max_retries=0) as client:
+        # When a stream runs past the wait bound
+        stream = client.chat.completions.create(model="builtin:tiny-lm", messages=messages, max_tokens=4, stream=True)  # type: ignore[arg-type]
+        with pytest.raises(openai.APIError) as cut:
+            list(stream)
+        # Then its last event is the error naming the job
+        assert "/v1/jobs/" in cut.value.message
