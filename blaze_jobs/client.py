@@ -240,6 +240,26 @@ class BlazeClient(_Options[httpx.Client]):
     #: DESIGN.md's name for ``events``.
     stream = events
 
+    def list_jobs(
+        self, *, status: str | None = None, engine: str | None = None, limit: int | None = None, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """A page of the tenant's jobs, newest first: ``{"jobs": [...], "next_cursor": ...}``
+        (pass ``next_cursor`` as ``cursor`` for the next page; None on the last)."""
+        params = _list_params(status=status, engine=engine, limit=limit, cursor=cursor)
+        return self._json(self._send("GET", "/v1/jobs", params=params))
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The live workers (an admin key's view): engine, models, breaker, jobs held, last beat."""
+        return self._json(self._send("GET", "/v1/workers"))["workers"]
+
+    def queues(self) -> list[dict[str, Any]]:
+        """Each engine's queue: its depth and the age of the job at its head."""
+        return self._json(self._send("GET", "/v1/queues"))["queues"]
+
+    def position(self, job_id: str) -> dict[str, Any]:
+        """The job's place in its engine's queue (``position``: 1 is the next one taken)."""
+        return self._json(self._send("GET", f"/v1/jobs/{job_id}/position"))
+
     def deliveries(self, job_id: str) -> list[dict[str, Any]]:
         """The job's webhook deliveries, each with its attempts."""
         return self._json(self._send("GET", f"/v1/jobs/{job_id}/deliveries"))["deliveries"]
@@ -382,6 +402,12 @@ def _create_body(
     return body
 
 
+def _list_params(*, status: str | None, engine: str | None, limit: int | None, cursor: str | None) -> dict[str, Any]:
+    """The query of ``GET /v1/jobs``: the filters given, and no others."""
+    given = {"status": status, "engine": engine, "limit": limit, "cursor": cursor}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -511,6 +537,21 @@ class AsyncBlazeClient(_Options[httpx.AsyncClient]):
                 await asyncio.sleep(min(2.0, 0.1 * 2**failures))
 
     stream = events
+
+    async def list_jobs(
+        self, *, status: str | None = None, engine: str | None = None, limit: int | None = None, cursor: str | None = None
+    ) -> dict[str, Any]:
+        params = _list_params(status=status, engine=engine, limit=limit, cursor=cursor)
+        return BlazeClient._json(await self._send("GET", "/v1/jobs", params=params))
+
+    async def workers(self) -> list[dict[str, Any]]:
+        return BlazeClient._json(await self._send("GET", "/v1/workers"))["workers"]
+
+    async def queues(self) -> list[dict[str, Any]]:
+        return BlazeClient._json(await self._send("GET", "/v1/queues"))["queues"]
+
+    async def position(self, job_id: str) -> dict[str, Any]:
+        return BlazeClient._json(await self._send("GET", f"/v1/jobs/{job_id}/position"))
 
     async def download(self, url: str) -> bytes:
         request = self._download_request(url)
