@@ -129,6 +129,14 @@ async def webhook_secret(request: Request, caller: Caller) -> JSONResponse:
     return _secret_view(await tenant_secrets_async(request.app.state.store.redis, settings_of(request.app), caller.tenant))
 
 
+@router.get("/v1/webhooks/default/secret", responses={401: PROBLEM})
+async def default_webhook_secret(request: Request, caller: Caller) -> JSONResponse:
+    """The caller's tenant's current `whsec_` secret as Replicate's API answers it,
+    `{"key": ...}`, which `replicate.webhooks.validate` checks deliveries with."""
+    found = await tenant_secrets_async(request.app.state.store.redis, settings_of(request.app), caller.tenant)
+    return JSONResponse({"key": found.secret})
+
+
 @router.post("/v1/webhooks/secret/rotate", response_model=WebhookSecret, responses={401: PROBLEM, 409: PROBLEM, 422: PROBLEM})
 async def rotate_webhook_secret(
     request: Request,

@@ -22,6 +22,7 @@ from blaze_jobs.artifacts import UrlSigner
 from blaze_jobs.broker import webhook_task_template
 from blaze_jobs.jobs import job_view
 from blaze_jobs.keys import WEBHOOK_QUEUE, Keys
+from blaze_jobs.predictions import SURFACE, prediction_view
 
 
 def deliveries_key(prefix: str, job_id: str) -> str:
@@ -64,6 +65,9 @@ class DeliveryPage(BaseModel):
 def event_body(delivery: dict[str, Any], record: dict[str, str], *, base_url: str, signer: UrlSigner) -> bytes:
     """The POSTed JSON; the same bytes on every attempt and redelivery of an event (its
     artifact URLs are signed until the job's expiry, which the snapshot's creation fixes)."""
+    if record.get("surface") == SURFACE:  # a Replicate prediction's webhook gets the prediction
+        prediction = prediction_view(record, base_url=base_url, signer=signer)
+        return json.dumps(prediction, separators=(",", ":")).encode()
     timestamp = datetime.fromtimestamp(float(delivery["at"]), tz=timezone.utc).isoformat()
     payload = {"type": delivery["type"], "timestamp": timestamp, "data": job_view(record, base_url=base_url, signer=signer)}
     return json.dumps(payload, separators=(",", ":")).encode()
