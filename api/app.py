@@ -19,7 +19,21 @@ from blaze_jobs.keys import Keys
 from blaze_jobs.settings import ENGINES, Settings, get_settings
 from blaze_jobs.store import CURSOR, AsyncJobStore
 
-from . import admin, artifacts, bounds, connections, creation, openai_routes, problems, queues, replicate, waits, webhooks
+from . import (
+    admin,
+    artifacts,
+    bounds,
+    connections,
+    creation,
+    openai_batches,
+    openai_files,
+    openai_routes,
+    problems,
+    queues,
+    replicate,
+    waits,
+    webhooks,
+)
 from .artifacts import signer_of
 from .auth import Caller, warn_if_off
 from .request_context import base_url
@@ -152,6 +166,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Events, deliveries and the webhook secret: after the routes above, so that the create
     # route, the hot one, is matched first.
+    app.include_router(openai_files.router)
+    app.include_router(openai_batches.router)
     app.include_router(openai_routes.router)
     app.include_router(replicate.router)
     app.include_router(queues.router)

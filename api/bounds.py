@@ -36,17 +36,20 @@ class BodyLimit:
     Content-Length before a byte is read, or as soon as what arrives passes the bound (a
     chunked body). FastAPI's own ``max_body_size`` answers a plain-text 413 instead."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, by_path: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        #: Paths with a bound of their own (``POST /v1/files`` takes a whole batch file).
+        self.by_path = by_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.by_path.get(scope["path"], self.max_bytes) if self.by_path else self.max_bytes
         declared = next((value for key, value in scope["headers"] if key == b"content-length"), None)
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self.too_large()(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            await self.too_large(max_bytes)(scope, receive, send)
             return
         received = 0
 
@@ -54,21 +57,20 @@ class BodyLimit:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
+            if received > max_bytes:
                 # An HTTPException, so that FastAPI's body reading lets it through to the
                 # problem handlers rather than calling it a parse error (400).
-                raise HTTPException(413, self.detail)
+                raise HTTPException(413, self.detail(max_bytes))
             return message
 
         await self.app(scope, receive_bounded, send)
 
-    @property
-    def detail(self) -> str:
-        return f"the body exceeds the limit of {self.max_bytes} bytes"
+    def detail(self, max_bytes: int) -> str:
+        return f"the body exceeds the limit of {max_bytes} bytes"
 
-    def too_large(self) -> Response:
+    def too_large(self, max_bytes: int) -> Response:
         # The unread body is still on its way: end the connection rather than read it.
-        return problem(413, "Content Too Large", self.detail, headers={"Connection": "close"})
+        return problem(413, "Content Too Large", self.detail(max_bytes), headers={"Connection": "close"})
 
 
 class JSONBodyRequest(Request):
@@ -189,7 +191,8 @@ def state_bounds(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
 def install(app: FastAPI, settings: Settings) -> None:
     """Bound request bodies, read JSON bodies strictly on the routes declared after this,
     and state the bounds in the app's OpenAPI document."""
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # A file upload's multipart framing takes a few hundred bytes beside the file.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, by_path={"/v1/files": settings.file_max_bytes + 65_536})
     app.router.route_class = JSONBodyRoute
     generate = app.openapi
 

@@ -18,6 +18,7 @@ from blaze_jobs.api_keys import ApiKey
 from blaze_jobs.broker import queue_key, task_message
 from blaze_jobs.errors import ClaimTakenOver, QueueFull, QuotaExceeded
 from blaze_jobs.jobs import new_record
+from blaze_jobs.settings import Settings
 from blaze_jobs.store import AsyncJobStore, queue_create, text
 
 from . import bounds, connections, idempotency, webhooks
@@ -39,38 +40,25 @@ async def create(
     fields to the record (the surface that made it, a batch line's ``custom_id``)."""
     settings = settings_of(request.app)
     # 1. Bounds that belong to the deployment, not the schema.
-    engine = body.engine
-    model = body.model or settings.default_model(engine)
-    if model not in settings.allowed_models(engine):
-        raise InputProblem("model", f"unknown model {model!r} for engine {engine}; known: {settings.allowed_models(engine)}")
-    bounds.check_bounds(body, settings)
-    job_id = str(uuid.uuid4())
-    job_input = body.input.model_dump(exclude_none=True)
-    record = new_record(job_id=job_id, tenant=caller.tenant, engine=engine, model=model, input=job_input, created_at=time.time())
-    bounds.check_input(job_input, stored=record["input"], settings=settings)
+    record, job_input = job_record(body, tenant=caller.tenant, settings=settings)
     record.update(await webhooks.webhook_fields(body, settings))
     if extra:
         record.update(extra)
     store: AsyncJobStore = request.app.state.store
     # A retry with the Idempotency-Key of an earlier create gets that create's job.
-    original = await idempotency.claim(request, tenant=caller.tenant, body=body, job_id=job_id, key=idempotency_key)
+    original = await idempotency.claim(request, tenant=caller.tenant, body=body, job_id=record["id"], key=idempotency_key)
     if original is not None:
         return original, False
     try:
         # 2. A deterministic request computed before is born succeeded, with no worker involved.
-        cached = None
-        if body.cache == "bypass":
-            record["cache"] = "bypass"
-        elif cache.cacheable(engine, job_input):
-            key = cache.cache_key(engine=engine, model=model, input=job_input, tenant=caller.tenant, settings=settings)
-            cached = await store.redis.get(cache.CacheKeys(settings.redis_prefix).entry(key))
+        cached = await cached_output(store, body, record, job_input, settings=settings)
         # 3. Store the job and publish its Celery message (or its cached result) in one round trip.
         if cached is None:
-            message = task_message(job_id=job_id, engine=engine, input=job_input, tenant=caller.tenant)
+            message = task_message(job_id=record["id"], engine=record["engine"], input=job_input, tenant=caller.tenant)
             # Admitted in the same step: the tenant's quota (the key's) and the queue's bound.
             await store.create_queued(
                 record,
-                queue=queue_key(settings, engine),
+                queue=queue_key(settings, record["engine"]),
                 message=message,
                 max_jobs=caller.max_jobs or 0,
                 claim=idempotency.held(request),
@@ -81,18 +69,13 @@ async def create(
                 if claim is not None:  # born only while this create holds its claim (create.lua's rule)
                     await pipe.watch(claim[0])
                     if text(await pipe.get(claim[0]) or b"") != claim[1]:
-                        raise ClaimTakenOver(job_id)
+                        raise ClaimTakenOver(record["id"])
                     pipe.multi()
-                output = text(cached)
-                now = repr(time.time())
-                record.update(status="succeeded", output=output, started_at=now, completed_at=now, cache_hit="1")
-                queue_create(pipe, store.keys, record, ttl_s=settings.job_ttl_s)
-                # The images outlive the new job as long as the job itself, and its tenant owns them.
-                cache.queue_renew(pipe, json.loads(output), tenant=caller.tenant, settings=settings)
+                queue_birth(pipe, store, record, cached, settings=settings)
                 try:
                     await pipe.execute()
                 except redis.exceptions.WatchError:  # the claim changed hands after the look
-                    raise ClaimTakenOver(job_id) from None
+                    raise ClaimTakenOver(record["id"]) from None
     except (QuotaExceeded, QueueFull, redis.exceptions.ResponseError, connections.Busy):
         # Refused (quota, full queue, full Redis, no connection free) and nothing stored: a
         # retry may create it. A connection lost mid-create may have stored the job: its
@@ -100,3 +83,54 @@ async def create(
         await idempotency.release(request)
         raise
     return record, True
+
+
+# --- the pieces a create is made of, which a batch file's creates share -------------------
+
+
+def job_record(body: Any, *, tenant: str, settings: Settings) -> tuple[dict[str, str], dict[str, Any]]:
+    """The record of a new queued job of ``tenant`` for ``body`` (a ``JobCreate``), and its
+    input, once within the deployment's bounds (InputProblem naming the field otherwise)."""
+    engine = body.engine
+    model = body.model or settings.default_model(engine)
+    if model not in settings.allowed_models(engine):
+        raise InputProblem("model", f"unknown model {model!r} for engine {engine}; known: {settings.allowed_models(engine)}")
+    bounds.check_bounds(body, settings)
+    job_input = body.input.model_dump(exclude_none=True)
+    record = new_record(
+        job_id=str(uuid.uuid4()), tenant=tenant, engine=engine, model=model, input=job_input, created_at=time.time()
+    )
+    bounds.check_input(job_input, stored=record["input"], settings=settings)
+    return record, job_input
+
+
+def cache_entry(body: Any, record: dict[str, str], job_input: dict[str, Any], *, settings: Settings) -> str | None:
+    """The L2 cache key a new job may be answered from: None when it is not deterministic or
+    asks to bypass the cache (then its record says so)."""
+    if body.cache == "bypass":
+        record["cache"] = "bypass"
+        return None
+    engine = record["engine"]
+    if not cache.cacheable(engine, job_input):
+        return None
+    key = cache.cache_key(engine=engine, model=record["model"], input=job_input, tenant=record["tenant"], settings=settings)
+    return cache.CacheKeys(settings.redis_prefix).entry(key)
+
+
+async def cached_output(
+    store: AsyncJobStore, body: Any, record: dict[str, str], job_input: dict[str, Any], *, settings: Settings
+) -> Any:
+    """The cached output a deterministic request computed before gets (bytes), or None."""
+    entry = cache_entry(body, record, job_input, settings=settings)
+    return None if entry is None else await store.redis.get(entry)
+
+
+def queue_birth(pipe: Any, store: AsyncJobStore, record: dict[str, str], cached: Any, *, settings: Settings) -> None:
+    """Queue on ``pipe`` the commands that store ``record`` born succeeded with the ``cached``
+    output, with no worker involved."""
+    output = text(cached)
+    now = repr(time.time())
+    record.update(status="succeeded", output=output, started_at=now, completed_at=now, cache_hit="1")
+    queue_create(pipe, store.keys, record, ttl_s=settings.job_ttl_s)
+    # The images outlive the new job as long as the job itself, and its tenant owns them.
+    cache.queue_renew(pipe, json.loads(output), tenant=record["tenant"], settings=settings)

@@ -246,8 +246,10 @@ class AsyncJobStore:
         self.keys = Keys(settings.redis_prefix)
         self._transition = scripts.script(client, "transition")
         self._create = scripts.script(client, "create")
-        # By (tenant, engine): where a new queued job is indexed, and the tenant's running index.
-        self._queued_indexes: dict[tuple[str, str], tuple[list[str], str]] = {}
+        # By tenant: the tenant's queued, running and all indexes and the deployment's queued
+        # one, which lead every create's KEYS; by (tenant, engine): the engine's index.
+        self._tenant_indexes: dict[str, list[str]] = {}
+        self._engine_indexes: dict[tuple[str, str], str] = {}
 
     async def create_queued(
         self, record: dict[str, str], *, queue: str, message: str, max_jobs: int = 0, claim: tuple[str, str] | None = None
@@ -258,21 +260,44 @@ class AsyncJobStore:
         holds ``BLAZE_QUEUE_MAX`` messages, and ClaimTakenOver when ``claim`` (an
         Idempotency-Key's key and the value this create holds it with) is no longer held;
         then nothing is written."""
-        tenant, engine, created_at = record["tenant"], record["engine"], record["created_at"]
-        expires = str(expires_at_ms(created_at, self.settings.job_ttl_s))
-        fields = orjson.dumps({**record, "score": str(score_of(float(created_at))), EXPIRES: expires})
-        found = self._queued_indexes.get((tenant, engine))
-        if found is None:
+        await self.create_many(record["tenant"], [(record, queue, message)], max_jobs=max_jobs, claim=claim)
+
+    async def create_many(
+        self,
+        tenant: str,
+        jobs: builtins.list[tuple[dict[str, str], str, str]],
+        *,
+        max_jobs: int = 0,
+        claim: tuple[str, str] | None = None,
+    ) -> None:
+        """``create_queued`` for several new jobs of ``tenant``, each ``(record, queue,
+        message)``, admitted together in one call of the same script: all are stored, or
+        (QuotaExceeded, QueueFull, ClaimTakenOver) none is. The quota and the queue bound
+        count every job of the call (a batch file's jobs are taken whole or not at all)."""
+        ttl_s = self.settings.job_ttl_s
+        shared = self._tenant_indexes.get(tenant)
+        if shared is None:
             keys = self.keys
-            indexes = indexes_of(keys, tenant=tenant, status=JobStatus.queued.value, engine=engine)
-            found = self._queued_indexes[(tenant, engine)] = (indexes, keys.tenant_status(tenant, JobStatus.running.value))
-        indexes, running = found
-        script_keys = [self.keys.job(record["id"]), *indexes, queue, running]
-        oldest = score_of(time.time() - self.settings.job_ttl_s)
-        args = [message, fields, max_jobs, self.settings.queue_max, oldest]
+            shared = self._tenant_indexes[tenant] = [
+                keys.tenant_status(tenant, JobStatus.queued.value),
+                keys.tenant_status(tenant, JobStatus.running.value),
+                keys.tenant_all(tenant),
+                keys.status(JobStatus.queued.value),
+            ]
+        script_keys = list(shared)
+        oldest = score_of(time.time() - ttl_s)
+        args: builtins.list[Any] = [max_jobs, self.settings.queue_max, oldest, claim[1] if claim is not None else ""]
+        engine_indexes = self._engine_indexes
+        for record, queue, message in jobs:
+            engine, created_at = record["engine"], record["created_at"]
+            index = engine_indexes.get((tenant, engine))
+            if index is None:
+                index = engine_indexes[(tenant, engine)] = self.keys.tenant_engine(tenant, engine)
+            expires = str(expires_at_ms(created_at, ttl_s))
+            script_keys += (self.keys.job(record["id"]), index, queue)
+            args += (message, orjson.dumps({**record, "score": str(score_of(float(created_at))), EXPIRES: expires}))
         if claim is not None:
             script_keys.append(claim[0])
-            args.append(claim[1])
         try:
             # EVALSHA straight away: the script object's own call costs ~10 µs more, per create.
             reply = await self.redis.execute_command("EVALSHA", self._create.sha, len(script_keys), *script_keys, *args)
@@ -280,11 +305,13 @@ class AsyncJobStore:
             reply = await self._create(keys=script_keys, args=args)
         if reply == 1:
             return
-        refusal, count = reply
+        refusal, count = reply[0], reply[1]
         if refusal == -1:
             raise QuotaExceeded(tenant, count=int(count), limit=max_jobs)
         if refusal == -3:
-            raise ClaimTakenOver(record["id"])
+            raise ClaimTakenOver(jobs[0][0]["id"])
+        full = text(reply[2])
+        engine = next(record["engine"] for record, queue, _ in jobs if queue == full)
         raise QueueFull(engine, length=int(count), limit=self.settings.queue_max)
 
     async def get(self, job_id: str) -> dict[str, str]:
@@ -342,6 +369,33 @@ class AsyncJobStore:
             )
         except JobConflict as conflict:
             raise JobConflict(f"job {job_id} already ended") from conflict
+
+    async def cancel_many(self, job_ids: Iterable[str], *, tenant: str, reason: str, chunk: int = 500) -> int:
+        """``cancel`` for many jobs of ``tenant`` (a batch's), pipelined ``chunk`` at a time;
+        jobs that already ended (or are gone, or another tenant's) stay as they are. Returns
+        how many it canceled. ``reason`` is the canceled jobs' error message."""
+        fields = {"completed_at": repr(time.time()), "error": json.dumps({"type": "canceled", "message": reason})}
+        owner = [tenant, tenant == self.settings.default_tenant]
+        canceled = 0
+        ids = builtins.list(job_ids)
+        for start in range(0, len(ids), chunk):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in ids[start : start + chunk]:
+                    script_keys, args = transition_call(
+                        self.keys,
+                        job_id,
+                        tenant=tenant,
+                        ttl=self.settings.job_ttl_s,
+                        allowed=(JobStatus.queued, JobStatus.running),
+                        to=JobStatus.canceled,
+                        fields=fields,
+                        streamed=True,
+                        owner=owner,
+                    )
+                    await self._transition(keys=script_keys, args=args, client=pipe)
+                replies = await pipe.execute()
+            canceled += sum(1 for reply in replies if reply[0] == 1)
+        return canceled
 
     async def list(
         self, *, tenant: str, status: str | None, engine: str | None, limit: int, cursor: str | None

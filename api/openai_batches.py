@@ -1,0 +1,425 @@
+"""OpenAI's Batch API: ``POST /v1/batches``, ``GET /v1/batches/{id}``, ``GET /v1/batches``
+and ``POST /v1/batches/{id}/cancel``, over the one create path.
+
+Each good line of the input file is one Blaze job (its record names the batch and the line's
+``custom_id``), on its engine's queue like any other: batched on the device, cached, retried,
+seen in Flower. A batch's jobs are made in one step: every line read and checked here, cache
+hits born succeeded, and the rest stored and queued by one call of the create script
+(``AsyncJobStore.create_many``), which admits them together, so a batch the tenant's quota or
+a queue's bound cannot take fails whole, with nothing created. A malformed line fails only
+itself, in the error file.
+
+Beside OpenAI's endpoints (``/v1/images/generations``, ``/v1/chat/completions``,
+``/v1/completions``), a batch may name ``/v1/jobs``, Blaze's own: each line's body is a
+``POST /v1/jobs`` body (any engine) and its response body the job as ``GET /v1/jobs/{id}``
+shows it.
+
+A batch advances (its counts, then, once every job has ended, its output and error files and
+its final status) when it is read, and in a loop every API process runs (``SWEEP_S``), so it
+completes though nobody reads it; a lock lets one process at a time write its files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import redis.exceptions
+from fastapi import APIRouter, FastAPI, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from blaze_jobs import batches, files
+from blaze_jobs.artifacts import url_signer
+from blaze_jobs.batches import BATCH_FIELD, CUSTOM_ID_FIELD, REQUEST_FIELD, BatchFileError, BatchNotFound, BatchStatus
+from blaze_jobs.broker import queue_key, task_message
+from blaze_jobs.errors import QueueFull, QuotaExceeded
+from blaze_jobs.files import FileNotFound
+from blaze_jobs.jobs import JobCreate, JobStatus, job_view
+from blaze_jobs.keys import Keys
+from blaze_jobs.settings import Settings
+from blaze_jobs.store import AsyncJobStore, score_of
+
+from . import creation, openai_retries, webhooks
+from .auth import Caller
+from .openai_bodies import CHAT, COMPLETIONS, IMAGES, job_failure, job_for, response_for
+from .openai_errors import OpenAIError, OpenAIRoute, invalid
+from .problems import InputProblem, field_name
+from .request_context import base_url, settings_of
+from .responses import JSONResponse
+
+log = logging.getLogger("blaze_jobs.api.openai_batches")
+
+#: Blaze's own batch endpoint: each line a ``POST /v1/jobs`` body.
+JOBS = "/v1/jobs"
+ENDPOINTS = (CHAT, COMPLETIONS, IMAGES, JOBS)
+#: How often each API process advances the open batches: a batch nobody reads completes
+#: within this of its last job's end.
+SWEEP_S = 2.0
+#: Open batches one sweep advances, soonest to expire first.
+SWEEP_BATCHES = 100
+_JOB = TypeAdapter(JobCreate)
+
+
+class BatchCreate(BaseModel):
+    """``POST /v1/batches``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(max_length=64, description="A file uploaded with purpose `batch`: JSONL of request lines.")
+    endpoint: str = Field(description=f"The endpoint of every line: one of {', '.join(ENDPOINTS)} (`/v1/jobs`: Blaze's own).")
+    completion_window: str = Field(description="`24h`: past it, the batch expires and its unfinished jobs are canceled.")
+    metadata: dict[str, str] | None = Field(None, description="Up to 16 pairs, keys up to 64 characters, values up to 512.")
+    output_expires_after: dict[str, Any] | None = Field(None, description="Accepted; output files are kept BLAZE_FILE_TTL_S.")
+
+
+def not_found(batch_id: str) -> OpenAIError:
+    return OpenAIError(404, f"No batch found with id '{batch_id}'", param="batch_id", code="batch_not_found")
+
+
+# --- creating a batch -----------------------------------------------------------------------
+
+
+def check(body: BatchCreate) -> None:
+    if body.endpoint not in ENDPOINTS:
+        raise invalid("endpoint", f"Invalid value for 'endpoint': {body.endpoint!r}; expected one of {', '.join(ENDPOINTS)}")
+    if body.completion_window != batches.WINDOW:
+        raise invalid("completion_window", f"Invalid value for 'completion_window': {body.completion_window!r}; only '24h'")
+    metadata = body.metadata or {}
+    if len(metadata) > 16:
+        raise invalid("metadata", f"holds {len(metadata)} pairs; at most 16")
+    for key, value in metadata.items():
+        if len(key) > 64 or len(value) > 512:
+            raise invalid(f"metadata.{key[:64]}", "keys are at most 64 characters, values at most 512")
+
+
+def line_job(endpoint: str, body: dict[str, Any], settings: Settings) -> Any:
+    """The ``JobCreate`` a line's body is; OpenAIError or InputProblem naming the field."""
+    if endpoint == JOBS:
+        try:
+            return _JOB.validate_python(body)
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise InputProblem(field_name(first.get("loc", ())), first.get("msg", "invalid")) from None
+    return job_for(endpoint, body, settings)
+
+
+async def create_jobs(
+    request: Request, caller: Any, record: dict[str, str], content: bytes
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Make the batch's jobs from its input file: the entries of its job list (``<job
+    id>:<custom_id>``, in line order) and the error-file lines of its malformed lines.
+    BatchFileError when the file, or the tenant's quota or a queue's bound, cannot take it;
+    then no job is made."""
+    settings = settings_of(request.app)
+    store: AsyncJobStore = request.app.state.store
+    endpoint, tenant = record["endpoint"], caller.tenant
+    # 1. The lines, each read into the job it asks for; a bad one fails itself.
+    good, bad = batches.read_lines(content, endpoint=endpoint, max_requests=settings.batch_max_requests)
+    made: list[tuple[str, Any, dict[str, str], dict[str, Any]]] = []
+    for number, custom_id, body in good:
+        try:
+            job = line_job(endpoint, body, settings)
+            job_record, job_input = creation.job_record(job, tenant=tenant, settings=settings)
+            if job.webhook is not None:
+                job_record.update(await webhooks.webhook_fields(job, settings))
+        except OpenAIError as error:
+            bad.append(batches.error_line(custom_id, code=error.code or error.type, message=f"line {number}: {error.message}"))
+            continue
+        except InputProblem as problem:
+            bad.append(batches.error_line(custom_id, code="invalid_value", message=f"line {number}: {problem}"))
+            continue
+        job_record.update({"surface": "openai", BATCH_FIELD: record["id"], CUSTOM_ID_FIELD: custom_id})
+        if endpoint != JOBS:  # the response is shaped by the request (b64_json images)
+            job_record[REQUEST_FIELD] = json.dumps(body, separators=(",", ":"))
+        made.append((custom_id, job, job_record, job_input))
+    # 2. Deterministic requests computed before are born succeeded: their cache entries, read at once.
+    entries = [creation.cache_entry(job, job_record, job_input, settings=settings) for _, job, job_record, job_input in made]
+    looked = [entry for entry in entries if entry is not None]
+    hits = dict(zip(looked, await store.redis.mget(looked), strict=True)) if looked else {}
+    queued: list[tuple[dict[str, str], str, str]] = []
+    born: list[tuple[dict[str, str], Any]] = []
+    for (_, _, job_record, job_input), entry in zip(made, entries, strict=True):
+        cached = hits.get(entry) if entry is not None else None
+        if cached is not None:
+            born.append((job_record, cached))
+        else:
+            engine = job_record["engine"]
+            message = task_message(job_id=job_record["id"], engine=engine, input=job_input, tenant=tenant)
+            queued.append((job_record, queue_key(settings, engine), message))
+    # 3. The rest stored and queued together, admitted whole: quota and queue bounds.
+    if queued:
+        try:
+            await store.create_many(tenant, queued, max_jobs=caller.max_jobs or 0)
+        except QuotaExceeded as refused:
+            raise BatchFileError("quota_exceeded", f"{refused}: the batch's {len(queued)} jobs do not fit") from None
+        except QueueFull as refused:
+            raise BatchFileError("queue_full", f"{refused}: the batch's jobs do not fit") from None
+    if born:
+        async with store.redis.pipeline(transaction=True) as pipe:
+            for job_record, cached in born:
+                creation.queue_birth(pipe, store, job_record, cached, settings=settings)
+            await pipe.execute()
+    return [f"{job_record['id']}:{custom_id}" for custom_id, _, job_record, _ in made], bad
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Advance the open batches in the background while the app serves."""
+    task = asyncio.create_task(sweep(app), name="blaze-batch-sweep")
+    yield
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+router = APIRouter(route_class=OpenAIRoute, tags=["OpenAI batches"], lifespan=lifespan)
+
+
+@router.post("/v1/batches")
+async def create_batch(request: Request, caller: Caller, body: BatchCreate) -> JSONResponse:
+    """Make a batch from an uploaded file: each good line becomes a job at once; the answer is
+    the batch `in_progress` (or `failed`, with `errors`, when the file cannot be a batch)."""
+    settings = settings_of(request.app)
+    client = request.app.state.store.redis
+    check(body)
+    # The client retries a create whose answer it lost: the retry answers the batch it made.
+    asked = body.model_dump(exclude_none=True)
+    earlier = await openai_retries.earlier_job(request, caller, "/v1/batches", asked)
+    if earlier is not None:
+        try:
+            return JSONResponse(batches.batch_view(await batches.get(client, settings, earlier, tenant=caller.tenant)))
+        except BatchNotFound:
+            pass
+    try:
+        meta = await files.describe(client, settings, body.input_file_id, tenant=caller.tenant)
+        content = await files.content(client, settings, body.input_file_id, tenant=caller.tenant)
+    except FileNotFound:
+        raise OpenAIError(
+            404, f"No such File object: {body.input_file_id}", param="input_file_id", code="file_not_found"
+        ) from None
+    if meta["purpose"] != "batch":
+        raise invalid("input_file_id", f"file {body.input_file_id} was uploaded with purpose {meta['purpose']!r}, not 'batch'")
+    record = batches.new_record(
+        batch_id=batches.new_batch_id(),
+        tenant=caller.tenant,
+        endpoint=body.endpoint,
+        input_file_id=body.input_file_id,
+        metadata=body.metadata,
+        base_url=base_url(request),
+    )
+    await batches.store_new(client, settings, record)
+    await openai_retries.remember(request, caller, "/v1/batches", asked, record["id"])
+    try:
+        job_entries, error_lines = await create_jobs(request, caller, record, content)
+    except BatchFileError as error:
+        record = await fail(client, settings, record, [error.entry()])
+        return JSONResponse(batches.batch_view(record))
+    except Exception:
+        # Nothing was admitted (or Redis went away): the batch says so rather than stay validating.
+        await fail(client, settings, record, [{"code": "internal", "message": "the batch could not be created; retry"}])
+        raise
+    record = await batches.start(client, settings, record, job_ids=job_entries, error_lines=error_lines)
+    return JSONResponse(batches.batch_view(record))
+
+
+async def fail(client: Any, settings: Settings, record: dict[str, str], errors: list[dict[str, Any]]) -> dict[str, str]:
+    return await batches.update(
+        client, settings, record, status=BatchStatus.failed.value, failed_at=repr(time.time()), errors=json.dumps(errors)
+    )
+
+
+@router.get("/v1/batches/{batch_id}")
+async def get_batch(request: Request, caller: Caller, batch_id: str) -> JSONResponse:
+    """The batch, with its counts as its jobs stand now."""
+    settings = settings_of(request.app)
+    try:
+        record = await batches.get(request.app.state.store.redis, settings, batch_id, tenant=caller.tenant)
+    except BatchNotFound:
+        raise not_found(batch_id) from None
+    return JSONResponse(batches.batch_view(await advance(request.app, record)))
+
+
+@router.get("/v1/batches")
+async def list_batches(
+    request: Request,
+    caller: Caller,
+    after: Annotated[str | None, Query(max_length=64, description="The id of the last batch of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
+) -> JSONResponse:
+    """The tenant's batches, newest first, a page at a time."""
+    settings = settings_of(request.app)
+    client = request.app.state.store.redis
+    keys = Keys(settings.redis_prefix)
+    index = keys.tenant_batches(caller.tenant)
+    await client.zremrangebyscore(index, "-inf", f"({score_of(time.time() - batches.ttl_s(settings))}")
+    found, more = await files.index_page(client, index, keys.batch, after=after, limit=limit, order="desc")
+    data = [batches.batch_view(record) for record in found]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": more,
+        }
+    )
+
+
+@router.post("/v1/batches/{batch_id}/cancel")
+async def cancel_batch(request: Request, caller: Caller, batch_id: str) -> JSONResponse:
+    """Cancel the batch: its queued jobs never run, its running ones stop at their next step.
+    It is `cancelling` until then, and `cancelled` with the files of what ended."""
+    settings = settings_of(request.app)
+    store: AsyncJobStore = request.app.state.store
+    try:
+        record = await batches.get(store.redis, settings, batch_id, tenant=caller.tenant)
+    except BatchNotFound:
+        raise not_found(batch_id) from None
+    if record["status"] != BatchStatus.in_progress.value:
+        # 400, not 409: the client retries a 409, and this answer does not change.
+        raise invalid(None, f"Cannot cancel a batch with status {record['status']!r}", code="batch_not_cancellable")
+    record = await batches.update(
+        store.redis,
+        settings,
+        record,
+        status=BatchStatus.cancelling.value,
+        cancelling_at=repr(time.time()),
+        ending=BatchStatus.cancelled.value,
+    )
+    ids = [entry.partition(":")[0] for entry in await batches.job_ids(store.redis, settings, batch_id)]
+    await store.cancel_many(ids, tenant=caller.tenant, reason=f"batch {batch_id} canceled by request")
+    return JSONResponse(batches.batch_view(record))
+
+
+# --- advancing a batch ----------------------------------------------------------------------
+
+
+async def advance(app: FastAPI, record: dict[str, str]) -> dict[str, str]:
+    """The batch after a look at its jobs: its counts; once every job has ended, its files and
+    final status (written by one API process: the others answer it as it stands). Past its
+    window, its unfinished jobs are canceled and it ends ``expired``."""
+    status = BatchStatus(record["status"])
+    if status not in (BatchStatus.in_progress, BatchStatus.cancelling, BatchStatus.finalizing):
+        return record
+    settings = settings_of(app)
+    store: AsyncJobStore = app.state.store
+    client = store.redis
+    entries = await batches.job_ids(client, settings, record["id"])
+    ids = [entry.partition(":")[0] for entry in entries]
+    found = await batches.statuses(client, settings, ids)
+    live = [job_id for job_id, job_status in zip(ids, found, strict=True) if job_status in ("queued", "running")]
+    if live and status == BatchStatus.in_progress and time.time() > float(record["expires_at"]):
+        await store.cancel_many(live, tenant=record["tenant"], reason=f"batch {record['id']}'s completion window ran out")
+        record = await batches.update(client, settings, record, ending=BatchStatus.expired.value)
+        found = await batches.statuses(client, settings, ids)
+        live = [job_id for job_id, job_status in zip(ids, found, strict=True) if job_status in ("queued", "running")]
+    counted = batches.counts(record, found)
+    if live:
+        if any(record.get(name) != value for name, value in counted.items()):
+            record = await batches.update(client, settings, record, **counted)
+        return record
+    return await finalize(app, record, entries, counted)
+
+
+async def finalize(app: FastAPI, record: dict[str, str], entries: list[str], counted: dict[str, str]) -> dict[str, str]:
+    """Write the output and error files of a batch whose jobs have all ended, and end it."""
+    settings = settings_of(app)
+    client = app.state.store.redis
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    if not await batches.lock(client, settings, record["id"], holder):
+        return record  # another process is writing its files
+    now = repr(time.time())
+    record = await batches.update(client, settings, record, status=BatchStatus.finalizing.value, finalizing_at=now, **counted)
+    ids = [entry.partition(":")[0] for entry in entries]
+    jobs = await batches.jobs(client, settings, ids)
+    malformed = await batches.malformed_lines(client, settings, record["id"])
+    # Images asked for as b64_json are read from the artifact store, a blocking read.
+    output, errors = await asyncio.to_thread(render, app, record, entries, jobs)
+    errors = malformed + errors
+    written: list[dict[str, Any]] = []
+    fields = {**counted, "status": record.get("ending") or BatchStatus.completed.value}
+    fields[f"{fields['status']}_at"] = repr(time.time())
+    for lines, kind in ((output, "output"), (errors, "errors")):
+        if lines:
+            file_id = files.new_file_id()
+            written.append(
+                {
+                    "file_id": file_id,
+                    "tenant": record["tenant"],
+                    "filename": f"{record['id']}_{kind}.jsonl",
+                    "purpose": "batch_output",
+                    "content": batches.jsonl(lines),
+                }
+            )
+            fields["output_file_id" if kind == "output" else "error_file_id"] = file_id
+    if not await batches.finish(client, settings, record, holder=holder, files=written, **fields):
+        return record
+    return {**record, **fields}
+
+
+def render(
+    app: FastAPI, record: dict[str, str], entries: list[str], jobs: list[dict[str, str]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The output lines (requests whose job succeeded) and error lines (the rest) of the
+    batch's jobs, each line's body what its endpoint's route answers."""
+    settings = settings_of(app)
+    endpoint, root = record["endpoint"], record["base_url"]
+    signer = url_signer(app.state.signer_redis, settings)
+    output: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    for entry, job in zip(entries, jobs, strict=True):
+        job_id, _, custom_id = entry.partition(":")
+        if not job:
+            errors.append(
+                batches.error_line(
+                    custom_id, code="job_expired", message=f"job {job_id}'s retention ran out before the batch ended"
+                )
+            )
+            continue
+        succeeded = job.get("status") == JobStatus.succeeded.value
+        if endpoint == JOBS:
+            view = job_view(job, base_url=root, signer=signer)
+            status_code = 200 if succeeded else job_failure(job).status
+            (output if succeeded else errors).append(batches.response_line(job_id, custom_id, status_code=status_code, body=view))
+            continue
+        try:
+            request_body = json.loads(job.get(REQUEST_FIELD) or "{}")
+            body = response_for(
+                endpoint, job, request_body=request_body, base_url=root, signer=signer, artifacts=app.state.artifacts
+            )
+        except OpenAIError as error:
+            errors.append(batches.response_line(job_id, custom_id, status_code=error.status, body=error.body()))
+            continue
+        output.append(batches.response_line(job_id, custom_id, status_code=200, body=body))
+    return output, errors
+
+
+async def sweep(app: FastAPI) -> None:
+    """Advance the open batches every ``SWEEP_S``, so each completes though nobody reads it."""
+    settings = settings_of(app)
+    while True:
+        await asyncio.sleep(SWEEP_S)
+        try:
+            client = app.state.store.redis
+            for batch_id in await batches.open_batches(client, settings, count=SWEEP_BATCHES):
+                tenant = await batches.tenant_of(client, settings, batch_id)
+                if tenant is None:
+                    await batches.forget_open(client, settings, batch_id)
+                    continue
+                await advance(app, await batches.get(client, settings, batch_id, tenant=tenant))
+        except asyncio.CancelledError:
+            raise
+        except (redis.exceptions.RedisError, BatchNotFound) as error:
+            log.warning("batch sweep: %s; again in %g s", error, SWEEP_S)
+        except Exception:
+            log.exception("batch sweep failed; again in %g s", SWEEP_S)

@@ -1,0 +1,126 @@
+"""OpenAI's Files API: ``POST /v1/files`` (multipart ``file`` and ``purpose``), ``GET
+/v1/files``, ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``, ``DELETE
+/v1/files/{id}``, for a tenant's batch input and the output and error files its batches
+write (``blaze_jobs.files``). Errors are in OpenAI's shape."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import Response
+
+from blaze_jobs import files
+from blaze_jobs.files import FileNotFound
+
+from . import openai_retries
+from .auth import Caller
+from .openai_errors import OpenAIError, OpenAIRoute, invalid
+from .request_context import settings_of
+from .responses import JSONResponse
+
+router = APIRouter(route_class=OpenAIRoute, tags=["OpenAI files"])
+#: The bounds OpenAI puts on ``expires_after[seconds]``: an hour to thirty days.
+EXPIRES_AFTER_S = (3600, 2_592_000)
+
+
+def not_found(file_id: str) -> OpenAIError:
+    return OpenAIError(404, f"No such File object: {file_id}", param="id", code="file_not_found")
+
+
+@router.post("/v1/files")
+async def create_file(
+    request: Request,
+    caller: Caller,
+    file: Annotated[UploadFile, File(description="The file: for `batch`, JSONL of request lines.")],
+    purpose: Annotated[str, Form(description="`batch` (a batch's input) or `user_data`.")],
+    expires_seconds: Annotated[
+        int | None, Form(alias="expires_after[seconds]", description="Keep the file this long (at most BLAZE_FILE_TTL_S).")
+    ] = None,
+) -> JSONResponse:
+    """Upload a file, kept for BLAZE_FILE_TTL_S (or `expires_after[seconds]`, if sooner)."""
+    settings = settings_of(request.app)
+    if purpose not in files.UPLOAD_PURPOSES:
+        raise invalid("purpose", f"Invalid value for 'purpose': {purpose!r}; expected one of {', '.join(files.UPLOAD_PURPOSES)}")
+    ttl_s = settings.file_ttl_s
+    if expires_seconds is not None:
+        low, high = EXPIRES_AFTER_S
+        if not low <= expires_seconds <= high:
+            raise invalid("expires_after.seconds", f"must lie within [{low}, {high}]")
+        ttl_s = min(ttl_s, expires_seconds)
+    content = await file.read()
+    if len(content) > settings.file_max_bytes:
+        raise OpenAIError(
+            413, f"the file is {len(content)} bytes; the limit is {settings.file_max_bytes}", param="file", code="file_too_large"
+        )
+    client = request.app.state.store.redis
+    # The client retries an upload whose answer it lost: the retry answers the file it made.
+    retried = {"purpose": purpose, "filename": file.filename or "", "sha256": hashlib.sha256(content).hexdigest()}
+    earlier = await openai_retries.earlier_job(request, caller, "/v1/files", retried)
+    if earlier is not None:
+        try:
+            return JSONResponse(files.file_view(await files.describe(client, settings, earlier, tenant=caller.tenant)))
+        except FileNotFound:
+            pass
+    meta = await files.put(
+        client, settings, ttl_s=ttl_s, tenant=caller.tenant, filename=file.filename or "upload", purpose=purpose, content=content
+    )
+    await openai_retries.remember(request, caller, "/v1/files", retried, meta["id"])
+    return JSONResponse(files.file_view(meta))
+
+
+@router.get("/v1/files")
+async def list_files(
+    request: Request,
+    caller: Caller,
+    after: Annotated[str | None, Query(max_length=64, description="The id of the last file of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="Page size.")] = 10_000,
+    order: Annotated[Literal["asc", "desc"], Query(description="By creation time.")] = "desc",
+    purpose: Annotated[str | None, Query(max_length=64, description="Only files of this purpose.")] = None,
+) -> JSONResponse:
+    """The tenant's files, a page at a time (`after` the last id of the previous page)."""
+    settings = settings_of(request.app)
+    found, more = await files.page(
+        request.app.state.store.redis, settings, tenant=caller.tenant, after=after, limit=limit, purpose=purpose, order=order
+    )
+    data = [files.file_view(meta) for meta in found]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": more,
+        }
+    )
+
+
+@router.get("/v1/files/{file_id}")
+async def get_file(request: Request, caller: Caller, file_id: str) -> JSONResponse:
+    """The file's description."""
+    try:
+        meta = await files.describe(request.app.state.store.redis, settings_of(request.app), file_id, tenant=caller.tenant)
+    except FileNotFound:
+        raise not_found(file_id) from None
+    return JSONResponse(files.file_view(meta))
+
+
+@router.get("/v1/files/{file_id}/content", response_class=Response)
+async def file_content(request: Request, caller: Caller, file_id: str) -> Response:
+    """The file's bytes (a batch's output and error files are JSONL)."""
+    try:
+        content = await files.content(request.app.state.store.redis, settings_of(request.app), file_id, tenant=caller.tenant)
+    except FileNotFound:
+        raise not_found(file_id) from None
+    return Response(content, media_type="application/octet-stream")
+
+
+@router.delete("/v1/files/{file_id}")
+async def delete_file(request: Request, caller: Caller, file_id: str) -> JSONResponse:
+    """Delete the file (a batch made from it keeps running)."""
+    try:
+        await files.delete(request.app.state.store.redis, settings_of(request.app), file_id, tenant=caller.tenant)
+    except FileNotFound:
+        raise not_found(file_id) from None
+    return JSONResponse({"id": file_id, "object": "file", "deleted": True})

@@ -1,0 +1,389 @@
+"""Batches: a file of requests, each made one job, followed to their end and answered as an
+output file and an error file, as OpenAI's Batch API describes them.
+
+A batch is a hash (``keys.Keys.batch``) of flat string fields, the ids of its jobs in line
+order (``keys.Keys.batch_jobs``) and the error-file lines of the input lines that made no job
+(``keys.Keys.batch_errors``). Its life:
+
+``validating`` (stored, its lines being read) -> ``in_progress`` (its jobs created, all at
+once) or ``failed`` (a whole-file problem: ``errors``) -> ``finalizing`` (every job ended:
+the output and error files are being written, by one API process at a time) ->
+``completed``. A cancel makes it ``cancelling`` (its queued and running jobs canceled), then
+``cancelled`` with the files of what ended; past its completion window it is ``expired``
+the same way. Counts come from its jobs' statuses, read pipelined.
+
+Here are the record, the reading of the input file's lines and the Redis steps; turning a
+line's body into a job and an ended job into its response body is the API's
+(``api/openai_batches.py``), which runs the batch's advance on reads and in a loop of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable
+from enum import Enum
+from typing import Any, cast
+
+import redis.asyncio
+
+from blaze_jobs.files import queue_put
+from blaze_jobs.jobs import JobStatus
+from blaze_jobs.keys import Keys
+from blaze_jobs.settings import Settings
+from blaze_jobs.store import decode, score_of, text
+
+#: What a batch id looks like (OpenAI's own start ``batch_``).
+ID_PREFIX = "batch_"
+#: The one completion window OpenAI offers, and this deployment with it.
+WINDOW = "24h"
+WINDOW_S = 86_400
+#: How long one API process may hold a batch's finalization before another takes it over.
+LOCK_S = 60
+#: Job fields a batch line's job carries (``extra`` of the create): which batch, which line.
+BATCH_FIELD, CUSTOM_ID_FIELD, REQUEST_FIELD = "batch", "custom_id", "batch_request"
+#: Record fields holding JSON.
+JSON_FIELDS = ("errors", "metadata")
+#: Job statuses read per round trip while counting a batch's jobs.
+READ_CHUNK = 2_000
+
+
+class BatchStatus(str, Enum):
+    validating = "validating"
+    failed = "failed"
+    in_progress = "in_progress"
+    finalizing = "finalizing"
+    completed = "completed"
+    expired = "expired"
+    cancelling = "cancelling"
+    cancelled = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        return self in (BatchStatus.failed, BatchStatus.completed, BatchStatus.expired, BatchStatus.cancelled)
+
+
+class BatchNotFound(Exception):
+    """No batch of the caller's tenant with this id."""
+
+
+class BatchFileError(Exception):
+    """The input file as a whole cannot be a batch: the batch fails with this in ``errors``."""
+
+    def __init__(self, code: str, message: str, *, line: int | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.line, self.param = code, message, line, param
+
+    def entry(self) -> dict[str, Any]:
+        """The entry of the batch's ``errors.data`` (OpenAI's ``BatchError``)."""
+        return {"code": self.code, "message": self.message, "line": self.line, "param": self.param}
+
+
+class LineError(Exception):
+    """One input line cannot be a request: that line goes to the error file, the rest run."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def new_batch_id() -> str:
+    return ID_PREFIX + uuid.uuid4().hex[:24]
+
+
+def request_id(job_id: str) -> str:
+    """The output line id of the request a job answers (OpenAI's ``batch_req_...``)."""
+    return "batch_req_" + job_id.replace("-", "")
+
+
+# --- the input file -------------------------------------------------------------------------
+
+
+def read_lines(
+    content: bytes, *, endpoint: str, max_requests: int
+) -> tuple[list[tuple[int, str, dict[str, Any]]], list[dict[str, Any]]]:
+    """The requests of a batch file: ``(line number, custom_id, body)`` of each good line, and
+    the error-file line of each malformed one (bad JSON, no ``custom_id``, one used before,
+    a method other than POST, a ``url`` not the batch's ``endpoint``, a body that is no
+    object). BatchFileError for a file that is no batch file at all (not UTF-8 text, no
+    request line, more than ``max_requests``)."""
+    try:
+        lines = content.decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise BatchFileError("invalid_file", f"the input file is not UTF-8 text (byte {error.start})") from None
+    numbered = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+    if not numbered:
+        raise BatchFileError("empty_file", "the input file holds no request lines")
+    if len(numbered) > max_requests:
+        raise BatchFileError(
+            "too_many_requests", f"the input file holds {len(numbered)} requests; a batch takes at most {max_requests}"
+        )
+    good: list[tuple[int, str, dict[str, Any]]] = []
+    bad: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for number, line in numbered:
+        custom_id: str | None = None
+        try:
+            try:
+                request = json.loads(line)
+            except (ValueError, RecursionError):
+                raise LineError("invalid_json", f"line {number} is not valid JSON") from None
+            if not isinstance(request, dict):
+                raise LineError("invalid_request", f"line {number} is not a JSON object")
+            found = request.get("custom_id")
+            if not isinstance(found, str) or not found:
+                raise LineError("missing_custom_id", f"line {number}: custom_id must be a non-empty string")
+            custom_id = found  # the error line names it, though an earlier line's is the same
+            if found in seen:
+                raise LineError("duplicate_custom_id", f"line {number}: custom_id {found!r} is used by an earlier line")
+            seen.add(found)
+            if request.get("method", "POST") != "POST":
+                raise LineError("invalid_method", f"line {number}: method must be POST, not {request.get('method')!r}")
+            if request.get("url") != endpoint:
+                raise LineError(
+                    "invalid_url", f"line {number}: url {request.get('url')!r} is not the batch's endpoint {endpoint}"
+                )
+            body = request.get("body")
+            if not isinstance(body, dict):
+                raise LineError("invalid_body", f"line {number}: body must be a JSON object")
+        except LineError as error:
+            bad.append(error_line(custom_id, code=error.code, message=error.message))
+            continue
+        good.append((number, custom_id, body))
+    return good, bad
+
+
+def error_line(custom_id: str | None, *, code: str, message: str) -> dict[str, Any]:
+    """The error-file line of a request that made no job."""
+    return {
+        "id": "batch_req_" + uuid.uuid4().hex,
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }
+
+
+def response_line(job_id: str, custom_id: str, *, status_code: int, body: Any) -> dict[str, Any]:
+    """The output (200) or error-file (otherwise) line of a request whose job ended."""
+    return {
+        "id": request_id(job_id),
+        "custom_id": custom_id,
+        "response": {"status_code": status_code, "request_id": job_id, "body": body},
+        "error": None,
+    }
+
+
+def jsonl(lines: Iterable[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(line, separators=(",", ":")).encode() + b"\n" for line in lines)
+
+
+# --- the record -----------------------------------------------------------------------------
+
+
+def new_record(
+    *, batch_id: str, tenant: str, endpoint: str, input_file_id: str, metadata: dict[str, str] | None, base_url: str
+) -> dict[str, str]:
+    """The fields of a batch just accepted, ``validating``. ``base_url`` is where its creator
+    reached the API: its output's URLs start with it, whoever writes the output."""
+    now = time.time()
+    return {
+        "id": batch_id,
+        "tenant": tenant,
+        "endpoint": endpoint,
+        "input_file_id": input_file_id,
+        "completion_window": WINDOW,
+        "status": BatchStatus.validating.value,
+        "created_at": repr(now),
+        "expires_at": repr(now + WINDOW_S),
+        "metadata": json.dumps(metadata) if metadata is not None else "",
+        "base_url": base_url,
+        "total": "0",
+        "completed": "0",
+        "failed": "0",
+    }
+
+
+def batch_view(record: dict[str, str]) -> dict[str, Any]:
+    """The batch as OpenAI's ``Batch`` describes it."""
+
+    def moment(name: str) -> int | None:
+        value = record.get(name)
+        return int(float(value)) if value else None
+
+    errors = json.loads(record["errors"]) if record.get("errors") else None
+    return {
+        "id": record["id"],
+        "object": "batch",
+        "endpoint": record["endpoint"],
+        "input_file_id": record["input_file_id"],
+        "completion_window": record["completion_window"],
+        "status": record["status"],
+        "output_file_id": record.get("output_file_id") or None,
+        "error_file_id": record.get("error_file_id") or None,
+        "errors": {"object": "list", "data": errors} if errors else None,
+        "created_at": moment("created_at"),
+        "in_progress_at": moment("in_progress_at"),
+        "expires_at": moment("expires_at"),
+        "finalizing_at": moment("finalizing_at"),
+        "completed_at": moment("completed_at"),
+        "failed_at": moment("failed_at"),
+        "expired_at": moment("expired_at"),
+        "cancelling_at": moment("cancelling_at"),
+        "cancelled_at": moment("cancelled_at"),
+        "request_counts": {"total": int(record["total"]), "completed": int(record["completed"]), "failed": int(record["failed"])},
+        "metadata": json.loads(record["metadata"]) if record.get("metadata") else None,
+    }
+
+
+def ttl_s(settings: Settings) -> int:
+    """How long a batch is kept: its window, then as long as the files it wrote."""
+    return WINDOW_S + settings.file_ttl_s
+
+
+# --- Redis ----------------------------------------------------------------------------------
+
+
+async def store_new(client: redis.asyncio.Redis, settings: Settings, record: dict[str, str]) -> None:
+    """Store a batch just accepted (``validating``) and index it for its tenant's list."""
+    keys = Keys(settings.redis_prefix)
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.batch(record["id"]), mapping=cast(dict[Any, Any], record))
+        pipe.expire(keys.batch(record["id"]), ttl_s(settings))
+        pipe.zadd(keys.tenant_batches(record["tenant"]), {record["id"]: score_of(float(record["created_at"]))})
+        await pipe.execute()
+
+
+async def get(client: redis.asyncio.Redis, settings: Settings, batch_id: str, *, tenant: str) -> dict[str, str]:
+    """``tenant``'s batch; BatchNotFound for a missing one or another tenant's."""
+    record = decode(await client.hgetall(Keys(settings.redis_prefix).batch(batch_id)))
+    if not record or record.get("tenant") != tenant:
+        raise BatchNotFound(batch_id)
+    return record
+
+
+async def update(client: redis.asyncio.Redis, settings: Settings, record: dict[str, str], **fields: str) -> dict[str, str]:
+    """Write ``fields`` of the batch; the record with them."""
+    await client.hset(Keys(settings.redis_prefix).batch(record["id"]), mapping=cast(dict[Any, Any], fields))
+    return {**record, **fields}
+
+
+async def start(
+    client: redis.asyncio.Redis,
+    settings: Settings,
+    record: dict[str, str],
+    *,
+    job_ids: list[str],
+    error_lines: list[dict[str, Any]],
+) -> dict[str, str]:
+    """The batch ``in_progress`` once its jobs are stored: their ids, its malformed lines'
+    error-file lines, its counts, and its place among the open batches, in one step."""
+    keys = Keys(settings.redis_prefix)
+    batch_id, ttl = record["id"], ttl_s(settings)
+    now = repr(time.time())
+    fields = {
+        "status": BatchStatus.in_progress.value,
+        "in_progress_at": now,
+        "total": str(len(job_ids) + len(error_lines)),
+        "failed": str(len(error_lines)),
+        "malformed": str(len(error_lines)),
+    }
+    async with client.pipeline(transaction=True) as pipe:
+        for start_at in range(0, len(job_ids), 10_000):  # RPUSH in parts: one command stays small
+            pipe.rpush(keys.batch_jobs(batch_id), *job_ids[start_at : start_at + 10_000])
+        if error_lines:
+            pipe.rpush(keys.batch_errors(batch_id), *(json.dumps(line, separators=(",", ":")) for line in error_lines))
+        pipe.expire(keys.batch_jobs(batch_id), ttl)
+        pipe.expire(keys.batch_errors(batch_id), ttl)
+        pipe.hset(keys.batch(batch_id), mapping=cast(dict[Any, Any], fields))
+        pipe.zadd(keys.batches_open, {batch_id: float(record["expires_at"])})
+        await pipe.execute()
+    return {**record, **fields}
+
+
+async def job_ids(client: redis.asyncio.Redis, settings: Settings, batch_id: str) -> list[str]:
+    return [text(job_id) for job_id in await client.lrange(Keys(settings.redis_prefix).batch_jobs(batch_id), 0, -1)]
+
+
+async def statuses(client: redis.asyncio.Redis, settings: Settings, ids: list[str]) -> list[str | None]:
+    """Each job's status (None for a job whose retention ran out), pipelined."""
+    keys = Keys(settings.redis_prefix)
+    found: list[str | None] = []
+    for start_at in range(0, len(ids), READ_CHUNK):
+        async with client.pipeline(transaction=False) as pipe:
+            for job_id in ids[start_at : start_at + READ_CHUNK]:
+                pipe.hget(keys.job(job_id), "status")
+            found += [text(value) if value is not None else None for value in await pipe.execute()]
+    return found
+
+
+def counts(record: dict[str, str], found: list[str | None]) -> dict[str, str]:
+    """The batch's ``completed`` and ``failed`` counts for its jobs' statuses ``found``: a
+    job that did not succeed (failed, canceled, gone) failed its request, as did each
+    malformed line."""
+    completed = sum(1 for status in found if status == JobStatus.succeeded.value)
+    failed = sum(1 for status in found if status is None or (status != JobStatus.succeeded.value and JobStatus(status).ended))
+    return {"completed": str(completed), "failed": str(failed + int(record.get("malformed") or 0))}
+
+
+async def jobs(client: redis.asyncio.Redis, settings: Settings, ids: list[str]) -> list[dict[str, str]]:
+    """The records of the batch's jobs (empty for a job whose retention ran out), pipelined."""
+    keys = Keys(settings.redis_prefix)
+    found: list[dict[str, str]] = []
+    for start_at in range(0, len(ids), READ_CHUNK):
+        async with client.pipeline(transaction=False) as pipe:
+            for job_id in ids[start_at : start_at + READ_CHUNK]:
+                pipe.hgetall(keys.job(job_id))
+            found += [decode(raw) for raw in await pipe.execute()]
+    return found
+
+
+async def malformed_lines(client: redis.asyncio.Redis, settings: Settings, batch_id: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in await client.lrange(Keys(settings.redis_prefix).batch_errors(batch_id), 0, -1)]
+
+
+async def lock(client: redis.asyncio.Redis, settings: Settings, batch_id: str, holder: str) -> bool:
+    """Take the batch's finalization for ``holder``, unless another API process holds it."""
+    return bool(await client.set(Keys(settings.redis_prefix).batch_lock(batch_id), holder, nx=True, ex=LOCK_S))
+
+
+async def finish(
+    client: redis.asyncio.Redis, settings: Settings, record: dict[str, str], *, holder: str, files: list[Any], **fields: str
+) -> bool:
+    """The batch's last step, only while ``holder`` still holds its finalization: store the
+    ``files`` it wrote (``files.queue_put`` calls, as ``(keyword arguments)``), write
+    ``fields`` (its final status), drop it from the open batches and release the lock. False,
+    and nothing written, when the lock changed hands meanwhile."""
+    keys = Keys(settings.redis_prefix)
+    lock_key = keys.batch_lock(record["id"])
+    async with client.pipeline(transaction=True) as pipe:
+        await pipe.watch(lock_key)
+        if text(await pipe.get(lock_key) or b"") != holder:
+            await pipe.reset()
+            return False
+        pipe.multi()
+        for file in files:
+            queue_put(pipe, keys, ttl_s=settings.file_ttl_s, **file)
+        pipe.hset(keys.batch(record["id"]), mapping=cast(dict[Any, Any], fields))
+        pipe.zrem(keys.batches_open, record["id"])
+        pipe.delete(lock_key)
+        try:
+            await pipe.execute()
+        except redis.exceptions.WatchError:
+            return False
+    return True
+
+
+async def open_batches(client: redis.asyncio.Redis, settings: Settings, *, count: int) -> list[str]:
+    """Up to ``count`` batches not ended yet, soonest to expire first."""
+    return [text(member) for member in await client.zrange(Keys(settings.redis_prefix).batches_open, 0, count - 1)]
+
+
+async def tenant_of(client: redis.asyncio.Redis, settings: Settings, batch_id: str) -> str | None:
+    value = await client.hget(Keys(settings.redis_prefix).batch(batch_id), "tenant")
+    return text(value) if value is not None else None
+
+
+async def forget_open(client: redis.asyncio.Redis, settings: Settings, batch_id: str) -> None:
+    """Drop a batch whose record is gone from the open batches."""
+    await client.zrem(Keys(settings.redis_prefix).batches_open, batch_id)
