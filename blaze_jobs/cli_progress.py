@@ -21,6 +21,10 @@ from blaze_jobs.client import ENDED, APIConnectionError, APIError, BlazeClient, 
 #: How often the queue position is read again while the job is queued, and the bar drawn
 #: again while no event comes (its clock moves on).
 TICK_S = 1.0
+#: A job farther back than this is asked for its place every ``FAR_TICK_S`` only: finding it
+#: costs Redis time for each message ahead (api/queues.py), and a far place changes slowly.
+NEAR_PLACE = 50
+FAR_TICK_S = 5.0
 #: Least time between two draws of the bar: a text job's events come faster than anyone reads.
 DRAW_S = 0.1
 BAR_CELLS = 24
@@ -81,7 +85,8 @@ def follow(client: BlazeClient, job: dict[str, Any], *, timeout: float, out: Tex
     try:
         # 0. The job as submitted, before any event: a job that starts at once was queued too.
         if job["status"] == "queued":
-            place, next_read = _place(client, job["id"], place), time.monotonic() + TICK_S
+            place = _place(client, job["id"], place)
+            next_read = time.monotonic() + (TICK_S if _near(place) else FAR_TICK_S)
             view.show(job, progress=progress, place=place)
         while job["status"] not in ENDED:
             # 1. Take what the stream brought: status changes carry the job, progress its counts.
@@ -97,7 +102,8 @@ def follow(client: BlazeClient, job: dict[str, Any], *, timeout: float, out: Tex
             # 3. While queued, where the job stands in its queue, once a second.
             now = time.monotonic()
             if job["status"] == "queued" and now >= next_read:
-                place, next_read = _place(client, job["id"], place), now + TICK_S
+                place = _place(client, job["id"], place)
+                next_read = now + (TICK_S if _near(place) else FAR_TICK_S)
             view.show(job, progress=progress, place=place if job["status"] == "queued" else None)
             if job["status"] not in ENDED and time.monotonic() >= deadline:
                 raise WaitTimeout(job["id"], job, timeout)
@@ -117,6 +123,10 @@ def _place(client: BlazeClient, job_id: str, last: dict[str, Any] | None) -> dic
         if error.status in (404, 405):  # an API from before GET /v1/jobs/{id}/position
             return None
         raise
+
+
+def _near(place: dict[str, Any] | None) -> bool:
+    return place is None or 0 < (place.get("position") or NEAR_PLACE + 1) <= NEAR_PLACE
 
 
 def place_text(place: dict[str, Any] | None, engine: str) -> str:

@@ -4,7 +4,9 @@ session's real stack: ``submit --wait``'s progress (a bar on a terminal, lines e
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import json
 import os
 import re
 import select
@@ -17,10 +19,13 @@ import time
 import uuid
 from typing import Any
 
+import fakeredis
 import httpx
 import pytest
 
-from blaze_jobs.client import BlazeClient
+from blaze_jobs import scripts
+from blaze_jobs.broker import task_message
+from blaze_jobs.client import AsyncBlazeClient, BlazeClient
 from blaze_jobs.settings import ENGINES, Settings
 from blaze_jobs.stack import free_port
 from tests.conftest import ADMIN_TOKEN, AUTH, wait_until
@@ -287,3 +292,51 @@ def test_the_position_of_another_tenants_job_is_a_404(stack: dict[str, Any], use
     assert answer.status_code == 404
     # and its own tenant reads it
     assert httpx.get(f"{stack['api_url']}/v1/jobs/{job['id']}/position", headers=AUTH).status_code == 200
+
+
+def test_a_place_is_counted_from_the_next_message_taken_and_looked_for_within_a_bound() -> None:
+    # Given a queue of 30 job messages, pushed as the API pushes them (LPUSH; kombu takes from the right)
+    client = fakeredis.FakeRedis()
+    ids = [str(uuid.uuid4()) for _ in range(30)]
+    for job_id in ids:
+        client.lpush("q", task_message(job_id=job_id, engine="echo", input={"prompt": f'"id": "{ids[-1]}"'}))
+    script = scripts.script(client, "queue_position")
+
+    def place(job_id: str, *, bound: int = 500) -> list[int]:
+        return [int(n) for n in script(keys=["q"], args=[json.dumps({"id": job_id})[1:-1], bound, 4])]
+
+    # Then the first pushed is place 1 and the last place 30, each in a queue 30 deep, though
+    # every prompt names the last job's id (a header is told from a prompt by its quotes)
+    assert [place(job_id) for job_id in ids] == [[n, 30] for n in range(1, 31)]
+    # and a job farther back than the bound, or not in the queue at all, has no place
+    assert place(ids[20], bound=20) == [0, 30]
+    assert place(str(uuid.uuid4())) == [0, 30]
+    assert [int(n) for n in script(keys=["empty"], args=["x", 500, 4])] == [0, 0]
+
+
+@pytest.mark.timeout(60)
+def test_the_async_client_reads_the_same_views(stack: dict[str, Any], user: dict[str, str]) -> None:
+    # Given a job of the user's tenant
+    key = user["BLAZE_API_KEY"]
+    with BlazeClient(stack["api_url"], api_key=key) as client:
+        job = client.wait(echo_jobs(client, 1)[0]["id"], timeout=30)
+
+        async def read() -> tuple[Any, ...]:
+            async with AsyncBlazeClient(stack["api_url"], api_key=key) as aclient:
+                page = await aclient.list_jobs(engine="echo", limit=5)
+                return page, await aclient.queues(), await aclient.position(job["id"])
+
+        # When the asyncio client reads its list, the queues and the job's place
+        page, queues, place = asyncio.run(read())
+
+        # Then it reads what the blocking client reads
+        assert page == client.list_jobs(engine="echo", limit=5) and page["jobs"][0]["id"] == job["id"]
+        assert [q["engine"] for q in queues] == list(ENGINES)
+        assert place == {**client.position(job["id"]), "depth": place["depth"]} and place["position"] is None
+    with BlazeClient(stack["api_url"], api_key=ADMIN_TOKEN) as admin:
+
+        async def workers() -> list[dict[str, Any]]:
+            async with AsyncBlazeClient(stack["api_url"], api_key=ADMIN_TOKEN) as aclient:
+                return await aclient.workers()
+
+        assert {w["name"] for w in asyncio.run(workers())} == {w["name"] for w in admin.workers()}
