@@ -196,7 +196,7 @@ _PARAMS = {
 }
 
 
-def _param(url: str, field: str, body: dict[str, Any]) -> str:
+def param_for(url: str, field: str, body: dict[str, Any]) -> str:
     """The parameter the client wrote for ``field`` of the job made from ``body``."""
     name = field.removeprefix("input.")
     head, dot, rest = name.partition(".")
@@ -234,11 +234,13 @@ def job_for(url: str, body: dict[str, Any], settings: Settings) -> Any:
     try:
         job = _JOB.validate_python({"engine": engine, "model": model, "input": job_input})
     except ValidationError as error:
-        raise from_validation(error.errors(), rename=lambda field: _param(url, field.removeprefix(f"{engine}."), body)) from None
+        raise from_validation(
+            error.errors(), rename=lambda field: param_for(url, field.removeprefix(f"{engine}."), body)
+        ) from None
     try:
         bounds.check_bounds(job, settings)
     except InputProblem as problem:
-        raise invalid(_param(url, problem.field, body), problem.message) from None
+        raise invalid(param_for(url, problem.field, body), problem.message) from None
     return job
 
 

@@ -13,6 +13,7 @@ OpenAI's chunks, ending with ``data: [DONE]``. Errors are in OpenAI's shape
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -42,11 +43,13 @@ from .openai_bodies import (
     job_failure,
     job_for,
     job_unfinished,
+    param_for,
     response_for,
     usage_of,
 )
-from .openai_errors import OpenAIRoute, model_not_found
-from .request_context import base_url, settings_of
+from .openai_errors import OpenAIRoute, invalid, model_not_found
+from .problems import InputProblem
+from .request_context import base_url, raw_header, settings_of
 from .responses import JSONResponse, dumps
 
 ERROR_SCHEMA = {
@@ -65,6 +68,9 @@ ERROR_SCHEMA = {
 }
 ERROR = {"content": {"application/json": {"schema": ERROR_SCHEMA}}, "description": "OpenAI's error shape."}
 ERRORS: dict[int | str, dict[str, Any]] = {status: ERROR for status in (400, 401, 404, 429, 500, 503, 504)}
+#: The share of the client's read timeout a create waits for its job: the rest carries the
+#: answer back before the client gives up.
+READ_TIMEOUT_SHARE = 0.8
 #: When this process started: a model's ``created`` (a deployment's models have no other date).
 STARTED = int(time.time())
 
@@ -111,16 +117,34 @@ async def _job_of(request: Request, caller: ApiKey, url: str, body: dict[str, An
         except JobNotFound:  # gone since (its retention ran out): make it again
             pass
     job = job_for(url, body, settings_of(request.app))
-    record, _ = await creation.create(request, caller, job, extra={"surface": "openai", "openai_route": url})
+    try:
+        record, _ = await creation.create(request, caller, job, extra={"surface": "openai", "openai_route": url})
+    except InputProblem as problem:  # a bound of the stored job (its depth, its size)
+        raise invalid(param_for(url, problem.field, body), problem.message) from None
     await openai_retries.remember(request, caller, url, body, record["id"])
     # A job just made has no event yet (one born from the cache has ended already).
     return record, "0-0"
 
 
+def _wait_s(request: Request) -> float:
+    """How long to wait for the job: ``BLAZE_OPENAI_WAIT_S``, or less when the client says it
+    stops reading sooner (``x-stainless-read-timeout``), so that it gets the error naming the
+    job rather than a timeout of its own (and its retry waits on the same job)."""
+    wait = settings_of(request.app).openai_wait_s
+    declared = raw_header(request, b"x-stainless-read-timeout")
+    try:
+        read_timeout = float(declared) if declared is not None else math.inf
+    except ValueError:
+        read_timeout = math.inf
+    if math.isfinite(read_timeout) and read_timeout > 0:
+        wait = min(wait, read_timeout * READ_TIMEOUT_SHARE)
+    return wait
+
+
 async def _answer(request: Request, caller: ApiKey, url: str, body: dict[str, Any]) -> JSONResponse:
     """Make (or find) the job, wait for its end, and answer OpenAI's response object."""
     record, position = await _job_of(request, caller, url, body)
-    wait = settings_of(request.app).openai_wait_s
+    wait = _wait_s(request)
     record = await waits.wait_for_end(request.app, record["id"], wait, tenant=caller.tenant, known=(record, position))
     if not events.ended(record):
         raise job_unfinished(record, waited_s=wait)

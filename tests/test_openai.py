@@ -214,24 +214,39 @@ def test_a_retried_create_answers_the_first_attempts_job_and_two_first_attempts_
     assert len(jobs_of(http)) == 2
 
 
-def test_the_clients_retries_after_timeouts_wait_on_the_one_job_the_first_attempt_made(
-    tenant: tuple[str, httpx.Client], stack: dict[str, Any]
+@pytest.mark.parametrize("declared", [True, False], ids=["answered-before-its-timeout", "its-own-timeout"])
+def test_the_clients_retries_wait_on_the_one_job_the_first_attempt_made(
+    tenant: tuple[str, httpx.Client], stack: dict[str, Any], declared: bool
 ) -> None:
     secret, http = tenant
-    # Given a client whose attempts time out long before the image is made, and that retries
-    # (its requests' attempt numbers noted as they go out)
+    # Given a client that gives up on each attempt long before the image is made, and retries:
+    # told its read timeout, the API answers the 504 naming the job before it; not told, the
+    # client times out (its requests' attempt numbers noted as they go out)
     attempts: list[str] = []
-    noted = openai.DefaultHttpxClient(
-        event_hooks={"request": [lambda request: attempts.append(request.headers["x-stainless-retry-count"])]}
-    )
+
+    answers: list[int] = []
+
+    def note(request: Any) -> None:
+        attempts.append(request.headers["x-stainless-retry-count"])
+
+    def note_answer(response: Any) -> None:
+        answers.append(response.status_code)
+
+    noted = openai.DefaultHttpxClient(event_hooks={"request": [note], "response": [note_answer]})
     impatient = openai.OpenAI(api_key=secret, base_url=stack["api_url"] + "/v1", timeout=0.3, max_retries=10, http_client=noted)
+    headers = {} if declared else {"x-stainless-read-timeout": openai.omit}
     # When it asks for an image
     with impatient:
+        slow = {"num_inference_steps": 40}
         answer = impatient.images.generate(
-            prompt=unique("a slow green cone"), size="64x64", extra_body={"num_inference_steps": 40}
+            prompt=unique("a slow green cone"), size="64x64", extra_body=slow, extra_headers=headers
         )
     # Then a retry got it, and the tenant has only the one job the first attempt made
     assert attempts[:2] == ["0", "1"]
+    if declared:  # each attempt that ended before the image got the 504 naming its job
+        assert answers[0] == 504 and answers[-1] == 200
+    else:  # the first attempt (at least) got nothing before the client gave up
+        assert len(answers) < len(attempts) and answers[-1] == 200
     assert answer.data is not None and len(answer.data) == 1
     jobs = jobs_of(http)
     assert len(jobs) == 1 and jobs[0]["status"] == "succeeded" and jobs[0]["engine"] == "diffusion"

@@ -97,8 +97,9 @@ def test_schemathesis_finds_no_fault(api_url: str, tmp_path: Path) -> None:
         f"--header=Authorization: Bearer {ADMIN_TOKEN}",
         "--generation-database=none",
         # An event stream lasts as long as its job, and no worker runs jobs here: the
-        # streaming tests read it.
-        "--exclude-path-regex=/events$",
+        # streaming tests read it. OpenAI's creates answer once their job ends (a 504 naming
+        # it here, with no worker), and their bodies are OpenAI's contract: test_openai.py.
+        "--exclude-path-regex=(/events|/v1/images/generations|/v1/chat/completions|/v1/completions)$",
         "--no-color",
     ]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=360)
