@@ -190,6 +190,28 @@ def test_an_unknown_model_and_bad_fields_are_the_clients_own_errors_naming_the_p
         api.post("/chat/completions", cast_to=object, body="not json", options={"headers": {"Content-Type": "application/json"}})
 
 
+def test_a_job_that_fails_is_the_clients_error_with_its_reason_and_errors_keep_openais_shape(
+    api: openai.OpenAI, stack: dict[str, Any]
+) -> None:
+    # Given a prompt within the API's bounds but beyond the model's context, which its job finds
+    prompt = " ".join(uuid.uuid4().hex for _ in range(400))
+    # When the client asks to continue it
+    with pytest.raises(openai.BadRequestError) as failed:
+        api.completions.create(model="builtin:tiny-lm", prompt=prompt, max_tokens=4)
+    # Then the error is the job's reason, names the job, and tells the client not to retry
+    assert failed.value.code == "job_failed" and "leave no room to generate" in failed.value.message
+    job_id = failed.value.message.split(" - ", 1)[1].split()[1]
+    assert (
+        httpx.get(f"{stack['api_url']}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()["status"]
+        == "failed"
+    )
+    assert failed.value.response.headers["x-should-retry"] == "false"
+    # And an answer without a key is OpenAI's shape too, every member present
+    refused = httpx.post(f"{stack['api_url']}/v1/chat/completions", json={"messages": []}, timeout=10)
+    assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+    assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
+
+
 def test_a_retried_create_answers_the_first_attempts_job_and_two_first_attempts_are_two_jobs(
     tenant: tuple[str, httpx.Client], stack: dict[str, Any]
 ) -> None:
