@@ -234,6 +234,12 @@ def test_a_retried_create_answers_the_first_attempts_job_and_two_first_attempts_
     again = http.post("/v1/chat/completions", json=body, headers={"x-stainless-retry-count": "0"})
     assert again.status_code == 200 and again.json()["id"] != first.json()["id"]
     assert len(jobs_of(http)) == 2
+    # And an Idempotency-Key of the caller's own names one job across first attempts too
+    keyed = {"Idempotency-Key": uuid.uuid4().hex}
+    once = http.post("/v1/chat/completions", json=body, headers=keyed)
+    twice = http.post("/v1/chat/completions", json=body, headers=keyed)
+    assert once.status_code == twice.status_code == 200 and once.json()["id"] == twice.json()["id"]
+    assert len(jobs_of(http)) == 3
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["answered-before-its-timeout", "its-own-timeout"])
