@@ -172,9 +172,7 @@ async def create_chat_completion(request: Request, caller: Caller, body: Annotat
     `stream: true` its `chat.completion.chunk`s as the text is made, then `data: [DONE]`."""
     raw = await request.json()
     if body.stream:
-        return await _stream(
-            request, caller, CHAT, raw, include_usage=bool(body.stream_options and body.stream_options.include_usage)
-        )
+        return await _stream(request, caller, CHAT, raw, include_usage=_include_usage(body))
     return await _answer(request, caller, CHAT, raw)
 
 
@@ -184,13 +182,15 @@ async def create_completion(request: Request, caller: Caller, body: Annotated[Co
     `stream: true` its chunks as the text is made, then `data: [DONE]`."""
     raw = await request.json()
     if body.stream:
-        return await _stream(
-            request, caller, COMPLETIONS, raw, include_usage=bool(body.stream_options and body.stream_options.include_usage)
-        )
+        return await _stream(request, caller, COMPLETIONS, raw, include_usage=_include_usage(body))
     return await _answer(request, caller, COMPLETIONS, raw)
 
 
 # --- streams ------------------------------------------------------------------------------
+
+
+def _include_usage(body: ChatRequest | CompletionRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
 
 
 async def _stream(
@@ -200,7 +200,6 @@ async def _stream(
     record, _ = await _job_of(request, caller, url, body)
     app, settings = request.app, settings_of(request.app)
     record, _ = await waits.stream_start(app, record["id"], tenant=caller.tenant)
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     chunks = _chunks(app.state.reader, url, record, include_usage=include_usage, wait_s=settings.openai_wait_s)
     return EventSourceResponse(
         chunks,
