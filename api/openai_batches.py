@@ -28,6 +28,7 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -44,12 +45,12 @@ from blaze_jobs.errors import QueueFull, QuotaExceeded
 from blaze_jobs.files import FileNotFound
 from blaze_jobs.jobs import JobCreate, JobStatus, job_view
 from blaze_jobs.keys import Keys
-from blaze_jobs.settings import Settings
+from blaze_jobs.settings import ENGINES, Settings
 from blaze_jobs.store import AsyncJobStore, score_of
 
 from . import creation, openai_retries, webhooks
 from .auth import Caller
-from .openai_bodies import CHAT, COMPLETIONS, IMAGES, job_failure, job_for, response_for
+from .openai_bodies import CHAT, COMPLETIONS, ENGINE_OF, IMAGES, job_failure, job_for, response_for
 from .openai_errors import OpenAIError, OpenAIRoute, invalid
 from .problems import InputProblem, field_name
 from .request_context import base_url, settings_of
@@ -65,6 +66,10 @@ ENDPOINTS = (CHAT, COMPLETIONS, IMAGES, JOBS)
 SWEEP_S = 2.0
 #: Open batches one sweep advances, soonest to expire first.
 SWEEP_BATCHES = 100
+#: Lines made into jobs and stored per call of the create script: a part holds Redis for a
+#: few milliseconds (a whole 50,000-line file in one call would hold it for a second), and
+#: the next part is read while Redis stores this one.
+PART = 1000
 _JOB = TypeAdapter(JobCreate)
 
 
@@ -111,6 +116,14 @@ def line_job(endpoint: str, body: dict[str, Any], settings: Settings) -> Any:
     return job_for(endpoint, body, settings)
 
 
+def engine_of(endpoint: str, body: dict[str, Any]) -> str | None:
+    """The engine a line's job will run on, read before the line is (None: it names none)."""
+    if endpoint != JOBS:
+        return ENGINE_OF[endpoint]
+    engine = body.get("engine")
+    return engine if engine in ENGINES else None
+
+
 async def create_jobs(
     request: Request, caller: Any, record: dict[str, str], content: bytes
 ) -> tuple[list[str], list[dict[str, Any]]]:
@@ -121,53 +134,80 @@ async def create_jobs(
     settings = settings_of(request.app)
     store: AsyncJobStore = request.app.state.store
     endpoint, tenant = record["endpoint"], caller.tenant
-    # 1. The lines, each read into the job it asks for; a bad one fails itself.
+    # 1. The lines; a malformed one fails itself.
     good, bad = batches.read_lines(content, endpoint=endpoint, max_requests=settings.batch_max_requests)
-    made: list[tuple[str, Any, dict[str, str], dict[str, Any]]] = []
-    for number, custom_id, body in good:
-        try:
-            job = line_job(endpoint, body, settings)
-            job_record, job_input = creation.job_record(job, tenant=tenant, settings=settings)
-            if job.webhook is not None:
-                job_record.update(await webhooks.webhook_fields(job, settings))
-        except OpenAIError as error:
-            bad.append(batches.error_line(custom_id, code=error.code or error.type, message=f"line {number}: {error.message}"))
-            continue
-        except InputProblem as problem:
-            bad.append(batches.error_line(custom_id, code="invalid_value", message=f"line {number}: {problem}"))
-            continue
-        job_record.update({"surface": "openai", BATCH_FIELD: record["id"], CUSTOM_ID_FIELD: custom_id})
-        if endpoint != JOBS:  # the response is shaped by the request (b64_json images)
-            job_record[REQUEST_FIELD] = json.dumps(body, separators=(",", ":"))
-        made.append((custom_id, job, job_record, job_input))
-    # 2. Deterministic requests computed before are born succeeded: their cache entries, read at once.
-    entries = [creation.cache_entry(job, job_record, job_input, settings=settings) for _, job, job_record, job_input in made]
-    looked = [entry for entry in entries if entry is not None]
-    hits = dict(zip(looked, await store.redis.mget(looked), strict=True)) if looked else {}
-    queued: list[tuple[dict[str, str], str, str]] = []
+    # 2. The batch is admitted whole, by the first part stored: each request line counts
+    #    against the tenant's quota and its engine's queue bound.
+    queues = {engine: queue_key(settings, engine) for engine in ENGINES}
+    admit = Counter((engine, queues[engine]) for engine in (engine_of(endpoint, body) for _, _, body in good) if engine)
+    entries: list[str] = []
     born: list[tuple[dict[str, str], Any]] = []
-    for (_, _, job_record, job_input), entry in zip(made, entries, strict=True):
-        cached = hits.get(entry) if entry is not None else None
-        if cached is not None:
-            born.append((job_record, cached))
-        else:
-            engine = job_record["engine"]
-            message = task_message(job_id=job_record["id"], engine=engine, input=job_input, tenant=tenant)
-            queued.append((job_record, queue_key(settings, engine), message))
-    # 3. The rest stored and queued together, admitted whole: quota and queue bounds.
-    if queued:
-        try:
-            await store.create_many(tenant, queued, max_jobs=caller.max_jobs or 0)
-        except QuotaExceeded as refused:
-            raise BatchFileError("quota_exceeded", f"{refused}: the batch's {len(queued)} jobs do not fit") from None
-        except QueueFull as refused:
-            raise BatchFileError("queue_full", f"{refused}: the batch's jobs do not fit") from None
+    storing: asyncio.Task[None] | None = None
+    try:
+        for start_at in range(0, len(good), PART):
+            # 3. A part of the lines, each read into the job it asks for, while Redis stores the part before.
+            made: list[tuple[str, Any, dict[str, str], dict[str, Any]]] = []
+            for number, custom_id, body in good[start_at : start_at + PART]:
+                try:
+                    job = line_job(endpoint, body, settings)
+                    job_record, job_input = creation.job_record(job, tenant=tenant, settings=settings)
+                    if job.webhook is not None:
+                        job_record.update(await webhooks.webhook_fields(job, settings))
+                except OpenAIError as error:
+                    bad.append(
+                        batches.error_line(custom_id, code=error.code or error.type, message=f"line {number}: {error.message}")
+                    )
+                    continue
+                except InputProblem as problem:
+                    bad.append(batches.error_line(custom_id, code="invalid_value", message=f"line {number}: {problem}"))
+                    continue
+                job_record.update({"surface": "openai", BATCH_FIELD: record["id"], CUSTOM_ID_FIELD: custom_id})
+                if endpoint != JOBS:  # the response is shaped by the request (b64_json images)
+                    job_record[REQUEST_FIELD] = json.dumps(body, separators=(",", ":"))
+                made.append((custom_id, job, job_record, job_input))
+            # Deterministic requests computed before are born succeeded: their cache entries, read at once.
+            looked = [
+                creation.cache_entry(job, job_record, job_input, settings=settings) for _, job, job_record, job_input in made
+            ]
+            wanted = [entry for entry in looked if entry is not None]
+            hits = dict(zip(wanted, await store.redis.mget(wanted), strict=True)) if wanted else {}
+            queued: list[tuple[dict[str, str], str, str]] = []
+            for (custom_id, _, job_record, job_input), entry in zip(made, looked, strict=True):
+                entries.append(f"{job_record['id']}:{custom_id}")
+                cached = hits.get(entry) if entry is not None else None
+                if cached is not None:
+                    born.append((job_record, cached))
+                    continue
+                engine = job_record["engine"]
+                message = task_message(job_id=job_record["id"], engine=engine, input=job_input, tenant=tenant)
+                queued.append((job_record, queues[engine], message))
+            # 4. The part stored and queued once the part before is (the first one's refusal
+            #    stops the batch before anything else is sent).
+            first = storing is None
+            if storing is not None:
+                await storing
+            if queued:
+                storing = asyncio.create_task(
+                    store.create_many(
+                        tenant, queued, max_jobs=caller.max_jobs or 0, admit=admit if first else None, admitted=not first
+                    )
+                )
+        if storing is not None:
+            await storing
+    except QuotaExceeded as refused:
+        raise BatchFileError("quota_exceeded", f"{refused}: the batch's {sum(admit.values())} requests do not fit") from None
+    except QueueFull as refused:
+        raise BatchFileError("queue_full", f"{refused}: the batch's requests do not fit") from None
+    finally:
+        if storing is not None and not storing.done():  # failed elsewhere: let the part in flight land
+            await asyncio.wait([storing])
+    # 5. The cache hits, once the batch was admitted.
     if born:
         async with store.redis.pipeline(transaction=True) as pipe:
             for job_record, cached in born:
                 creation.queue_birth(pipe, store, job_record, cached, settings=settings)
             await pipe.execute()
-    return [f"{job_record['id']}:{custom_id}" for custom_id, _, job_record, _ in made], bad
+    return entries, bad
 
 
 @asynccontextmanager
@@ -296,7 +336,7 @@ async def cancel_batch(request: Request, caller: Caller, batch_id: str) -> JSONR
         cancelling_at=repr(time.time()),
         ending=BatchStatus.cancelled.value,
     )
-    ids = [entry.partition(":")[0] for entry in await batches.job_ids(store.redis, settings, batch_id)]
+    ids = await batches.unchecked(store.redis, settings, record)
     await store.cancel_many(ids, tenant=caller.tenant, reason=f"batch {batch_id} canceled by request")
     return JSONResponse(batches.batch_view(record))
 
@@ -314,21 +354,17 @@ async def advance(app: FastAPI, record: dict[str, str]) -> dict[str, str]:
     settings = settings_of(app)
     store: AsyncJobStore = app.state.store
     client = store.redis
-    entries = await batches.job_ids(client, settings, record["id"])
-    ids = [entry.partition(":")[0] for entry in entries]
-    found = await batches.statuses(client, settings, ids)
-    live = [job_id for job_id, job_status in zip(ids, found, strict=True) if job_status in ("queued", "running")]
-    if live and status == BatchStatus.in_progress and time.time() > float(record["expires_at"]):
-        await store.cancel_many(live, tenant=record["tenant"], reason=f"batch {record['id']}'s completion window ran out")
+    counted, done = await batches.look(client, settings, record)
+    if not done and status == BatchStatus.in_progress and time.time() > float(record["expires_at"]):
+        ids = await batches.unchecked(client, settings, {**record, **counted})
+        await store.cancel_many(ids, tenant=record["tenant"], reason=f"batch {record['id']}'s completion window ran out")
         record = await batches.update(client, settings, record, ending=BatchStatus.expired.value)
-        found = await batches.statuses(client, settings, ids)
-        live = [job_id for job_id, job_status in zip(ids, found, strict=True) if job_status in ("queued", "running")]
-    counted = batches.counts(record, found)
-    if live:
+        counted, done = await batches.look(client, settings, {**record, **counted})
+    if not done:
         if any(record.get(name) != value for name, value in counted.items()):
             record = await batches.update(client, settings, record, **counted)
         return record
-    return await finalize(app, record, entries, counted)
+    return await finalize(app, record, await batches.job_ids(client, settings, record["id"]), counted)
 
 
 async def finalize(app: FastAPI, record: dict[str, str], entries: list[str], counted: dict[str, str]) -> dict[str, str]:

@@ -287,6 +287,7 @@ async def start(
         "total": str(len(job_ids) + len(error_lines)),
         "failed": str(len(error_lines)),
         "malformed": str(len(error_lines)),
+        "jobs": str(len(job_ids)),
     }
     async with client.pipeline(transaction=True) as pipe:
         for start_at in range(0, len(job_ids), 10_000):  # RPUSH in parts: one command stays small
@@ -317,13 +318,55 @@ async def statuses(client: redis.asyncio.Redis, settings: Settings, ids: list[st
     return found
 
 
-def counts(record: dict[str, str], found: list[str | None]) -> dict[str, str]:
-    """The batch's ``completed`` and ``failed`` counts for its jobs' statuses ``found``: a
-    job that did not succeed (failed, canceled, gone) failed its request, as did each
-    malformed line."""
-    completed = sum(1 for status in found if status == JobStatus.succeeded.value)
-    failed = sum(1 for status in found if status is None or (status != JobStatus.succeeded.value and JobStatus(status).ended))
-    return {"completed": str(completed), "failed": str(failed + int(record.get("malformed") or 0))}
+async def look(client: redis.asyncio.Redis, settings: Settings, record: dict[str, str]) -> tuple[dict[str, str], bool]:
+    """The batch's counts as its jobs stand, and whether every job has ended.
+
+    Jobs mostly end in the order they were queued, so the batch keeps how many of its first
+    jobs have all ended (``checked``) and their counts, and a look reads on from there, a part
+    at a time, only as far as the first part with a job not ended: a look costs a part's
+    statuses, not the whole batch's, however large it is. A request that failed (its job
+    failed, was canceled or is gone) counts as failed, as does each malformed line; jobs
+    ended past the first one still running are counted too, and checked again later."""
+    keys = Keys(settings.redis_prefix)
+    jobs_made = int(record.get("jobs") or 0)
+    checked = int(record.get("checked") or 0)
+    completed, failed = int(record.get("checked_completed") or 0), int(record.get("checked_failed") or 0)
+    ahead = {"completed": 0, "failed": 0}
+    while checked < jobs_made:
+        entries = await client.lrange(keys.batch_jobs(record["id"]), checked, checked + READ_CHUNK - 1)
+        if not entries:
+            break
+        found = await statuses(client, settings, [text(entry).partition(":")[0] for entry in entries])
+        ended = 0
+        for status in found:
+            if status is not None and not JobStatus(status).ended:
+                break
+            ended += 1
+            if status == JobStatus.succeeded.value:
+                completed += 1
+            else:
+                failed += 1
+        checked += ended
+        if ended < len(found):
+            for status in found[ended:]:
+                if status is None or JobStatus(status).ended:
+                    ahead["completed" if status == JobStatus.succeeded.value else "failed"] += 1
+            break
+    malformed = int(record.get("malformed") or 0)
+    fields = {
+        "checked": str(checked),
+        "checked_completed": str(completed),
+        "checked_failed": str(failed),
+        "completed": str(completed + ahead["completed"]),
+        "failed": str(failed + ahead["failed"] + malformed),
+    }
+    return fields, checked >= jobs_made
+
+
+async def unchecked(client: redis.asyncio.Redis, settings: Settings, record: dict[str, str]) -> list[str]:
+    """The ids of the batch's jobs from the first one not known to have ended (to cancel)."""
+    entries = await client.lrange(Keys(settings.redis_prefix).batch_jobs(record["id"]), int(record.get("checked") or 0), -1)
+    return [text(entry).partition(":")[0] for entry in entries]
 
 
 async def jobs(client: redis.asyncio.Redis, settings: Settings, ids: list[str]) -> list[dict[str, str]]:

@@ -269,11 +269,15 @@ class AsyncJobStore:
         *,
         max_jobs: int = 0,
         claim: tuple[str, str] | None = None,
+        admit: dict[tuple[str, str], int] | None = None,
+        admitted: bool = False,
     ) -> None:
         """``create_queued`` for several new jobs of ``tenant``, each ``(record, queue,
-        message)``, admitted together in one call of the same script: all are stored, or
-        (QuotaExceeded, QueueFull, ClaimTakenOver) none is. The quota and the queue bound
-        count every job of the call (a batch file's jobs are taken whole or not at all)."""
+        message)``, in one call of the same script: all are stored, or (QuotaExceeded,
+        QueueFull, ClaimTakenOver) none is. The quota and the queue bounds count the jobs of
+        ``admit``, by (engine, queue), when given (a batch admitted whole with its first
+        part), else this call's; ``admitted``: the jobs were admitted by an earlier call
+        (a batch's later parts), and are not counted again."""
         ttl_s = self.settings.job_ttl_s
         shared = self._tenant_indexes.get(tenant)
         if shared is None:
@@ -284,20 +288,55 @@ class AsyncJobStore:
                 keys.tenant_all(tenant),
                 keys.status(JobStatus.queued.value),
             ]
-        script_keys = list(shared)
-        oldest = score_of(time.time() - ttl_s)
-        args: builtins.list[Any] = [max_jobs, self.settings.queue_max, oldest, claim[1] if claim is not None else ""]
+        # Each engine's pair of keys (its index, its queue): those admitted, then the jobs'.
+        engines: dict[tuple[str, str], int] = {}
+        engine_keys: builtins.list[str] = []
+        counted: builtins.list[int] = []
         engine_indexes = self._engine_indexes
+
+        def number_of(engine: str, queue: str) -> int:
+            number = engines.get((engine, queue))
+            if number is None:
+                index = engine_indexes.get((tenant, engine))
+                if index is None:
+                    index = engine_indexes[(tenant, engine)] = self.keys.tenant_engine(tenant, engine)
+                number = engines[(engine, queue)] = len(engines) + 1
+                engine_keys.extend((index, queue))
+                counted.append(0)
+            return number
+
+        for (engine, queue), count in (admit or {}).items():
+            counted[number_of(engine, queue) - 1] += count
+        engine_of: builtins.list[int] = []
+        records: builtins.list[dict[str, str]] = []
+        job_keys: builtins.list[str] = []
+        messages: builtins.list[str] = []
         for record, queue, message in jobs:
-            engine, created_at = record["engine"], record["created_at"]
-            index = engine_indexes.get((tenant, engine))
-            if index is None:
-                index = engine_indexes[(tenant, engine)] = self.keys.tenant_engine(tenant, engine)
-            expires = str(expires_at_ms(created_at, ttl_s))
-            script_keys += (self.keys.job(record["id"]), index, queue)
-            args += (message, orjson.dumps({**record, "score": str(score_of(float(created_at))), EXPIRES: expires}))
+            number = number_of(record["engine"], queue)
+            if admit is None:
+                counted[number - 1] += 1
+            engine_of.append(number)
+            created_at = record["created_at"]
+            records.append({**record, "score": str(score_of(float(created_at))), EXPIRES: str(expires_at_ms(created_at, ttl_s))})
+            job_keys.append(self.keys.job(record["id"]))
+            messages.append(message)
+        script_keys = [*shared, *engine_keys, *job_keys]
         if claim is not None:
             script_keys.append(claim[0])
+        oldest = score_of(time.time() - ttl_s)
+        claimed = claim[1] if claim is not None else ""
+        quota, bound = (0, 0) if admitted else (max_jobs, self.settings.queue_max)
+        args = [
+            quota,
+            bound,
+            oldest,
+            claimed,
+            len(engines),
+            orjson.dumps(counted),
+            orjson.dumps(engine_of),
+            orjson.dumps(records),
+        ]
+        args += messages
         try:
             # EVALSHA straight away: the script object's own call costs ~10 µs more, per create.
             reply = await self.redis.execute_command("EVALSHA", self._create.sha, len(script_keys), *script_keys, *args)
@@ -311,7 +350,7 @@ class AsyncJobStore:
         if refusal == -3:
             raise ClaimTakenOver(jobs[0][0]["id"])
         full = text(reply[2])
-        engine = next(record["engine"] for record, queue, _ in jobs if queue == full)
+        engine = next(engine for engine, queue in engines if queue == full)
         raise QueueFull(engine, length=int(count), limit=self.settings.queue_max)
 
     async def get(self, job_id: str) -> dict[str, str]:
