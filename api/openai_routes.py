@@ -108,8 +108,8 @@ async def get_model(request: Request, caller: Caller, model: str) -> JSONRespons
 
 
 async def _job_of(request: Request, caller: ApiKey, url: str, body: dict[str, Any]) -> tuple[dict[str, str], str]:
-    """The job this request is answered with, and the id of its latest event: the job an
-    earlier attempt of it made (the client's own retry), else a new one."""
+    # The job this request is answered with, and the id of its latest event: the job an
+    # earlier attempt of it made (the client's own retry), else a new one.
     earlier = await openai_retries.earlier_job(request, caller, url, body)
     if earlier is not None:
         try:
@@ -127,9 +127,9 @@ async def _job_of(request: Request, caller: ApiKey, url: str, body: dict[str, An
 
 
 def _wait_s(request: Request) -> float:
-    """How long to wait for the job: ``BLAZE_OPENAI_WAIT_S``, or less when the client says it
-    stops reading sooner (``x-stainless-read-timeout``), so that it gets the error naming the
-    job rather than a timeout of its own (and its retry waits on the same job)."""
+    # BLAZE_OPENAI_WAIT_S, or less when the client says it stops reading sooner
+    # (x-stainless-read-timeout), so that it gets the error naming the job rather than a
+    # timeout of its own (and its retry waits on the same job).
     wait = settings_of(request.app).openai_wait_s
     declared = raw_header(request, b"x-stainless-read-timeout")
     try:
@@ -142,7 +142,7 @@ def _wait_s(request: Request) -> float:
 
 
 async def _answer(request: Request, caller: ApiKey, url: str, body: dict[str, Any]) -> JSONResponse:
-    """Make (or find) the job, wait for its end, and answer OpenAI's response object."""
+    # Make (or find) the job, wait for its end, and answer OpenAI's response object.
     record, position = await _job_of(request, caller, url, body)
     wait = _wait_s(request)
     record = await waits.wait_for_end(request.app, record["id"], wait, tenant=caller.tenant, known=(record, position))
@@ -217,9 +217,9 @@ def _data(value: Any) -> ServerSentEvent:
 async def _chunks(
     reader: EventReader, url: str, record: dict[str, str], *, include_usage: bool, wait_s: float
 ) -> AsyncIterator[ServerSentEvent]:
-    """The job's text as OpenAI's chunks: a first one naming the assistant, one per piece of
-    text, a last one with `finish_reason` (and, when asked, one with `usage`), then [DONE].
-    The job's events are read from its stream's start, so a retry streams the whole text too."""
+    # The job's text as OpenAI's chunks: a first one naming the assistant, one per piece of text,
+    # a last one with `finish_reason` (and, when asked, one with `usage`), then [DONE]. The job's
+    # events are read from its stream's start, so a retry streams the whole text too.
     job_id, chat = record["id"], url == CHAT
     kind = "chat.completion.chunk" if chat else "text_completion"
     created = int(float(record["created_at"]))
