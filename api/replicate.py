@@ -38,7 +38,7 @@ from blaze_jobs.predictions import (
 from blaze_jobs.settings import ENGINES
 from blaze_jobs.store import CURSOR, AsyncJobStore
 
-from . import creation, waits
+from . import bounds, creation, waits
 from .artifacts import signer_of
 from .auth import Caller
 from .connections import Busy
@@ -49,7 +49,8 @@ from .responses import JSONResponse
 
 log = logging.getLogger("blaze_jobs.api.replicate")
 PROBLEM = {"content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}, "description": "A problem+json body naming the fault."}
-router = APIRouter(tags=["Replicate"])
+# Bodies read as POST /v1/jobs reads them: bad JSON is a 422 naming the body, never a 400.
+router = APIRouter(route_class=bounds.JSONBodyRoute, tags=["Replicate"])
 
 #: How long Replicate holds a create sent with a bare ``Prefer: wait``.
 REPLICATE_WAIT_S = 60.0

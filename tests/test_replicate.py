@@ -24,7 +24,8 @@ from replicate.webhook import InvalidSignatureError, Webhooks
 
 from blaze_jobs.api_keys import create_key
 from blaze_jobs.settings import Settings
-from tests.conftest import AUTH, wait_until
+from blaze_jobs.stack import Stack
+from tests.conftest import ADMIN_TOKEN, AUTH, start_api, wait_until
 from tests.receiver import Receiver, path
 
 pytestmark = pytest.mark.timeout(120)
@@ -240,6 +241,34 @@ def test_stream_of_a_text_prediction_joins_to_its_output_and_ends_with_done(clie
     assert isinstance(final.output, list)
     assert "".join(outputs) == "".join(final.output).replace("\r\n", "\n").replace("\r", "\n")
     assert final.metrics and final.metrics["output_token_count"] == 24
+    # and its logs are its progress, which the client reads as such
+    assert final.progress is not None and final.progress.current == final.progress.total == 24
+
+
+def test_a_stream_keeps_alive_while_it_waits_and_ends_with_done_when_canceled(own_stack: Stack) -> None:
+    # Given an API whose streams keep alive every 0.2 s, no worker, and a prediction that waits
+    url = start_api(own_stack, BLAZE_EVENT_KEEP_ALIVE_S="0.2")
+    api = replicate.Client(api_token=ADMIN_TOKEN, base_url=url)
+    waiting = api.models.predictions.create("blaze/echo", input={"marker": marker()})
+    assert waiting.urls is not None
+
+    # When its stream is read for a second
+    lines: list[str] = []
+    with httpx.Client(headers=AUTH, timeout=10) as http, http.stream("GET", waiting.urls["stream"]) as response:
+        until = time.monotonic() + 1.0
+        for line in response.iter_lines():
+            lines.append(line)
+            if time.monotonic() > until:
+                break
+
+    # Then it is an event stream of keep-alive comments, and no event yet
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert sum(line.startswith(":") for line in lines) >= 3, lines
+    assert not any(line.startswith(("event:", "data:")) for line in lines), lines
+    # And once the prediction is canceled, its stream (read by the client) is one `done`, saying why
+    api.predictions.cancel(waiting.id)
+    assert [(e.event.value, json.loads(e.data)) for e in waiting.stream()] == [("done", {"reason": "canceled"})]
+    api._client.close()
 
 
 def test_a_webhook_delivery_is_the_prediction_and_validates_with_the_default_secret(
