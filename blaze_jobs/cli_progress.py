@@ -138,7 +138,7 @@ def place_text(place: dict[str, Any] | None, engine: str) -> str:
     if place["depth"] > place["scan_limit"]:
         return f"more than {place['scan_limit']} ahead in the {engine} queue ({place['depth']} waiting)"
     # Not in the list, yet queued: a worker has just taken its message.
-    return f"being taken by a {engine} worker"
+    return f"being taken from the {engine} queue"
 
 
 def _counts(job: dict[str, Any], progress: dict[str, Any] | None) -> tuple[int, int] | None:

@@ -101,20 +101,31 @@ def test_submit_wait_off_a_terminal_says_each_change_of_status(user: dict[str, s
 
 
 @pytest.mark.timeout(90)
-def test_submit_wait_on_a_terminal_draws_a_bar_up_to_100_percent(user: dict[str, str]) -> None:
-    # Given a user at a terminal, and an image job of 40 denoising steps
-    prompt = f"a red fox {uuid.uuid4().hex[:6]}"
-    args = ("submit", "--engine", "diffusion", "--input", f"prompt={prompt}", "--input", "num_inference_steps=40", "--wait")
+@pytest.mark.parametrize(
+    ("engine", "inputs", "counted"),
+    [
+        ("diffusion", ("prompt=a red fox", "num_inference_steps=40"), r"\d+/40 steps"),
+        ("llm", ("prompt=Once upon a time", "max_new_tokens=300"), r"\d+/300 tokens"),
+    ],
+    ids=["denoising steps", "tokens"],
+)
+def test_submit_wait_on_a_terminal_draws_a_bar_up_to_100_percent(
+    user: dict[str, str], engine: str, inputs: tuple[str, str], counted: str
+) -> None:
+    # Given a user at a terminal, and an image job of 40 denoising steps (or a text job of up
+    # to 300 tokens), never run before (no cache hit)
+    prompt, size = inputs
+    args = ("submit", "--engine", engine, "--input", f"{prompt} {uuid.uuid4().hex[:6]}", "--input", size, "--wait")
 
     # When they submit it and wait
     code, written = on_a_terminal(*args, env=user, timeout=80)
 
-    # Then a bar was drawn in place (carriage returns), counting steps, and it ended at 100%
+    # Then a bar was drawn in place (carriage returns), counting steps or tokens, and it ended at 100%
     assert code == 0, written
     percents = [int(p) for p in DRAWN_PERCENT.findall(written)]
     assert percents and percents[-1] == 100, written
     assert percents == sorted(percents), percents
-    assert "/40 steps" in written and "job " in written and " succeeded " in written
+    assert re.search(counted, written) and "job " in written and " succeeded " in written, written
 
 
 def echo_jobs(client: BlazeClient, count: int, *, sleep_ms: int = 0) -> list[dict[str, Any]]:
