@@ -18,7 +18,7 @@ import httpx
 import pytest
 import redis
 import replicate
-from replicate.exceptions import ReplicateError
+from replicate.exceptions import ModelError, ReplicateError
 from replicate.prediction import Prediction
 from replicate.webhook import InvalidSignatureError, Webhooks
 
@@ -183,6 +183,19 @@ def test_a_blocking_create_that_sees_no_end_says_starting(client: replicate.Clie
     assert (raw["status"], raw["blaze_status"]) in {("starting", "queued"), ("processing", "running")}
     prediction.wait()
     assert prediction.status == "succeeded"
+
+
+def test_a_failed_prediction_is_the_clients_model_error_and_its_streams_error(client: replicate.Client) -> None:
+    # When client.run runs an echo that fails as a bad request
+    with pytest.raises(ModelError) as failed:
+        client.run("blaze/echo", input={"fail": "request", "marker": marker()})
+
+    # Then the client raises its ModelError, with the prediction and the job's reason
+    prediction = failed.value.prediction
+    assert prediction.status == "failed" and "bad request" in (prediction.error or "")
+    # and the prediction's stream raises it as the client does on an `error` event
+    with pytest.raises(RuntimeError, match="bad request"):
+        list(prediction.stream())
 
 
 def test_predictions_list_across_pages_following_next(client: replicate.Client) -> None:
