@@ -137,13 +137,15 @@ def test_another_tenants_prediction_is_not_found(client: replicate.Client, stack
     # Given a prediction of this module's tenant
     mine = client.models.predictions.create("blaze/echo", input={"marker": marker()})
 
-    # When a key of another tenant (the stack's admin, the default tenant's) reads or cancels it
+    # When a key of another tenant (the stack's admin, the default tenant's) reads, cancels or streams it
     other = replicate.Client(api_token=AUTH["Authorization"].removeprefix("Bearer "), base_url=stack["api_url"])
     for act in (lambda: other.predictions.get(mine.id), lambda: other.predictions.cancel(mine.id)):
         with pytest.raises(ReplicateError) as missing:
             act()
         # Then it is a 404, as for a prediction that does not exist
         assert missing.value.status == 404
+    assert mine.urls is not None
+    assert httpx.get(mine.urls["stream"], headers=AUTH, timeout=10).status_code == 404
     # and the prediction stays its own
     mine.wait()
     assert mine.status == "succeeded"
