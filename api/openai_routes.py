@@ -94,9 +94,15 @@ async def list_models(request: Request, caller: Caller) -> JSONResponse:
     return JSONResponse({"object": "list", "data": _models(settings_of(request.app))})
 
 
-@router.get("/v1/models/{model}", responses=ERRORS)
+# A model id may hold a slash (a Hugging Face id, `org/name`), which the client sends encoded
+# and the router sees decoded: a path route, included after every other route, takes any
+# `/v1/models/...` that no other route (Replicate's `/v1/models/blaze/{name}`) matched.
+model_router = APIRouter(route_class=OpenAIRoute, tags=["OpenAI"])
+
+
+@model_router.get("/v1/models/{model:path}", responses=ERRORS)
 async def get_model(request: Request, caller: Caller, model: str) -> JSONResponse:
-    """One model of this deployment; 404 `model_not_found` for any other."""
+    """One model of this deployment (its id may hold a slash); 404 `model_not_found` for any other."""
     models = _models(settings_of(request.app))
     found = next((m for m in models if m["id"] == model), None)
     if found is None:

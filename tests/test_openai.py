@@ -68,6 +68,9 @@ def test_the_models_are_the_deployments_and_an_unknown_one_or_key_is_the_clients
     with pytest.raises(openai.NotFoundError) as missing:
         api.models.retrieve("gpt-4o")
     assert missing.value.code == "model_not_found"
+    # And Replicate's models, under the same path, are still Replicate's
+    replicate_model = httpx.get(f"{stack['api_url']}/v1/models/blaze/llm", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert replicate_model.status_code == 200 and "object" not in replicate_model.json()
     with openai.OpenAI(api_key="not-a-key", base_url=stack["api_url"] + "/v1", max_retries=0) as stranger:
         with pytest.raises(openai.AuthenticationError) as refused:
             stranger.models.list()
@@ -282,7 +285,7 @@ def test_the_clients_retries_wait_on_the_one_job_the_first_attempt_made(
 
 def test_past_the_wait_bound_the_error_names_the_job_which_goes_on_and_a_full_quota_is_a_rate_limit(own_stack: Stack) -> None:
     # Given an API that waits half a second, no worker, and a key of a tenant allowed one job
-    url = start_api(own_stack, BLAZE_OPENAI_WAIT_S="0.5")
+    url = start_api(own_stack, BLAZE_OPENAI_WAIT_S="0.5", BLAZE_LLM_MODELS="acme/tiny-chat")
     settings = Settings(redis_url=own_stack.env["BLAZE_REDIS_URL"], redis_prefix=own_stack.env["BLAZE_REDIS_PREFIX"])
     with redis.Redis.from_url(settings.redis_url) as r:
         secret, _ = create_key(r, settings, tenant="one-job", name="ci", max_jobs=1)
@@ -305,6 +308,11 @@ def test_past_the_wait_bound_the_error_names_the_job_which_goes_on_and_a_full_qu
         # Then it is told to wait, in OpenAI's shape
         assert limited.value.code == "quota_exceeded" and limited.value.response.headers["Retry-After"]
     with openai.OpenAI(api_key=ADMIN_TOKEN, base_url=url + "/v1", max_retries=0) as client:
+        # A model id with a slash (a Hugging Face id) is retrieved as any other
+        assert client.models.retrieve("acme/tiny-chat").model_extra == {"engine": "llm"}
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.models.retrieve("acme/other")
+        assert missing.value.code == "model_not_found"
         # When a stream runs past the wait bound
         stream = client.chat.completions.create(model="builtin:tiny-lm", messages=messages, max_tokens=4, stream=True)  # type: ignore[arg-type]
         with pytest.raises(openai.APIError) as cut:
