@@ -109,6 +109,8 @@ def follow(client: BlazeClient, job: dict[str, Any], *, timeout: float, out: Tex
                 raise WaitTimeout(job["id"], job, timeout)
     finally:
         feed.close()
+        if job["status"] not in ENDED:  # a timeout or Ctrl-C: what is said next needs a line of its own
+            view.stop()
     view.end(job, progress=progress)
     return job
 
@@ -184,6 +186,10 @@ class Bar:
         self.out.write("\n")
         self.out.flush()
 
+    def stop(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
     def _bar(self, job: dict[str, Any], progress: dict[str, Any] | None, label: str) -> str:
         counts = _counts(job, progress)
         if counts is None:
@@ -224,6 +230,9 @@ class Lines:
 
     def end(self, job: dict[str, Any], *, progress: dict[str, Any] | None) -> None:
         self._say(_ended_text(job))
+
+    def stop(self) -> None:
+        """Nothing to close: each line ended as it was said."""
 
     def _say(self, what: str) -> None:
         if what == self.said:

@@ -128,6 +128,21 @@ def test_submit_wait_on_a_terminal_draws_a_bar_up_to_100_percent(
     assert re.search(counted, written) and "job " in written and " succeeded " in written, written
 
 
+@pytest.mark.timeout(60)
+def test_a_wait_that_runs_out_says_so_on_a_line_of_its_own(stack: dict[str, Any], user: dict[str, str]) -> None:
+    # Given a job that runs for 5 s, When a user at a terminal waits for it at most 1 s
+    args = ("submit", "--engine", "echo", "--input", "sleep_ms=5000", "--input", f"tag={uuid.uuid4().hex}", "--wait")
+    code, written = on_a_terminal(*args, "--timeout", "1", env=user, timeout=40)
+
+    # Then the bar stops and the message, on a line of its own, says where the job stands
+    assert code == 1, written
+    said = re.search(r"\n(blaze: job (\S+) still (queued|running) after 1 s)", written)
+    assert said and "Traceback" not in written, written
+    # and the job goes on
+    with BlazeClient(stack["api_url"], api_key=user["BLAZE_API_KEY"]) as client:
+        assert client.wait(said[2], timeout=30)["status"] == "succeeded"
+
+
 def echo_jobs(client: BlazeClient, count: int, *, sleep_ms: int = 0) -> list[dict[str, Any]]:
     return [client.submit("echo", {"sleep_ms": sleep_ms, "i": i, "tag": uuid.uuid4().hex}) for i in range(count)]
 
