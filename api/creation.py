@@ -5,6 +5,7 @@ quota, queue bound, cache, idempotency and webhooks, and the same job record."""
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Mapping
@@ -88,9 +89,10 @@ async def create(
 # --- the pieces a create is made of, which a batch file's creates share -------------------
 
 
-def job_record(body: Any, *, tenant: str, settings: Settings) -> tuple[dict[str, str], dict[str, Any]]:
+def job_record(body: Any, *, tenant: str, settings: Settings, job_id: str | None = None) -> tuple[dict[str, str], dict[str, Any]]:
     """The record of a new queued job of ``tenant`` for ``body`` (a ``JobCreate``), and its
-    input, once within the deployment's bounds (InputProblem naming the field otherwise)."""
+    input, once within the deployment's bounds (InputProblem naming the field otherwise).
+    ``job_id``: the job's id, made beforehand (``new_job_ids``); a new one by default."""
     engine = body.engine
     model = body.model or settings.default_model(engine)
     if model not in settings.allowed_models(engine):
@@ -98,7 +100,7 @@ def job_record(body: Any, *, tenant: str, settings: Settings) -> tuple[dict[str,
     bounds.check_bounds(body, settings)
     job_input = body.input.model_dump(exclude_none=True)
     record = new_record(
-        job_id=str(uuid.uuid4()), tenant=tenant, engine=engine, model=model, input=job_input, created_at=time.time()
+        job_id=job_id or str(uuid.uuid4()), tenant=tenant, engine=engine, model=model, input=job_input, created_at=time.time()
     )
     bounds.check_input(job_input, stored=record["input"], settings=settings)
     return record, job_input
@@ -134,3 +136,16 @@ def queue_birth(pipe: Any, store: AsyncJobStore, record: dict[str, str], cached:
     queue_create(pipe, store.keys, record, ttl_s=settings.job_ttl_s)
     # The images outlive the new job as long as the job itself, and its tenant owns them.
     cache.queue_renew(pipe, json.loads(output), tenant=record["tenant"], settings=settings)
+
+
+def new_job_ids(count: int) -> list[str]:
+    """``count`` new job ids, random UUIDs (version 4) as ``uuid.uuid4`` makes them, from one
+    read of the system's randomness: a fifth of the time each, for a batch file's jobs."""
+    raw = bytearray(os.urandom(16 * count))
+    ids = []
+    for start in range(0, len(raw), 16):
+        raw[start + 6] = (raw[start + 6] & 0x0F) | 0x40  # version 4
+        raw[start + 8] = (raw[start + 8] & 0x3F) | 0x80  # RFC 4122 variant
+        h = raw[start : start + 16].hex()
+        ids.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return ids

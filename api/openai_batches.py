@@ -31,11 +31,11 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import redis.exceptions
 from fastapi import APIRouter, FastAPI, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
 from blaze_jobs import batches, files
 from blaze_jobs.artifacts import url_signer
@@ -52,6 +52,7 @@ from . import creation, openai_retries, webhooks
 from .auth import Caller
 from .openai_bodies import CHAT, COMPLETIONS, ENGINE_OF, IMAGES, job_failure, job_for, response_for
 from .openai_errors import OpenAIError, OpenAIRoute, invalid
+from .openai_routes import ERRORS
 from .problems import InputProblem, field_name
 from .request_context import base_url, settings_of
 from .responses import JSONResponse
@@ -79,9 +80,13 @@ class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_file_id: str = Field(max_length=64, description="A file uploaded with purpose `batch`: JSONL of request lines.")
-    endpoint: str = Field(description=f"The endpoint of every line: one of {', '.join(ENDPOINTS)} (`/v1/jobs`: Blaze's own).")
-    completion_window: str = Field(description="`24h`: past it, the batch expires and its unfinished jobs are canceled.")
-    metadata: dict[str, str] | None = Field(None, description="Up to 16 pairs, keys up to 64 characters, values up to 512.")
+    endpoint: Literal[ENDPOINTS] = Field(  # type: ignore[valid-type]
+        description="The endpoint of every line (`/v1/jobs`: Blaze's own, a `POST /v1/jobs` body per line)."
+    )
+    completion_window: Literal["24h"] = Field(description="Past it, the batch expires and its unfinished jobs are canceled.")
+    metadata: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]] | None = (
+        Field(None, max_length=16, description="Up to 16 pairs, keys up to 64 characters, values up to 512.")
+    )
     output_expires_after: dict[str, Any] | None = Field(None, description="Accepted; output files are kept BLAZE_FILE_TTL_S.")
 
 
@@ -90,19 +95,6 @@ def not_found(batch_id: str) -> OpenAIError:
 
 
 # --- creating a batch -----------------------------------------------------------------------
-
-
-def check(body: BatchCreate) -> None:
-    if body.endpoint not in ENDPOINTS:
-        raise invalid("endpoint", f"Invalid value for 'endpoint': {body.endpoint!r}; expected one of {', '.join(ENDPOINTS)}")
-    if body.completion_window != batches.WINDOW:
-        raise invalid("completion_window", f"Invalid value for 'completion_window': {body.completion_window!r}; only '24h'")
-    metadata = body.metadata or {}
-    if len(metadata) > 16:
-        raise invalid("metadata", f"holds {len(metadata)} pairs; at most 16")
-    for key, value in metadata.items():
-        if len(key) > 64 or len(value) > 512:
-            raise invalid(f"metadata.{key[:64]}", "keys are at most 64 characters, values at most 512")
 
 
 def line_job(endpoint: str, body: dict[str, Any], settings: Settings) -> Any:
@@ -147,10 +139,11 @@ async def create_jobs(
         for start_at in range(0, len(good), PART):
             # 3. A part of the lines, each read into the job it asks for, while Redis stores the part before.
             made: list[tuple[str, Any, dict[str, str], dict[str, Any]]] = []
-            for number, custom_id, body in good[start_at : start_at + PART]:
+            part = good[start_at : start_at + PART]
+            for (number, custom_id, body), job_id in zip(part, creation.new_job_ids(len(part)), strict=True):
                 try:
                     job = line_job(endpoint, body, settings)
-                    job_record, job_input = creation.job_record(job, tenant=tenant, settings=settings)
+                    job_record, job_input = creation.job_record(job, tenant=tenant, settings=settings, job_id=job_id)
                     if job.webhook is not None:
                         job_record.update(await webhooks.webhook_fields(job, settings))
                 except OpenAIError as error:
@@ -225,13 +218,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 router = APIRouter(route_class=OpenAIRoute, tags=["OpenAI batches"], lifespan=lifespan)
 
 
-@router.post("/v1/batches")
+@router.post("/v1/batches", responses=ERRORS)
 async def create_batch(request: Request, caller: Caller, body: BatchCreate) -> JSONResponse:
     """Make a batch from an uploaded file: each good line becomes a job at once; the answer is
     the batch `in_progress` (or `failed`, with `errors`, when the file cannot be a batch)."""
     settings = settings_of(request.app)
     client = request.app.state.store.redis
-    check(body)
     # The client retries a create whose answer it lost: the retry answers the batch it made.
     asked = body.model_dump(exclude_none=True)
     earlier = await openai_retries.earlier_job(request, caller, "/v1/batches", asked)
@@ -278,7 +270,7 @@ async def fail(client: Any, settings: Settings, record: dict[str, str], errors: 
     )
 
 
-@router.get("/v1/batches/{batch_id}")
+@router.get("/v1/batches/{batch_id}", responses=ERRORS)
 async def get_batch(request: Request, caller: Caller, batch_id: str) -> JSONResponse:
     """The batch, with its counts as its jobs stand now."""
     settings = settings_of(request.app)
@@ -289,7 +281,7 @@ async def get_batch(request: Request, caller: Caller, batch_id: str) -> JSONResp
     return JSONResponse(batches.batch_view(await advance(request.app, record)))
 
 
-@router.get("/v1/batches")
+@router.get("/v1/batches", responses=ERRORS)
 async def list_batches(
     request: Request,
     caller: Caller,
@@ -315,7 +307,7 @@ async def list_batches(
     )
 
 
-@router.post("/v1/batches/{batch_id}/cancel")
+@router.post("/v1/batches/{batch_id}/cancel", responses=ERRORS)
 async def cancel_batch(request: Request, caller: Caller, batch_id: str) -> JSONResponse:
     """Cancel the batch: its queued jobs never run, its running ones stop at their next step.
     It is `cancelling` until then, and `cancelled` with the files of what ended."""

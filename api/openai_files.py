@@ -16,7 +16,8 @@ from blaze_jobs.files import FileNotFound
 
 from . import openai_retries
 from .auth import Caller
-from .openai_errors import OpenAIError, OpenAIRoute, invalid
+from .openai_errors import OpenAIError, OpenAIRoute
+from .openai_routes import ERROR, ERRORS
 from .request_context import settings_of
 from .responses import JSONResponse
 
@@ -29,26 +30,25 @@ def not_found(file_id: str) -> OpenAIError:
     return OpenAIError(404, f"No such File object: {file_id}", param="id", code="file_not_found")
 
 
-@router.post("/v1/files")
+@router.post("/v1/files", responses={**ERRORS, 413: ERROR})
 async def create_file(
     request: Request,
     caller: Caller,
     file: Annotated[UploadFile, File(description="The file: for `batch`, JSONL of request lines.")],
-    purpose: Annotated[str, Form(description="`batch` (a batch's input) or `user_data`.")],
+    purpose: Annotated[Literal["batch", "user_data"], Form(description="`batch` (a batch's input) or `user_data`.")],
     expires_seconds: Annotated[
-        int | None, Form(alias="expires_after[seconds]", description="Keep the file this long (at most BLAZE_FILE_TTL_S).")
+        int | None,
+        Form(
+            alias="expires_after[seconds]",
+            ge=EXPIRES_AFTER_S[0],
+            le=EXPIRES_AFTER_S[1],
+            description="Keep the file this long (at most BLAZE_FILE_TTL_S).",
+        ),
     ] = None,
 ) -> JSONResponse:
     """Upload a file, kept for BLAZE_FILE_TTL_S (or `expires_after[seconds]`, if sooner)."""
     settings = settings_of(request.app)
-    if purpose not in files.UPLOAD_PURPOSES:
-        raise invalid("purpose", f"Invalid value for 'purpose': {purpose!r}; expected one of {', '.join(files.UPLOAD_PURPOSES)}")
-    ttl_s = settings.file_ttl_s
-    if expires_seconds is not None:
-        low, high = EXPIRES_AFTER_S
-        if not low <= expires_seconds <= high:
-            raise invalid("expires_after.seconds", f"must lie within [{low}, {high}]")
-        ttl_s = min(ttl_s, expires_seconds)
+    ttl_s = settings.file_ttl_s if expires_seconds is None else min(settings.file_ttl_s, expires_seconds)
     content = await file.read()
     if len(content) > settings.file_max_bytes:
         raise OpenAIError(
@@ -70,7 +70,7 @@ async def create_file(
     return JSONResponse(files.file_view(meta))
 
 
-@router.get("/v1/files")
+@router.get("/v1/files", responses=ERRORS)
 async def list_files(
     request: Request,
     caller: Caller,
@@ -96,7 +96,7 @@ async def list_files(
     )
 
 
-@router.get("/v1/files/{file_id}")
+@router.get("/v1/files/{file_id}", responses=ERRORS)
 async def get_file(request: Request, caller: Caller, file_id: str) -> JSONResponse:
     """The file's description."""
     try:
@@ -106,7 +106,11 @@ async def get_file(request: Request, caller: Caller, file_id: str) -> JSONRespon
     return JSONResponse(files.file_view(meta))
 
 
-@router.get("/v1/files/{file_id}/content", response_class=Response)
+@router.get(
+    "/v1/files/{file_id}/content",
+    response_class=Response,
+    responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes."}},
+)
 async def file_content(request: Request, caller: Caller, file_id: str) -> Response:
     """The file's bytes (a batch's output and error files are JSONL)."""
     try:
@@ -116,7 +120,7 @@ async def file_content(request: Request, caller: Caller, file_id: str) -> Respon
     return Response(content, media_type="application/octet-stream")
 
 
-@router.delete("/v1/files/{file_id}")
+@router.delete("/v1/files/{file_id}", responses=ERRORS)
 async def delete_file(request: Request, caller: Caller, file_id: str) -> JSONResponse:
     """Delete the file (a batch made from it keeps running)."""
     try:

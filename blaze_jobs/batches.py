@@ -45,8 +45,8 @@ LOCK_S = 60
 BATCH_FIELD, CUSTOM_ID_FIELD, REQUEST_FIELD = "batch", "custom_id", "batch_request"
 #: Record fields holding JSON.
 JSON_FIELDS = ("errors", "metadata")
-#: Job statuses read per round trip while counting a batch's jobs.
-READ_CHUNK = 2_000
+#: Job statuses read per round trip while counting a batch's jobs: at first, and at most.
+FIRST_LOOK, READ_CHUNK = 50, 2_000
 
 
 class BatchStatus(str, Enum):
@@ -332,8 +332,11 @@ async def look(client: redis.asyncio.Redis, settings: Settings, record: dict[str
     checked = int(record.get("checked") or 0)
     completed, failed = int(record.get("checked_completed") or 0), int(record.get("checked_failed") or 0)
     ahead = {"completed": 0, "failed": 0}
+    # A look reads a few statuses first: most looks find the first job still queued or running.
+    window = FIRST_LOOK
     while checked < jobs_made:
-        entries = await client.lrange(keys.batch_jobs(record["id"]), checked, checked + READ_CHUNK - 1)
+        entries = await client.lrange(keys.batch_jobs(record["id"]), checked, checked + window - 1)
+        window = min(window * 4, READ_CHUNK)
         if not entries:
             break
         found = await statuses(client, settings, [text(entry).partition(":")[0] for entry in entries])

@@ -21,8 +21,6 @@ from blaze_jobs.store import decode, score_of, text
 
 #: What a file id looks like (OpenAI's own are ``file-`` and 24 characters).
 ID_PREFIX = "file-"
-#: The purposes a file may be uploaded with; ``batch_output`` is what a batch writes.
-UPLOAD_PURPOSES = ("batch", "user_data")
 
 
 class FileNotFound(Exception):
