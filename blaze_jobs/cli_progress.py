@@ -81,32 +81,28 @@ def follow(client: BlazeClient, job: dict[str, Any], *, timeout: float, out: Tex
     feed = EventFeed(client, job["id"])
     progress: dict[str, Any] | None = job.get("progress")
     place: dict[str, Any] | None = None
-    next_read = 0.0  # when to read the queue position again
+    next_read = 0.0  # when to read the queue place again
     try:
-        # 0. The job as submitted, before any event: a job that starts at once was queued too.
-        if job["status"] == "queued":
-            place = _place(client, job["id"], place)
-            next_read = time.monotonic() + (TICK_S if _near(place) else FAR_TICK_S)
-            view.show(job, progress=progress, place=place)
         while job["status"] not in ENDED:
-            # 1. Take what the stream brought: status changes carry the job, progress its counts.
-            for event in feed.take(min(TICK_S, max(0.0, deadline - time.monotonic()))):
+            # 1. While queued, where the job stands in its queue, once a second (first of all:
+            #    a job that starts at once was queued too).
+            now = time.monotonic()
+            if job["status"] == "queued" and now >= next_read:
+                place = _place(client, job["id"], place)
+                next_read = now + _read_again_in(place)
+            view.show(job, progress=progress, place=place if job["status"] == "queued" else None)
+            if now >= deadline:
+                raise WaitTimeout(job["id"], job, timeout)
+            # 2. Take what the stream brought: status changes carry the job, progress its counts.
+            for event in feed.take(min(TICK_S, deadline - now)):
                 if event.event == "job.progress":
                     progress = event.data
                 elif isinstance(event.data, dict) and "status" in event.data:
                     job = event.data
                     progress = job.get("progress") or progress
-            # 2. A stream that ended early (the API went away, say): wait the plain way.
+            # 3. A stream that ended early (the API went away, say): wait the plain way.
             if feed.done and job["status"] not in ENDED:
                 job = client.wait(job["id"], timeout=max(0.0, deadline - time.monotonic()))
-            # 3. While queued, where the job stands in its queue, once a second.
-            now = time.monotonic()
-            if job["status"] == "queued" and now >= next_read:
-                place = _place(client, job["id"], place)
-                next_read = now + (TICK_S if _near(place) else FAR_TICK_S)
-            view.show(job, progress=progress, place=place if job["status"] == "queued" else None)
-            if job["status"] not in ENDED and time.monotonic() >= deadline:
-                raise WaitTimeout(job["id"], job, timeout)
     finally:
         feed.close()
         if job["status"] not in ENDED:  # a timeout or Ctrl-C: what is said next needs a line of its own
@@ -127,12 +123,16 @@ def _place(client: BlazeClient, job_id: str, last: dict[str, Any] | None) -> dic
         raise
 
 
-def _near(place: dict[str, Any] | None) -> bool:
-    return place is None or 0 < (place.get("position") or NEAR_PLACE + 1) <= NEAR_PLACE
+def _read_again_in(place: dict[str, Any] | None) -> float:
+    """Seconds until the place is read again: soon near the head, seldom far back, where each
+    message ahead costs Redis time to look past and the place changes slowly."""
+    position = place.get("position") if place else None
+    far = position > NEAR_PLACE if position else place is not None and place["depth"] > place["scan_limit"]
+    return FAR_TICK_S if far else TICK_S
 
 
 def place_text(place: dict[str, Any] | None, engine: str) -> str:
-    """``3rd of 5 in the diffusion queue`` and the like, from ``GET /v1/jobs/{id}/position``."""
+    """``place 3 of 5 in the diffusion queue`` and the like, from ``GET /v1/jobs/{id}/position``."""
     if place is None:
         return f"in the {engine} queue"
     if place.get("position"):
