@@ -21,6 +21,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 
 from blaze_jobs import events
 from blaze_jobs.api_keys import ApiKey
@@ -94,13 +95,27 @@ async def list_models(request: Request, caller: Caller) -> JSONResponse:
     return JSONResponse({"object": "list", "data": _models(settings_of(request.app))})
 
 
-# A model id may hold a slash (a Hugging Face id, `org/name`), which the client sends encoded
-# and the router sees decoded: a path route, included after every other route, takes any
-# `/v1/models/...` that no other route (Replicate's `/v1/models/blaze/{name}`) matched.
+class ModelId(Convertor[str]):
+    """A model id in a path: one segment, or two (a Hugging Face id, `org/name`, whose slash
+    the client sends encoded and the router sees decoded)."""
+
+    regex = r"[^/]+(?:/[^/]+)?"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("model_id", ModelId())
+# Included after every other router: a two-segment id that another route takes (Replicate's
+# `/v1/models/blaze/{name}`) stays that route's, and longer paths (its versions and
+# predictions) are never this one's.
 model_router = APIRouter(route_class=OpenAIRoute, tags=["OpenAI"])
 
 
-@model_router.get("/v1/models/{model:path}", responses=ERRORS)
+@model_router.get("/v1/models/{model:model_id}", responses=ERRORS)
 async def get_model(request: Request, caller: Caller, model: str) -> JSONResponse:
     """One model of this deployment (its id may hold a slash); 404 `model_not_found` for any other."""
     models = _models(settings_of(request.app))

@@ -71,6 +71,10 @@ def test_the_models_are_the_deployments_and_an_unknown_one_or_key_is_the_clients
     # And Replicate's models, under the same path, are still Replicate's
     replicate_model = httpx.get(f"{stack['api_url']}/v1/models/blaze/llm", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert replicate_model.status_code == 200 and "object" not in replicate_model.json()
+    predictions = httpx.get(
+        f"{stack['api_url']}/v1/models/blaze/llm/predictions", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
+    assert predictions.status_code == 405
     with openai.OpenAI(api_key="not-a-key", base_url=stack["api_url"] + "/v1", max_retries=0) as stranger:
         with pytest.raises(openai.AuthenticationError) as refused:
             stranger.models.list()
