@@ -175,6 +175,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(artifacts.router)
     app.include_router(admin.router)
-    # Last: it takes every /v1/models/... path no route above matched (a model id with a slash).
+    # Last: GET /v1/models/{id} and /v1/models/{org}/{name} (a model id with a slash) that no route above took.
     app.include_router(openai_routes.model_router)
     return app
