@@ -16,7 +16,7 @@ from blaze_jobs.files import FileNotFound
 
 from . import openai_retries
 from .auth import Caller
-from .openai_errors import OpenAIError, OpenAIRoute
+from .openai_errors import OpenAIError, OpenAIRoute, invalid
 from .openai_routes import ERROR, ERRORS
 from .request_context import settings_of
 from .responses import JSONResponse
@@ -30,25 +30,29 @@ def not_found(file_id: str) -> OpenAIError:
     return OpenAIError(404, f"No such File object: {file_id}", param="id", code="file_not_found")
 
 
+async def expires_after(request: Request) -> int:
+    """The ``expires_after[seconds]`` the client's ``expires_after={"anchor": "created_at",
+    "seconds": N}`` sends beside the file (read off the form: the OpenAPI document leaves it
+    out, as a form field named with brackets), or as long as files are kept."""
+    sent = (await request.form()).get("expires_after[seconds]")
+    if sent is None:
+        return settings_of(request.app).file_ttl_s
+    low, high = EXPIRES_AFTER_S
+    if not isinstance(sent, str) or not sent.strip().isdigit() or not low <= int(sent) <= high:
+        raise invalid("expires_after.seconds", f"must be a whole number of seconds within [{low}, {high}]")
+    return int(sent)
+
+
 @router.post("/v1/files", responses={**ERRORS, 413: ERROR})
 async def create_file(
     request: Request,
     caller: Caller,
     file: Annotated[UploadFile, File(description="The file: for `batch`, JSONL of request lines.")],
     purpose: Annotated[Literal["batch", "user_data"], Form(description="`batch` (a batch's input) or `user_data`.")],
-    expires_seconds: Annotated[
-        int | None,
-        Form(
-            alias="expires_after[seconds]",
-            ge=EXPIRES_AFTER_S[0],
-            le=EXPIRES_AFTER_S[1],
-            description="Keep the file this long (at most BLAZE_FILE_TTL_S).",
-        ),
-    ] = None,
 ) -> JSONResponse:
     """Upload a file, kept for BLAZE_FILE_TTL_S (or `expires_after[seconds]`, if sooner)."""
     settings = settings_of(request.app)
-    ttl_s = settings.file_ttl_s if expires_seconds is None else min(settings.file_ttl_s, expires_seconds)
+    ttl_s = min(settings.file_ttl_s, await expires_after(request))
     content = await file.read()
     if len(content) > settings.file_max_bytes:
         raise OpenAIError(

@@ -118,6 +118,12 @@ def test_a_file_is_uploaded_read_listed_across_pages_and_deleted(api: openai.Ope
         api.files.content(first.id)
     assert first.id not in [found.id for found in api.files.list()]
 
+    # And a file asked to expire within the hour does
+    brief = api.files.create(
+        file=("brief.jsonl", b"{}\n"), purpose="batch", expires_after={"anchor": "created_at", "seconds": 3600}
+    )
+    assert brief.expires_at is not None and brief.expires_at - brief.created_at == 3600
+
     # And a purpose the deployment has no use for is the client's own error, naming it
     with pytest.raises(openai.BadRequestError) as refused:
         api.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune")
