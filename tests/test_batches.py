@@ -3,7 +3,8 @@ files uploaded, read, listed and deleted; a batch of 100 requests, a few malform
 ``completed`` with one output line per good request (bodies the client's own types parse)
 and one error line per bad one; an image batch; batches listed across pages; a cancel; a
 batch the tenant's quota cannot take failing whole with nothing created; another tenant
-seeing nothing; a batch that completes though nobody reads it; the client's retry of a
+seeing nothing; a batch that completes though nobody reads it; one past its window ending
+expired; only the process holding a batch's lock writing its end; the client's retry of a
 create answered with the first attempt's batch.
 
 Each test writes its own prompts: seeded requests are cached, and a repeat would be a hit.
@@ -11,9 +12,11 @@ Each test writes its own prompts: seeded requests are cached, and a repeat would
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -22,11 +25,13 @@ import httpx
 import openai
 import pytest
 import redis
+import redis.asyncio
 from openai.types import Batch
 from openai.types.chat import ChatCompletion
 from openai.types.images_response import ImagesResponse
 from PIL import Image
 
+from blaze_jobs import batches
 from blaze_jobs.api_keys import create_key
 from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
@@ -350,3 +355,43 @@ def test_a_whole_file_problem_fails_the_batch_and_a_bad_create_is_the_clients_ow
         api.batches.create(input_file_id="file-nothing", endpoint=JOBS, completion_window="24h")  # type: ignore[arg-type]
     with pytest.raises(openai.NotFoundError):
         api.batches.retrieve("batch_nothing")
+
+
+def test_a_batch_past_its_window_cancels_what_has_not_run_and_ends_expired(api: openai.OpenAI, settings: Settings) -> None:
+    # Given a batch of slow echo jobs whose 24 h window has run out (moved into the past)
+    batch = submit(api, [echo_line(f"late-{i}", sleep_ms=2000) for i in range(3)], JOBS)
+    with redis.Redis.from_url(settings.redis_url) as client:
+        client.hset(Keys(settings.redis_prefix).batch(batch.id), "expires_at", repr(time.time() - 1))
+
+    # When it is next looked at, Then it ends expired, its jobs canceled, none left to run
+    done = ended(api, batch.id, timeout=30)
+    assert done.status == "expired" and done.expired_at is not None
+    errors = lines_of(api, done.error_file_id)
+    assert sorted(entry["custom_id"] for entry in errors) == [f"late-{i}" for i in range(3)]
+    assert all(entry["response"]["body"]["status"] == "canceled" for entry in errors)
+
+
+def test_only_the_process_holding_a_batchs_lock_writes_its_end(settings: Settings) -> None:
+    # Given a batch whose finalization process "a" holds
+    async def story() -> None:
+        client = redis.asyncio.Redis.from_url(settings.redis_url)
+        try:
+            record = batches.new_record(
+                batch_id=batches.new_batch_id(), tenant="t", endpoint=JOBS, input_file_id="file-x", metadata=None, base_url=""
+            )
+            await batches.store_new(client, settings, record)
+            assert await batches.lock(client, settings, record["id"], "a")
+            assert not await batches.lock(client, settings, record["id"], "b")
+
+            # When process "b" tries to end it, Then nothing is written
+            assert not await batches.finish(client, settings, record, holder="b", files=[], status="completed")
+            assert (await batches.get(client, settings, record["id"], tenant="t"))["status"] == "validating"
+
+            # And when "a" ends it, it ends, and the lock is free
+            assert await batches.finish(client, settings, record, holder="a", files=[], status="completed")
+            assert (await batches.get(client, settings, record["id"], tenant="t"))["status"] == "completed"
+            assert await batches.lock(client, settings, record["id"], "b")
+        finally:
+            await client.aclose()
+
+    asyncio.run(story())
