@@ -4,7 +4,8 @@ the job at its head has waited), and one queued job's place in its engine's queu
 Both are read from Redis at each request, from the lists kombu keeps (``keys.Keys.queue``):
 a queue costs an LLEN and an LINDEX, a place a scan of what lies ahead of the job
 (``lua/queue_position.lua``), bounded by ``POSITION_SCAN``. ``blaze top`` and ``blaze submit
---wait`` read them; any caller may, since a queue's length says nothing of whose jobs wait.
+--wait`` read them; any caller may, since a queue's length says nothing of whose jobs wait
+(the job at a queue's head is named only to its tenant's keys and to admin keys).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from blaze_jobs import scripts
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.keys import Keys
 from blaze_jobs.settings import ENGINES
-from blaze_jobs.store import text
+from blaze_jobs.store import tenant_of, text
 
 from .auth import Caller
 from .problems import PROBLEM_JSON, PROBLEM_SCHEMA
@@ -50,7 +51,10 @@ class Queue(BaseModel):
         description="Messages waiting in the queue. A job canceled while queued keeps its message "
         "until a worker takes it and drops it, so it is counted until then."
     )
-    oldest_job_id: str | None = Field(description="The job at the queue's head (the next one a worker takes); null when empty.")
+    oldest_job_id: str | None = Field(
+        description="The job at the queue's head (the next one a worker takes); null when the queue is empty, "
+        "and for a job of another tenant unless the key is an admin's."
+    )
     oldest_age_s: float | None = Field(
         description="Seconds since the job at the head was created (null when the queue is empty or that job "
         "has expired). A job handed back after a worker fault is at the tail, not the head."
@@ -99,21 +103,18 @@ async def list_queues(request: Request, caller: Caller) -> JSONResponse:
             pipe.lindex(keys.queue(engine), -1)  # kombu takes from the right
         replies = await pipe.execute()
     depths, heads = replies[0::2], [head_job_id(m) for m in replies[1::2]]
-    # 2. When each head job was created, in a second one.
+    # 2. When each head job was created, and whose it is, in a second one.
     async with client.pipeline(transaction=False) as pipe:
         for job_id in heads:
-            pipe.hget(keys.job(job_id or ""), "created_at")
-        created = await pipe.execute()
+            pipe.hmget(keys.job(job_id or ""), ["created_at", "tenant"])
+        found = await pipe.execute()
     now = time.time()
-    queues = [
-        {
-            "engine": engine,
-            "depth": int(depth),
-            "oldest_job_id": head,
-            "oldest_age_s": round(max(0.0, now - float(text(at))), 3) if head and at else None,
-        }
-        for engine, depth, head, at in zip(ENGINES, depths, heads, created, strict=True)
-    ]
+    queues = []
+    for engine, depth, head, (at, tenant) in zip(ENGINES, depths, heads, found, strict=True):
+        # Another tenant's job is not even named to a caller (an admin sees every tenant's).
+        yours = caller.admin or tenant_of(tenant, settings) == caller.tenant
+        age = round(max(0.0, now - float(text(at))), 3) if head and at else None
+        queues.append({"engine": engine, "depth": int(depth), "oldest_job_id": head if yours else None, "oldest_age_s": age})
     return JSONResponse({"queues": queues})
 
 

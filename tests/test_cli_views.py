@@ -240,7 +240,7 @@ def positions(client: BlazeClient, jobs: list[dict[str, Any]]) -> list[int | Non
 
 @pytest.mark.timeout(90)
 def test_top_once_shows_every_queue_with_its_depth_and_the_workers(
-    stack: dict[str, Any], test_env: dict[str, str], http: httpx.Client
+    stack: dict[str, Any], test_env: dict[str, str], http: httpx.Client, user: dict[str, str]
 ) -> None:
     admin = {**test_env, "BLAZE_API_URL": stack["api_url"], "BLAZE_API_KEY": ADMIN_TOKEN}
     with BlazeClient(stack["api_url"], api_key=ADMIN_TOKEN) as client:
@@ -270,9 +270,13 @@ def test_top_once_shows_every_queue_with_its_depth_and_the_workers(
             for worker in http.get("/v1/workers").json()["workers"]:
                 assert worker["name"] in result.stdout
 
-            # and the API's queue view agrees, naming the oldest waiting job
+            # and the API's queue view agrees, naming the oldest waiting job, though not to
+            # another tenant's key, which sees only how deep the queue is
             echo = next(q for q in client.queues() if q["engine"] == "echo")
             assert echo["depth"] == 3 and echo["oldest_job_id"] == waiting[0]["id"] and echo["oldest_age_s"] >= 0
+            with BlazeClient(stack["api_url"], api_key=user["BLAZE_API_KEY"]) as other:
+                seen = next(q for q in other.queues() if q["engine"] == "echo")
+            assert seen["depth"] == 3 and seen["oldest_job_id"] is None and seen["oldest_age_s"] is not None
 
             # When the next one is canceled, the others move up only once a worker drops its message
             client.cancel(waiting[0]["id"])
