@@ -258,7 +258,6 @@ def test_the_clients_retries_wait_on_the_one_job_the_first_attempt_made(
     # told its read timeout, the API answers the 504 naming the job before it; not told, the
     # client times out (its requests' attempt numbers noted as they go out)
     attempts: list[str] = []
-
     answers: list[int] = []
 
     def note(request: Any) -> None:
@@ -268,18 +267,22 @@ def test_the_clients_retries_wait_on_the_one_job_the_first_attempt_made(
         answers.append(response.status_code)
 
     noted = openai.DefaultHttpxClient(event_hooks={"request": [note], "response": [note_answer]})
-    impatient = openai.OpenAI(api_key=secret, base_url=stack["api_url"] + "/v1", timeout=0.3, max_retries=10, http_client=noted)
+    # Told 1 s, the API answers at 0.8 s: the rest carries the answer back on a busy machine.
+    timeout = 1.0 if declared else 0.3
+    impatient = openai.OpenAI(
+        api_key=secret, base_url=stack["api_url"] + "/v1", timeout=timeout, max_retries=10, http_client=noted
+    )
     headers = {} if declared else {"x-stainless-read-timeout": openai.omit}
     # When it asks for an image
     with impatient:
-        slow = {"num_inference_steps": 40}
+        slow = {"num_inference_steps": 100}
         answer = impatient.images.generate(
             prompt=unique("a slow green cone"), size="64x64", extra_body=slow, extra_headers=headers
         )
     # Then a retry got it, and the tenant has only the one job the first attempt made
     assert attempts[:2] == ["0", "1"]
-    if declared:  # each attempt that ended before the image got the 504 naming its job
-        assert answers[0] == 504 and answers[-1] == 200
+    if declared:  # the attempts before the image got the 504 naming its job
+        assert 504 in answers and answers[-1] == 200
     else:  # the first attempt (at least) got nothing before the client gave up
         assert len(answers) < len(attempts) and answers[-1] == 200
     assert answer.data is not None and len(answer.data) == 1
