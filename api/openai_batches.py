@@ -71,6 +71,8 @@ SWEEP_BATCHES = 100
 #: few milliseconds (a whole 50,000-line file in one call would hold it for a second), and
 #: the next part is read while Redis stores this one.
 PART = 1000
+#: Lines read between two turns of the event loop while a part is being stored.
+YIELD_EVERY = 100
 _JOB = TypeAdapter(JobCreate)
 
 
@@ -141,6 +143,9 @@ async def create_jobs(
             made: list[tuple[str, Any, dict[str, str], dict[str, Any]]] = []
             part = good[start_at : start_at + PART]
             for (number, custom_id, body), job_id in zip(part, creation.new_job_ids(len(part)), strict=True):
+                if number % YIELD_EVERY == 0:
+                    # The event loop writes the part in flight on to Redis, and reads its answer.
+                    await asyncio.sleep(0)
                 try:
                     job = line_job(endpoint, body, settings)
                     job_record, job_input = creation.job_record(job, tenant=tenant, settings=settings, job_id=job_id)
@@ -185,6 +190,7 @@ async def create_jobs(
                         tenant, queued, max_jobs=caller.max_jobs or 0, admit=admit if first else None, admitted=not first
                     )
                 )
+                await asyncio.sleep(0)  # it starts: packed and sent, it waits on Redis while the next part is read
         if storing is not None:
             await storing
     except QuotaExceeded as refused:
