@@ -65,7 +65,7 @@ ENDPOINTS = (CHAT, COMPLETIONS, IMAGES, JOBS)
 #: How often each API process advances the open batches: a batch nobody reads completes
 #: within this of its last job's end.
 SWEEP_S = 2.0
-#: Open batches one sweep advances, soonest to expire first.
+#: Open batches one sweep advances, soonest to expire first (the next sweep takes the next ones).
 SWEEP_BATCHES = 100
 #: Lines made into jobs and stored per call of the create script: a part holds Redis for a
 #: few milliseconds (a whole 50,000-line file in one call would hold it for a second), and
@@ -441,11 +441,14 @@ def render(
 async def sweep(app: FastAPI) -> None:
     """Advance the open batches every ``SWEEP_S``, so each completes though nobody reads it."""
     settings = settings_of(app)
+    start = 0  # with more open batches than a sweep takes, each sweep takes the next ones
     while True:
         await asyncio.sleep(SWEEP_S)
         try:
             client = app.state.store.redis
-            for batch_id in await batches.open_batches(client, settings, count=SWEEP_BATCHES):
+            found = await batches.open_batches(client, settings, start=start, count=SWEEP_BATCHES)
+            start = start + len(found) if len(found) == SWEEP_BATCHES else 0
+            for batch_id in found:
                 tenant = await batches.tenant_of(client, settings, batch_id)
                 if tenant is None:
                     await batches.forget_open(client, settings, batch_id)

@@ -420,9 +420,10 @@ async def finish(
     return True
 
 
-async def open_batches(client: redis.asyncio.Redis, settings: Settings, *, count: int) -> list[str]:
-    """Up to ``count`` batches not ended yet, soonest to expire first."""
-    return [text(member) for member in await client.zrange(Keys(settings.redis_prefix).batches_open, 0, count - 1)]
+async def open_batches(client: redis.asyncio.Redis, settings: Settings, *, start: int, count: int) -> list[str]:
+    """Up to ``count`` batches not ended yet from the ``start``-th, soonest to expire first."""
+    found = await client.zrange(Keys(settings.redis_prefix).batches_open, start, start + count - 1)
+    return [text(member) for member in found]
 
 
 async def tenant_of(client: redis.asyncio.Redis, settings: Settings, batch_id: str) -> str | None:
