@@ -130,20 +130,32 @@ def cmd_workers(args: argparse.Namespace) -> int:
     return 0
 
 
-def queues_table(queues: list[dict[str, Any]]) -> str:
-    rows = [(q["engine"], str(q["depth"]), seconds(q["oldest_age_s"])) for q in queues]
-    return table(("QUEUE", "DEPTH", "OLDEST"), rows, right=frozenset({"DEPTH", "OLDEST"}))
+def queues_table(queues: list[dict[str, Any]], workers: list[dict[str, Any]] | None = None) -> str:
+    """Each queue's depth and oldest job; with the workers (an admin's view), how many serve
+    each engine and how many jobs they hold."""
+    header: tuple[str, ...] = ("QUEUE", "DEPTH", "OLDEST")
+    rows = [[q["engine"], str(q["depth"]), seconds(q["oldest_age_s"])] for q in queues]
+    if workers is not None:
+        header += ("WORKERS", "OPEN", "BUSY")
+        for row in rows:
+            serving = [w for w in workers if w.get("engine") == row[0]]
+            opened = sum(1 for w in serving if (w.get("breaker") or {}).get("state") == "open")
+            row += [str(len(serving)), str(opened), str(sum(w.get("jobs_held", 0) for w in serving))]
+    return table(header, rows, right=frozenset(header[1:]))
 
 
 def top_frame(client: BlazeClient) -> str:
     """One frame of ``blaze top``: the queues, then the workers (or why they cannot be shown)."""
     parts = [f"blaze top   {client.base_url}   {datetime.now().strftime('%H:%M:%S')}", ""]
-    parts += [queues_table(client.queues()), ""]
+    queues = client.queues()
     try:
-        workers = client.workers()
+        workers: list[dict[str, Any]] | None = client.workers()
     except APIError as error:
         if error.status != 403:
             raise
+        workers = None
+    parts += [queues_table(queues, workers), ""]
+    if workers is None:
         parts.append("workers: only an admin key sees them (GET /v1/workers)")
     else:
         parts.append(workers_table(workers, now=time.time()) if workers else "no live workers")

@@ -245,7 +245,7 @@ def test_top_once_shows_every_queue_with_its_depth_and_the_workers(
     admin = {**test_env, "BLAZE_API_URL": stack["api_url"], "BLAZE_API_KEY": ADMIN_TOKEN}
     with BlazeClient(stack["api_url"], api_key=ADMIN_TOKEN) as client:
         # Given the echo worker (one task thread) busy with a long job, and three jobs behind it
-        busy = echo_jobs(client, 1, sleep_ms=20_000)[0]
+        busy = echo_jobs(client, 1, sleep_ms=40_000)[0]
         wait_until(lambda: client.get(busy["id"])["status"] == "running", timeout=30, what="the long echo job to run")
         waiting = echo_jobs(client, 3)
         try:
@@ -254,7 +254,12 @@ def test_top_once_shows_every_queue_with_its_depth_and_the_workers(
             running = client.position(busy["id"])
             assert running["position"] is None and running["status"] == "running" and running["depth"] == 3
 
-            # When an operator looks at the queues once
+            # When an operator looks at the queues once, after the echo worker's next beat
+            # said it holds the job (a worker's state is as of its last beat)
+            def echo_busy() -> bool:
+                return [w["jobs_held"] for w in client.workers() if w["engine"] == "echo"] == [1]
+
+            wait_until(echo_busy, timeout=30, what="the echo worker to say it holds a job", interval=0.5)
             result = blaze("top", "--once", env=admin, timeout=30)
 
             # Then every engine's queue is shown, echo's with its three jobs and the age of the
@@ -266,7 +271,8 @@ def test_top_once_shows_every_queue_with_its_depth_and_the_workers(
                 if line.split()[:1] in [[e] for e in ENGINES]
             }
             assert set(queues) == set(ENGINES), result.stdout
-            assert queues["echo"][0] == "3" and queues["echo"][2] == "s", queues
+            # (depth 3, its age in seconds, one worker, its breaker not open, holding one job)
+            assert queues["echo"][0] == "3" and queues["echo"][2:] == ["s", "1", "0", "1"], queues
             for worker in http.get("/v1/workers").json()["workers"]:
                 assert worker["name"] in result.stdout
 
