@@ -317,6 +317,28 @@ def test_top_on_a_terminal_redraws_until_ctrl_c(stack: dict[str, Any], test_env:
     assert "Traceback" not in written
 
 
+@pytest.mark.timeout(60)
+def test_top_off_a_terminal_prints_plain_frames_until_ctrl_c(stack: dict[str, Any], test_env: dict[str, str]) -> None:
+    admin = {**test_env, "BLAZE_API_URL": stack["api_url"], "BLAZE_API_KEY": ADMIN_TOKEN}
+    argv = [sys.executable, "-m", "blaze_jobs.cli", "top", "--interval", "0.2"]
+    # When `blaze top` writes to a pipe (a log), and is interrupted after its second frame
+    with subprocess.Popen(argv, env=admin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as top:
+        try:
+            assert top.stdout is not None
+            printed: list[str] = []
+            while sum(line.startswith("blaze top ") for line in printed) < 2:
+                printed.append(top.stdout.readline())
+                assert printed[-1], top.stderr.read() if top.stderr else ""
+            top.send_signal(signal.SIGINT)
+            rest, errors = top.communicate(timeout=20)
+        finally:
+            if top.poll() is None:
+                top.kill()
+    # Then it printed frames one after another, with no terminal codes, and stopped cleanly
+    assert top.returncode == 0, errors
+    assert "QUEUE" in "".join(printed) and "\x1b" not in "".join(printed) + rest and "Traceback" not in errors
+
+
 def test_the_position_of_another_tenants_job_is_a_404(stack: dict[str, Any], user: dict[str, str]) -> None:
     # Given a job of the default tenant
     with BlazeClient(stack["api_url"], api_key=ADMIN_TOKEN) as admin:
