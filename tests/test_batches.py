@@ -35,7 +35,8 @@ from blaze_jobs import batches
 from blaze_jobs.api_keys import create_key
 from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
-from tests.conftest import ADMIN_TOKEN, wait_until
+from blaze_jobs.stack import Stack
+from tests.conftest import ADMIN_TOKEN, start_api, wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -395,3 +396,19 @@ def test_only_the_process_holding_a_batchs_lock_writes_its_end(settings: Setting
             await client.aclose()
 
     asyncio.run(story())
+
+
+def test_a_batch_a_queue_cannot_take_fails_whole_and_one_that_fits_exactly_runs(own_stack: Stack) -> None:
+    # Given an API whose queues hold at most 5 messages, and no worker to empty them
+    url = start_api(own_stack, BLAZE_QUEUE_MAX="5")
+    with openai.OpenAI(api_key=ADMIN_TOKEN, base_url=url + "/v1", timeout=60, max_retries=0) as api:
+        # When a batch of 6 echo jobs is made, Then it fails whole, naming the queue
+        refused = submit(api, [echo_line(f"big-{i}") for i in range(6)], JOBS)
+        assert refused.status == "failed" and refused.errors is not None and refused.errors.data
+        assert refused.errors.data[0].code == "queue_full" and "echo" in (refused.errors.data[0].message or "")
+
+        # And a batch of 5 fills the queue exactly, after which one more line is refused
+        assert submit(api, [echo_line(f"fits-{i}") for i in range(5)], JOBS).status == "in_progress"
+        assert submit(api, [echo_line("one-more")], JOBS).status == "failed"
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as http:
+            assert len(http.get("/v1/jobs").json()["jobs"]) == 5
