@@ -52,6 +52,7 @@ from . import creation, openai_retries, webhooks
 from .auth import Caller
 from .openai_bodies import CHAT, COMPLETIONS, ENGINE_OF, IMAGES, job_failure, job_for, response_for
 from .openai_errors import OpenAIError, OpenAIRoute, invalid
+from .openai_files import list_page
 from .openai_routes import ERRORS
 from .problems import InputProblem, field_name
 from .request_context import base_url, settings_of
@@ -302,15 +303,7 @@ async def list_batches(
     await client.zremrangebyscore(index, "-inf", f"({score_of(time.time() - batches.ttl_s(settings))}")
     found, more = await files.index_page(client, index, keys.batch, after=after, limit=limit, order="desc")
     data = [batches.batch_view(record) for record in found]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": more,
-        }
-    )
+    return list_page(data, more)
 
 
 @router.post("/v1/batches/{batch_id}/cancel", responses=ERRORS)

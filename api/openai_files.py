@@ -6,7 +6,7 @@ write (``blaze_jobs.files``). Errors are in OpenAI's shape."""
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
@@ -24,6 +24,20 @@ from .responses import JSONResponse
 router = APIRouter(route_class=OpenAIRoute, tags=["OpenAI files"])
 #: The bounds OpenAI puts on ``expires_after[seconds]``: an hour to thirty days.
 EXPIRES_AFTER_S = (3600, 2_592_000)
+
+
+def list_page(data: list[dict[str, Any]], more: bool) -> JSONResponse:
+    """A page of a list as OpenAI's client pages it (``SyncCursorPage``: the next page starts
+    ``after`` the last item's id, while ``has_more``)."""
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": more,
+        }
+    )
 
 
 def not_found(file_id: str) -> OpenAIError:
@@ -89,15 +103,7 @@ async def list_files(
         request.app.state.store.redis, settings, tenant=caller.tenant, after=after, limit=limit, purpose=purpose, order=order
     )
     data = [files.file_view(meta) for meta in found]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": more,
-        }
-    )
+    return list_page(data, more)
 
 
 @router.get("/v1/files/{file_id}", responses=ERRORS)
