@@ -37,9 +37,10 @@ import redis.exceptions
 from fastapi import APIRouter, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
-from blaze_jobs import batches, files
+from blaze_jobs import batch_lines, batches, files
 from blaze_jobs.artifacts import url_signer
-from blaze_jobs.batches import BATCH_FIELD, CUSTOM_ID_FIELD, REQUEST_FIELD, BatchFileError, BatchNotFound, BatchStatus
+from blaze_jobs.batch_lines import BatchFileError
+from blaze_jobs.batches import BATCH_FIELD, CUSTOM_ID_FIELD, REQUEST_FIELD, BatchNotFound, BatchStatus
 from blaze_jobs.broker import queue_key, task_message
 from blaze_jobs.errors import QueueFull, QuotaExceeded
 from blaze_jobs.files import FileNotFound
@@ -130,7 +131,7 @@ async def create_jobs(
     store: AsyncJobStore = request.app.state.store
     endpoint, tenant = record["endpoint"], caller.tenant
     # 1. The lines; a malformed one fails itself.
-    good, bad = batches.read_lines(content, endpoint=endpoint, max_requests=settings.batch_max_requests)
+    good, bad = batch_lines.read_lines(content, endpoint=endpoint, max_requests=settings.batch_max_requests)
     # 2. The batch is admitted whole, by the first part stored: each request line counts
     #    against the tenant's quota and its engine's queue bound.
     queues = {engine: queue_key(settings, engine) for engine in ENGINES}
@@ -154,11 +155,13 @@ async def create_jobs(
                         job_record.update(await webhooks.webhook_fields(job, settings))
                 except OpenAIError as error:
                     bad.append(
-                        batches.error_line(custom_id, code=error.code or error.type, message=f"line {number}: {error.message}")
+                        batch_lines.error_line(
+                            custom_id, code=error.code or error.type, message=f"line {number}: {error.message}"
+                        )
                     )
                     continue
                 except InputProblem as problem:
-                    bad.append(batches.error_line(custom_id, code="invalid_value", message=f"line {number}: {problem}"))
+                    bad.append(batch_lines.error_line(custom_id, code="invalid_value", message=f"line {number}: {problem}"))
                     continue
                 job_record.update({"surface": "openai", BATCH_FIELD: record["id"], CUSTOM_ID_FIELD: custom_id})
                 if endpoint != JOBS:  # the response is shaped by the request (b64_json images)
@@ -385,7 +388,7 @@ async def finalize(app: FastAPI, record: dict[str, str], entries: list[str], cou
                     "tenant": record["tenant"],
                     "filename": f"{record['id']}_{kind}.jsonl",
                     "purpose": "batch_output",
-                    "content": batches.jsonl(lines),
+                    "content": batch_lines.jsonl(lines),
                 }
             )
             fields["output_file_id" if kind == "output" else "error_file_id"] = file_id
@@ -408,7 +411,7 @@ def render(
         job_id, _, custom_id = entry.partition(":")
         if not job:
             errors.append(
-                batches.error_line(
+                batch_lines.error_line(
                     custom_id, code="job_expired", message=f"job {job_id}'s retention ran out before the batch ended"
                 )
             )
@@ -417,7 +420,9 @@ def render(
         if endpoint == JOBS:
             view = job_view(job, base_url=root, signer=signer)
             status_code = 200 if succeeded else job_failure(job).status
-            (output if succeeded else errors).append(batches.response_line(job_id, custom_id, status_code=status_code, body=view))
+            (output if succeeded else errors).append(
+                batch_lines.response_line(job_id, custom_id, status_code=status_code, body=view)
+            )
             continue
         try:
             request_body = json.loads(job.get(REQUEST_FIELD) or "{}")
@@ -425,9 +430,9 @@ def render(
                 endpoint, job, request_body=request_body, base_url=root, signer=signer, artifacts=app.state.artifacts
             )
         except OpenAIError as error:
-            errors.append(batches.response_line(job_id, custom_id, status_code=error.status, body=error.body()))
+            errors.append(batch_lines.response_line(job_id, custom_id, status_code=error.status, body=error.body()))
             continue
-        output.append(batches.response_line(job_id, custom_id, status_code=200, body=body))
+        output.append(batch_lines.response_line(job_id, custom_id, status_code=200, body=body))
     return output, errors
 
 
