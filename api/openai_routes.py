@@ -222,13 +222,7 @@ async def _stream(
     app, settings = request.app, settings_of(request.app)
     record, _ = await waits.stream_start(app, record["id"], tenant=caller.tenant)
     chunks = _chunks(app.state.reader, url, record, include_usage=include_usage, wait_s=settings.openai_wait_s)
-    return EventSourceResponse(
-        chunks,
-        headers={"Cache-Control": "no-cache"},
-        sep=waits.LINE_END,
-        ping=settings.event_keep_alive_s,
-        ping_message_factory=waits.keep_alive,
-    )
+    return waits.event_stream_response(chunks, settings)
 
 
 def _data(value: Any) -> ServerSentEvent:

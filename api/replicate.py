@@ -176,13 +176,7 @@ async def stream_prediction(
     stream = _prediction_events(
         app.state.reader, prediction_id, record=record, after=resume or "0-0", base=base_url(request), signer=signer_of(request)
     )
-    return EventSourceResponse(
-        stream,
-        headers={"Cache-Control": "no-cache"},
-        sep=waits.LINE_END,
-        ping=settings.event_keep_alive_s,
-        ping_message_factory=waits.keep_alive,
-    )
+    return waits.event_stream_response(stream, settings)
 
 
 # --- models and versions ------------------------------------------------------------------

@@ -174,6 +174,12 @@ async def job_events(
         base=base_url(request),
         signer=signer_of(request),
     )
+    return event_stream_response(stream, settings)
+
+
+def event_stream_response(stream: AsyncIterator[ServerSentEvent], settings: Settings) -> EventSourceResponse:
+    """An event stream's answer: uncached, with a keep-alive comment every
+    ``event_keep_alive_s`` (under the 30 s read timeouts of common clients and proxies)."""
     return EventSourceResponse(
         stream,
         headers={"Cache-Control": "no-cache"},

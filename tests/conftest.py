@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import redis
 
@@ -216,6 +217,18 @@ def wait_for_workers(api_url: str, count: int, *, timeout: float = 120) -> list[
         return workers if len(workers) >= count else None
 
     return wait_until(listed, timeout=timeout, what=f"{count} workers in GET /v1/workers", interval=0.2)
+
+
+def unique(text: str) -> str:
+    """``text`` made this test's own (a prompt no other job asked, so no cache hit)."""
+    return f"{text} {uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture()
+def openai_api(stack: dict[str, Any]) -> Iterator[openai.OpenAI]:
+    """The real ``openai`` client, pointed at the stack: the three lines a user changes."""
+    with openai.OpenAI(api_key=ADMIN_TOKEN, base_url=stack["api_url"] + "/v1", timeout=60, max_retries=0) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import io
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -36,24 +35,13 @@ from blaze_jobs.api_keys import create_key
 from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack
-from tests.conftest import ADMIN_TOKEN, start_api, wait_until
+from tests.conftest import ADMIN_TOKEN, start_api, unique, wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
 CHAT = "/v1/chat/completions"
 IMAGES = "/v1/images/generations"
 JOBS = "/v1/jobs"
-
-
-def unique(text: str) -> str:
-    return f"{text} {uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture()
-def api(stack: dict[str, Any]) -> Iterator[openai.OpenAI]:
-    """The real client, pointed at the stack: the three lines a user changes."""
-    with openai.OpenAI(api_key=ADMIN_TOKEN, base_url=stack["api_url"] + "/v1", timeout=60, max_retries=0) as client:
-        yield client
 
 
 def tenant_client(stack: dict[str, Any], settings: Settings, **limits: Any) -> tuple[str, openai.OpenAI]:
@@ -76,68 +64,68 @@ def echo_line(custom_id: str, **input: Any) -> dict[str, Any]:
     return line(custom_id, JOBS, {"engine": "echo", "input": {"marker": uuid.uuid4().hex, **input}})
 
 
-def submit(api: openai.OpenAI, lines: list[Any], endpoint: str) -> Batch:
-    uploaded = api.files.create(file=("batch.jsonl", jsonl(lines)), purpose="batch")
-    return api.batches.create(input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h")  # type: ignore[arg-type]
+def submit(openai_api: openai.OpenAI, lines: list[Any], endpoint: str) -> Batch:
+    uploaded = openai_api.files.create(file=("batch.jsonl", jsonl(lines)), purpose="batch")
+    return openai_api.batches.create(input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h")  # type: ignore[arg-type]
 
 
-def ended(api: openai.OpenAI, batch_id: str, *, timeout: float = 90) -> Batch:
+def ended(openai_api: openai.OpenAI, batch_id: str, *, timeout: float = 90) -> Batch:
     """The batch once it reached an end status, read as the client reads it."""
 
     def look() -> Batch | None:
-        batch = api.batches.retrieve(batch_id)
+        batch = openai_api.batches.retrieve(batch_id)
         return batch if batch.status in ("completed", "failed", "cancelled", "expired") else None
 
     found: Batch = wait_until(look, timeout=timeout, what=f"batch {batch_id} to end", interval=0.3)
     return found
 
 
-def lines_of(api: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+def lines_of(openai_api: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
     if file_id is None:
         return []
-    return [json.loads(text) for text in api.files.content(file_id).text.splitlines()]
+    return [json.loads(text) for text in openai_api.files.content(file_id).text.splitlines()]
 
 
-def test_a_file_is_uploaded_read_listed_across_pages_and_deleted(api: openai.OpenAI) -> None:
+def test_a_file_is_uploaded_read_listed_across_pages_and_deleted(openai_api: openai.OpenAI) -> None:
     # Given two files uploaded by the client
     content = jsonl([echo_line("a"), echo_line("b")])
-    first = api.files.create(file=("first.jsonl", content), purpose="batch")
-    second = api.files.create(file=("second.jsonl", b"{}\n"), purpose="batch")
+    first = openai_api.files.create(file=("first.jsonl", content), purpose="batch")
+    second = openai_api.files.create(file=("second.jsonl", b"{}\n"), purpose="batch")
 
     # Then each is described as uploaded, and its bytes come back whole
     assert (first.object, first.purpose, first.bytes, first.filename) == ("file", "batch", len(content), "first.jsonl")
     assert first.expires_at is not None and first.expires_at > first.created_at
-    assert api.files.retrieve(first.id).model_dump() == first.model_dump()
-    assert api.files.content(first.id).content == content
+    assert openai_api.files.retrieve(first.id).model_dump() == first.model_dump()
+    assert openai_api.files.content(first.id).content == content
 
     # And the list pages through both, newest first, a file at a time
-    listed = [found.id for found in api.files.list(limit=1, purpose="batch")]
+    listed = [found.id for found in openai_api.files.list(limit=1, purpose="batch")]
     assert listed.index(second.id) < listed.index(first.id)
-    assert api.files.list(limit=1).has_more is True
+    assert openai_api.files.list(limit=1).has_more is True
 
     # When one is deleted, it is gone everywhere
-    deleted = api.files.delete(first.id)
+    deleted = openai_api.files.delete(first.id)
     assert (deleted.id, deleted.deleted) == (first.id, True)
     with pytest.raises(openai.NotFoundError):
-        api.files.retrieve(first.id)
+        openai_api.files.retrieve(first.id)
     with pytest.raises(openai.NotFoundError):
-        api.files.content(first.id)
-    assert first.id not in [found.id for found in api.files.list()]
+        openai_api.files.content(first.id)
+    assert first.id not in [found.id for found in openai_api.files.list()]
 
     # And a file asked to expire within the hour does
-    brief = api.files.create(
+    brief = openai_api.files.create(
         file=("brief.jsonl", b"{}\n"), purpose="batch", expires_after={"anchor": "created_at", "seconds": 3600}
     )
     assert brief.expires_at is not None and brief.expires_at - brief.created_at == 3600
 
     # And a purpose the deployment has no use for is the client's own error, naming it
     with pytest.raises(openai.BadRequestError) as refused:
-        api.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune")
+        openai_api.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune")
     assert refused.value.param == "purpose"
 
 
 def test_a_batch_of_100_requests_completes_with_a_line_per_request_and_its_malformed_lines_in_the_error_file(
-    api: openai.OpenAI, stack: dict[str, Any], settings: Settings
+    openai_api: openai.OpenAI, stack: dict[str, Any], settings: Settings
 ) -> None:
     # Given 92 chat requests and 8 malformed lines
     prompt = unique("count to three")
@@ -157,21 +145,21 @@ def test_a_batch_of_100_requests_completes_with_a_line_per_request_and_its_malfo
     lines = good[:50] + malformed + good[50:]
 
     # When the client uploads them and makes a batch
-    batch = submit(api, lines, CHAT)
+    batch = submit(openai_api, lines, CHAT)
 
     # Then it is in progress at once, with every request counted
     assert batch.status == "in_progress" and batch.in_progress_at is not None
     assert batch.request_counts is not None and batch.request_counts.total == 100
 
     # And it completes, with 92 requests done and 8 failed
-    done = ended(api, batch.id)
+    done = ended(openai_api, batch.id)
     assert done.status == "completed", done
     assert done.request_counts is not None
     assert (done.request_counts.completed, done.request_counts.failed) == (92, 8)
     assert done.completed_at is not None and done.finalizing_at is not None
 
     # And the output file holds one line per good request, each a chat completion the client parses
-    output = lines_of(api, done.output_file_id)
+    output = lines_of(openai_api, done.output_file_id)
     assert sorted(entry["custom_id"] for entry in output) == sorted(f"chat-{i}" for i in range(92))
     for entry in output:
         assert entry["error"] is None and entry["response"]["status_code"] == 200
@@ -180,7 +168,7 @@ def test_a_batch_of_100_requests_completes_with_a_line_per_request_and_its_malfo
         assert entry["response"]["request_id"] == completion.id
 
     # And the error file one line per malformed one, saying what is wrong
-    errors = lines_of(api, done.error_file_id)
+    errors = lines_of(openai_api, done.error_file_id)
     assert len(errors) == 8
     codes = {entry["custom_id"]: entry["error"]["code"] for entry in errors}
     assert codes["wrong-url"] == "invalid_url" and codes["unknown-model"] == "model_not_found"
@@ -197,7 +185,7 @@ def test_a_batch_of_100_requests_completes_with_a_line_per_request_and_its_malfo
     assert [value.decode() for value in fields] == [batch.id, output[0]["custom_id"], "openai"]
 
 
-def test_an_image_batch_answers_urls_and_base64_as_the_images_route_does(api: openai.OpenAI) -> None:
+def test_an_image_batch_answers_urls_and_base64_as_the_images_route_does(openai_api: openai.OpenAI) -> None:
     # Given three small image requests, one asking for base64
     prompt = unique("a red square")
     body = {"size": "64x64", "num_inference_steps": 2}
@@ -208,13 +196,13 @@ def test_an_image_batch_answers_urls_and_base64_as_the_images_route_does(api: op
     ]
 
     # When they run as a batch
-    done = ended(api, submit(api, lines, IMAGES).id)
+    done = ended(openai_api, submit(openai_api, lines, IMAGES).id)
 
     # Then each line's body is an images response the client parses
     assert done.status == "completed" and done.error_file_id is None
     output = {
         entry["custom_id"]: ImagesResponse.model_validate(entry["response"]["body"])
-        for entry in lines_of(api, done.output_file_id)
+        for entry in lines_of(openai_api, done.output_file_id)
     }
     assert [len(output[name].data or []) for name in ("url-0", "url-1", "b64")] == [1, 2, 1]
     url = (output["url-0"].data or [])[0].url
@@ -223,38 +211,38 @@ def test_an_image_batch_answers_urls_and_base64_as_the_images_route_does(api: op
     assert image.size == (64, 64)
 
 
-def test_batches_list_across_pages_newest_first(api: openai.OpenAI) -> None:
+def test_batches_list_across_pages_newest_first(openai_api: openai.OpenAI) -> None:
     # Given three batches of one echo job each
-    made = [submit(api, [echo_line("only")], JOBS).id for _ in range(3)]
+    made = [submit(openai_api, [echo_line("only")], JOBS).id for _ in range(3)]
 
     # When the client lists them two at a time
-    listed = [batch.id for batch in api.batches.list(limit=2)]
+    listed = [batch.id for batch in openai_api.batches.list(limit=2)]
 
     # Then every page follows, newest first
     assert [batch_id for batch_id in listed if batch_id in made] == list(reversed(made))
-    first = api.batches.list(limit=2)
+    first = openai_api.batches.list(limit=2)
     assert len(first.data) == 2 and first.has_more is True
 
 
-def test_a_canceled_batch_stops_its_jobs_and_ends_cancelled_with_what_finished(api: openai.OpenAI) -> None:
+def test_a_canceled_batch_stops_its_jobs_and_ends_cancelled_with_what_finished(openai_api: openai.OpenAI) -> None:
     # Given a batch of slow echo jobs (the echo worker runs one at a time)
-    batch = submit(api, [echo_line(f"slow-{i}", sleep_ms=2000) for i in range(4)], JOBS)
+    batch = submit(openai_api, [echo_line(f"slow-{i}", sleep_ms=2000) for i in range(4)], JOBS)
 
     # When the client cancels it
-    canceling = api.batches.cancel(batch.id)
+    canceling = openai_api.batches.cancel(batch.id)
 
     # Then it is cancelling, then cancelled, every job ended with nothing left to run
     assert canceling.status == "cancelling" and canceling.cancelling_at is not None
-    done = ended(api, batch.id, timeout=30)
+    done = ended(openai_api, batch.id, timeout=30)
     assert done.status == "cancelled" and done.cancelled_at is not None
     assert done.request_counts is not None and done.request_counts.completed == 0
-    errors = lines_of(api, done.error_file_id)
+    errors = lines_of(openai_api, done.error_file_id)
     assert sorted(entry["custom_id"] for entry in errors) == [f"slow-{i}" for i in range(4)]
     assert all(entry["response"]["body"]["status"] == "canceled" for entry in errors)
 
     # And a batch that ended cannot be canceled again: the client's own error, not retried
     with pytest.raises(openai.BadRequestError):
-        api.batches.cancel(batch.id)
+        openai_api.batches.cancel(batch.id)
 
 
 def test_a_batch_over_the_tenants_quota_fails_whole_and_creates_nothing(stack: dict[str, Any], settings: Settings) -> None:
@@ -276,10 +264,10 @@ def test_a_batch_over_the_tenants_quota_fails_whole_and_creates_nothing(stack: d
 
 
 def test_another_tenant_sees_neither_the_batch_nor_its_files(
-    api: openai.OpenAI, stack: dict[str, Any], settings: Settings
+    openai_api: openai.OpenAI, stack: dict[str, Any], settings: Settings
 ) -> None:
     # Given a batch of the default tenant, ended, with its files
-    done = ended(api, submit(api, [echo_line("mine")], JOBS).id)
+    done = ended(openai_api, submit(openai_api, [echo_line("mine")], JOBS).id)
     assert done.output_file_id is not None
 
     # Then another tenant gets 404 for the batch, its input and output, and lists none of them
@@ -300,12 +288,14 @@ def test_another_tenant_sees_neither_the_batch_nor_its_files(
         with pytest.raises(openai.NotFoundError):
             other.batches.create(input_file_id=done.input_file_id, endpoint=JOBS, completion_window="24h")  # type: ignore[arg-type]
     # And the owner still reads its file
-    assert api.files.retrieve(done.input_file_id).id == done.input_file_id
+    assert openai_api.files.retrieve(done.input_file_id).id == done.input_file_id
 
 
-def test_a_batch_nobody_reads_completes_and_a_jobs_line_answers_the_job_view(api: openai.OpenAI, settings: Settings) -> None:
+def test_a_batch_nobody_reads_completes_and_a_jobs_line_answers_the_job_view(
+    openai_api: openai.OpenAI, settings: Settings
+) -> None:
     # Given a batch of two echo jobs, never read after its creation
-    batch = submit(api, [echo_line("one", text="hello"), echo_line("two")], JOBS)
+    batch = submit(openai_api, [echo_line("one", text="hello"), echo_line("two")], JOBS)
     keys = Keys(settings.redis_prefix)
 
     # Then it completes by itself (each API process advances the open batches)
@@ -313,15 +303,15 @@ def test_a_batch_nobody_reads_completes_and_a_jobs_line_answers_the_job_view(api
         wait_until(lambda: client.hget(keys.batch(batch.id), "status") == b"completed", timeout=30, what="the batch to complete")
 
     # And each line's body is the job as GET /v1/jobs/{id} shows it
-    done = api.batches.retrieve(batch.id)
-    output = {entry["custom_id"]: entry["response"]["body"] for entry in lines_of(api, done.output_file_id)}
+    done = openai_api.batches.retrieve(batch.id)
+    output = {entry["custom_id"]: entry["response"]["body"] for entry in lines_of(openai_api, done.output_file_id)}
     assert output["one"]["status"] == "succeeded" and output["one"]["output"]["text"] == "hello"
     assert output["one"]["engine"] == "echo" and output["one"]["urls"]["get"].endswith(output["one"]["id"])
 
 
-def test_a_retried_create_answers_the_batch_the_first_attempt_made(api: openai.OpenAI, stack: dict[str, Any]) -> None:
+def test_a_retried_create_answers_the_batch_the_first_attempt_made(openai_api: openai.OpenAI, stack: dict[str, Any]) -> None:
     # Given an uploaded file
-    uploaded = api.files.create(file=("batch.jsonl", jsonl([echo_line("once")])), purpose="batch")
+    uploaded = openai_api.files.create(file=("batch.jsonl", jsonl([echo_line("once")])), purpose="batch")
     body = {"input_file_id": uploaded.id, "endpoint": JOBS, "completion_window": "24h"}
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -336,38 +326,38 @@ def test_a_retried_create_answers_the_batch_the_first_attempt_made(api: openai.O
     assert retry["id"] == first["id"] and again["id"] != first["id"]
 
 
-def test_a_whole_file_problem_fails_the_batch_and_a_bad_create_is_the_clients_own_error(api: openai.OpenAI) -> None:
+def test_a_whole_file_problem_fails_the_batch_and_a_bad_create_is_the_clients_own_error(openai_api: openai.OpenAI) -> None:
     # Given a file with no request line at all
-    batch = submit(api, [b"   "], JOBS)
+    batch = submit(openai_api, [b"   "], JOBS)
 
     # Then the batch failed, saying why
     assert batch.status == "failed" and batch.errors is not None and batch.errors.data
     assert batch.errors.data[0].code == "empty_file"
 
     # And an unknown endpoint, window or file is refused, naming the parameter
-    uploaded = api.files.create(file=("b.jsonl", jsonl([echo_line("x")])), purpose="batch")
+    uploaded = openai_api.files.create(file=("b.jsonl", jsonl([echo_line("x")])), purpose="batch")
     with pytest.raises(openai.BadRequestError) as refused:
-        api.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        openai_api.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
     assert refused.value.param == "endpoint"
     with pytest.raises(openai.BadRequestError) as refused:
-        api.batches.create(input_file_id=uploaded.id, endpoint=JOBS, completion_window="1h")  # type: ignore[arg-type]
+        openai_api.batches.create(input_file_id=uploaded.id, endpoint=JOBS, completion_window="1h")  # type: ignore[arg-type]
     assert refused.value.param == "completion_window"
     with pytest.raises(openai.NotFoundError):
-        api.batches.create(input_file_id="file-nothing", endpoint=JOBS, completion_window="24h")  # type: ignore[arg-type]
+        openai_api.batches.create(input_file_id="file-nothing", endpoint=JOBS, completion_window="24h")  # type: ignore[arg-type]
     with pytest.raises(openai.NotFoundError):
-        api.batches.retrieve("batch_nothing")
+        openai_api.batches.retrieve("batch_nothing")
 
 
-def test_a_batch_past_its_window_cancels_what_has_not_run_and_ends_expired(api: openai.OpenAI, settings: Settings) -> None:
+def test_a_batch_past_its_window_cancels_what_has_not_run_and_ends_expired(openai_api: openai.OpenAI, settings: Settings) -> None:
     # Given a batch of slow echo jobs whose 24 h window has run out (moved into the past)
-    batch = submit(api, [echo_line(f"late-{i}", sleep_ms=2000) for i in range(3)], JOBS)
+    batch = submit(openai_api, [echo_line(f"late-{i}", sleep_ms=2000) for i in range(3)], JOBS)
     with redis.Redis.from_url(settings.redis_url) as client:
         client.hset(Keys(settings.redis_prefix).batch(batch.id), "expires_at", repr(time.time() - 1))
 
     # When it is next looked at, Then it ends expired, its jobs canceled, none left to run
-    done = ended(api, batch.id, timeout=30)
+    done = ended(openai_api, batch.id, timeout=30)
     assert done.status == "expired" and done.expired_at is not None
-    errors = lines_of(api, done.error_file_id)
+    errors = lines_of(openai_api, done.error_file_id)
     assert sorted(entry["custom_id"] for entry in errors) == [f"late-{i}" for i in range(3)]
     assert all(entry["response"]["body"]["status"] == "canceled" for entry in errors)
 
@@ -401,14 +391,14 @@ def test_only_the_process_holding_a_batchs_lock_writes_its_end(settings: Setting
 def test_a_batch_a_queue_cannot_take_fails_whole_and_one_that_fits_exactly_runs(own_stack: Stack) -> None:
     # Given an API whose queues hold at most 5 messages, and no worker to empty them
     url = start_api(own_stack, BLAZE_QUEUE_MAX="5")
-    with openai.OpenAI(api_key=ADMIN_TOKEN, base_url=url + "/v1", timeout=60, max_retries=0) as api:
+    with openai.OpenAI(api_key=ADMIN_TOKEN, base_url=url + "/v1", timeout=60, max_retries=0) as openai_api:
         # When a batch of 6 echo jobs is made, Then it fails whole, naming the queue
-        refused = submit(api, [echo_line(f"big-{i}") for i in range(6)], JOBS)
+        refused = submit(openai_api, [echo_line(f"big-{i}") for i in range(6)], JOBS)
         assert refused.status == "failed" and refused.errors is not None and refused.errors.data
         assert refused.errors.data[0].code == "queue_full" and "echo" in (refused.errors.data[0].message or "")
 
         # And a batch of 5 fills the queue exactly, after which one more line is refused
-        assert submit(api, [echo_line(f"fits-{i}") for i in range(5)], JOBS).status == "in_progress"
-        assert submit(api, [echo_line("one-more")], JOBS).status == "failed"
+        assert submit(openai_api, [echo_line(f"fits-{i}") for i in range(5)], JOBS).status == "in_progress"
+        assert submit(openai_api, [echo_line("one-more")], JOBS).status == "failed"
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as http:
             assert len(http.get("/v1/jobs").json()["jobs"]) == 5

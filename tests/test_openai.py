@@ -24,20 +24,9 @@ from PIL import Image
 from blaze_jobs.api_keys import create_key
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack
-from tests.conftest import ADMIN_TOKEN, start_api
+from tests.conftest import ADMIN_TOKEN, start_api, unique
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def unique(text: str) -> str:
-    return f"{text} {uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture()
-def api(stack: dict[str, Any]) -> Iterator[openai.OpenAI]:
-    """The real client, pointed at the stack: the three lines a user changes."""
-    with openai.OpenAI(api_key=ADMIN_TOKEN, base_url=stack["api_url"] + "/v1", timeout=60, max_retries=0) as client:
-        yield client
 
 
 @pytest.fixture()
@@ -56,17 +45,17 @@ def jobs_of(http: httpx.Client) -> list[dict[str, Any]]:
 
 
 def test_the_models_are_the_deployments_and_an_unknown_one_or_key_is_the_clients_own_error(
-    api: openai.OpenAI, stack: dict[str, Any]
+    openai_api: openai.OpenAI, stack: dict[str, Any]
 ) -> None:
     # When the client lists the models
-    models = {model.id: model for model in api.models.list()}
+    models = {model.id: model for model in openai_api.models.list()}
     # Then it sees this deployment's image and text models, each with its engine
     assert models["builtin:tiny-sd"].model_extra == {"engine": "diffusion"}
     assert models["builtin:tiny-lm"].object == "model"
-    assert api.models.retrieve("builtin:tiny-lm").model_extra == {"engine": "llm"}
+    assert openai_api.models.retrieve("builtin:tiny-lm").model_extra == {"engine": "llm"}
     # And an unknown model is a NotFoundError, a bad key an AuthenticationError
     with pytest.raises(openai.NotFoundError) as missing:
-        api.models.retrieve("gpt-4o")
+        openai_api.models.retrieve("gpt-4o")
     assert missing.value.code == "model_not_found"
     # And Replicate's models, under the same path, are still Replicate's
     replicate_model = httpx.get(f"{stack['api_url']}/v1/models/blaze/llm", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
@@ -81,11 +70,11 @@ def test_the_models_are_the_deployments_and_an_unknown_one_or_key_is_the_clients
     assert refused.value.code == "invalid_api_key"
 
 
-def test_images_come_as_signed_urls_and_as_base64_of_the_size_and_number_asked(api: openai.OpenAI) -> None:
+def test_images_come_as_signed_urls_and_as_base64_of_the_size_and_number_asked(openai_api: openai.OpenAI) -> None:
     # Given a prompt, two images of 64x64 a few steps each
     steps = {"num_inference_steps": 4, "seed": 7}
     # When the client asks for URLs
-    by_url = api.images.generate(prompt=unique("a red cube"), n=2, size="64x64", response_format="url", extra_body=steps)
+    by_url = openai_api.images.generate(prompt=unique("a red cube"), n=2, size="64x64", response_format="url", extra_body=steps)
     # Then each URL serves a PNG of that size, without a key
     assert by_url.data is not None and len(by_url.data) == 2
     for image in by_url.data:
@@ -95,7 +84,7 @@ def test_images_come_as_signed_urls_and_as_base64_of_the_size_and_number_asked(a
         assert Image.open(io.BytesIO(fetched.content)).size == (64, 64)
     assert by_url.size == "64x64" and by_url.output_format == "png"
     # When it asks for the bytes of three others, 64x48
-    by_bytes = api.images.generate(
+    by_bytes = openai_api.images.generate(
         prompt=unique("a blue sphere"), n=3, size="64x48", response_format="b64_json", extra_body=steps
     )
     # Then they decode to three images of that size, each its own
@@ -105,9 +94,9 @@ def test_images_come_as_signed_urls_and_as_base64_of_the_size_and_number_asked(a
     assert len({image.tobytes() for image in decoded}) == 3
 
 
-def test_a_chat_completion_answers_the_assistants_turn_with_its_usage(api: openai.OpenAI) -> None:
+def test_a_chat_completion_answers_the_assistants_turn_with_its_usage(openai_api: openai.OpenAI) -> None:
     # When the client asks a greedy chat completion of 8 tokens
-    answer = api.chat.completions.create(
+    answer = openai_api.chat.completions.create(
         model="builtin:tiny-lm",
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": unique("Say hello")}],
         max_tokens=8,
@@ -122,7 +111,7 @@ def test_a_chat_completion_answers_the_assistants_turn_with_its_usage(api: opena
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + 8 and answer.usage.prompt_tokens > 0
 
 
-def test_a_streamed_chat_joins_to_the_same_text_as_the_whole_answer_for_the_same_seed(api: openai.OpenAI) -> None:
+def test_a_streamed_chat_joins_to_the_same_text_as_the_whole_answer_for_the_same_seed(openai_api: openai.OpenAI) -> None:
     # Given a seeded, sampled request
     request: dict[str, Any] = {
         "model": "builtin:tiny-lm",
@@ -132,7 +121,7 @@ def test_a_streamed_chat_joins_to_the_same_text_as_the_whole_answer_for_the_same
         "temperature": 0.8,
     }
     # When the client streams it, with usage
-    chunks = list(api.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    chunks = list(openai_api.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
     # Then the chunks name the assistant, carry the text in pieces, end with a finish reason
     # and a last chunk of usage
     assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
@@ -142,14 +131,16 @@ def test_a_streamed_chat_joins_to_the_same_text_as_the_whole_answer_for_the_same
     assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 24
     # And the whole answer for the same seed is the same text
-    whole = api.chat.completions.create(**request)
+    whole = openai_api.chat.completions.create(**request)
     assert "".join(pieces) == whole.choices[0].message.content
 
 
-def test_a_completion_continues_the_prompt_and_its_stream_ends_with_done(api: openai.OpenAI, stack: dict[str, Any]) -> None:
+def test_a_completion_continues_the_prompt_and_its_stream_ends_with_done(
+    openai_api: openai.OpenAI, stack: dict[str, Any]
+) -> None:
     # When the client asks a greedy completion
     prompt = unique("Once upon a time")
-    answer = api.completions.create(model="builtin:tiny-lm", prompt=prompt, max_tokens=6, temperature=0)
+    answer = openai_api.completions.create(model="builtin:tiny-lm", prompt=prompt, max_tokens=6, temperature=0)
     # Then it is the continuation, with its usage
     assert answer.object == "text_completion" and answer.choices[0].text
     assert answer.choices[0].finish_reason == "length" and answer.usage is not None and answer.usage.completion_tokens == 6
@@ -167,25 +158,29 @@ def test_a_completion_continues_the_prompt_and_its_stream_ends_with_done(api: op
     assert "".join(chunk["choices"][0]["text"] for chunk in chunks)
 
 
-def test_an_unknown_model_and_bad_fields_are_the_clients_own_errors_naming_the_param(api: openai.OpenAI) -> None:
+def test_an_unknown_model_and_bad_fields_are_the_clients_own_errors_naming_the_param(openai_api: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "hi"}]
     # An unknown model is a NotFoundError
     with pytest.raises(openai.NotFoundError) as missing:
-        api.chat.completions.create(model="gpt-4o", messages=messages)  # type: ignore[arg-type]
+        openai_api.chat.completions.create(model="gpt-4o", messages=messages)  # type: ignore[arg-type]
     assert missing.value.code == "model_not_found" and missing.value.param == "model"
     # Fields the engine cannot honour, or values out of bounds, are BadRequestErrors naming them
     cases: list[tuple[Any, dict[str, Any], str]] = [
-        (api.chat.completions.create, {"model": "builtin:tiny-lm", "messages": messages, "n": 2}, "n"),
-        (api.chat.completions.create, {"model": "builtin:tiny-lm", "messages": messages, "tools": []}, "tools"),
-        (api.chat.completions.create, {"model": "builtin:tiny-lm", "messages": messages, "max_tokens": 100_000}, "max_tokens"),
+        (openai_api.chat.completions.create, {"model": "builtin:tiny-lm", "messages": messages, "n": 2}, "n"),
+        (openai_api.chat.completions.create, {"model": "builtin:tiny-lm", "messages": messages, "tools": []}, "tools"),
         (
-            api.chat.completions.create,
+            openai_api.chat.completions.create,
+            {"model": "builtin:tiny-lm", "messages": messages, "max_tokens": 100_000},
+            "max_tokens",
+        ),
+        (
+            openai_api.chat.completions.create,
             {"model": "builtin:tiny-lm", "messages": [{"role": "tool", "content": "x"}]},
             "messages[0].role",
         ),
-        (api.images.generate, {"prompt": "a cat", "size": "60x60"}, "size"),
-        (api.images.generate, {"prompt": "a cat", "n": 50}, "n"),
-        (api.completions.create, {"model": "builtin:tiny-lm", "prompt": "x", "temperature": 5}, "temperature"),
+        (openai_api.images.generate, {"prompt": "a cat", "size": "60x60"}, "size"),
+        (openai_api.images.generate, {"prompt": "a cat", "n": 50}, "n"),
+        (openai_api.completions.create, {"model": "builtin:tiny-lm", "prompt": "x", "temperature": 5}, "temperature"),
     ]
     for create, request, param in cases:
         with pytest.raises(openai.BadRequestError) as refused:
@@ -194,17 +189,19 @@ def test_an_unknown_model_and_bad_fields_are_the_clients_own_errors_naming_the_p
         assert refused.value.type == "invalid_request_error"
     # And a body that is not JSON is one too
     with pytest.raises(openai.BadRequestError):
-        api.post("/chat/completions", cast_to=object, body="not json", options={"headers": {"Content-Type": "application/json"}})
+        openai_api.post(
+            "/chat/completions", cast_to=object, body="not json", options={"headers": {"Content-Type": "application/json"}}
+        )
 
 
 def test_a_job_that_fails_is_the_clients_error_with_its_reason_and_errors_keep_openais_shape(
-    api: openai.OpenAI, stack: dict[str, Any]
+    openai_api: openai.OpenAI, stack: dict[str, Any]
 ) -> None:
     # Given a prompt within the API's bounds but beyond the model's context, which its job finds
     prompt = " ".join(uuid.uuid4().hex for _ in range(400))
     # When the client asks to continue it
     with pytest.raises(openai.BadRequestError) as failed:
-        api.completions.create(model="builtin:tiny-lm", prompt=prompt, max_tokens=4)
+        openai_api.completions.create(model="builtin:tiny-lm", prompt=prompt, max_tokens=4)
     # Then the error is the job's reason, names the job, and tells the client not to retry
     assert failed.value.code == "job_failed" and "leave no room to generate" in failed.value.message
     job_id = failed.value.message.split(" - ", 1)[1].split()[1]
