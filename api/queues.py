@@ -41,6 +41,11 @@ POSITION_SCAN = 500
 #: Messages the scan's first LRANGE reads (each next one reads twice as many): a job near the
 #: head costs one short read.
 SCAN_CHUNK = 8
+#: The most messages one LRANGE of the scan reads, and the most bytes of messages it looks at
+#: in all: a message may carry an input of up to BLAZE_MAX_INPUT_BYTES, and 500 of those
+#: copied into the script at once would hold Redis for a long while.
+SCAN_CHUNK_MAX = 64
+SCAN_BYTES = 8_388_608
 
 
 class Queue(BaseModel):
@@ -130,7 +135,9 @@ async def job_position(request: Request, caller: Caller, job_id: str) -> JSONRes
         # The job's own message carries its id as a header: `"id": "<job id>"`, quotes and all,
         # which no other message holds (a prompt's quotes are escaped inside its envelope).
         marker = json.dumps({"id": job_id})[1:-1]
-        place, depth = await scripts.script(client, "queue_position")(keys=[queue], args=[marker, POSITION_SCAN, SCAN_CHUNK])
+        place, depth = await scripts.script(client, "queue_position")(
+            keys=[queue], args=[marker, POSITION_SCAN, SCAN_CHUNK, SCAN_CHUNK_MAX, SCAN_BYTES]
+        )
         position = int(place) or None
     else:
         depth = await client.llen(queue)

@@ -360,8 +360,8 @@ def test_a_place_is_counted_from_the_next_message_taken_and_looked_for_within_a_
         client.lpush("q", task_message(job_id=job_id, engine="echo", input={"prompt": f'"id": "{ids[-1]}"'}))
     script = scripts.script(client, "queue_position")
 
-    def place(job_id: str, *, bound: int = 500) -> list[int]:
-        return [int(n) for n in script(keys=["q"], args=[json.dumps({"id": job_id})[1:-1], bound, 4])]
+    def place(job_id: str, *, bound: int = 500, widest: int = 8, budget: int = 8_388_608) -> list[int]:
+        return [int(n) for n in script(keys=["q"], args=[json.dumps({"id": job_id})[1:-1], bound, 4, widest, budget])]
 
     # Then the first pushed is place 1 and the last place 30, each in a queue 30 deep, though
     # every prompt names the last job's id (a header is told from a prompt by its quotes)
@@ -369,7 +369,13 @@ def test_a_place_is_counted_from_the_next_message_taken_and_looked_for_within_a_
     # and a job farther back than the bound, or not in the queue at all, has no place
     assert place(ids[20], bound=20) == [0, 30]
     assert place(str(uuid.uuid4())) == [0, 30]
-    assert [int(n) for n in script(keys=["empty"], args=["x", 500, 4])] == [0, 0]
+    assert [int(n) for n in script(keys=["empty"], args=["x", 500, 4, 8, 1000])] == [0, 0]
+    # and reads of at most `widest` messages find the same places
+    assert [place(job_id, widest=4) for job_id in ids] == [[n, 30] for n in range(1, 31)]
+    # and past the byte budget the scan stops: a place only within the messages it could afford
+    size = len(client.lindex("q", -1) or b"")
+    assert place(ids[2], budget=3 * size) == [3, 30]
+    assert place(ids[3], budget=3 * size) == [0, 30]
 
 
 @pytest.mark.timeout(60)
