@@ -112,6 +112,16 @@ def line_job(endpoint: str, body: dict[str, Any], settings: Settings) -> Any:
     return job_for(endpoint, body, settings)
 
 
+#: The fields of a line's body its response is rendered from (``response_for`` reads only
+#: these): the rest of the body (prompts, messages, ``user``) is in the job's input already.
+RENDERING_FIELDS = ("response_format",)
+
+
+def rendering_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """What of a line's body its job keeps for its response (a bounded string, not the body)."""
+    return {name: body[name] for name in RENDERING_FIELDS if isinstance(body.get(name), str) and len(body[name]) <= 64}
+
+
 def engine_of(endpoint: str, body: dict[str, Any]) -> str | None:
     """The engine a line's job will run on, read before the line is (None: it names none)."""
     if endpoint != JOBS:
@@ -131,11 +141,46 @@ async def create_jobs(
     store: AsyncJobStore = request.app.state.store
     endpoint, tenant = record["endpoint"], caller.tenant
     # 1. The lines; a malformed one fails itself.
-    good, bad = batch_lines.read_lines(content, endpoint=endpoint, max_requests=settings.batch_max_requests)
+    good, bad = batch_lines.read_lines(
+        content, endpoint=endpoint, max_requests=settings.batch_max_requests, max_line_bytes=settings.max_body_bytes
+    )
     # 2. The batch is admitted whole, by the first part stored: each request line counts
     #    against the tenant's quota and its engine's queue bound.
     queues = {engine: queue_key(settings, engine) for engine in ENGINES}
     admit = Counter((engine, queues[engine]) for engine in (engine_of(endpoint, body) for _, _, body in good) if engine)
+    sent: list[str] = []  # the ids of the jobs handed to Redis: stored, unless the batch was refused
+    try:
+        return await _create_parts(request, caller, record, good, bad, admit=admit, queues=queues, sent=sent)
+    except BatchFileError:
+        raise  # refused by the first part: nothing was stored
+    except BaseException:
+        # A later part failed (Redis went away, the request was dropped): the parts stored
+        # before would run on, in no batch's job list. They are canceled (the first part's
+        # refusal stored nothing: canceling its ids is a no-op).
+        if sent:
+            try:
+                await asyncio.shield(store.cancel_many(sent, tenant=tenant, reason=f"batch {record['id']} could not be created"))
+            except Exception:
+                log.exception("batch %s: could not cancel the %d jobs of its failed create", record["id"], len(sent))
+        raise
+
+
+async def _create_parts(
+    request: Request,
+    caller: Any,
+    record: dict[str, str],
+    good: list[tuple[int, str, dict[str, Any]]],
+    bad: list[dict[str, Any]],
+    *,
+    admit: Counter[tuple[str, str]],
+    queues: dict[str, str],
+    sent: list[str],
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """``create_jobs``' steps 3 to 5: the jobs made and stored a part at a time, the ids of
+    those handed to Redis added to ``sent`` as they go."""
+    settings = settings_of(request.app)
+    store: AsyncJobStore = request.app.state.store
+    endpoint, tenant = record["endpoint"], caller.tenant
     entries: list[str] = []
     born: list[tuple[dict[str, str], Any]] = []
     storing: asyncio.Task[None] | None = None
@@ -164,8 +209,8 @@ async def create_jobs(
                     bad.append(batch_lines.error_line(custom_id, code="invalid_value", message=f"line {number}: {problem}"))
                     continue
                 job_record.update({"surface": "openai", BATCH_FIELD: record["id"], CUSTOM_ID_FIELD: custom_id})
-                if endpoint != JOBS:  # the response is shaped by the request (b64_json images)
-                    job_record[REQUEST_FIELD] = json.dumps(body, separators=(",", ":"))
+                if endpoint != JOBS:  # the response is shaped by the request (b64_json images): only that is kept
+                    job_record[REQUEST_FIELD] = json.dumps(rendering_fields(body), separators=(",", ":"))
                 made.append((custom_id, job, job_record, job_input))
             # Deterministic requests computed before are born succeeded: their cache entries, read at once.
             looked = [
@@ -189,6 +234,7 @@ async def create_jobs(
             if storing is not None:
                 await storing
             if queued:
+                sent.extend(job_record["id"] for job_record, _, _ in queued)
                 storing = asyncio.create_task(
                     store.create_many(
                         tenant, queued, max_jobs=caller.max_jobs or 0, admit=admit if first else None, admitted=not first
@@ -209,6 +255,7 @@ async def create_jobs(
         async with store.redis.pipeline(transaction=True) as pipe:
             for job_record, cached in born:
                 creation.queue_birth(pipe, store, job_record, cached, settings=settings)
+                sent.append(job_record["id"])
             await pipe.execute()
     return entries, bad
 
@@ -270,7 +317,14 @@ async def create_batch(request: Request, caller: Caller, body: BatchCreate) -> J
         # Nothing was admitted (or Redis went away): the batch says so rather than stay validating.
         await fail(client, settings, record, [{"code": "internal", "message": "the batch could not be created; retry"}])
         raise
-    record = await batches.start(client, settings, record, job_ids=job_entries, error_lines=error_lines)
+    try:
+        record = await batches.start(client, settings, record, job_ids=job_entries, error_lines=error_lines)
+    except Exception:
+        # Its job list could not be written: its jobs are canceled, not left to run in no batch.
+        ids = [entry.partition(":")[0] for entry in job_entries]
+        await request.app.state.store.cancel_many(ids, tenant=caller.tenant, reason=f"batch {record['id']} could not start")
+        await fail(client, settings, record, [{"code": "internal", "message": "the batch could not be created; retry"}])
+        raise
     return JSONResponse(batches.batch_view(record))
 
 

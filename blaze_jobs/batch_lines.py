@@ -12,6 +12,10 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+#: The longest ``custom_id`` a line may have: it is kept in the line's job record and its
+#: output line, so it is bounded like any field the API stores.
+MAX_CUSTOM_ID = 512
+
 
 class BatchFileError(Exception):
     """The input file as a whole cannot be a batch: the batch fails with this in ``errors``."""
@@ -42,13 +46,14 @@ def request_id(job_id: str) -> str:
 
 
 def read_lines(
-    content: bytes, *, endpoint: str, max_requests: int
+    content: bytes, *, endpoint: str, max_requests: int, max_line_bytes: int
 ) -> tuple[list[tuple[int, str, dict[str, Any]]], list[dict[str, Any]]]:
     """The requests of a batch file: ``(line number, custom_id, body)`` of each good line, and
-    the error-file line of each malformed one (bad JSON, no ``custom_id``, one used before,
-    a method other than POST, a ``url`` not the batch's ``endpoint``, a body that is no
-    object). BatchFileError for a file that is no batch file at all (not UTF-8 text, no
-    request line, more than ``max_requests``)."""
+    the error-file line of each malformed one (longer than ``max_line_bytes``, bad JSON, no
+    ``custom_id`` or one over ``MAX_CUSTOM_ID`` characters, one used before, a method other
+    than POST, a ``url`` not the batch's ``endpoint``, a body that is no object).
+    BatchFileError for a file that is no batch file at all (not UTF-8 text, no request line,
+    more than ``max_requests``)."""
     try:
         lines = content.decode("utf-8").splitlines()
     except UnicodeDecodeError as error:
@@ -66,6 +71,9 @@ def read_lines(
     for number, line in numbered:
         custom_id: str | None = None
         try:
+            # A line is one request: no larger than the API takes a request body.
+            if len(line) * 4 > max_line_bytes and len(line.encode()) > max_line_bytes:
+                raise LineError("line_too_large", f"line {number} is over {max_line_bytes} bytes")
             try:
                 request = json.loads(line)
             except (ValueError, RecursionError):
@@ -75,6 +83,8 @@ def read_lines(
             found = request.get("custom_id")
             if not isinstance(found, str) or not found:
                 raise LineError("missing_custom_id", f"line {number}: custom_id must be a non-empty string")
+            if len(found) > MAX_CUSTOM_ID:
+                raise LineError("invalid_custom_id", f"line {number}: custom_id is over {MAX_CUSTOM_ID} characters")
             custom_id = found  # the error line names it, though an earlier line's is the same
             if found in seen:
                 raise LineError("duplicate_custom_id", f"line {number}: custom_id {found!r} is used by an earlier line")

@@ -402,3 +402,30 @@ def test_a_batch_a_queue_cannot_take_fails_whole_and_one_that_fits_exactly_runs(
         assert submit(openai_api, [echo_line("one-more")], JOBS).status == "failed"
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as http:
             assert len(http.get("/v1/jobs").json()["jobs"]) == 5
+
+
+def test_a_line_keeps_only_what_its_response_needs_and_an_oversized_line_or_custom_id_fails_itself(
+    openai_api: openai.OpenAI, settings: Settings
+) -> None:
+    # Given a chat line carrying fields no response needs, a custom_id over 512 characters,
+    # and a line over the API's body bound
+    chat = {"messages": [{"role": "user", "content": unique("hi"), "name": "x" * 1000}], "max_tokens": 1, "user": "u" * 1000}
+    lines: list[Any] = [
+        line("kept", CHAT, chat),
+        line("c" * 513, CHAT, chat),
+        line("huge", CHAT, {**chat, "user": "u" * settings.max_body_bytes}),
+    ]
+
+    # When they are made a batch
+    batch = submit(openai_api, lines, CHAT)
+
+    # Then the good line's job keeps none of the body beside its input
+    keys = Keys(settings.redis_prefix)
+    with redis.Redis.from_url(settings.redis_url) as client:
+        entries = [entry.decode() for entry in client.lrange(keys.batch_jobs(batch.id), 0, -1)]
+        assert [entry.partition(":")[2] for entry in entries] == ["kept"]
+        assert client.hget(keys.job(entries[0].partition(":")[0]), batches.REQUEST_FIELD) == b"{}"
+        # And each bad line is an error line saying which bound it broke
+        errors = [json.loads(raw) for raw in client.lrange(keys.batch_errors(batch.id), 0, -1)]
+    assert sorted(entry["error"]["code"] for entry in errors) == ["invalid_custom_id", "line_too_large"]
+    assert any("custom_id" in entry["error"]["message"] for entry in errors)
