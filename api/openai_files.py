@@ -12,7 +12,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 
 from blaze_jobs import files
-from blaze_jobs.files import FileNotFound
+from blaze_jobs.files import FileNotFound, FileQuotaFull
 
 from . import openai_retries
 from .auth import Caller
@@ -81,9 +81,19 @@ async def create_file(
             return JSONResponse(files.file_view(await files.describe(client, settings, earlier, tenant=caller.tenant)))
         except FileNotFound:
             pass
-    meta = await files.put(
-        client, settings, ttl_s=ttl_s, tenant=caller.tenant, filename=file.filename or "upload", purpose=purpose, content=content
-    )
+    try:
+        meta = await files.put(
+            client,
+            settings,
+            ttl_s=ttl_s,
+            tenant=caller.tenant,
+            filename=file.filename or "upload",
+            purpose=purpose,
+            content=content,
+        )
+    except FileQuotaFull as full:
+        # 413, not 429: the client does not retry it, and waiting does not help (deleting does).
+        raise OpenAIError(413, f"{full}; delete files to make room", param="file", code="file_quota_exceeded") from None
     await openai_retries.remember(request, caller, "/v1/files", retried, meta["id"])
     return JSONResponse(files.file_view(meta))
 

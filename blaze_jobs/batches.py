@@ -142,7 +142,11 @@ async def store_new(client: redis.asyncio.Redis, settings: Settings, record: dic
     async with client.pipeline(transaction=True) as pipe:
         pipe.hset(keys.batch(record["id"]), mapping=cast(dict[Any, Any], record))
         pipe.expire(keys.batch(record["id"]), ttl_s(settings))
-        pipe.zadd(keys.tenant_batches(record["tenant"]), {record["id"]: score_of(float(record["created_at"]))})
+        index = keys.tenant_batches(record["tenant"])
+        # The index lives as long as its newest batch, its entries of expired ones dropped here.
+        pipe.zremrangebyscore(index, "-inf", f"({score_of(time.time() - ttl_s(settings))}")
+        pipe.zadd(index, {record["id"]: score_of(float(record["created_at"]))})
+        pipe.expire(index, ttl_s(settings))
         await pipe.execute()
 
 
@@ -301,7 +305,7 @@ async def finish(
             return False
         pipe.multi()
         for file in files:
-            queue_put(pipe, keys, ttl_s=settings.file_ttl_s, **file)
+            queue_put(pipe, keys, ttl_s=settings.file_ttl_s, index_ttl_s=settings.file_ttl_s, **file)
         pipe.hset(keys.batch(record["id"]), mapping=cast(dict[Any, Any], fields))
         pipe.zrem(keys.batches_open, record["id"])
         pipe.delete(lock_key)

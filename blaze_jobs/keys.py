@@ -79,12 +79,32 @@ SCHEMA: dict[str, KeyInfo] = {
     "artifact_url_secret": KeyInfo("artifact-url-secret", "string", "none", "first API or webhook worker needing it"),
     "file": KeyInfo("file:<id>", "hash (tenant, filename, purpose, bytes, times)", "file_ttl_s", "API (files, batch output)"),
     "file_content": KeyInfo("file-content:<id>", "string (bytes)", "file_ttl_s", "API (files, batch output)"),
-    "tenant_files": KeyInfo("t:<tenant>:files", "zset", "none; entries older than file_ttl_s trimmed on list", "API (files)"),
+    "tenant_files": KeyInfo(
+        "t:<tenant>:files", "zset", "file_ttl_s from the last put; expired entries trimmed on put and list", "API (files)"
+    ),
+    "tenant_file_sizes": KeyInfo(
+        "t:<tenant>:file-sizes",
+        "zset (<file id>:<bytes> by expiry)",
+        "file_ttl_s from the last put; expired entries trimmed on put",
+        "API (files, batch output)",
+    ),
+    "tenant_file_bytes": KeyInfo(
+        "t:<tenant>:file-bytes",
+        "string (bytes of file-sizes' entries)",
+        "file_ttl_s from the last put",
+        "API (files, batch output)",
+    ),
     "batch": KeyInfo("batch:<id>", "hash", "24 h window + file_ttl_s", "API (batch create, progress, cancel, finalize)"),
     "batch_jobs": KeyInfo("batch-jobs:<id>", "list (job ids, in line order)", "the batch's", "API (batch create)"),
     "batch_errors": KeyInfo("batch-errors:<id>", "list (error-file lines)", "the batch's", "API (batch create)"),
     "tenant_batches": KeyInfo(
-        "t:<tenant>:batches", "zset", "none; entries of expired batches trimmed on list", "API (batch create)"
+        "t:<tenant>:batches",
+        "zset",
+        "a batch's from the last create; expired entries trimmed on create and list",
+        "API (batch create)",
+    ),
+    "batch_create_lock": KeyInfo(
+        "batch-create-lock", "string (holder)", "30 s, renewed while held", "the API process creating a batch's jobs"
     ),
     "batches_open": KeyInfo("batches-open", "zset (batch ids by expiry)", "none; a batch leaves it when it ends", "API"),
     "batch_lock": KeyInfo("batch-lock:<id>", "string (holder)", "60 s", "the API process finalizing the batch"),
@@ -112,6 +132,8 @@ class Keys:
         self.tenants = f"{prefix}tenants"
         #: The batches not ended yet, scored by when they expire, which the API advances.
         self.batches_open = f"{prefix}batches-open"
+        #: Held by the API process creating a batch's jobs: one batch is admitted at a time.
+        self.batch_create_lock = f"{prefix}batch-create-lock"
         #: The deployment's status indexes of live jobs (queued, running), which the reaper
         #: scans; lists page through the tenants' own indexes (``tenant_statuses``).
         self.live_statuses = [self.status(JobStatus.queued.value), self.status(JobStatus.running.value)]
@@ -206,6 +228,12 @@ class Keys:
 
     def tenant_files(self, tenant: str) -> str:
         return f"{self.prefix}t:{tenant}:files"
+
+    def tenant_file_sizes(self, tenant: str) -> str:
+        return f"{self.prefix}t:{tenant}:file-sizes"
+
+    def tenant_file_bytes(self, tenant: str) -> str:
+        return f"{self.prefix}t:{tenant}:file-bytes"
 
     def batch(self, batch_id: str) -> str:
         return f"{self.prefix}batch:{batch_id}"

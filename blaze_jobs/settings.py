@@ -204,6 +204,10 @@ class Settings(DiffusionSettings, EchoSettings, LLMSettings, BaseSettings):
     file_max_bytes: int = 104_857_600
     #: How long an uploaded file, and a batch's output and error files, are kept (seconds).
     file_ttl_s: int = 604_800
+    #: Bytes of live files (uploads and batch output and error files) one tenant may keep:
+    #: files live in Redis, which evicts nothing, so one tenant's uploads must not fill it.
+    #: An upload past it is refused (413); a batch's output is kept though it passes it.
+    file_quota_bytes: int = 1_073_741_824
 
     #: An event stream sends a keep-alive comment this often, so that proxies with an idle
     #: timeout (often 30-60 s) keep it open and clients that went away are found.

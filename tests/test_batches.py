@@ -30,11 +30,12 @@ from openai.types.chat import ChatCompletion
 from openai.types.images_response import ImagesResponse
 from PIL import Image
 
-from blaze_jobs import batches
+from blaze_jobs import batches, files
 from blaze_jobs.api_keys import create_key
 from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack
+from blaze_jobs.store import text
 from tests.conftest import ADMIN_TOKEN, start_api, unique, wait_until
 
 pytestmark = pytest.mark.timeout(150)
@@ -429,3 +430,42 @@ def test_a_line_keeps_only_what_its_response_needs_and_an_oversized_line_or_cust
         errors = [json.loads(raw) for raw in client.lrange(keys.batch_errors(batch.id), 0, -1)]
     assert sorted(entry["error"]["code"] for entry in errors) == ["invalid_custom_id", "line_too_large"]
     assert any("custom_id" in entry["error"]["message"] for entry in errors)
+
+
+def test_a_tenants_files_are_held_to_its_quota_and_a_delete_or_an_expiry_makes_room(own_stack: Stack) -> None:
+    # Given an API whose tenants may keep 1000 bytes of files
+    url = start_api(own_stack, BLAZE_FILE_QUOTA_BYTES="1000")
+    with openai.OpenAI(api_key=ADMIN_TOKEN, base_url=url + "/v1", timeout=60, max_retries=0) as openai_api:
+        first = openai_api.files.create(file=("a.jsonl", b"a" * 600), purpose="batch")
+
+        # When a second file would pass it, Then it is refused, naming the file, in OpenAI's shape
+        with pytest.raises(openai.APIStatusError) as refused:
+            openai_api.files.create(file=("b.jsonl", b"b" * 600), purpose="batch")
+        assert refused.value.status_code == 413
+        assert isinstance(refused.value.body, dict) and refused.value.body["param"] == "file"
+        assert refused.value.body["code"] == "file_quota_exceeded"
+
+        # And once the first is deleted, the second fits
+        openai_api.files.delete(first.id)
+        second = openai_api.files.create(file=("b.jsonl", b"b" * 600), purpose="batch")
+
+    # And a file past its expiry no longer counts, nor stays in the tenant's index
+    env = own_stack.env
+    settings = Settings(redis_url=env["BLAZE_REDIS_URL"], redis_prefix=env["BLAZE_REDIS_PREFIX"], file_quota_bytes=1000)
+    keys = Keys(settings.redis_prefix)
+
+    async def story() -> None:
+        client = redis.asyncio.Redis.from_url(settings.redis_url)
+        try:
+            tenant = settings.default_tenant
+            sizes = keys.tenant_file_sizes(tenant)
+            await client.zadd(sizes, {f"{second.id}:600": time.time() - 1})  # as if it had expired
+            made = await files.put(client, settings, tenant=tenant, filename="c", purpose="batch", content=b"c" * 900)
+            assert [text(entry) for entry in await client.zrange(sizes, 0, -1)] == [f"{made['id']}:900"]
+            assert int(await client.get(keys.tenant_file_bytes(tenant)) or 0) == 900
+            assert second.id.encode() not in await client.zrange(keys.tenant_files(tenant), 0, -1)
+            assert 0 < await client.ttl(keys.tenant_files(tenant)) <= settings.file_ttl_s
+        finally:
+            await client.aclose()
+
+    asyncio.run(story())
