@@ -76,6 +76,9 @@ PART = 1000
 #: Lines read between two turns of the event loop while a part is being stored.
 YIELD_EVERY = 100
 _JOB = TypeAdapter(JobCreate)
+#: Batch files this process checks at once: each takes a core (and its file's size in
+#: memory) while it is read, and the event loop stays free for everything else.
+PARSING = asyncio.Semaphore(2)
 
 
 class BatchCreate(BaseModel):
@@ -122,12 +125,11 @@ def rendering_fields(body: dict[str, Any]) -> dict[str, Any]:
     return {name: body[name] for name in RENDERING_FIELDS if isinstance(body.get(name), str) and len(body[name]) <= 64}
 
 
-def engine_of(endpoint: str, body: dict[str, Any]) -> str | None:
+def engine_of(endpoint: str, line: batch_lines.Line) -> str | None:
     """The engine a line's job will run on, read before the line is (None: it names none)."""
     if endpoint != JOBS:
         return ENGINE_OF[endpoint]
-    engine = body.get("engine")
-    return engine if engine in ENGINES else None
+    return line.engine if line.engine in ENGINES else None
 
 
 async def create_jobs(
@@ -140,17 +142,24 @@ async def create_jobs(
     settings = settings_of(request.app)
     store: AsyncJobStore = request.app.state.store
     endpoint, tenant = record["endpoint"], caller.tenant
-    # 1. The lines; a malformed one fails itself.
-    good, bad = batch_lines.read_lines(
-        content, endpoint=endpoint, max_requests=settings.batch_max_requests, max_line_bytes=settings.max_body_bytes
-    )
+    # 1. The lines, checked off the event loop (a few batches at a time: a large file takes
+    #    a core for a while); a malformed one fails itself. Bodies are parsed again a part at
+    #    a time, so the parsed file is never held whole.
+    async with PARSING:
+        good, bad = await asyncio.to_thread(
+            batch_lines.scan,
+            content,
+            endpoint=endpoint,
+            max_requests=settings.batch_max_requests,
+            max_line_bytes=settings.max_body_bytes,
+        )
     # 2. The batch is admitted whole, by the first part stored: each request line counts
     #    against the tenant's quota and its engine's queue bound.
     queues = {engine: queue_key(settings, engine) for engine in ENGINES}
-    admit = Counter((engine, queues[engine]) for engine in (engine_of(endpoint, body) for _, _, body in good) if engine)
+    admit = Counter((engine, queues[engine]) for engine in (engine_of(endpoint, line) for line in good) if engine)
     sent: list[str] = []  # the ids of the jobs handed to Redis: stored, unless the batch was refused
     try:
-        return await _create_parts(request, caller, record, good, bad, admit=admit, queues=queues, sent=sent)
+        return await _create_parts(request, caller, record, content, good, bad, admit=admit, queues=queues, sent=sent)
     except BatchFileError:
         raise  # refused by the first part: nothing was stored
     except BaseException:
@@ -169,7 +178,8 @@ async def _create_parts(
     request: Request,
     caller: Any,
     record: dict[str, str],
-    good: list[tuple[int, str, dict[str, Any]]],
+    content: bytes,
+    good: list[batch_lines.Line],
     bad: list[dict[str, Any]],
     *,
     admit: Counter[tuple[str, str]],
@@ -189,8 +199,10 @@ async def _create_parts(
             # 3. A part of the lines, each read into the job it asks for, while Redis stores the part before.
             made: list[tuple[str, Any, dict[str, str], dict[str, Any]]] = []
             part = good[start_at : start_at + PART]
-            for (number, custom_id, body), job_id in zip(part, creation.new_job_ids(len(part)), strict=True):
-                if number % YIELD_EVERY == 0:
+            bodies = await asyncio.to_thread(batch_lines.bodies_of, content, part)
+            for index, (line, body, job_id) in enumerate(zip(part, bodies, creation.new_job_ids(len(part)), strict=True)):
+                number, custom_id = line.number, line.custom_id
+                if index % YIELD_EVERY == 0:
                     # The event loop writes the part in flight on to Redis, and reads its answer.
                     await asyncio.sleep(0)
                 try:

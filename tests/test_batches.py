@@ -30,7 +30,7 @@ from openai.types.chat import ChatCompletion
 from openai.types.images_response import ImagesResponse
 from PIL import Image
 
-from blaze_jobs import batches, files
+from blaze_jobs import batch_lines, batches, files
 from blaze_jobs.api_keys import create_key
 from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
@@ -469,3 +469,24 @@ def test_a_tenants_files_are_held_to_its_quota_and_a_delete_or_an_expiry_makes_r
             await client.aclose()
 
     asyncio.run(story())
+
+
+def test_a_batch_file_is_checked_without_holding_its_parsed_lines_and_read_again_a_part_at_a_time() -> None:
+    # Given a file of CRLF lines, a blank one, a malformed one, and bytes past the first decode chunk
+    good = json.dumps(echo_line("a")).encode()
+    content = good + b"\r\n\r\n  \n{bad\n" + json.dumps(echo_line("b", text="x" * batch_lines.DECODE_CHUNK)).encode()
+
+    # When it is scanned, Then each good line is where it lies, with its engine, and the bad one an error line
+    lines, bad = batch_lines.scan(content, endpoint=JOBS, max_requests=3, max_line_bytes=2 * batch_lines.DECODE_CHUNK)
+    assert [(line.number, line.custom_id, line.engine) for line in lines] == [(1, "a", "echo"), (5, "b", "echo")]
+    assert [entry["error"]["code"] for entry in bad] == ["invalid_json"]
+    # And the bodies are read again from the lines' places
+    assert [body["input"].get("text", "")[:1] for body in batch_lines.bodies_of(content, lines)] == ["", "x"]
+
+    # And a file not UTF-8 past its first chunk, or past the request bound, fails whole
+    with pytest.raises(batch_lines.BatchFileError) as refused:
+        batch_lines.scan(content + b"\n\xff", endpoint=JOBS, max_requests=3, max_line_bytes=2 * batch_lines.DECODE_CHUNK)
+    assert refused.value.code == "invalid_file" and str(len(content) + 1) in refused.value.message
+    with pytest.raises(batch_lines.BatchFileError) as refused:
+        batch_lines.scan(content, endpoint=JOBS, max_requests=2, max_line_bytes=2 * batch_lines.DECODE_CHUNK)
+    assert refused.value.code == "too_many_requests"
