@@ -79,6 +79,8 @@ _JOB = TypeAdapter(JobCreate)
 #: Batch files this process checks at once: each takes a core (and its file's size in
 #: memory) while it is read, and the event loop stays free for everything else.
 PARSING = asyncio.Semaphore(2)
+#: The Retry-After of a create that waited too long for another batch's: a few seconds.
+CREATE_RETRY_S = 5
 
 
 class BatchCreate(BaseModel):
@@ -301,13 +303,11 @@ async def create_batch(request: Request, caller: Caller, body: BatchCreate) -> J
             return JSONResponse(batches.batch_view(await batches.get(client, settings, earlier, tenant=caller.tenant)))
         except BatchNotFound:
             pass
+    missing = OpenAIError(404, f"No such File object: {body.input_file_id}", param="input_file_id", code="file_not_found")
     try:
         meta = await files.describe(client, settings, body.input_file_id, tenant=caller.tenant)
-        content = await files.content(client, settings, body.input_file_id, tenant=caller.tenant)
     except FileNotFound:
-        raise OpenAIError(
-            404, f"No such File object: {body.input_file_id}", param="input_file_id", code="file_not_found"
-        ) from None
+        raise missing from None
     if meta["purpose"] != "batch":
         raise invalid("input_file_id", f"file {body.input_file_id} was uploaded with purpose {meta['purpose']!r}, not 'batch'")
     record = batches.new_record(
@@ -318,17 +318,28 @@ async def create_batch(request: Request, caller: Caller, body: BatchCreate) -> J
         metadata=body.metadata,
         base_url=base_url(request),
     )
-    await batches.store_new(client, settings, record)
-    await openai_retries.remember(request, caller, "/v1/batches", asked, record["id"])
     try:
-        job_entries, error_lines = await create_jobs(request, caller, record, content)
-    except BatchFileError as error:
-        record = await fail(client, settings, record, [error.entry()])
-        return JSONResponse(batches.batch_view(record))
-    except Exception:
-        # Nothing was admitted (or Redis went away): the batch says so rather than stay validating.
-        await fail(client, settings, record, [{"code": "internal", "message": "the batch could not be created; retry"}])
-        raise
+        # One batch is admitted and stored at a time, deployment-wide: a second waits.
+        async with batches.creating(client, settings, wait_s=settings.batch_create_wait_s):
+            try:  # read once the lock is held: creates waiting for it do not each hold a file
+                content = await files.content(client, settings, body.input_file_id, tenant=caller.tenant)
+            except FileNotFound:
+                raise missing from None
+            await batches.store_new(client, settings, record)
+            await openai_retries.remember(request, caller, "/v1/batches", asked, record["id"])
+            try:
+                job_entries, error_lines = await create_jobs(request, caller, record, content)
+            except BatchFileError as error:
+                record = await fail(client, settings, record, [error.entry()])
+                return JSONResponse(batches.batch_view(record))
+            except Exception:
+                # Nothing was admitted (or Redis went away): the batch says so rather than stay validating.
+                await fail(client, settings, record, [{"code": "internal", "message": "the batch could not be created; retry"}])
+                raise
+    except batches.CreateBusy as busy:
+        raise OpenAIError(
+            503, f"{busy}; retry", param=None, code="batch_create_busy", headers={"Retry-After": str(CREATE_RETRY_S)}
+        ) from None
     try:
         record = await batches.start(client, settings, record, job_ids=job_entries, error_lines=error_lines)
     except Exception:

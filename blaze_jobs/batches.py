@@ -20,14 +20,21 @@ own.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
+import os
+import socket
 import time
 import uuid
+from collections.abc import AsyncIterator
 from enum import Enum
 from typing import Any, cast
 
 import redis.asyncio
 
+from blaze_jobs import scripts
 from blaze_jobs.files import queue_put
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.keys import Keys
@@ -39,8 +46,16 @@ ID_PREFIX = "batch_"
 #: The one completion window OpenAI offers, and this deployment with it.
 WINDOW = "24h"
 WINDOW_S = 86_400
-#: How long one API process may hold a batch's finalization before another takes it over.
+log = logging.getLogger("blaze_jobs.batches")
+
+#: How long one API process may hold a batch's finalization before another takes it over
+#: (renewed every third of it while the process renders the batch's files).
 LOCK_S = 60
+#: How long the deployment's batch-create lock outlives its holder's last renewal (it is
+#: renewed every third of it): a process that died creating frees it within this.
+CREATE_LOCK_S = 30
+#: How often a create waiting for the batch-create lock tries it again.
+CREATE_POLL_S = 0.05
 #: Job fields a batch line's job carries (``extra`` of the create): which batch, which line.
 BATCH_FIELD, CUSTOM_ID_FIELD, REQUEST_FIELD = "batch", "custom_id", "batch_request"
 #: Job statuses read per round trip while counting a batch's jobs: at first, and at most.
@@ -64,6 +79,15 @@ class BatchStatus(str, Enum):
 
 class BatchNotFound(Exception):
     """No batch of the caller's tenant with this id."""
+
+
+class CreateBusy(Exception):
+    """Another batch's jobs were being created for longer than a create waits."""
+
+
+def holder_id() -> str:
+    """Who holds a lock: this process, and one call of it."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def new_batch_id() -> str:
@@ -330,3 +354,70 @@ async def tenant_of(client: redis.asyncio.Redis, settings: Settings, batch_id: s
 async def forget_open(client: redis.asyncio.Redis, settings: Settings, batch_id: str) -> None:
     """Drop a batch whose record is gone from the open batches."""
     await client.zrem(Keys(settings.redis_prefix).batches_open, batch_id)
+
+
+# --- locks ----------------------------------------------------------------------------------
+
+
+async def renew(client: redis.asyncio.Redis, key: str, holder: str, *, ttl_s: float) -> bool:
+    """Extend the lock ``key`` by ``ttl_s`` while ``holder`` holds it (compare-and-expire)."""
+    async with client.pipeline(transaction=True) as pipe:
+        await pipe.watch(key)
+        if text(await pipe.get(key) or b"") != holder:
+            await pipe.reset()
+            return False
+        pipe.multi()
+        pipe.pexpire(key, int(ttl_s * 1000))
+        try:
+            await pipe.execute()
+        except redis.exceptions.WatchError:
+            return False
+    return True
+
+
+async def release(client: redis.asyncio.Redis, key: str, holder: str) -> bool:
+    """Drop the lock ``key`` only while ``holder`` holds it (compare-and-delete)."""
+    return bool(await scripts.script(client, "release")(keys=[key], args=[holder]))
+
+
+@contextlib.asynccontextmanager
+async def renewed(client: redis.asyncio.Redis, key: str, holder: str, *, ttl_s: float) -> AsyncIterator[None]:
+    """While the block runs, ``holder``'s lock ``key`` is renewed every third of ``ttl_s``;
+    after it, released, however the block ended."""
+
+    async def keep() -> None:
+        while True:
+            await asyncio.sleep(ttl_s / 3)
+            try:
+                if not await renew(client, key, holder, ttl_s=ttl_s):
+                    log.warning("lock %s is no longer %s's", key, holder)
+                    return
+            except redis.exceptions.RedisError as error:
+                log.warning("lock %s not renewed: %s", key, error)
+
+    keeping = asyncio.create_task(keep())
+    try:
+        yield
+    finally:
+        keeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeping
+        try:
+            await asyncio.shield(release(client, key, holder))
+        except redis.exceptions.RedisError as error:  # it runs out by itself
+            log.warning("lock %s not released: %s", key, error)
+
+
+@contextlib.asynccontextmanager
+async def creating(client: redis.asyncio.Redis, settings: Settings, *, wait_s: float) -> AsyncIterator[None]:
+    """Hold the deployment's batch-create lock while the block runs: one batch is admitted
+    (quota, queue bounds) and stored at a time, so two cannot both pass a bound the first
+    part of each checks. Waits for it up to ``wait_s``; CreateBusy past that."""
+    key, holder = Keys(settings.redis_prefix).batch_create_lock, holder_id()
+    deadline = time.monotonic() + wait_s
+    while not await client.set(key, holder, nx=True, px=CREATE_LOCK_S * 1000):
+        if time.monotonic() >= deadline:
+            raise CreateBusy(f"another batch was being created for over {wait_s:g} s")
+        await asyncio.sleep(CREATE_POLL_S)
+    async with renewed(client, key, holder, ttl_s=CREATE_LOCK_S):
+        yield

@@ -208,6 +208,10 @@ class Settings(DiffusionSettings, EchoSettings, LLMSettings, BaseSettings):
     #: files live in Redis, which evicts nothing, so one tenant's uploads must not fill it.
     #: An upload past it is refused (413); a batch's output is kept though it passes it.
     file_quota_bytes: int = 1_073_741_824
+    #: Longest a batch create waits for another's to end, in seconds (one batch's jobs are
+    #: admitted and stored at a time, deployment-wide); past it the answer is a 503 with
+    #: Retry-After, which the OpenAI client retries.
+    batch_create_wait_s: float = 30.0
 
     #: An event stream sends a keep-alive comment this often, so that proxies with an idle
     #: timeout (often 30-60 s) keep it open and clients that went away are found.

@@ -490,3 +490,28 @@ def test_a_batch_file_is_checked_without_holding_its_parsed_lines_and_read_again
     with pytest.raises(batch_lines.BatchFileError) as refused:
         batch_lines.scan(content, endpoint=JOBS, max_requests=2, max_line_bytes=2 * batch_lines.DECODE_CHUNK)
     assert refused.value.code == "too_many_requests"
+
+
+def test_one_batch_is_created_at_a_time_and_a_create_that_waits_too_long_is_told_to_retry(own_stack: Stack) -> None:
+    # Given an API whose batch creates wait half a second for another's, and another process
+    # holding the deployment's batch-create lock
+    url = start_api(own_stack, BLAZE_BATCH_CREATE_WAIT_S="0.5")
+    lock = Keys(own_stack.env["BLAZE_REDIS_PREFIX"]).batch_create_lock
+    with (
+        redis.Redis.from_url(own_stack.env["BLAZE_REDIS_URL"]) as client,
+        openai.OpenAI(api_key=ADMIN_TOKEN, base_url=url + "/v1", timeout=60, max_retries=0) as openai_api,
+    ):
+        client.set(lock, "another-process", px=30_000)
+        uploaded = openai_api.files.create(file=("b.jsonl", jsonl([echo_line("one")])), purpose="batch")
+
+        # When a batch is made, Then it is a 503 telling the client when to retry, and no batch
+        with pytest.raises(openai.InternalServerError) as refused:
+            openai_api.batches.create(input_file_id=uploaded.id, endpoint=JOBS, completion_window="24h")  # type: ignore[arg-type]
+        assert refused.value.status_code == 503 and refused.value.response.headers["retry-after"] == "5"
+        assert isinstance(refused.value.body, dict) and refused.value.body["code"] == "batch_create_busy"
+        assert list(openai_api.batches.list()) == []
+
+        # And once the lock is free, the batch is made and the lock released behind it
+        client.delete(lock)
+        made = openai_api.batches.create(input_file_id=uploaded.id, endpoint=JOBS, completion_window="24h")  # type: ignore[arg-type]
+        assert made.status == "in_progress" and client.get(lock) is None
