@@ -29,9 +29,13 @@ from openai.types import Batch
 from openai.types.chat import ChatCompletion
 from openai.types.images_response import ImagesResponse
 from PIL import Image
+from pydantic import TypeAdapter
 
+from api import openai_batches
+from api.problems import InputProblem
 from blaze_jobs import batch_lines, batches, files
 from blaze_jobs.api_keys import create_key
+from blaze_jobs.jobs import JobCreate
 from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack
@@ -515,3 +519,29 @@ def test_one_batch_is_created_at_a_time_and_a_create_that_waits_too_long_is_told
         client.delete(lock)
         made = openai_api.batches.create(input_file_id=uploaded.id, endpoint=JOBS, completion_window="24h")  # type: ignore[arg-type]
         assert made.status == "in_progress" and client.get(lock) is None
+
+
+def test_a_batchs_webhook_hosts_are_checked_once_each(settings: Settings) -> None:
+    # Given a deployment that refuses private webhook receivers, and a batch's lines to two hosts
+    strict = settings.model_copy(update={"webhook_allow_private": False})
+    jobs = [
+        TypeAdapter(JobCreate).validate_python({"engine": "echo", "input": {}, "webhook": f"http://{host}/hook"})
+        for host in ("localhost", "localhost", "10.0.0.1", "localhost")
+    ]
+
+    # When their webhook fields are made for the batch
+    async def story() -> tuple[list[str], int]:
+        hosts = openai_batches.WebhookHosts(strict)
+        refusals = []
+        for job in jobs:
+            with pytest.raises(InputProblem) as refused:
+                await hosts.fields(job)
+            refusals.append(refused.value.field + ": " + refused.value.message)
+        return refusals, len(hosts.verdicts)
+
+    refusals, checked = asyncio.run(story())
+
+    # Then each line is refused naming webhook, the same way for the same host, each host checked once
+    assert all(refusal.startswith("webhook: ") for refusal in refusals)
+    assert refusals[0] == refusals[1] == refusals[3] != refusals[2]
+    assert checked == 2
