@@ -24,10 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import socket
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -472,9 +469,20 @@ async def finalize(app: FastAPI, record: dict[str, str], entries: list[str], cou
     """Write the output and error files of a batch whose jobs have all ended, and end it."""
     settings = settings_of(app)
     client = app.state.store.redis
-    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    holder = batches.holder_id()
     if not await batches.lock(client, settings, record["id"], holder):
         return record  # another process is writing its files
+    # Held while its files are rendered, however long, and let go if writing them fails.
+    lock_key = Keys(settings.redis_prefix).batch_lock(record["id"])
+    async with batches.renewed(client, lock_key, holder, ttl_s=batches.LOCK_S):
+        return await _finalize(app, record, entries, counted, holder=holder)
+
+
+async def _finalize(
+    app: FastAPI, record: dict[str, str], entries: list[str], counted: dict[str, str], *, holder: str
+) -> dict[str, str]:
+    settings = settings_of(app)
+    client = app.state.store.redis
     now = repr(time.time())
     record = await batches.update(client, settings, record, status=BatchStatus.finalizing.value, finalizing_at=now, **counted)
     ids = [entry.partition(":")[0] for entry in entries]

@@ -545,3 +545,32 @@ def test_a_batchs_webhook_hosts_are_checked_once_each(settings: Settings) -> Non
     assert all(refusal.startswith("webhook: ") for refusal in refusals)
     assert refusals[0] == refusals[1] == refusals[3] != refusals[2]
     assert checked == 2
+
+
+def test_a_finalize_lock_is_renewed_while_held_and_let_go_when_its_holder_fails(settings: Settings) -> None:
+    # Given a batch's finalization taken by "a", held past its lifetime
+    async def story() -> None:
+        client = redis.asyncio.Redis.from_url(settings.redis_url)
+        key = Keys(settings.redis_prefix).batch_lock(batches.new_batch_id())
+        try:
+            await client.set(key, "a", px=1000)
+            with pytest.raises(RuntimeError):
+                async with batches.renewed(client, key, "a", ttl_s=1.0):
+                    await asyncio.sleep(1.5)
+                    # Then it is still "a"'s, renewed
+                    assert await client.get(key) == b"a"
+                    # When writing the files fails
+                    raise RuntimeError("rendering failed")
+            # Then the lock is free at once for another process
+            assert await client.get(key) is None
+
+            # And a lock that changed hands is not let go by the one that lost it
+            await client.set(key, "b", px=5000)
+            async with batches.renewed(client, key, "a", ttl_s=1.0):
+                pass
+            assert await client.get(key) == b"b"
+        finally:
+            await client.delete(key)
+            await client.aclose()
+
+    asyncio.run(story())
