@@ -316,6 +316,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 router = APIRouter(route_class=OpenAIRoute, tags=["OpenAI batches"], lifespan=lifespan)
 
 
+#: The error code of a batch whose create failed on a fault of its own (Redis went away): a
+#: retry of that create makes the batch anew.
+INTERNAL = "internal"
+
+
 @router.post("/v1/batches", responses=ERRORS)
 async def create_batch(request: Request, caller: Caller, body: BatchCreate) -> JSONResponse:
     """Make a batch from an uploaded file: each good line becomes a job at once; the answer is
@@ -327,9 +332,12 @@ async def create_batch(request: Request, caller: Caller, body: BatchCreate) -> J
     earlier = await openai_retries.earlier_job(request, caller, "/v1/batches", asked)
     if earlier is not None:
         try:
-            return JSONResponse(batches.batch_view(await batches.get(client, settings, earlier, tenant=caller.tenant)))
+            made = await batches.get(client, settings, earlier, tenant=caller.tenant)
         except BatchNotFound:
-            pass
+            made = None
+        # A batch that could not be created (its create answered 500) is what the retry is for.
+        if made is not None and not _create_failed(made):
+            return JSONResponse(batches.batch_view(made))
     missing = OpenAIError(404, f"No such File object: {body.input_file_id}", param="input_file_id", code="file_not_found")
     try:
         meta = await files.describe(client, settings, body.input_file_id, tenant=caller.tenant)
@@ -361,7 +369,7 @@ async def create_batch(request: Request, caller: Caller, body: BatchCreate) -> J
                 return JSONResponse(batches.batch_view(record))
             except Exception:
                 # Nothing was admitted (or Redis went away): the batch says so rather than stay validating.
-                await fail(client, settings, record, [{"code": "internal", "message": "the batch could not be created; retry"}])
+                await fail(client, settings, record, [{"code": INTERNAL, "message": "the batch could not be created; retry"}])
                 raise
     except batches.CreateBusy as busy:
         raise OpenAIError(
@@ -373,9 +381,15 @@ async def create_batch(request: Request, caller: Caller, body: BatchCreate) -> J
         # Its job list could not be written: its jobs are canceled, not left to run in no batch.
         ids = [entry.partition(":")[0] for entry in job_entries]
         await request.app.state.store.cancel_many(ids, tenant=caller.tenant, reason=f"batch {record['id']} could not start")
-        await fail(client, settings, record, [{"code": "internal", "message": "the batch could not be created; retry"}])
+        await fail(client, settings, record, [{"code": INTERNAL, "message": "the batch could not be created; retry"}])
         raise
     return JSONResponse(batches.batch_view(record))
+
+
+def _create_failed(record: dict[str, str]) -> bool:
+    """The batch failed for a fault of the create itself, not of its file."""
+    errors = json.loads(record.get("errors") or "[]")
+    return record.get("status") == BatchStatus.failed.value and any(error.get("code") == INTERNAL for error in errors)
 
 
 async def fail(client: Any, settings: Settings, record: dict[str, str], errors: list[dict[str, Any]]) -> dict[str, str]:
@@ -423,17 +437,22 @@ async def cancel_batch(request: Request, caller: Caller, batch_id: str) -> JSONR
         record = await batches.get(store.redis, settings, batch_id, tenant=caller.tenant)
     except BatchNotFound:
         raise not_found(batch_id) from None
-    if record["status"] != BatchStatus.in_progress.value:
-        # 400, not 409: the client retries a 409, and this answer does not change.
-        raise invalid(None, f"Cannot cancel a batch with status {record['status']!r}", code="batch_not_cancellable")
-    record = await batches.update(
+    # Only from in_progress, checked in the same step as the write: a batch another process
+    # has begun to finalize (or expire) meanwhile is not reopened.
+    cancelling = await batches.update_if(
         store.redis,
         settings,
         record,
+        expect=(BatchStatus.in_progress,),
         status=BatchStatus.cancelling.value,
         cancelling_at=repr(time.time()),
         ending=BatchStatus.cancelled.value,
     )
+    if cancelling is None:
+        status = (await batches.get(store.redis, settings, batch_id, tenant=caller.tenant))["status"]
+        # 400, not 409: the client retries a 409, and this answer does not change.
+        raise invalid(None, f"Cannot cancel a batch with status {status!r}", code="batch_not_cancellable")
+    record = cancelling
     ids = await batches.unchecked(store.redis, settings, record)
     await store.cancel_many(ids, tenant=caller.tenant, reason=f"batch {batch_id} canceled by request")
     return JSONResponse(batches.batch_view(record))
@@ -456,7 +475,10 @@ async def advance(app: FastAPI, record: dict[str, str]) -> dict[str, str]:
     if not done and status == BatchStatus.in_progress and time.time() > float(record["expires_at"]):
         ids = await batches.unchecked(client, settings, {**record, **counted})
         await store.cancel_many(ids, tenant=record["tenant"], reason=f"batch {record['id']}'s completion window ran out")
-        record = await batches.update(client, settings, record, ending=BatchStatus.expired.value)
+        expiring = await batches.update_if(
+            client, settings, record, expect=(BatchStatus.in_progress,), ending=BatchStatus.expired.value
+        )
+        record = expiring or await batches.get(client, settings, record["id"], tenant=record["tenant"])
         counted, done = await batches.look(client, settings, {**record, **counted})
     if not done:
         if any(record.get(name) != value for name, value in counted.items()):
@@ -484,7 +506,20 @@ async def _finalize(
     settings = settings_of(app)
     client = app.state.store.redis
     now = repr(time.time())
-    record = await batches.update(client, settings, record, status=BatchStatus.finalizing.value, finalizing_at=now, **counted)
+    # From in_progress or cancelling only, reading `ending` as it is now: a cancel that came
+    # after the look is either in it, or refused (the batch is finalizing).
+    finalizing = await batches.update_if(
+        client,
+        settings,
+        record,
+        expect=(BatchStatus.in_progress, BatchStatus.cancelling, BatchStatus.finalizing),
+        status=BatchStatus.finalizing.value,
+        finalizing_at=now,
+        **counted,
+    )
+    if finalizing is None:  # ended meanwhile
+        return await batches.get(client, settings, record["id"], tenant=record["tenant"])
+    record = finalizing
     ids = [entry.partition(":")[0] for entry in entries]
     jobs = await batches.jobs(client, settings, ids)
     malformed = await batches.malformed_lines(client, settings, record["id"])

@@ -188,6 +188,29 @@ async def update(client: redis.asyncio.Redis, settings: Settings, record: dict[s
     return {**record, **fields}
 
 
+async def update_if(
+    client: redis.asyncio.Redis, settings: Settings, record: dict[str, str], *, expect: tuple[BatchStatus, ...], **fields: str
+) -> dict[str, str] | None:
+    """Write ``fields`` of the batch only while its status is one of ``expect`` (a cancel, an
+    expiry and a finalization race each other across API processes); the record as it is
+    now with them, or None when its status is another."""
+    key = Keys(settings.redis_prefix).batch(record["id"])
+    async with client.pipeline(transaction=True) as pipe:
+        while True:
+            await pipe.watch(key)
+            now = {text(name): text(value) for name, value in (await pipe.hgetall(key)).items()}
+            if now.get("status") not in {status.value for status in expect}:
+                await pipe.reset()
+                return None
+            pipe.multi()
+            pipe.hset(key, mapping=cast(dict[Any, Any], fields))
+            try:
+                await pipe.execute()
+            except redis.exceptions.WatchError:
+                continue  # changed meanwhile: look again
+            return {**now, **fields}
+
+
 async def start(
     client: redis.asyncio.Redis,
     settings: Settings,

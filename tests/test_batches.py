@@ -574,3 +574,18 @@ def test_a_finalize_lock_is_renewed_while_held_and_let_go_when_its_holder_fails(
             await client.aclose()
 
     asyncio.run(story())
+
+
+def test_an_ended_batch_cannot_be_cancelled_and_keeps_its_files(openai_api: openai.OpenAI) -> None:
+    # Given a batch that has completed
+    done = ended(openai_api, submit(openai_api, [echo_line("kept")], JOBS).id)
+    assert done.status == "completed" and done.output_file_id is not None
+
+    # When the client cancels it, Then it is refused as not cancellable
+    with pytest.raises(openai.BadRequestError) as refused:
+        openai_api.batches.cancel(done.id)
+    assert refused.value.code == "batch_not_cancellable"
+
+    # And the batch is still completed, with the same output file
+    again = openai_api.batches.retrieve(done.id)
+    assert again.status == "completed" and again.output_file_id == done.output_file_id
