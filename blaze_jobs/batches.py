@@ -28,7 +28,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from enum import Enum
 from typing import Any, cast
 
@@ -345,22 +345,15 @@ async def finish(
     and nothing written, when the lock changed hands meanwhile."""
     keys = Keys(settings.redis_prefix)
     lock_key = keys.batch_lock(record["id"])
-    async with client.pipeline(transaction=True) as pipe:
-        await pipe.watch(lock_key)
-        if text(await pipe.get(lock_key) or b"") != holder:
-            await pipe.reset()
-            return False
-        pipe.multi()
+
+    def write(pipe: Any) -> None:
         for file in files:
             queue_put(pipe, keys, ttl_s=settings.file_ttl_s, index_ttl_s=settings.file_ttl_s, **file)
         pipe.hset(keys.batch(record["id"]), mapping=cast(dict[Any, Any], fields))
         pipe.zrem(keys.batches_open, record["id"])
         pipe.delete(lock_key)
-        try:
-            await pipe.execute()
-        except redis.exceptions.WatchError:
-            return False
-    return True
+
+    return await while_held(client, lock_key, holder, write)
 
 
 async def open_batches(client: redis.asyncio.Redis, settings: Settings, *, start: int, count: int) -> list[str]:
@@ -384,13 +377,20 @@ async def forget_open(client: redis.asyncio.Redis, settings: Settings, batch_id:
 
 async def renew(client: redis.asyncio.Redis, key: str, holder: str, *, ttl_s: float) -> bool:
     """Extend the lock ``key`` by ``ttl_s`` while ``holder`` holds it (compare-and-expire)."""
+    return await while_held(client, key, holder, lambda pipe: pipe.pexpire(key, int(ttl_s * 1000)))
+
+
+async def while_held(client: redis.asyncio.Redis, key: str, holder: str, write: Callable[[Any], Any]) -> bool:
+    """Send the commands ``write`` queues on a transaction only while ``holder`` holds the
+    lock ``key``; False, and nothing written, when it does not (or the lock changes hands
+    before they are sent)."""
     async with client.pipeline(transaction=True) as pipe:
         await pipe.watch(key)
         if text(await pipe.get(key) or b"") != holder:
             await pipe.reset()
             return False
         pipe.multi()
-        pipe.pexpire(key, int(ttl_s * 1000))
+        write(pipe)
         try:
             await pipe.execute()
         except redis.exceptions.WatchError:
