@@ -210,19 +210,22 @@ def param_for(url: str, field: str, body: dict[str, Any]) -> str:
 _JOB = TypeAdapter(JobCreate)
 
 
-def job_for(url: str, body: dict[str, Any], settings: Settings) -> Any:
+def job_for(url: str, body: dict[str, Any], settings: Settings, *, parsed: BaseModel | None = None) -> Any:
     """The ``JobCreate`` for ``body`` sent to ``url`` (one of ``IMAGES``, ``CHAT``,
     ``COMPLETIONS``). A bad body raises an ``OpenAIError`` naming the parameter: 400 for a
-    bad or unsupported value, 404 for a model this deployment does not serve."""
+    bad or unsupported value, 404 for a model this deployment does not serve. ``parsed``: the
+    body as the route's own model already read it (a batch line's is read here)."""
     if url not in REQUESTS:
         raise invalid("url", f"Invalid URL {url!r}: expected one of {', '.join(REQUESTS)}")
     if not isinstance(body, dict):
         raise invalid(None, "The request body must be a JSON object")
     # 1. OpenAI's parameters.
-    try:
-        request = REQUESTS[url].model_validate(body)
-    except ValidationError as error:
-        raise from_validation(error.errors()) from None
+    request = parsed
+    if request is None:
+        try:
+            request = REQUESTS[url].model_validate(body)
+        except ValidationError as error:
+            raise from_validation(error.errors()) from None
     # 2. The model, one of this deployment's for the route's engine.
     engine = ENGINE_OF[url]
     model = request.model or settings.default_model(engine)  # type: ignore[attr-defined]

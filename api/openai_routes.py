@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request, Response
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
@@ -128,7 +129,9 @@ async def get_model(request: Request, caller: Caller, model: str) -> JSONRespons
 # --- creates ------------------------------------------------------------------------------
 
 
-async def _job_of(request: Request, caller: ApiKey, url: str, body: dict[str, Any]) -> tuple[dict[str, str], str]:
+async def _job_of(
+    request: Request, caller: ApiKey, url: str, body: dict[str, Any], parsed: BaseModel
+) -> tuple[dict[str, str], str]:
     # The job this request is answered with, and the id of its latest event: the job an
     # earlier attempt of it made (the client's own retry), else a new one.
     earlier = await openai_retries.earlier_job(request, caller, url, body)
@@ -137,7 +140,7 @@ async def _job_of(request: Request, caller: ApiKey, url: str, body: dict[str, An
             return await waits.stream_start(request.app, earlier, tenant=caller.tenant)
         except JobNotFound:  # gone since (its retention ran out): make it again
             pass
-    job = job_for(url, body, settings_of(request.app))
+    job = job_for(url, body, settings_of(request.app), parsed=parsed)
     try:
         record, _ = await creation.create(request, caller, job, extra={"surface": "openai", "openai_route": url})
     except InputProblem as problem:  # a bound of the stored job (its depth, its size)
@@ -162,9 +165,9 @@ def _wait_s(request: Request) -> float:
     return wait
 
 
-async def _answer(request: Request, caller: ApiKey, url: str, body: dict[str, Any]) -> JSONResponse:
+async def _answer(request: Request, caller: ApiKey, url: str, body: dict[str, Any], parsed: BaseModel) -> JSONResponse:
     # Make (or find) the job, wait for its end, and answer OpenAI's response object.
-    record, position = await _job_of(request, caller, url, body)
+    record, position = await _job_of(request, caller, url, body, parsed)
     wait = _wait_s(request)
     record = await waits.wait_for_end(request.app, record["id"], wait, tenant=caller.tenant, known=(record, position))
     if not events.ended(record):
@@ -184,7 +187,7 @@ async def _answer(request: Request, caller: ApiKey, url: str, body: dict[str, An
 async def create_images(request: Request, caller: Caller, body: Annotated[ImageRequest, Body()]) -> JSONResponse:
     """Generate `n` images (one diffusion job) and answer once they are made: signed URLs
     (`response_format: url`, the default) or the bytes, base64 (`b64_json`)."""
-    return await _answer(request, caller, IMAGES, await request.json())
+    return await _answer(request, caller, IMAGES, await request.json(), body)
 
 
 @router.post("/v1/chat/completions", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
@@ -193,8 +196,8 @@ async def create_chat_completion(request: Request, caller: Caller, body: Annotat
     `stream: true` its `chat.completion.chunk`s as the text is made, then `data: [DONE]`."""
     raw = await request.json()
     if body.stream:
-        return await _stream(request, caller, CHAT, raw, include_usage=_include_usage(body))
-    return await _answer(request, caller, CHAT, raw)
+        return await _stream(request, caller, CHAT, raw, body, include_usage=_include_usage(body))
+    return await _answer(request, caller, CHAT, raw, body)
 
 
 @router.post("/v1/completions", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
@@ -203,8 +206,8 @@ async def create_completion(request: Request, caller: Caller, body: Annotated[Co
     `stream: true` its chunks as the text is made, then `data: [DONE]`."""
     raw = await request.json()
     if body.stream:
-        return await _stream(request, caller, COMPLETIONS, raw, include_usage=_include_usage(body))
-    return await _answer(request, caller, COMPLETIONS, raw)
+        return await _stream(request, caller, COMPLETIONS, raw, body, include_usage=_include_usage(body))
+    return await _answer(request, caller, COMPLETIONS, raw, body)
 
 
 # --- streams ------------------------------------------------------------------------------
@@ -215,10 +218,10 @@ def _include_usage(body: ChatRequest | CompletionRequest) -> bool:
 
 
 async def _stream(
-    request: Request, caller: ApiKey, url: str, body: dict[str, Any], *, include_usage: bool
+    request: Request, caller: ApiKey, url: str, body: dict[str, Any], parsed: BaseModel, *, include_usage: bool
 ) -> EventSourceResponse:
     # Everything that can refuse the request does so now, before the 200 goes out.
-    record, _ = await _job_of(request, caller, url, body)
+    record, _ = await _job_of(request, caller, url, body, parsed)
     app, settings = request.app, settings_of(request.app)
     record, _ = await waits.stream_start(app, record["id"], tenant=caller.tenant)
     chunks = _chunks(app.state.reader, url, record, include_usage=include_usage, wait_s=settings.openai_wait_s)
