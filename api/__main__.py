@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import copy
-from typing import Any
 
 import uvicorn
-from uvicorn.config import LOGGING_CONFIG
 
+from blaze_jobs import logs
 from blaze_jobs.settings import get_settings
-
-
-def log_config(level: str) -> dict[str, Any]:
-    """uvicorn's logging, with the API's own loggers (``blaze_jobs.api.*``: every problem answered,
-    under its id) written the same way."""
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config["loggers"]["blaze_jobs.api"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
-    return config
 
 
 def main() -> None:
@@ -39,7 +29,7 @@ def main() -> None:
         loop="uvloop",
         http="httptools",
         log_level=args.log_level,
-        log_config=log_config(args.log_level),
+        log_config=logs.uvicorn_config(args.log_level),
         access_log=args.log_level == "debug",
         proxy_headers=bool(proxies),
         forwarded_allow_ips=",".join(proxies) or None,

@@ -256,6 +256,14 @@ class Settings(DiffusionSettings, EchoSettings, LLMSettings, BaseSettings):
     #: ran meanwhile, are one Redis PUBLISH, not one each (``blaze_jobs.task_events``).
     task_events_flush_s: float = 0.25
 
+    # --- watching: metrics and logs -----------------------------------------------------
+    #: Prometheus metrics at the API's ``/metrics`` (a worker serves its own on
+    #: ``--metrics-port``). Off, nothing is recorded and ``/metrics`` answers 404.
+    metrics: bool = True
+    #: ``text``: one human line per record; ``json``: one JSON object per line, with the job
+    #: id, engine, model and worker on every line about a job.
+    log_format: Literal["text", "json"] = "text"
+
     # --- Celery -------------------------------------------------------------------------
     #: Seconds before Redis hands a delivered but unacknowledged message to another worker.
     #: A message lost in flight (its worker's connection died between taking it and starting

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from blaze_jobs import cache, events, faults, progress
+from blaze_jobs import cache, events, faults, logs, progress
 from blaze_jobs.artifacts import ArtifactStore, artifact_name, artifact_url
 from blaze_jobs.attempt import Attempt
 from blaze_jobs.broker import requeue_push
@@ -43,6 +43,11 @@ def run_job(
     ``tenant`` (None: the default tenant), ``faulted_on`` and ``passes`` come from the job's
     message (``broker.task_message``)."""
     context = context or current_context(engine)
+    with logs.job_context(job=job_id, engine=engine, worker=context.name):
+        return _run_job(context, job_id, tenant=tenant, faulted_on=faulted_on, passes=passes)
+
+
+def _run_job(context: WorkerContext, job_id: str, *, tenant: str | None, faulted_on: Sequence[str], passes: int) -> str:
     settings = context.settings
 
     # 1. Take the job, unless the breaker says this worker must not, or the job faulted here

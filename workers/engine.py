@@ -16,7 +16,7 @@ import socket
 
 from celery.signals import worker_shutdown
 
-from blaze_jobs import redis_config
+from blaze_jobs import logs, redis_config
 from blaze_jobs.celery_app import app
 from blaze_jobs.settings import ENGINES, get_settings
 from blaze_jobs.worker_context import WorkerContext, install_context
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=None, help="task threads (default: twice --max-batch)")
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.loglevel, settings)
     name = f"{args.engine}-{os.getpid()}@{socket.gethostname()}"
 
     # 0. Refuse a Redis that would evict accepted jobs; warn about one that keeps none.

@@ -12,7 +12,7 @@ import socket
 
 from celery.signals import worker_shutdown
 
-from blaze_jobs import redis_config
+from blaze_jobs import logs, redis_config
 from blaze_jobs.celery_app import app
 from blaze_jobs.keys import WEBHOOK_QUEUE
 from blaze_jobs.settings import get_settings
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=settings.webhook_concurrency, help="deliveries sent at once")
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.loglevel, settings)
     # Each attempt is logged once, with its outcome, by blaze_jobs.webhooks.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
