@@ -24,7 +24,9 @@ from . import (
     artifacts,
     bounds,
     connections,
+    console,
     creation,
+    metrics,
     openai_batches,
     openai_files,
     openai_routes,
@@ -70,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.freeze()
         yield
         await app.state.redis.aclose()
+        metrics.process_ended()
 
     app = FastAPI(
         title="Blaze Jobs",
@@ -80,6 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     problems.install(app)
     bounds.install(app, settings)
+    # Outermost: it sees every answer, the 413s and 500s of the layers above included.
+    metrics.install(app, settings)
 
     @app.post(
         "/v1/jobs",
@@ -175,6 +180,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(artifacts.router)
     app.include_router(admin.router)
+    app.include_router(metrics.router)
+    app.include_router(console.router)
     # Last: GET /v1/models/{id} and /v1/models/{org}/{name} (a model id with a slash) that no route above took.
     app.include_router(openai_routes.model_router)
     return app

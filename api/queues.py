@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from blaze_jobs import scripts
 from blaze_jobs.jobs import JobStatus
-from blaze_jobs.keys import Keys
+from blaze_jobs.keys import WEBHOOK_QUEUE, Keys
 from blaze_jobs.settings import ENGINES
 from blaze_jobs.store import tenant_of, text
 
@@ -96,30 +98,69 @@ def head_job_id(message: bytes | str | None) -> str | None:
     return job_id if isinstance(job_id, str) else None
 
 
-@router.get("/v1/queues", response_model=QueueList)
-async def list_queues(request: Request, caller: Caller) -> JSONResponse:
-    """Each engine's queue: its depth, and the job at its head with the time it has waited."""
-    settings = settings_of(request.app)
-    client, keys = request.app.state.redis, Keys(settings.redis_prefix)
+@dataclass(frozen=True)
+class QueueHead:
+    """A queue as Redis holds it now: its depth, and the job at its head (the next taken)."""
+
+    name: str
+    depth: int
+    job_id: str | None
+    #: When the head job was created (a delivery: when its event happened); None if unknown.
+    created_at: float | None
+    tenant: str | None
+
+
+async def queue_heads(client: Any, keys: Keys, names: Iterable[str]) -> list[QueueHead]:
+    """Each named queue's depth and head, in two round trips: what ``GET /v1/queues`` answers
+    and the API's queue gauges (``api/metrics.py``) report."""
+    names = list(names)
     # 1. Each queue's length and head, in one round trip.
     async with client.pipeline(transaction=False) as pipe:
-        for engine in ENGINES:
-            pipe.llen(keys.queue(engine))
-            pipe.lindex(keys.queue(engine), -1)  # kombu takes from the right
+        for name in names:
+            pipe.llen(keys.queue(name))
+            pipe.lindex(keys.queue(name), -1)  # kombu takes from the right
         replies = await pipe.execute()
     depths, heads = replies[0::2], [head_job_id(m) for m in replies[1::2]]
     # 2. When each head job was created, and whose it is, in a second one.
     async with client.pipeline(transaction=False) as pipe:
-        for job_id in heads:
-            pipe.hmget(keys.job(job_id or ""), ["created_at", "tenant"])
+        for name, job_id in zip(names, heads, strict=True):
+            pipe.hmget(keys.job(_job_of_message(name, job_id) or ""), ["created_at", "tenant"])
         found = await pipe.execute()
+    queues = []
+    for name, depth, head, (at, tenant) in zip(names, depths, heads, found, strict=True):
+        created_at = float(text(at)) if head and at else None
+        if name == WEBHOOK_QUEUE and head:
+            created_at = _event_time(head)
+        queues.append(QueueHead(name, int(depth), head, created_at, text(tenant) if tenant else None))
+    return queues
+
+
+def _job_of_message(queue: str, task_id: str | None) -> str | None:
+    # A delivery's task id is ``<job>:<delivery>:<attempt>`` (``broker.webhook_task_template``).
+    return task_id.split(":", 1)[0] if task_id and queue == WEBHOOK_QUEUE else task_id
+
+
+def _event_time(task_id: str) -> float | None:
+    # The delivery id is the event's stream id, ``<milliseconds>-<sequence>``.
+    parts = task_id.split(":")
+    millis = parts[1].partition("-")[0] if len(parts) == 3 else ""
+    return int(millis) / 1000 if millis.isdigit() else None
+
+
+@router.get("/v1/queues", response_model=QueueList)
+async def list_queues(request: Request, caller: Caller) -> JSONResponse:
+    """Each engine's queue: its depth, and the job at its head with the time it has waited."""
+    settings = settings_of(request.app)
+    heads = await queue_heads(request.app.state.redis, Keys(settings.redis_prefix), ENGINES)
     now = time.time()
     queues = []
-    for engine, depth, head, (at, tenant) in zip(ENGINES, depths, heads, found, strict=True):
+    for head in heads:
         # Another tenant's job is not even named to a caller (an admin sees every tenant's).
-        yours = caller.admin or tenant_of(tenant, settings) == caller.tenant
-        age = round(max(0.0, now - float(text(at))), 3) if head and at else None
-        queues.append({"engine": engine, "depth": int(depth), "oldest_job_id": head if yours else None, "oldest_age_s": age})
+        yours = caller.admin or tenant_of(head.tenant, settings) == caller.tenant
+        age = round(max(0.0, now - head.created_at), 3) if head.created_at is not None else None
+        queues.append(
+            {"engine": head.name, "depth": head.depth, "oldest_job_id": head.job_id if yours else None, "oldest_age_s": age}
+        )
     return JSONResponse({"queues": queues})
 
 
