@@ -4,6 +4,14 @@ call, as soon as the group is full or its oldest job has waited ``max_wait_ms``.
 
 Each job stays its own Celery task (own ack, retry, cancel, Flower row); only the device
 work is shared. Batches never mix batch keys, so never models.
+
+The batcher keeps the device's busy fraction over the last minute (``busy``, shown by
+``GET /v1/workers``) and, with metrics on, records each batch: its size, its fill against
+``max_batch``, how long its first job waited for it to form, and its device time. A
+continuous engine (llm) forms no batches here: sequences join and leave its running batch
+token by token. For it, each job records once, as it ends, the largest batch it ran in
+(size and fill), and the device counts as busy while any of its jobs is in flight (its loop
+steps whenever it holds a sequence); it has no form wait nor per-batch device time.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from blaze_jobs import metrics
 from blaze_jobs.engines.base import Engine, EngineRequest, OutputFuture, request_territory
 from blaze_jobs.engines.spec import Batching
 from blaze_jobs.errors import BlazeError, HandedBack
@@ -52,6 +61,10 @@ class Batcher:
         self.max_wait_s = max_wait_ms / 1000
         self.on_batch = on_batch
         self.batches_run = 0
+        #: The device's busy fraction over the last minute (GET /v1/workers, blaze_device_busy_ratio).
+        self.busy = metrics.BusyWindow()
+        self._in_flight = 0  # a continuous engine's jobs not yet ended
+        self._busy_since = 0.0  # since when they have kept its device busy (monotonic)
         self._groups: dict[tuple, list[_Pending]] = {}
         self._cond = threading.Condition()
         self._closed = False
@@ -65,10 +78,11 @@ class Batcher:
         if batching is Batching.continuous:
             # The engine schedules token by token itself.
             inner = self.engine.submit(request)
-            inner.add_done_callback(lambda _: _relay(inner, future))
+            self._continuous_started()
+            inner.add_done_callback(lambda _: self._continuous_ended(inner, future))
             return future
         if batching is Batching.none:
-            _run_alone(self.engine, request, future)
+            self._run_alone(request, future)
             return future
         try:
             with request_territory("batch key"):
@@ -134,7 +148,7 @@ class Batcher:
                 results = self.engine.run_batch([p.request for p in batch])
             except BaseException as error:  # the whole batch failed: every member learns why
                 results = [error] * len(batch)
-            elapsed = time.monotonic() - started
+            elapsed = self._ran(len(batch), started, formed_in=started - batch[0].since)
             self.batches_run += 1
             if self.on_batch:
                 self.on_batch(len(batch), elapsed)
@@ -144,21 +158,62 @@ class Batcher:
                 else:
                     pending.future.set_result(Result(result, len(batch)))
 
+    def _run_alone(self, request: EngineRequest, future: Future) -> None:
+        """An engine that never batches runs each job on its task thread, as a batch of one."""
+        future.set_running_or_notify_cancel()
+        started = time.monotonic()
+        try:
+            (result,) = self.engine.run_batch([request])
+        except BaseException as error:
+            result = error
+        self._ran(1, started, formed_in=None)
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(Result(result, 1))
+
+    def _ran(self, size: int, started: float, *, formed_in: float | None) -> float:
+        """Note a batch that ran from ``started`` until now; returns its device time."""
+        ended = time.monotonic()
+        self.busy.ran(started, ended)
+        if metrics.enabled():
+            self._record_batch(size, formed_in=formed_in, device_s=ended - started)
+        return ended - started
+
+    def _record_batch(self, size: int, *, formed_in: float | None, device_s: float | None) -> None:
+        engine = self.engine.name
+        metrics.BATCH_SIZE.labels(engine).observe(size)
+        metrics.BATCH_FILL.labels(engine).observe(size / self.max_batch)
+        if formed_in is not None:
+            metrics.BATCH_FORM_SECONDS.labels(engine).observe(formed_in)
+        if device_s is not None:
+            metrics.BATCH_DEVICE_SECONDS.labels(engine).observe(device_s)
+            metrics.DEVICE_BUSY_SECONDS.labels(engine).inc(device_s)
+
+    # --- a continuous engine's jobs -------------------------------------------------
+
+    def _continuous_started(self) -> None:
+        with self._cond:
+            if self._in_flight == 0:
+                self._busy_since = time.monotonic()
+            self._in_flight += 1
+
+    def _continuous_ended(self, done: OutputFuture, future: Future[Result]) -> None:
+        # The busy span so far is recorded at every job's end, not only when the last one
+        # leaves, so a device busy for hours shows it within a job's time.
+        with self._cond:
+            now, since = time.monotonic(), self._busy_since
+            self._in_flight -= 1
+            self._busy_since = now
+        self.busy.ran(since, now)
+        if metrics.enabled():
+            metrics.DEVICE_BUSY_SECONDS.labels(self.engine.name).inc(now - since)
+            self._record_batch(done.batch_size, formed_in=None, device_s=None)
+        _relay(done, future)
+
 
 def _relay(done: OutputFuture, future: Future[Result]) -> None:
     if done.exception() is not None:
         future.set_exception(done.exception())
     else:
         future.set_result(Result(done.result(), done.batch_size))
-
-
-def _run_alone(engine: Engine, request: EngineRequest, future: Future) -> None:
-    future.set_running_or_notify_cancel()
-    try:
-        (result,) = engine.run_batch([request])
-    except BaseException as error:
-        result = error
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(Result(result, 1))

@@ -5,6 +5,9 @@ request never does.
 closed ──N faults in a row──▶ open: stop consuming the queue, hand held jobs back
 open ──cool-down──▶ half-open: consume again, let exactly one job through as the probe
 half-open ──probe succeeds──▶ closed   /   ──probe faults──▶ open, with twice the cool-down
+
+With metrics on, ``blaze_breaker_state`` shows the state (1 for the current one, 0 for the
+others) and ``blaze_breaker_transitions_total`` counts the states entered.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import threading
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
+
+from blaze_jobs import metrics
 
 log = logging.getLogger("blaze_jobs.breaker")
 
@@ -30,11 +35,13 @@ class CircuitBreaker:
         *,
         failures: int,
         cooldown_s: float,
+        engine: str,
         max_cooldown_s: float,
         on_open: Callable[[], None] = lambda: None,
         on_half_open: Callable[[], None] = lambda: None,
         on_change: Callable[[BreakerState], None] = lambda state: None,
     ) -> None:
+        self.engine = engine  # the metrics' label
         self.threshold = failures
         self.base_cooldown_s = cooldown_s
         self.max_cooldown_s = max_cooldown_s
@@ -51,6 +58,8 @@ class CircuitBreaker:
         self._probe_taken = False
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
+        if metrics.enabled():
+            self._show(BreakerState.closed)
 
     def allow(self) -> bool:
         """May a job use the device now? In half-open, only the first caller (the probe) may."""
@@ -77,7 +86,7 @@ class CircuitBreaker:
             log.warning("breaker closed: the probe succeeded")
             self.state = BreakerState.closed
             self.cooldown_s = self.base_cooldown_s
-        self.on_change(BreakerState.closed)
+        self._changed(BreakerState.closed)
 
     def record_failure(self, reason: str) -> None:
         with self._lock:
@@ -92,7 +101,7 @@ class CircuitBreaker:
             else:
                 return
         self.on_open()
-        self.on_change(BreakerState.open)
+        self._changed(BreakerState.open)
 
     def _open_locked(self) -> None:
         log.warning(
@@ -112,7 +121,17 @@ class CircuitBreaker:
             self.state = BreakerState.half_open
             self._probe_taken = False
         self.on_half_open()
-        self.on_change(BreakerState.half_open)
+        self._changed(BreakerState.half_open)
+
+    def _changed(self, state: BreakerState) -> None:
+        if metrics.enabled():
+            metrics.BREAKER_TRANSITIONS.labels(self.engine, state.value).inc()
+            self._show(state)
+        self.on_change(state)
+
+    def _show(self, state: BreakerState) -> None:
+        for each in BreakerState:
+            metrics.BREAKER_STATE.labels(self.engine, each.value).set(1 if each is state else 0)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

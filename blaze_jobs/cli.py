@@ -59,8 +59,10 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    metrics = [] if args.metrics_port is None else ["--metrics-port", str(args.metrics_port), "--metrics-host", args.metrics_host]
     if args.engine == "webhooks":
-        _exec(["-m", "blaze_jobs.workers.webhooks", *(["--concurrency", str(args.concurrency)] if args.concurrency else [])])
+        concurrency = ["--concurrency", str(args.concurrency)] if args.concurrency else []
+        _exec(["-m", "blaze_jobs.workers.webhooks", *concurrency, *metrics])
     argv = ["-m", "blaze_jobs.workers.engine", "--engine", args.engine]
     for flag, value in (
         ("--device", args.device),
@@ -70,7 +72,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             argv += [flag, str(value)]
-    _exec(argv)
+    _exec([*argv, *metrics])
     return 0
 
 
@@ -352,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-batch", type=int, help="most jobs in one batch (default BLAZE_MAX_BATCH)")
     worker.add_argument("--max-wait-ms", type=float, help="longest wait for a fuller batch (default BLAZE_MAX_WAIT_MS)")
     worker.add_argument("--concurrency", type=int, help="task threads (default: twice the max batch)")
+    worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: none)")
+    worker.add_argument("--metrics-host", default="127.0.0.1", help="the address --metrics-port listens on")
     worker.set_defaults(func=cmd_worker)
 
     flower = commands.add_parser("flower", help="serve Flower, the Celery monitor (login: BLAZE_FLOWER_BASIC_AUTH)")

@@ -1,19 +1,23 @@
 """What a worker process loads once and every job it runs shares: its ``WorkerContext``
-(settings, Redis, the engine, the batcher, the breaker, the heartbeat), one per engine."""
+(settings, Redis, the engine, the batcher, the breaker, the heartbeat), one per engine; and
+the ``--metrics-port`` both worker entry points (engines, webhooks) serve their metrics on."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import prometheus_client
 import redis
 from redis.backoff import ExponentialBackoff
 
-from blaze_jobs import cache
+from blaze_jobs import cache, metrics
 from blaze_jobs.artifacts import ArtifactStore, artifact_store
 from blaze_jobs.batching import Batcher
 from blaze_jobs.breaker import CircuitBreaker
@@ -74,6 +78,9 @@ class WorkerContext:
             max_wait_ms=settings.max_wait_ms if max_wait_ms is None else max_wait_ms,
             on_batch=self._count_batch,
         )
+        if metrics.enabled():
+            # Read at each scrape, so it is as fresh as the scrape, at no cost between scrapes.
+            metrics.DEVICE_BUSY_RATIO.labels(engine).set_function(self.batcher.busy.ratio)
 
         def opened() -> None:
             # Jobs waiting for the device go back to the queue for the worker's peers at once.
@@ -83,6 +90,7 @@ class WorkerContext:
         self.breaker = CircuitBreaker(
             failures=settings.breaker_failures,
             cooldown_s=settings.breaker_cooldown_s,
+            engine=engine,
             max_cooldown_s=settings.breaker_max_cooldown_s,
             on_open=opened,
             on_half_open=on_half_open,
@@ -107,6 +115,8 @@ class WorkerContext:
             "batches_run": batches,
             "mean_batch_size": round(self.batched_jobs / batches, 3) if batches else None,
             "device_busy_s": round(self.device_busy_s, 3),
+            # The share of the last minute the device spent running jobs, 0 to 1.
+            "device_busy": round(self.batcher.busy.ratio(), 3),
             "max_batch": self.batcher.max_batch,
             "jobs_run": self.jobs_run,
         }
@@ -119,6 +129,32 @@ class WorkerContext:
         self.batcher.close()
         self.breaker.close()
         self.engine.close()
+
+
+def add_metrics_options(parser: argparse.ArgumentParser) -> None:
+    """The worker's ``--metrics-port`` and ``--metrics-host`` options."""
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: none, not recorded)"
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="the address --metrics-port listens on (default 127.0.0.1; 0.0.0.0 for a Prometheus on another host or container)",
+    )
+
+
+def serve_metrics(args: argparse.Namespace, *, prog: str) -> None:
+    """Turn recording on and serve this process's metrics, if ``--metrics-port`` asks for it;
+    exit saying so when that port is taken."""
+    if args.metrics_port is None:
+        return
+    metrics.enable()
+    try:
+        prometheus_client.start_http_server(args.metrics_port, addr=args.metrics_host)
+    except OSError as error:
+        where = f"--metrics-port {args.metrics_port} ({args.metrics_host})"
+        sys.exit(f"{prog}: cannot serve metrics on {where}: {error.strerror or error}")
+    log.info("metrics at http://%s:%d/metrics", args.metrics_host, args.metrics_port)
 
 
 # The process's contexts, by engine: a job of one engine never runs on another's engine.

@@ -4,7 +4,7 @@ It loads the engine and its default model once, then consumes the engine's queue
 Celery's thread pool: one task thread per job the batcher may put in a batch, each handing
 its job to the batcher (``blaze_jobs.worker.run_job``). The circuit breaker cancels the
 worker's consumer of the queue when it opens and adds it back when it half-opens; Flower
-shows both.
+shows both. With ``--metrics-port`` it records its metrics and serves them there.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from celery.signals import worker_shutdown
 from blaze_jobs import logs, redis_config
 from blaze_jobs.celery_app import app
 from blaze_jobs.settings import ENGINES, get_settings
-from blaze_jobs.worker_context import WorkerContext, install_context
+from blaze_jobs.worker_context import WorkerContext, add_metrics_options, install_context, serve_metrics
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,9 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-wait-ms", type=float, default=settings.max_wait_ms, help="longest wait for a fuller batch")
     parser.add_argument("--concurrency", type=int, default=None, help="task threads (default: twice --max-batch)")
     parser.add_argument("--loglevel", default="INFO")
+    add_metrics_options(parser)
     args = parser.parse_args(argv)
     logs.configure(args.loglevel, settings)
     name = f"{args.engine}-{os.getpid()}@{socket.gethostname()}"
+    # Before anything loads: a taken port is a mistake to report at once, not after the model.
+    serve_metrics(args, prog=parser.prog)
 
     # 0. Refuse a Redis that would evict accepted jobs; warn about one that keeps none.
     redis_config.check_at_start(settings, log=logging.getLogger("blaze_jobs.worker"))
