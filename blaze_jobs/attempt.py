@@ -1,5 +1,12 @@
 """One attempt of a started job: how it ends (succeeded, failed, queued again, let go), each
-end one atomic step of the job store guarded by the attempt's number and lease."""
+end one atomic step of the job store guarded by the attempt's number and lease.
+
+With metrics on, an attempt that ends its job counts it (``blaze_jobs_ended_total``) and
+records its queue wait and run time from the job's own times, as its record shows them
+(``metrics.queue_time_s``, ``run_time_s``: creation to the last start, that start to the
+end); one queued again counts a retry, by reason: ``worker_fault`` (the attempt counts) or
+``handed_back`` (the breaker opened or the worker stopped before it reached the device).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from blaze_jobs import metrics
 from blaze_jobs.broker import requeue_push
 from blaze_jobs.errors import JobConflict, JobNotFound
 from blaze_jobs.jobs import JobStatus
@@ -23,11 +31,13 @@ class Attempt:
     """One attempt of a started job on this worker, and the ways it ends: each one atomic step
     guarded by the attempt, so a worker whose lease was taken away can no longer change the job."""
 
-    def __init__(self, context: WorkerContext, job_id: str, number: int, *, tenant: str) -> None:
+    def __init__(self, context: WorkerContext, record: dict[str, str], number: int, *, tenant: str) -> None:
         self.context = context
         self.store = context.store
-        self.job_id = job_id
+        self.job_id = job_id = record["id"]
         self.number = number
+        self.model = record["model"]
+        self.created_at, self.started_at = float(record["created_at"]), float(record["started_at"])
         self.tenant = tenant  # the job's: its end moves it between the tenant's indexes
         # The lease names this attempt: once the job was handed to another, its lease is not ours.
         self.lease = {"key": context.store.keys.lease(job_id), "owner": lease_owner(context.name, number)}
@@ -43,10 +53,18 @@ class Attempt:
                 release=self.lease,
                 **fields,
             )
-            return True
         except (JobConflict, JobNotFound):
             self.release_lease()
             return False
+        if to is not JobStatus.queued and metrics.enabled():
+            self._ended(to, ended_at=float(fields["completed_at"]))
+        return True
+
+    def _ended(self, to: JobStatus, *, ended_at: float) -> None:
+        engine = self.context.engine_name
+        metrics.JOBS_ENDED.labels(engine, to.value).inc()
+        metrics.JOB_QUEUE_SECONDS.labels(engine, self.model).observe(self.started_at - self.created_at)
+        metrics.JOB_RUN_SECONDS.labels(engine, self.model).observe(ended_at - self.started_at)
 
     def release_lease(self) -> None:
         self.store.release_lease(self.job_id, owner=self.lease["owner"])
@@ -62,8 +80,11 @@ class Attempt:
     def canceled(self) -> str:
         """Let go of a text job that a cancel stopped. The cancel ended it, and its output is
         the text streamed until then (store.cancel): the engine's own ends later, with tokens
-        no client saw, so it is not stored, and the cancel's job.completed and the record agree."""
+        no client saw, so it is not stored, and the cancel's job.completed and the record agree.
+        A job canceled while it ran ends here too."""
         self.release_lease()
+        if metrics.enabled():
+            self._ended(JobStatus.canceled, ended_at=time.time())
         return JobStatus.canceled.value
 
     def failed(self, kind: str, message: str) -> str:
@@ -75,6 +96,8 @@ class Attempt:
         fields: dict[str, Any] = {} if count_attempt else {"set_attempts": self.number - 1}
         if self._end(JobStatus.queued, push=requeue_push(self.context.settings, record), **fields):
             log.warning("job %s queued again (attempt %d)", self.job_id, self.number)
+            if metrics.enabled():
+                metrics.JOB_RETRIES.labels(self.context.engine_name, "worker_fault" if count_attempt else "handed_back").inc()
             return JobStatus.queued.value
         return self._now()
 

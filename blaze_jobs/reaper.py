@@ -20,6 +20,10 @@ after seeing its lease missing for a beat, so a beat that comes late is not a de
 A worker killed with SIGKILL: its leases run out within a lease, the reaper sees them gone
 at its next look and reaps them a beat later, within a lease and two beats. If the killed
 worker was the reaper, its lock runs out in the same time and the next one takes over.
+
+With metrics on, the elected worker counts what it reaps (``blaze_leases_reaped_total``, by
+the job's engine and the status it moved to) and rescues (``blaze_messages_rescued_total``):
+the sum over all workers is the fleet's, whichever worker was elected.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 
 import redis
 
-from blaze_jobs import scripts
+from blaze_jobs import metrics, scripts
 from blaze_jobs.broker import requeue_push, task_name
 from blaze_jobs.errors import BlazeError
 from blaze_jobs.jobs import JobStatus
@@ -223,6 +227,8 @@ class Reaper:
         except BlazeError:
             return 0  # its worker came back, another reaper was first, or it ended meanwhile
         log.warning("job %s %s: %s", job_id, to.value, reason)
+        if metrics.enabled():
+            metrics.LEASES_REAPED.labels(record.get("engine", ""), to.value).inc()
         return 1
 
     def rescue(self) -> int:
@@ -277,6 +283,8 @@ class Reaper:
             except BlazeError:
                 continue  # taken or canceled meanwhile
             log.warning("job %s was queued without a message (lost in flight); queued again", job_id)
+            if metrics.enabled():
+                metrics.MESSAGES_RESCUED.labels(record.get("engine", "")).inc()
             rescued += 1
         return rescued
 

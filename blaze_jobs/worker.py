@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from blaze_jobs import cache, events, faults, logs, progress
+from blaze_jobs import cache, events, faults, logs, metrics, progress
 from blaze_jobs.artifacts import ArtifactStore, artifact_name, artifact_url
 from blaze_jobs.attempt import Attempt
 from blaze_jobs.broker import requeue_push
@@ -86,6 +86,7 @@ def _take_and_run(context: WorkerContext, job_id: str, tenant: str) -> str:
         status = store.status(job_id)
         log.info("job %s is %s; not running it again", job_id, status.value if status else "gone")
         return status.value if status else "missing"
+    logs.bind(model=record.get("model"))
     number = int(record["attempts"])
     token = f"{context.name}:{number}"
     context.heartbeat.hold(job_id, token)
@@ -98,9 +99,8 @@ def _take_and_run(context: WorkerContext, job_id: str, tenant: str) -> str:
 
 def _run_taken(context: WorkerContext, record: dict[str, str], number: int) -> str:
     settings = context.settings
-    job_id = record["id"]
     tenant = tenant_of(record.get("tenant"), settings)
-    attempt = Attempt(context, job_id, number, tenant=tenant)
+    attempt = Attempt(context, record, number, tenant=tenant)
 
     # 2. Read the request. Whatever fails here is the request's content, not this worker.
     try:
@@ -118,9 +118,11 @@ def _run_taken(context: WorkerContext, record: dict[str, str], number: int) -> s
     # 3. A deterministic request computed before (here or anywhere) is not computed again,
     #    nor twice at once in this worker: the first computes, identical ones wait for it.
     if key is not None:
-        cached = context.local_cache.get(key) or _l2_get(context, key)
+        cached = _looked_up(context, "local", context.local_cache.get(key))
         if cached is None:
-            cached = context.inflight.follow(key, timeout=settings.batch_timeout_s)
+            cached = _looked_up(context, "redis", _l2_get(context, key))
+        if cached is None:
+            cached = _looked_up(context, "in_flight", context.inflight.follow(key, timeout=settings.batch_timeout_s))
         if cached is not None:
             context.breaker.release_probe()
             # The artifacts it points at live on as long as the job that now shows them, and
@@ -159,9 +161,8 @@ def _compute(
         result = context.batcher.submit(request).result(timeout=settings.batch_timeout_s)
     except JobCanceled:
         context.breaker.release_probe()
-        attempt.release_lease()
         log.info("job %s canceled while running", job_id)
-        return JobStatus.canceled.value
+        return attempt.canceled()
     except RequestError as error:
         context.breaker.release_probe()
         return attempt.failed("request", str(error))
@@ -202,6 +203,13 @@ def _compute(
         context.inflight.publish(key, output_json)
         cache.trim(context.redis, context.cache_keys, max_entries=settings.cache_max_entries)
     return attempt.succeeded(output_json, batch_size=result.batch_size, cache_hit=False)
+
+
+def _looked_up(context: WorkerContext, layer: str, found: str | None) -> str | None:
+    """``found``, a lookup in one layer of the result cache, counted (metrics on)."""
+    if metrics.enabled():
+        metrics.CACHE_LOOKUPS.labels(context.engine_name, layer, "miss" if found is None else "hit").inc()
+    return found
 
 
 def _l2_get(context: WorkerContext, key: str) -> str | None:
