@@ -9,6 +9,12 @@ sends again an attempt whose worker died; ``webhook_client.py`` sends, and ``add
 says which addresses a delivery may reach.
 
 Receivers check signatures with any Standard Webhooks library, or ``signing.verify``.
+
+With metrics on (the webhook worker's ``--metrics-port``), each attempt counts by event and
+outcome: ``delivered``, ``retry`` (another attempt is scheduled), ``gone`` (410) or
+``refused`` (it failed and the schedule is spent: the delivery is given up, and
+``blaze_webhook_retries_exhausted_total`` counts it too); a delivered one records its latency
+from its event.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 import httpx
 import redis
 
-from blaze_jobs import scripts
+from blaze_jobs import logs, metrics, scripts
 from blaze_jobs.artifacts import url_signer
 from blaze_jobs.deliveries import event_body
 from blaze_jobs.events import event_order
@@ -48,8 +54,9 @@ class Deliverer:
     """What a webhook worker holds: Redis, the HTTP client and the tenants' signing secrets,
     each read a few seconds at most ago (``SECRETS_CACHE_S``)."""
 
-    def __init__(self, settings: Settings, *, client: redis.Redis | None = None) -> None:
+    def __init__(self, settings: Settings, *, client: redis.Redis | None = None, name: str | None = None) -> None:
         self.settings = settings
+        self.name = name  # the webhook worker's, on its log lines
         self.redis = client or redis.Redis.from_url(
             settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10, retry_on_timeout=True
         )
@@ -88,6 +95,10 @@ class Deliverer:
     def deliver(self, job_id: str, delivery_id: str) -> str:
         """Make one attempt at a delivery and record it; returns the delivery's new state
         (or ``missing``, or ``duplicate`` for a message whose attempt another one makes)."""
+        with logs.job_context(job=job_id, engine="webhooks", worker=self.name):
+            return self._deliver(job_id, delivery_id)
+
+    def _deliver(self, job_id: str, delivery_id: str) -> str:
         key, order, retries = self.keys.deliveries(job_id), self.keys.webhook_order(job_id), self.keys.webhook_retries
 
         # 1. Claim the attempt, so it is known to be in flight until its deadline: should this
@@ -180,6 +191,8 @@ class Deliverer:
         saved = self._save(job_id, delivery, claim=claim, member=member, gone=status_code == 410, retry=retry, due=due)
         if retry and saved:
             self.retry_scheduled()
+        if metrics.enabled():
+            _record(delivery)
         log.info("webhook %s of job %s attempt %d: %s", delivery["type"], job_id, number, error or status_code)
         return delivery["state"]
 
@@ -210,6 +223,19 @@ class Deliverer:
             "attempt at delivery %s of job %s outlasted its deadline: not recorded (it was sent again)", delivery["id"], job_id
         )
         return False
+
+
+#: A delivery's state after an attempt, as the attempt's outcome in blaze_webhook_deliveries_total.
+OUTCOMES = {"succeeded": "delivered", "retrying": "retry", "gone": "gone", "failed": "refused"}
+
+
+def _record(delivery: dict[str, Any]) -> None:
+    event, state = delivery["type"], delivery["state"]
+    metrics.WEBHOOK_DELIVERIES.labels(event, OUTCOMES[state]).inc()
+    if state == "succeeded":
+        metrics.WEBHOOK_LATENCY.labels(event).observe(time.time() - float(delivery["at"]))
+    elif state == "failed":
+        metrics.WEBHOOK_EXHAUSTED.labels(event).inc()
 
 
 def _iso(at: float) -> str:

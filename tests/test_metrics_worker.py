@@ -1,0 +1,185 @@
+"""Worker metrics: a real echo worker serving ``--metrics-port`` counts the jobs it ran, their
+times and batches, as Prometheus scrapes them; the breaker's gauge and transitions, the
+webhook deliveries' outcomes and the device's busy window, in process."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from blaze_jobs import metrics
+from blaze_jobs.breaker import BreakerState, CircuitBreaker
+from blaze_jobs.client import BlazeClient
+from blaze_jobs.stack import Stack, free_port
+from blaze_jobs.webhook_retries import RetryMover
+from tests.conftest import start_api, wait_for_workers, wait_until
+from tests.receiver import Answer
+from tests.test_webhooks import OneDelivery, one_delivery, own  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.timeout(90)
+
+JOBS = 4
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample a metrics endpoint serves, by name and labels."""
+    families = text_string_to_metric_families(httpx.get(url, timeout=5).text)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def test_an_echo_worker_serves_the_metrics_of_the_jobs_it_ran(own_stack: Stack) -> None:
+    # Given an API and an echo worker serving its metrics (through `blaze worker`)
+    api_url = start_api(own_stack)
+    port = free_port()
+    own_stack.blaze("worker-echo", "worker", "--engine", "echo", "--metrics-port", str(port))
+    wait_for_workers(api_url, 1)
+    metrics_url = f"http://127.0.0.1:{port}/metrics"
+
+    # When a few jobs run, each with a seed of its own (cacheable, never found in the cache)
+    with BlazeClient(api_url) as api:
+        ids = [api.submit("echo", {"n": i, "seed": uuid.uuid4().int % 1000_000})["id"] for i in range(JOBS)]
+        assert all(api.wait(job_id, timeout=30)["status"] == "succeeded" for job_id in ids)
+
+    # Then the worker's metrics count every job once, with its times and its batch
+    echo = {"engine": "echo", "model": "builtin:echo"}
+
+    def all_counted() -> dict | None:
+        samples = scrape(metrics_url)
+        return samples if value(samples, "blaze_jobs_ended_total", engine="echo", status="succeeded") == JOBS else None
+
+    samples = wait_until(all_counted, timeout=10, what=f"{JOBS} succeeded jobs in {metrics_url}")
+    assert value(samples, "blaze_job_queue_wait_seconds_count", **echo) == JOBS
+    assert value(samples, "blaze_job_run_seconds_count", **echo) == JOBS
+    # Echo jobs never share a batch: each ran as a batch of one.
+    assert value(samples, "blaze_batch_size_count", engine="echo") == JOBS
+    assert value(samples, "blaze_batch_size_sum", engine="echo") == JOBS
+    assert value(samples, "blaze_batch_fill_ratio_count", engine="echo") == JOBS
+    for layer in ("local", "redis", "in_flight"):
+        assert value(samples, "blaze_cache_lookups_total", engine="echo", layer=layer, result="miss") == JOBS
+    assert value(samples, "blaze_breaker_state", engine="echo", state="closed") == 1
+    assert value(samples, "blaze_breaker_state", engine="echo", state="open") == 0
+    busy = value(samples, "blaze_device_busy_ratio", engine="echo")
+    assert busy is not None and 0 <= busy <= 1
+
+    # And GET /v1/workers shows the device's busy share beside the breaker
+    (worker,) = wait_for_workers(api_url, 1)
+    assert 0 <= worker["device_busy"] <= 1 and worker["breaker"]["state"] == "closed"
+
+
+def test_a_taken_metrics_port_stops_the_worker_naming_the_option(own_stack: Stack) -> None:
+    port = free_port()
+    first = own_stack.blaze("worker-first", "worker", "--engine", "webhooks", "--metrics-port", str(port))
+    wait_until(lambda: _serves(port), timeout=30, what=f"the first worker's metrics on {port}")
+    second = own_stack.blaze("worker-second", "worker", "--engine", "webhooks", "--metrics-port", str(port))
+    assert second.process.wait(timeout=30) != 0
+    assert f"--metrics-port {port}" in second.log_tail()
+    assert first.process.poll() is None
+
+
+def _serves(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# --- in process -----------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def recording() -> Iterator[None]:
+    """Metrics recorded in this process for the test's length."""
+    metrics.enable(True)
+    try:
+        yield
+    finally:
+        metrics.enable(False)
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_the_breaker_shows_its_state_and_counts_its_transitions(recording: None) -> None:
+    engine = f"test-{uuid.uuid4().hex[:8]}"  # labels of this test's own
+    breaker = CircuitBreaker(failures=1, cooldown_s=0.05, max_cooldown_s=1, engine=engine)
+
+    def state() -> dict[str, float]:
+        return {s.value: sample("blaze_breaker_state", engine=engine, state=s.value) for s in BreakerState}
+
+    def entered(to: BreakerState) -> float:
+        return sample("blaze_breaker_transitions_total", engine=engine, to=to.value)
+
+    assert state() == {"closed": 1, "open": 0, "half_open": 0}
+    breaker.record_failure("device lost")
+    assert state() == {"closed": 0, "open": 1, "half_open": 0} and entered(BreakerState.open) == 1
+    wait_until(lambda: breaker.state is BreakerState.half_open, timeout=5, what="the breaker half-open")
+    assert state() == {"closed": 0, "open": 0, "half_open": 1} and entered(BreakerState.half_open) == 1
+    breaker.record_success()
+    assert state() == {"closed": 1, "open": 0, "half_open": 0} and entered(BreakerState.closed) == 1
+    breaker.close()
+
+
+def test_webhook_attempts_count_by_outcome(recording: None, one_delivery: Any) -> None:  # noqa: F811
+    event = "job.started"
+
+    def counts() -> dict[str, float]:
+        outcomes = ("delivered", "retry", "gone", "refused")
+        found = {o: sample("blaze_webhook_deliveries_total", event=event, outcome=o) for o in outcomes}
+        found["exhausted"] = sample("blaze_webhook_retries_exhausted_total", event=event)
+        found["latency"] = sample("blaze_webhook_delivery_latency_seconds_count", event=event)
+        return found
+
+    def attempts(one: OneDelivery, count: int) -> list[str]:
+        """``count`` attempts at a delivery, each retry made due (the clock skipped ahead)."""
+        mover = RetryMover(one.client, one.settings)
+        states = [one.deliver()]
+        while len(states) < count:
+            assert mover.move_due(now=time.time() + 3600)[0] == 1
+            states.append(one.deliver())
+        return states
+
+    before = counts()
+    # A delivery that fails once and then gets through; one refused to the schedule's end
+    # (two retries: three attempts); one whose receiver says it is gone.
+    assert attempts(one_delivery(Answer(500)), 2) == ["retrying", "succeeded"]
+    assert attempts(one_delivery(Answer(500), Answer(500), Answer(500)), 3) == ["retrying", "retrying", "failed"]
+    assert attempts(one_delivery(Answer(410)), 1) == ["gone"]
+    after = counts()
+    assert {k: after[k] - before[k] for k in after} == {
+        "delivered": 1,
+        "retry": 3,
+        "gone": 1,
+        "refused": 1,
+        "exhausted": 1,
+        "latency": 1,
+    }
+
+
+def test_the_busy_window_is_the_device_share_of_the_last_window() -> None:
+    now = [0.0]
+    window = metrics.BusyWindow(window_s=8, clock=lambda: now[0])
+    # Given runs from 1 to 3 s: at 8 s, 2 of the 8 s so far were busy
+    window.ran(1, 3)
+    now[0] = 8
+    assert window.ratio() == 0.25
+    # When later runs come, the window moves on: at 16 s it holds 8 to 16, where the run
+    # from 6 to 10 counts from 8 and the one from 10 to 14 whole
+    window.ran(6, 10)
+    window.ran(10, 14)
+    now[0] = 16
+    assert window.ratio() == 0.75
+    # And a device idle for a window shows none
+    now[0] = 30
+    assert window.ratio() == 0.0
