@@ -23,7 +23,11 @@ default of one thread per core degrades badly when something else wants a core: 
 the worker. The CPU seconds the baseline and the worker spend per image are printed too:
 on a shared machine they say more than the wall clock.
 
-Exit status: 0 when every job succeeded and both goals were met, 1 when a job failed or a
+``--metrics-cost`` runs the system a second time for each row with the worker serving
+``--metrics-port`` (recording every metric), the two runs in turn, and prints the ratio of
+its images/s to the run without (goal at least 0.95).
+
+Exit status: 0 when every job succeeded and every goal was met, 1 when a job failed or a
 part did not start, 2 when a goal was missed.
 """
 
@@ -39,7 +43,7 @@ from typing import Any
 import redis
 
 from blaze_jobs.settings import get_settings
-from blaze_jobs.stack import Stack, StackError
+from blaze_jobs.stack import Child, Stack, StackError, free_port
 from blaze_jobs.store import Keys
 from common import broke_off, forget_all, machine, start_api, unique_prefix, write_json
 from pipelines import build_sd15, engine_calls, load_pipeline, raw_calls  # keeps the Hugging Face hub offline
@@ -49,6 +53,19 @@ from system_run import run_system
 GOAL_RATIO = 0.9
 #: … and its batches are on average at least this share of ``--max-batch`` full.
 GOAL_BATCH = 0.9
+#: The system with the worker's metrics on keeps this share of its images/s with them off.
+GOAL_METRICS = 0.95
+
+
+class BenchStack(Stack):
+    """The bench's stack: while ``metrics_on``, each worker it starts serves ``--metrics-port``."""
+
+    metrics_on = False
+
+    def blaze(self, name: str, *args: str, **env: str) -> Child:
+        if self.metrics_on and args[:1] == ("worker",):
+            args = (*args, "--metrics-port", str(free_port()))
+        return super().blaze(name, *args, **env)
 
 
 # --- one max batch size: the raw pipeline and the system ----------------------------------
@@ -62,7 +79,7 @@ def images_per_s(times: list[float], *, batch: int) -> float:
 def measure(
     pipe: Any,
     engine: Any,
-    stack: Stack,
+    stack: BenchStack,
     *,
     api_url: str,
     api_pid: int,
@@ -86,22 +103,30 @@ def measure(
     rate_before = images_per_s(times_before, batch=batch)
     print(f"  raw pipeline   {rate_before:8.3f} images/s ({before} calls)", flush=True)
 
-    # 2. … the system, with each number of task threads …
-    systems = {}
-    for factor in args.concurrency_factor:
-        system = run_system(
-            stack,
-            api_url=api_url,
-            api_pid=api_pid,
-            client=client,
-            keys=keys,
-            batch=batch,
-            args=args,
-            threads=threads,
-            factor=factor,
-            seed=seed,
-        )
-        seed += batch * (args.jobs_per_batch + 2)
+    # 2. … the system, with each number of task threads (and with the worker's metrics on,
+    #    before or after the run without, in turn) …
+    systems: dict[int, dict[str, Any]] = {}
+    with_metrics: dict[int, dict[str, Any]] = {}
+    for turn, factor in enumerate(args.concurrency_factor, start=args.batch.index(batch)):
+        modes = (False, True) if args.metrics_cost else (False,)
+        for metrics_on in modes if turn % 2 == 0 else modes[::-1]:
+            stack.metrics_on = metrics_on
+            run = run_system(
+                stack,
+                api_url=api_url,
+                api_pid=api_pid,
+                client=client,
+                keys=keys,
+                batch=batch,
+                args=args,
+                threads=threads,
+                factor=factor,
+                seed=seed,
+            )
+            seed += batch * (args.jobs_per_batch + 2)
+            (with_metrics if metrics_on else systems)[factor] = run
+        stack.metrics_on = False
+        system = systems[factor]
         images, worker_cpu = system.get("images") or 0, system["cpu_s"].get("worker")
         system["worker_cpu_s_per_image"] = worker_cpu / images if images and worker_cpu is not None else None
         systems[factor] = system
@@ -112,6 +137,13 @@ def measure(
             f"batches {system.get('batch_sizes')}, failed {system['failed']}, CPU s {system['cpu_s']}",
             flush=True,
         )
+        if factor in with_metrics:
+            on = with_metrics[factor]
+            print(
+                f"  metrics on     {on.get('images_per_s', math.nan):8.3f} images/s,"
+                f" mean batch {on.get('mean_batch', math.nan):.2f}, failed {on['failed']}, CPU s {on['cpu_s']}",
+                flush=True,
+            )
 
     # 3. … and the other half after them, so a drift in the machine shows.
     times_after, cpu_after = raw_calls(pipe, batch=batch, calls=after, seed=seed + 1, **shape) if after else ([], 0.0)
@@ -137,6 +169,12 @@ def measure(
     for factor, system in systems.items():
         row: dict[str, Any] = {"batch": batch, "factor": factor, "raw": raw, "system": system, "engine": engine_row}
         row["ratio"] = system.get("images_per_s", 0.0) / raw["images_per_s"]
+        metrics_run = with_metrics.get(factor)
+        if metrics_run is not None:
+            row["system_metrics_on"] = metrics_run
+            off_rate = system.get("images_per_s")
+            row["metrics_ratio"] = metrics_run.get("images_per_s", 0.0) / off_rate if off_rate else 0.0
+            print(f"  {factor}×B: metrics on / off {row['metrics_ratio']:.3f} (goal >= {GOAL_METRICS})", flush=True)
         row["batch_fill"] = system.get("mean_batch", 0.0) / batch
         # CPU seconds per image, raw over the worker's: what the ratio is where cores are shared.
         worker_cpu = system["worker_cpu_s_per_image"]
@@ -209,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--engine-baseline", action="store_true", help="also time DiffusionEngine.run_batch in this process")
     parser.add_argument(
+        "--metrics-cost", action="store_true", help="also run each system row with the worker's --metrics-port (metrics on)"
+    )
+    parser.add_argument(
         "--sd15", action="store_true", help="a random-weight pipeline of the SD 1.5 architecture (for a GPU at 512)"
     )
     parser.add_argument("--model-dir", type=Path, default=None, help="where models are built (default BLAZE_MODEL_DIR)")
@@ -248,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency_factors": args.concurrency_factor,
         "default_torch_threads": default_threads,
         "machine_before": machine(),
-        "goals": {"ratio": GOAL_RATIO, "batch_fill": GOAL_BATCH},
+        "goals": {"ratio": GOAL_RATIO, "batch_fill": GOAL_BATCH, "metrics_ratio": GOAL_METRICS if args.metrics_cost else None},
         "rows": [],
     }
     print(header(args, model), flush=True)
@@ -271,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = summary["rows"]
     client = None
     try:
-        with Stack() as stack:
+        stack = BenchStack()
+        with stack:
             redis_url = stack.redis(settings.redis_url)
             client = redis.Redis.from_url(redis_url)
             if redis_url != settings.redis_url:
@@ -306,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                         args=args,
                         seed=seed,
                     )
-                    seed += batch * (args.jobs_per_batch + 2) * (len(args.concurrency_factor) + 1)
+                    runs = len(args.concurrency_factor) * (2 if args.metrics_cost else 1)
+                    seed += batch * (args.jobs_per_batch + 2) * (runs + 1)
                     for row in measured:
                         row["threads"], row["threads_label"] = threads or default_threads, label
                     rows.extend(measured)
@@ -324,8 +367,14 @@ def main(argv: list[str] | None = None) -> int:
         " CPU s/img: the baseline's process, the worker's; CPU ratio: raw CPU s/img over the worker's)"
     )
     print(f"goals: ratio >= {GOAL_RATIO}, mean batch / B >= {GOAL_BATCH}; load average now {summary['machine_after']['loadavg']}")
-    failed = sum(r["system"]["failed"] for r in rows)
-    met = all(r["ratio"] >= GOAL_RATIO and r["batch_fill"] >= GOAL_BATCH for r in rows)
+    if args.metrics_cost:
+        ratios = ", ".join(f"B={r['batch']} {r['factor']}×B {r['metrics_ratio']:.3f}" for r in rows)
+        print(f"metrics on / off (images/s with the worker's --metrics-port over without): {ratios}; goal >= {GOAL_METRICS}")
+    failed = sum(r["system"]["failed"] + r.get("system_metrics_on", {}).get("failed", 0) for r in rows)
+    met = all(
+        r["ratio"] >= GOAL_RATIO and r["batch_fill"] >= GOAL_BATCH and r.get("metrics_ratio", GOAL_METRICS) >= GOAL_METRICS
+        for r in rows
+    )
     summary["all_goals_met"] = met
     summary["failed_jobs"] = failed
     write_json(args.json, summary)
