@@ -31,14 +31,19 @@ SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", 
 KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right"}
 
 
+def families() -> dict[str, str]:
+    """Every metric ``blaze_jobs.metrics`` defines: its family name and its type."""
+    return {
+        family.name: family.type
+        for metric in vars(metrics).values()
+        if isinstance(metric, MetricWrapperBase)
+        for family in metric.describe()
+    }
+
+
 def exported_series() -> set[str]:
     """Every sample name the metrics of ``blaze_jobs.metrics`` write, and the queue gauges."""
-    names = set(QUEUE_GAUGES)
-    for metric in vars(metrics).values():
-        if isinstance(metric, MetricWrapperBase):
-            for family in metric.describe():
-                names.update(family.name + suffix for suffix in SUFFIXES[family.type])
-    return names
+    return set(QUEUE_GAUGES).union(*({name + suffix for suffix in SUFFIXES[kind]} for name, kind in families().items()))
 
 
 def series_in(expr: str) -> set[str]:
@@ -76,6 +81,12 @@ def dashboard_queries(board: dict[str, Any]) -> list[str]:
         assert found, f"variable {variable['name']}: {variable['definition']!r}"
         exprs.append(found[1])
     return exprs
+
+
+def doc_queries() -> list[str]:
+    """The example PromQL of docs/metrics.md: each line of its promql blocks but comments."""
+    blocks = re.findall(r"```promql\n(.*?)```", (ROOT / "docs" / "metrics.md").read_text(), flags=re.S)
+    return [line for block in blocks for line in block.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def worker_services(compose: dict[str, Any]) -> dict[str, list[str]]:
@@ -132,6 +143,21 @@ def test_the_dashboard_queries_only_series_blaze_jobs_exports() -> None:
         "blaze_event_clients",
     }
     assert wanted <= used, f"the dashboard shows nothing of {sorted(wanted - used)}"
+
+
+def test_the_docs_name_every_metric_and_query_only_exported_series() -> None:
+    # Given the operators' page on metrics
+    text = (ROOT / "docs" / "metrics.md").read_text()
+
+    # Then it names every metric Blaze Jobs defines, as scraped (a counter with its _total), and the queue gauges
+    scraped_as = {name + ("_total" if kind == "counter" else "") for name, kind in families().items()} | QUEUE_GAUGES
+    unnamed = {name for name in scraped_as if f"`{name}`" not in text}
+    assert not unnamed, f"docs/metrics.md does not name {sorted(unnamed)}"
+    # and its example queries read only exported series
+    exprs = doc_queries()
+    assert exprs
+    for expr in exprs:
+        assert series_in(expr) <= exported_series(), expr
 
 
 def test_the_series_reader_tells_series_from_functions_labels_and_keywords() -> None:
