@@ -1,1 +1,71 @@
-// The console: filled in next.
+// The console's entry: the API key, the hash routes (`#/`, `#/workers`, `#/jobs/<id>`) and
+// the live jobs every view shares.
+
+import { key, onUnauthorized } from "./api.js";
+import { el } from "./dom.js";
+import { jobPage } from "./job.js";
+import { LiveJobs, jobsSection } from "./jobs.js";
+import { submitSection } from "./submit.js";
+import { workersPage } from "./workers.js";
+
+const view = document.getElementById("view");
+const nav = document.getElementById("nav");
+const signIn = document.getElementById("sign-in");
+const keyForm = document.getElementById("key-form");
+const keyError = document.getElementById("key-error");
+const live = new LiveJobs();
+let closeView = () => {};
+
+function dashboard() {
+  const jobs = jobsSection(live);
+  view.replaceChildren(el("div", { class: "dashboard" }, submitSection(live), jobs.node));
+  return jobs.close;
+}
+
+function route() {
+  closeView();
+  const path = location.hash.replace(/^#/, "") || "/";
+  const job = path.match(/^\/jobs\/(.+)$/);
+  if (job) closeView = jobPage(view, decodeURIComponent(job[1]));
+  else if (path === "/workers") closeView = workersPage(view);
+  else closeView = dashboard();
+  nav.querySelectorAll("a").forEach((link) => link.classList.toggle("current", link.hash === `#${path}`));
+}
+
+function signedIn() {
+  signIn.hidden = true;
+  view.hidden = nav.hidden = false;
+  live.start();
+  route();
+}
+
+function signedOut(why = "") {
+  closeView();
+  closeView = () => {};
+  live.stop();
+  view.replaceChildren();
+  view.hidden = nav.hidden = true;
+  signIn.hidden = false;
+  keyError.textContent = why;
+  keyForm.elements.key.focus();
+}
+
+keyForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  key.set(keyForm.elements.key.value.trim());
+  keyForm.reset();
+  signedIn();
+});
+document.getElementById("forget").addEventListener("click", () => {
+  key.forget();
+  signedOut();
+});
+onUnauthorized.add(() => {
+  if (!key.get() || signIn.hidden === false) return;
+  key.forget();
+  signedOut("The API refused that key: enter another.");
+});
+window.addEventListener("hashchange", () => key.get() && route());
+
+if (key.get()) signedIn();
+else signedOut();

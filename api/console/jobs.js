@@ -1,0 +1,200 @@
+// The recent jobs, kept live: the list is polled for new jobs, and each queued or running
+// job's event stream brings its changes as they happen. The table and the gallery redraw only
+// the jobs that changed.
+
+import { ENDED, followEvents, request } from "./api.js";
+import { clock, el, imagesOf, jobHref, progressOf, seconds } from "./dom.js";
+
+const POLL_MS = 3000;
+const PAGE = 50;
+// A browser opens at most six HTTP/1.1 connections to one origin, and each stream holds one:
+// following more at once would leave the polls, the job page and the form's posts waiting.
+// Jobs beyond these are still brought up to date by the polls.
+const MAX_STREAMS = 3;
+
+const created = (job) => Date.parse(job.created_at);
+
+export class LiveJobs {
+  constructor() {
+    this.jobs = new Map();
+    this.streams = new Map();
+    this.resting = new Set();
+    this.listeners = new Set();
+    this.timer = null;
+    this.error = null;
+  }
+
+  start() {
+    this.running = true;
+    this.poll();
+  }
+
+  stop() {
+    this.running = false;
+    clearTimeout(this.timer);
+    this.streams.forEach((stream) => stream.abort());
+    this.streams.clear();
+    this.jobs.clear();
+  }
+
+  /** Newest first, as `GET /v1/jobs` lists them. */
+  list() {
+    return [...this.jobs.values()].sort((a, b) => created(b) - created(a)).slice(0, PAGE);
+  }
+
+  async poll() {
+    try {
+      const page = await request(`v1/jobs?limit=${PAGE}`);
+      this.error = null;
+      this.resting.clear();
+      for (const job of page.jobs) this.put(job, { fromList: true });
+    } catch (error) {
+      this.error = error;
+    }
+    this.changed(null);
+    this.follow();
+    if (this.running) this.timer = setTimeout(() => this.poll(), POLL_MS);
+  }
+
+  /** Take a newer view of a job. A list answer sent before an event arrived may be older than
+   * it: once a stream said a job ended, the list cannot set it back. */
+  put(job, { fromList = false } = {}) {
+    const known = this.jobs.get(job.id);
+    if (fromList && known && ENDED.has(known.status) && !ENDED.has(job.status)) return;
+    this.jobs.set(job.id, job);
+    this.changed(job);
+    this.follow();
+  }
+
+  /** Follow the newest queued or running jobs' streams (at most MAX_STREAMS), letting go of
+   * older ones a newer job needs the place of. */
+  follow() {
+    const wanted = this.list()
+      .filter((job) => !ENDED.has(job.status) && !this.resting.has(job.id))
+      .slice(0, MAX_STREAMS)
+      .map((job) => job.id);
+    for (const [id, stream] of this.streams) {
+      if (!wanted.includes(id)) {
+        stream.abort();
+        this.streams.delete(id);
+      }
+    }
+    for (const id of wanted.filter((each) => !this.streams.has(each))) {
+      const stream = new AbortController();
+      this.streams.set(id, stream);
+      followEvents(id, {
+        signal: stream.signal,
+        onEvent: (type, data) => {
+          if (type === "job.progress") this.put({ ...this.jobs.get(id), progress: data });
+          else if (data && data.id === id) this.put(data);
+        },
+      }).then((ended) => {
+        if (this.streams.get(id) !== stream) return;
+        this.streams.delete(id);
+        // A stream refused (the job expired, say) is not asked for again until the next poll.
+        if (!ended) this.resting.add(id);
+        if (this.running) this.follow();
+      });
+    }
+  }
+
+  changed(job) {
+    this.listeners.forEach((listener) => listener(job));
+  }
+}
+
+function statusCell(job) {
+  const cell = el("td", { class: `status status-${job.status}` }, job.status);
+  if (job.status === "running" && job.progress?.total) {
+    cell.append(" ", el("progress", { max: job.progress.total, value: job.progress.step, title: progressOf(job) }));
+  }
+  return cell;
+}
+
+function row(job) {
+  const metrics = job.metrics || {};
+  return el(
+    "tr",
+    { dataset: { jobId: job.id, status: job.status } },
+    el("td", { class: "id" }, el("a", { href: jobHref(job.id), title: job.id }, job.id)),
+    statusCell(job),
+    el("td", {}, job.engine),
+    el("td", { class: "model" }, job.model),
+    el("td", {}, clock(job.created_at)),
+    el("td", { class: "number" }, seconds(metrics.queue_time_s)),
+    el("td", { class: "number" }, seconds(metrics.run_time_s)),
+    el("td", { class: "number" }, metrics.batch_size ?? (metrics.cache_hit ? "cache" : "–")),
+  );
+}
+
+function thumbnails(job) {
+  return imagesOf(job).map((image, index) =>
+    el(
+      "a",
+      { href: jobHref(job.id), class: "thumbnail", title: job.input?.prompt || job.id },
+      el("img", { src: image.url, alt: job.input?.prompt || "", loading: "lazy", dataset: { jobId: job.id, index } }),
+    ),
+  );
+}
+
+/** The jobs table and the image gallery, kept in step with `live`; returns their teardown. */
+export function jobsSection(live) {
+  const body = el("tbody");
+  const empty = el("p", { class: "muted" }, "No jobs yet: submit one.");
+  const problem = el("p", { class: "form-error", role: "alert" });
+  const gallery = el("div", { class: "gallery", id: "gallery" });
+  const rows = new Map();
+  const pictures = new Map();
+
+  // `job`: the one that changed (null: the list was read again). Its row is made anew; then
+  // every row and picture is put in the list's order (append moves a node already shown).
+  const draw = (job) => {
+    for (const each of job ? [job] : live.list()) {
+      const fresh = row(each);
+      rows.get(each.id)?.replaceWith(fresh);
+      rows.set(each.id, fresh);
+      if (!pictures.has(each.id) && imagesOf(each).length) pictures.set(each.id, thumbnails(each));
+    }
+    const listed = live.list();
+    const shown = new Set(listed.map((each) => each.id));
+    for (const [id, node] of rows) {
+      if (!shown.has(id)) {
+        node.remove();
+        rows.delete(id);
+      }
+    }
+    for (const [id, nodes] of pictures) {
+      if (!shown.has(id)) {
+        nodes.forEach((node) => node.remove());
+        pictures.delete(id);
+      }
+    }
+    body.append(...listed.map((each) => rows.get(each.id)));
+    gallery.append(...listed.flatMap((each) => pictures.get(each.id) || []));
+    empty.hidden = rows.size > 0;
+    problem.textContent = live.error ? `Could not list the jobs: ${live.error.message}` : "";
+  };
+
+  const section = el(
+    "section",
+    { class: "jobs" },
+    el("h2", {}, "Recent jobs"),
+    problem,
+    el(
+      "table",
+      { id: "jobs" },
+      el(
+        "thead",
+        {},
+        el("tr", {}, ...["Job", "Status", "Engine", "Model", "Created", "Queued", "Ran", "Batch"].map((h) => el("th", {}, h))),
+      ),
+      body,
+    ),
+    empty,
+    el("h2", {}, "Images"),
+    gallery,
+  );
+  live.listeners.add(draw);
+  draw(null);
+  return { node: section, close: () => live.listeners.delete(draw) };
+}

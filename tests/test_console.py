@@ -1,0 +1,158 @@
+"""The web console: its files as the API serves them, and a real headless Chromium using it
+against the session stack (submit an image job from the form, watch its row change without a
+reload, find its thumbnail)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_TOKEN, AUTH, unique
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ASSETS = Path(__file__).resolve().parent.parent / "api" / "console"
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_the_console_is_served_with_its_types_and_policy(stack: dict[str, Any]) -> None:
+    with httpx.Client(base_url=stack["api_url"], timeout=10) as http:
+        # Given no key at all: the console's files are not data, and need none.
+        for path in ("/", "/console"):
+            page = http.get(path)
+            assert page.status_code == 200, path
+            assert page.headers["content-type"] == "text/html; charset=utf-8"
+            policy = page.headers["content-security-policy"]
+            assert "default-src 'none'" in policy and "script-src 'self'" in policy and "img-src 'self'" in policy
+            assert "unsafe-inline" not in policy
+            assert page.headers["x-content-type-options"] == "nosniff"
+
+        # Every file the page and its modules name is served, with its own type.
+        names = set(re.findall(r"console/assets/([\w.-]+)", page.text))
+        for script in ASSETS.glob("*.js"):
+            names |= set(re.findall(r'from "\./([\w.-]+)"', script.read_text()))
+        assert {"console.js", "console.css", "api.js", "jobs.js"} <= names
+        types = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+        for name in names:
+            asset = http.get(f"/console/assets/{name}")
+            assert asset.status_code == 200, name
+            assert asset.headers["content-type"] == types[Path(name).suffix], name
+            assert asset.headers["x-content-type-options"] == "nosniff"
+            assert asset.headers["cache-control"] == "no-cache" and asset.headers["etag"]
+
+        # A browser asking again with its copy's tag gets a 304 and no body.
+        again = http.get("/console/assets/console.js", headers={"If-None-Match": asset_etag(http, "console.js")})
+        assert again.status_code == 304 and again.content == b""
+
+        # Names that are not the console's files, traversal included, are not found.
+        for path in (
+            "/console/assets/nope.js",
+            "/console/assets/console.py",
+            "/console/assets/..%2Fconsole.py",
+            "/console/assets/%2e%2e%2f%2e%2e%2fpyproject.toml",
+            "/console/assets/../app.py",
+        ):
+            assert http.get(path).status_code == 404, path
+
+        # The console is not part of the API's contract.
+        paths = http.get("/openapi.json").json()["paths"]
+        assert not {"/", "/console"} & set(paths) and not any(p.startswith("/console") for p in paths)
+
+
+def asset_etag(http: httpx.Client, name: str) -> str:
+    return http.get(f"/console/assets/{name}").headers["etag"]
+
+
+@pytest.fixture()
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian's chromium package)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def test_an_image_job_submitted_from_the_console_goes_live_to_its_thumbnail(stack: dict[str, Any], browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    faults: list[str] = []
+    page.on("pageerror", lambda error: faults.append(f"page error: {error}"))
+
+    def refused(message: Any) -> None:
+        # A file or request the page's own policy refused would show here.
+        if "Content Security Policy" in message.text:
+            faults.append(message.text)
+
+    page.on("console", refused)
+
+    # Given the console, signed in with a key.
+    page.goto(stack["api_url"] + "/")
+    page.fill("#key", ADMIN_TOKEN)
+    page.click("#key-form button")
+    expect(page.locator("#submit-form")).to_be_visible()
+    page.evaluate("window.notReloaded = true")
+
+    # When a width the API refuses is submitted, its message shows beside the width field.
+    prompt = unique("a console lighthouse")
+    page.fill("#diffusion-prompt", prompt)
+    page.fill("#diffusion-width", "60")
+    page.fill("#diffusion-height", "64")
+    page.fill("#diffusion-num_inference_steps", "2")
+    page.click("#submit-form button[type=submit]")
+    expect(page.locator('.field[data-field="input.width"] .field-error')).to_contain_text("multiple of 8")
+
+    # And when a 64x64, 2-step image job is submitted from the form.
+    page.fill("#diffusion-width", "64")
+    page.click("#submit-form button[type=submit]")
+    link = page.locator(".form-status a")
+    expect(link).to_have_count(1)
+    job_id = link.inner_text()
+    row = page.locator(f'#jobs tr[data-job-id="{job_id}"]')
+
+    # Then its row shows it queued or running, then succeeded, with no reload of the page.
+    assert row.get_attribute("data-status") in ("queued", "running")
+    expect(row).to_have_attribute("data-status", "succeeded", timeout=60_000)
+    expect(row.locator("td.status")).to_have_text("succeeded")
+    assert page.evaluate("window.notReloaded") is True
+
+    # And the gallery shows its thumbnail, at the size of the job's image.
+    with httpx.Client(timeout=10, headers=AUTH) as http:
+        job = http.get(f"{stack['api_url']}/v1/jobs/{job_id}").json()
+    image = job["output"]["images"][0]
+    assert (image["width"], image["height"]) == (64, 64)
+    thumbnail = page.locator(f'#gallery img[data-job-id="{job_id}"]')
+    expect(thumbnail).to_have_count(1)
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumbnail.element_handle())
+    natural = thumbnail.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    assert natural == [image["width"], image["height"]]
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "console.png"), full_page=True)
+
+    # And the job's own page shows its timeline and the image full size, still without a reload.
+    thumbnail.click()
+    expect(page.locator("ol.timeline")).to_contain_text("Ended")
+    full = page.locator("img.full")
+    expect(full).to_have_count(1)
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=full.element_handle())
+    assert full.evaluate("img => img.naturalWidth") == image["width"]
+    expect(page.locator("pre.input")).to_contain_text(prompt)
+    assert page.evaluate("window.notReloaded") is True
+
+    # And the workers page lists the stack's diffusion worker with its breaker state.
+    page.click('nav a[href="#/workers"]')
+    diffusion = page.locator("#workers tbody tr", has_text="diffusion")
+    expect(diffusion.first).to_be_visible()
+    expect(diffusion.first.locator("td.breaker")).to_have_text(re.compile(r"closed|open|half_open"))
+    assert faults == []
