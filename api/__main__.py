@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import glob
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 
 import uvicorn
 
@@ -20,20 +28,51 @@ def main() -> None:
     # X-Forwarded-For and -Proto are believed only from the proxies configured: uvicorn
     # alone believes them from 127.0.0.1, so any local process could claim any address.
     proxies = get_settings().trusted_proxies
-    uvicorn.run(
-        "blaze_jobs.api.app:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        loop="uvloop",
-        http="httptools",
-        log_level=args.log_level,
-        log_config=logs.uvicorn_config(args.log_level),
-        access_log=args.log_level == "debug",
-        proxy_headers=bool(proxies),
-        forwarded_allow_ips=",".join(proxies) or None,
-    )
+    with metrics_folder():
+        uvicorn.run(
+            "blaze_jobs.api.app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            loop="uvloop",
+            http="httptools",
+            log_level=args.log_level,
+            log_config=logs.uvicorn_config(args.log_level),
+            access_log=args.log_level == "debug",
+            proxy_headers=bool(proxies),
+            forwarded_allow_ips=",".join(proxies) or None,
+        )
+
+
+@contextmanager
+def metrics_folder() -> Iterator[None]:
+    """The folder every API process writes its metric values in (prometheus-client's
+    multiprocess mode), so ``/metrics`` sums them whichever process answers: the
+    ``PROMETHEUS_MULTIPROC_DIR`` given, emptied of an earlier run's values, or a private one,
+    removed at exit. Named in the environment before uvicorn starts its processes: each picks
+    its kind of value when it first imports prometheus-client."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        os.makedirs(given, exist_ok=True)
+        for path in glob.glob(os.path.join(given, "*.db")):
+            os.remove(path)
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="blaze-api-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    # uvicorn, once it has shut down on SIGTERM, raises the signal again under the handler it
+    # found: the default one would end the process before the folder is removed.
+    previous = signal.signal(signal.SIGTERM, _exit_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _exit_terminated(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # the status a shell gives a process SIGTERM ended
 
 
 if __name__ == "__main__":

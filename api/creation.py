@@ -14,17 +14,22 @@ from typing import Any
 import redis
 from fastapi import Request
 
-from blaze_jobs import cache
+from blaze_jobs import cache, metrics
 from blaze_jobs.api_keys import ApiKey
 from blaze_jobs.broker import queue_key, task_message
 from blaze_jobs.errors import ClaimTakenOver, QueueFull, QuotaExceeded
 from blaze_jobs.jobs import new_record
+from blaze_jobs.redis_config import refusal
 from blaze_jobs.settings import Settings
 from blaze_jobs.store import AsyncJobStore, queue_create, text
 
 from . import bounds, connections, idempotency, webhooks
+from . import metrics as api_metrics
 from .problems import InputProblem
 from .request_context import settings_of
+
+#: The surface label of a job made through ``POST /v1/jobs`` (the others name theirs).
+SURFACE = "blaze"
 
 
 async def create(
@@ -77,13 +82,32 @@ async def create(
                     await pipe.execute()
                 except redis.exceptions.WatchError:  # the claim changed hands after the look
                     raise ClaimTakenOver(record["id"]) from None
-    except (QuotaExceeded, QueueFull, redis.exceptions.ResponseError, connections.Busy):
+    except (QuotaExceeded, QueueFull, redis.exceptions.ResponseError, connections.Busy) as refused:
         # Refused (quota, full queue, full Redis, no connection free) and nothing stored: a
         # retry may create it. A connection lost mid-create may have stored the job: its
         # claim stays, and a retry answers that job, or takes the claim over once stale.
         await idempotency.release(request)
+        reason = refusal_reason(refused)
+        if reason is not None:
+            api_metrics.rejected(record["engine"], reason)
         raise
+    if metrics.enabled():
+        engine = record["engine"]
+        metrics.JOBS_CREATED.labels(engine, record.get("surface", SURFACE)).inc()
+        if cached is not None:
+            metrics.JOBS_CACHED.labels(engine).inc()
     return record, True
+
+
+def refusal_reason(refused: Exception) -> str | None:
+    """The reason a refused create is counted under: the tenant's quota, or the deployment's
+    backpressure (a full queue, a Redis at its memory limit); None for an API bound of its
+    own (no connection free) or another error Redis answered."""
+    if isinstance(refused, QuotaExceeded):
+        return "quota"
+    if isinstance(refused, QueueFull) or (isinstance(refused, redis.exceptions.ResponseError) and refusal(refused)):
+        return "backpressure"
+    return None
 
 
 # --- the pieces a create is made of, which a batch file's creates share -------------------
@@ -124,7 +148,12 @@ async def cached_output(
 ) -> Any:
     """The cached output a deterministic request computed before gets (bytes), or None."""
     entry = cache_entry(body, record, job_input, settings=settings)
-    return None if entry is None else await store.redis.get(entry)
+    if entry is None:
+        return None
+    cached = await store.redis.get(entry)
+    if metrics.enabled():
+        metrics.CACHE_LOOKUPS.labels(record["engine"], "redis", "miss" if cached is None else "hit").inc()
+    return cached
 
 
 def queue_birth(pipe: Any, store: AsyncJobStore, record: dict[str, str], cached: Any, *, settings: Settings) -> None:

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -31,8 +31,10 @@ from blaze_jobs.keys import WEBHOOK_QUEUE, Keys
 from blaze_jobs.settings import ENGINES, Settings
 
 from .connections import Busy
-from .queues import QueueHead, queue_heads
 from .request_context import settings_of
+
+if TYPE_CHECKING:
+    from .queues import QueueHead
 
 log = logging.getLogger("blaze_jobs.api.metrics")
 
@@ -169,6 +171,9 @@ async def queues_now(app: FastAPI) -> list[QueueHead] | None:
     read_at, heads = getattr(app.state, "queue_heads", (0.0, None))
     if time.monotonic() - read_at < QUEUES_FRESH_S:
         return heads
+    # Imported here: the queue routes import the problem answers, which count refusals here.
+    from .queues import queue_heads
+
     keys = Keys(settings_of(app).redis_prefix)
     try:
         heads = await queue_heads(app.state.redis, keys, (*ENGINES, WEBHOOK_QUEUE))

@@ -20,6 +20,7 @@ from blaze_jobs.errors import ClaimTakenOver, JobConflict, JobNotFound, QueueFul
 from blaze_jobs.redis_config import refusal
 from blaze_jobs.settings import ENGINES
 
+from . import metrics as api_metrics
 from .connections import Busy
 from .rate_limits import RateLimited
 
@@ -213,6 +214,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RateLimited)
     async def on_rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
+        if api_metrics.create_route(request.scope):  # refused before the body (and its engine) was read
+            api_metrics.rejected("", "rate_limit")
         extra = {"limit": exc.quota, "window_s": exc.window_s}
         return problem(429, "Too many requests", str(exc), type=RATE_LIMITED, extra=extra, headers=exc.headers)
 

@@ -11,6 +11,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import redis.exceptions
@@ -18,7 +19,7 @@ from fastapi import APIRouter, FastAPI, Header, Request
 from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from blaze_jobs import events
+from blaze_jobs import events, metrics
 from blaze_jobs.artifacts import UrlSigner
 from blaze_jobs.errors import JobNotFound
 from blaze_jobs.events import event_order
@@ -115,7 +116,7 @@ async def wait_for_end(
         return record  # nothing to watch
     deadline = time.monotonic() + seconds
     reader: EventReader = app.state.reader
-    async with reader.watch(job_id, after=position) as feed:
+    async with reader.watch(job_id, after=position) as feed, open_stream("long_poll"):
         while not events.ended(record):
             left = deadline - time.monotonic()
             if left <= 0:
@@ -123,6 +124,20 @@ async def wait_for_end(
             for event in await feed.next_events(left):
                 record = events.apply(record, event)
     return record
+
+
+@asynccontextmanager
+async def open_stream(kind: str) -> AsyncIterator[None]:
+    """Count a client waiting on a job, by ``kind`` (sse, long_poll), while it waits."""
+    if not metrics.enabled():
+        yield
+        return
+    gauge = metrics.STREAMS_OPEN.labels(kind)
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
 
 
 # --- server-sent events -------------------------------------------------------------------
@@ -208,7 +223,7 @@ async def follow(
     """Each event of the job after ``after``, as it comes, with the job as it stands after it,
     up to and including ``job.completed``. The caller's response sends the keep-alives
     (sse-starlette's ``ping``) and notices a client that went away."""
-    async with reader.watch(job_id, after=after) as feed:
+    async with reader.watch(job_id, after=after) as feed, open_stream("sse"):
         while True:
             # The timeout only bounds each wait.
             for event in await feed.next_events(reader.settings.event_keep_alive_s):

@@ -1,0 +1,155 @@
+"""The API's Prometheus metrics: ``blaze api --workers 2`` reports one sum at ``/metrics``
+whichever process a scrape reaches (requests by route template, jobs created and refused,
+the queue gauges read from Redis, clients waiting on jobs), and ``BLAZE_METRICS=off`` turns
+it all off."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from blaze_jobs import metrics
+from blaze_jobs.api.app import create_app
+from blaze_jobs.api_keys import create_key
+from blaze_jobs.settings import Settings
+from blaze_jobs.stack import Stack, StackError, free_port
+from tests.conftest import AUTH, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+#: The most creates made while waiting for both API processes to have answered some.
+MAX_CREATES = 200
+
+
+def samples(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """One scrape of ``url``/metrics, on a connection of its own (so uvicorn may hand it to
+    either process), by sample name and labels."""
+    answer = httpx.get(f"{url}/metrics", timeout=10)
+    assert answer.status_code == 200, answer.text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+    }
+
+
+def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (0 when none has them)."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in found.items() if n == name and wanted <= have)
+
+
+def create(url: str, body: dict[str, Any], *, secret: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {secret}"} if secret else AUTH
+    return httpx.post(f"{url}/v1/jobs", json=body, headers=headers, timeout=10)
+
+
+def processes_written(folder: Path) -> set[str]:
+    """The API processes that wrote counter values (``counter_<pid>.db``)."""
+    return {path.stem.split("_")[-1] for path in folder.glob("counter_*.db")}
+
+
+@pytest.fixture()
+def api(own_stack: Stack, tmp_path: Path) -> dict[str, Any]:
+    """``blaze api --workers 2`` with no worker (its jobs stay queued), writing its metric
+    values in a folder the test can see, where a stale file of an earlier run lies."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    (folder / "counter_1.db").write_bytes(b"an earlier run's values, unreadable")
+    port = free_port()
+    child = own_stack.blaze("api", "api", "--port", str(port), "--workers", "2", PROMETHEUS_MULTIPROC_DIR=str(folder))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        own_stack.wait_http("the API", child, f"{url}/readyz", timeout=90)
+    except StackError as error:
+        pytest.fail(str(error))
+    return {"url": url, "folder": folder, "stack": own_stack}
+
+
+def test_two_api_processes_report_one_sum_of_requests_creates_refusals_and_queues(api: dict[str, Any]) -> None:
+    url, folder, stack = api["url"], api["folder"], api["stack"]
+    settings = Settings(redis_url=stack.env["BLAZE_REDIS_URL"], redis_prefix=stack.env["BLAZE_REDIS_PREFIX"])
+    with redis.Redis.from_url(settings.redis_url) as client:
+        quota_key, _ = create_key(client, settings, tenant="quota", name="metrics", max_jobs=1)
+        rate_key, _ = create_key(client, settings, tenant="rate", name="metrics", rate="1/minute")
+
+    # Given echo jobs created one connection at a time until both API processes made some
+    made = 0
+    while made < 4 or len(processes_written(folder) - {"1"}) < 2:
+        assert made < MAX_CREATES, f"after {made} creates only {processes_written(folder)} wrote values"
+        answer = create(url, {"engine": "echo", "input": {"n": made}})
+        assert answer.status_code == 202, answer.text
+        made += 1
+    # And a create refused as invalid, one past its tenant's quota and one past its key's rate
+    assert create(url, {"engine": "no-such-engine", "input": {}}).status_code == 422
+    assert [create(url, {"engine": "echo"}, secret=quota_key).status_code for _ in range(2)] == [202, 429]
+    assert [create(url, {"engine": "echo"}, secret=rate_key).status_code for _ in range(2)] == [202, 429]
+
+    # When /metrics is scraped several times, on connections of their own
+    scrapes = [samples(url) for _ in range(4)]
+
+    # Then every scrape, whichever process answered it, gives the same sums
+    for found in scrapes:
+        assert value(found, "blaze_jobs_created_total", engine="echo", surface="blaze") == made + 2
+        assert value(found, "blaze_http_requests_total", route="/v1/jobs", method="POST", code="202") == made + 2
+        assert value(found, "blaze_http_request_duration_seconds_count", route="/v1/jobs", method="POST") == made + 5
+        assert value(found, "blaze_jobs_rejected_total", reason="invalid") == 1
+        assert value(found, "blaze_jobs_rejected_total", engine="echo", reason="quota") == 1
+        assert value(found, "blaze_jobs_rejected_total", reason="rate_limit") == 1
+        # And the queue gauges count the jobs left queued, and none in the other queues
+        assert value(found, "blaze_queue_depth", engine="echo") == made + 2
+        assert value(found, "blaze_queue_depth", engine="webhooks") == 0
+        assert value(found, "blaze_queue_oldest_age_seconds", engine="echo") > 0
+        assert value(found, "blaze_queue_oldest_age_seconds", engine="diffusion") == 0
+
+
+def test_a_route_is_labelled_by_its_template_and_waiting_clients_are_counted(api: dict[str, Any]) -> None:
+    url = api["url"]
+    # Given a queued job, read by its id, and a path no route takes
+    job_id = create(url, {"engine": "echo"}).json()["id"]
+    assert httpx.get(f"{url}/v1/jobs/{job_id}", headers=AUTH, timeout=10).status_code == 200
+    missing = f"/no/such/{uuid.uuid4().hex}"
+    assert httpx.get(f"{url}{missing}", timeout=10).status_code == 404
+
+    # When a client long-polls the job (it stays queued: no worker runs it)
+    waited: list[int] = []
+    poll = threading.Thread(
+        target=lambda: waited.append(httpx.get(f"{url}/v1/jobs/{job_id}?wait=3", headers=AUTH, timeout=10).status_code)
+    )
+    poll.start()
+    try:
+        # Then /metrics counts it, whichever process holds it, while it waits
+        wait_until(
+            lambda: value(samples(url), "blaze_event_clients", kind="long_poll") == 1, timeout=5, what="one long-poll counted"
+        )
+    finally:
+        poll.join()
+    assert waited == [200]
+    found = samples(url)
+    assert value(found, "blaze_event_clients", kind="long_poll") == 0
+    # And requests are labelled by the template, a path no route took by one fixed label
+    assert value(found, "blaze_http_requests_total", route="/v1/jobs/{job_id}", method="GET", code="200") == 2
+    assert value(found, "blaze_http_requests_total", route="unmatched", code="404") == 1
+    routes = {dict(labels).get("route") for (_, labels) in found}
+    assert not any(job_id in str(route) or missing in str(route) for route in routes)
+
+
+def test_metrics_off_records_nothing_and_answers_404(settings: Settings) -> None:
+    # Given the API made with BLAZE_METRICS=off
+    app = create_app(settings.model_copy(update={"metrics": False}))
+    with TestClient(app) as http:
+        # When it answers a request, and /metrics is asked for
+        assert http.get("/healthz").status_code == 200
+        answer = http.get("/metrics")
+    # Then /metrics is not found, and recording is off in the process
+    assert answer.status_code == 404
+    assert not metrics.enabled()
+    assert "/metrics" not in app.openapi()["paths"]
