@@ -209,14 +209,16 @@ def configure(level: str, settings: Settings | None = None) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # Warnings (Celery's about running as root, a library's deprecation) are lines like any other.
     logging.captureWarnings(True)
-    _connect_celery(json=settings.log_format == "json")
+    handler.addFilter(_connect_celery(json=settings.log_format == "json"))
 
 
 #: The job context each task thread set in ``task_prerun``, reset in ``task_postrun``.
 _task_tokens = threading.local()
 
 
-def _connect_celery(*, json: bool) -> None:
+def _connect_celery(*, json: bool) -> logging.Filter:
+    """Connect what keeps Celery's lines in this process's format and about their jobs;
+    returns the filter that names the job on a "Task … received" line."""
     from celery import signals
 
     from blaze_jobs.broker import task_name
@@ -225,11 +227,14 @@ def _connect_celery(*, json: bool) -> None:
 
     engines = {task_name(engine): engine for engine in ENGINES}
     celery_log = logging.getLogger("celery.apps.worker")
+    #: ``worker``: this worker's name, once Celery has it.
+    this_worker: dict[str, str] = {}
 
     def keep_ours(**_: object) -> None:
         """Connected, it tells Celery not to touch the logging set up here."""
 
-    def before_start(*, instance: Any, **_: object) -> None:
+    def before_start(*, sender: str, instance: Any, **_: object) -> None:
+        this_worker["worker"] = sender
         # Celery prints its start-up banner straight to stdout: as JSON, it is one record.
         if json:
             instance.quiet = True
@@ -260,6 +265,15 @@ def _connect_celery(*, json: bool) -> None:
         if token is not None:
             _context.reset(token)
 
+    class ReceivedJob(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            # Celery's "Task … received" is written by the consumer's thread, outside any
+            # task; the task it describes (its ``data``) names the job.
+            data = getattr(record, "data", None)
+            if isinstance(data, dict) and data.get("name") in engines and "job" not in _context.get():
+                record.__dict__.update(job=str(data.get("id")), engine=engines[data["name"]], **this_worker)
+            return True
+
     for signal, receiver in (
         (signals.setup_logging, keep_ours),
         (signals.celeryd_init, before_start),
@@ -268,6 +282,7 @@ def _connect_celery(*, json: bool) -> None:
         (signals.task_postrun, task_ended),
     ):
         signal.connect(receiver, weak=False, dispatch_uid=f"blaze_jobs.logs.{receiver.__name__}")
+    return ReceivedJob()
 
 
 def uvicorn_config(level: str, settings: Settings | None = None) -> dict[str, Any]:

@@ -203,6 +203,9 @@ def test_a_worker_and_the_api_write_only_json_lines_and_a_jobs_lines_name_it(own
     assert line["worker"].startswith("echo-"), line
     lines = json_lines(worker.log_path.read_text(), of="the worker")
     assert any(entry["logger"] == "celery.apps.worker" and "[queues]" in entry["message"] for entry in lines)
+    # And so does the line that Celery received it, written before any task thread had it
+    received = [entry for entry in lines if entry["logger"] == "celery.worker.strategy" and entry.get("job") == job["id"]]
+    assert len(received) == 1 and (received[0]["engine"], received[0]["worker"]) == ("echo", line["worker"]), lines
 
     # And the API's lines, uvicorn's start-up lines among them, are JSON objects too
     api_lines = json_lines(own_stack.child("api").log_path.read_text(), of="the API")
