@@ -155,8 +155,11 @@ class JsonFormatter(logging.Formatter):
             entry["exc"] = record.exc_text
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
+        # Celery's ``data`` is its message's arguments again, with the task's arguments (a
+        # prompt's summary) that its text lines never show.
+        celery = record.name.startswith("celery")
         for name, value in record.__dict__.items():
-            if name not in _RECORD_ATTRIBUTES and name not in entry:
+            if name not in _RECORD_ATTRIBUTES and name not in entry and not (celery and name == "data"):
                 entry[name] = value
         return _dumps(entry)
 

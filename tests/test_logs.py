@@ -186,8 +186,9 @@ def test_a_worker_and_the_api_write_only_json_lines_and_a_jobs_lines_name_it(own
     worker = own_stack.blaze("worker-echo", "worker", "--engine", "echo", "--concurrency", "1", BLAZE_LOG_FORMAT="json")
 
     # When a job runs on the worker
+    prompt = unique("a private prompt")
     with httpx.Client(base_url=api_url, timeout=30, headers=AUTH) as http:
-        job = http.post("/v1/jobs", json={"engine": "echo", "input": {"text": unique("logs")}}).json()
+        job = http.post("/v1/jobs", json={"engine": "echo", "input": {"text": prompt}}).json()
         done = http.get(f"/v1/jobs/{job['id']}", params={"wait": 30}).json()
     assert done["status"] == "succeeded", done
 
@@ -206,6 +207,8 @@ def test_a_worker_and_the_api_write_only_json_lines_and_a_jobs_lines_name_it(own
     # And so does the line that Celery received it, written before any task thread had it
     received = [entry for entry in lines if entry["logger"] == "celery.worker.strategy" and entry.get("job") == job["id"]]
     assert len(received) == 1 and (received[0]["engine"], received[0]["worker"]) == ("echo", line["worker"]), lines
+    # And no line shows the job's input (Celery's records carry the task's arguments: a summary of the prompt)
+    assert prompt not in worker.log_path.read_text()
 
     # And the API's lines, uvicorn's start-up lines among them, are JSON objects too
     api_lines = json_lines(own_stack.child("api").log_path.read_text(), of="the API")
