@@ -110,7 +110,8 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
         line = super().formatMessage(record)
-        fields = _context.get()
+        # The job's fields, or those a record names itself (Celery's "Task … received").
+        fields = {**{k: str(record.__dict__[k]) for k in CONTEXT_FIELDS if k in record.__dict__}, **_context.get()}
         if not fields:
             return line
         shown = [f"{name}={fields[name]}" for name in CONTEXT_FIELDS if name in fields]

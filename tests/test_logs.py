@@ -101,13 +101,18 @@ def test_a_line_whose_arguments_do_not_fit_its_message_is_still_one_line() -> No
 
 
 def test_a_text_line_about_a_job_ends_with_its_fields_and_others_are_unchanged() -> None:
+    # A line about no job reads as it always did
     formatter = logging.Formatter(logs.TEXT_FORMAT)
     plain = record("started")
     assert logs.TextFormatter().format(plain) == formatter.format(plain)
+    # A line inside a job's block ends with the job's fields, in a fixed order
     with logs.job_context(job="job-2", engine="echo", worker="w1"):
         logs.bind(model="builtin:echo")
         line = logs.TextFormatter().format(record("started"))
     assert line.endswith("blaze_jobs.worker: started [job=job-2 engine=echo model=builtin:echo worker=w1]"), line
+    # And so does a line whose record names a job itself, outside any block
+    named = logs.TextFormatter().format(record("received", job="job-3", engine="echo"))
+    assert named.endswith("blaze_jobs.worker: received [job=job-3 engine=echo]"), named
 
 
 # --- the job context -------------------------------------------------------------------------
