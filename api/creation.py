@@ -9,6 +9,7 @@ import os
 import time
 import uuid
 from collections.abc import Mapping
+from functools import cache as cache_function
 from typing import Any
 
 import redis
@@ -92,11 +93,17 @@ async def create(
             api_metrics.rejected(record["engine"], reason)
         raise
     if metrics.enabled():
-        engine = record["engine"]
-        metrics.JOBS_CREATED.labels(engine, record.get("surface", SURFACE)).inc()
+        created_counter(record["engine"], record.get("surface", SURFACE)).inc()
         if cached is not None:
-            metrics.JOBS_CACHED.labels(engine).inc()
+            metrics.JOBS_CACHED.labels(record["engine"]).inc()
     return record, True
+
+
+@cache_function
+def created_counter(engine: str, surface: str) -> Any:
+    """The created-jobs counter of an engine and surface (few of each): ``labels()`` takes a
+    lock and builds its key on every call, on the create path."""
+    return metrics.JOBS_CREATED.labels(engine, surface)
 
 
 def refusal_reason(refused: Exception) -> str | None:

@@ -41,11 +41,11 @@ def unique_prefix(name: str) -> str:
     return f"blaze-bench-{name}-{os.getpid()}-{uuid.uuid4().hex[:6]}:"
 
 
-def start_api(stack: Stack, *, timeout: float = 60) -> tuple[Child, str]:
-    """``blaze api`` on a free port, with the stack's environment and ``ADMIN_TOKEN``; returns
-    it and its URL once ready."""
+def start_api(stack: Stack, *, timeout: float = 60, name: str = "api", **env: str) -> tuple[Child, str]:
+    """``blaze api`` on a free port, with the stack's environment, ``ADMIN_TOKEN`` and ``env``
+    (``BLAZE_METRICS="off"``); returns it and its URL once ready."""
     port = free_port()
-    api = stack.blaze("api", "api", "--port", str(port), BLAZE_ADMIN_TOKEN=ADMIN_TOKEN)
+    api = stack.blaze(name, "api", "--port", str(port), **{"BLAZE_ADMIN_TOKEN": ADMIN_TOKEN, **env})
     url = f"http://{HOST}:{port}"
     stack.wait_http("the API", api, f"{url}/readyz", timeout=timeout)
     return api, url

@@ -13,6 +13,11 @@ generator the other. It prints the rates, p50/p99 and two ratios: the API (auth 
 the bare endpoint, goal at least ``GOAL``, and auth on over auth off, goal at least
 ``AUTH_GOAL`` (a key check costs microseconds from the API's key cache, not a round trip).
 
+The cost of metrics: a fifth server, the API with auth off and ``BLAZE_METRICS=off``, takes
+the same load, and the API with auth off (metrics on, as by default: every request counted
+and timed, every create counted, in prometheus-client's multiprocess mode) over it is
+printed, goal at least ``METRICS_GOAL``.
+
 With ``--batch N``, each run also sends one batch of N echo requests to the API with a
 stored key (quota, no rate limit), as the unmodified ``openai`` client does (upload the JSONL
 file, ``batches.create``, which answers once every job is stored and queued), and prints the
@@ -21,7 +26,8 @@ at least ``BATCH_GOAL``.
 
 Nothing consumes the queues: every key a server wrote is deleted at the end (and between
 runs, so each run starts from the same Redis; the stored key is made again). Exit status: 0
-when every response was 2xx and the ratios met ``--min-ratio``, ``--min-auth-ratio`` (and,
+when every response was 2xx and the ratios met ``--min-ratio``, ``--min-auth-ratio``,
+``--min-metrics-ratio`` (and,
 with ``--batch``, ``--min-batch-ratio``), 1 when any request failed, 2 when a ratio fell short.
 """
 
@@ -55,6 +61,8 @@ JOB = {"engine": "echo", "input": {"prompt": "a lighthouse at dusk"}}
 GOAL = 0.8
 #: With a key checked and rate limited on every request, at least this share of auth off.
 AUTH_GOAL = 0.9
+#: With metrics recorded (the default), at least this share of the rate with them off.
+METRICS_GOAL = 0.95
 #: The bench key's limits: counted on every request, but far above what a run reaches, so
 #: none is refused (a few thousand creates a second for seconds; nothing consumes them).
 BENCH_RATE = "100000000/minute"
@@ -248,9 +256,10 @@ def ratio_line(label: str, over: list[dict[str, Any]], under: list[dict[str, Any
     return ratio
 
 
-def report(results: dict[str, list[dict[str, Any]]], *, args: argparse.Namespace) -> tuple[float, float]:
-    """Print the table and the two ratios: (blaze auth off / bare, auth on / auth off)."""
+def report(results: dict[str, list[dict[str, Any]]], *, args: argparse.Namespace) -> tuple[float, float, float]:
+    """Print the table and the ratios: (blaze auth off / bare, auth on / auth off, metrics on / off)."""
     base, off, on, key_only = results["bare"], results["auth-off"], results["auth-on"], results["key-only"]
+    unwatched = results["metrics-off"]
     runs = f", median of {len(base)} runs" if len(base) > 1 else ""
     print(f"\nsubmit: {args.connections} connections, {args.seconds:g} s measured after {args.warmup:g} s warm-up{runs}")
     print(f"{'endpoint':<44}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'server µs/req':>14}{'loadgen µs':>12}{'failed':>8}")
@@ -258,10 +267,12 @@ def report(results: dict[str, list[dict[str, Any]]], *, args: argparse.Namespace
     print(row("POST /v1/jobs (blaze api, BLAZE_AUTH=off)", off))
     print(row("POST /v1/jobs (API key, rate limit, quota)", on))
     print(row("POST /v1/jobs (API key, quota, no rate limit)", key_only))
+    print(row("POST /v1/jobs (auth off, BLAZE_METRICS=off)", unwatched))
     ratio = ratio_line("ratio blaze (auth off) / bare", off, base, goal=GOAL)
     auth_ratio = ratio_line("ratio auth on / auth off", on, off, goal=AUTH_GOAL)
     # Where the cost of auth on lies: the key and the quota, or the rate limit's count.
     ratio_line("ratio key without rate limit / auth off", key_only, off, goal=AUTH_GOAL)
+    metrics_ratio = ratio_line("ratio metrics on / off (auth off)", off, unwatched, goal=METRICS_GOAL)
     for name, each in results.items():
         if name == "batch":
             continue
@@ -271,7 +282,7 @@ def report(results: dict[str, list[dict[str, Any]]], *, args: argparse.Namespace
                     f"{name}: FAILED statuses={result['statuses']} errors={result['errors']}"
                     f" {result['error_samples']} {result['failure_sample']}"
                 )
-    return ratio, auth_ratio
+    return ratio, auth_ratio, metrics_ratio
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -285,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=1, help="alternate the endpoints this many times; report medians")
     parser.add_argument("--min-ratio", type=float, default=GOAL, help="exit 2 when blaze (auth off) / bare is below this")
     parser.add_argument("--min-auth-ratio", type=float, default=AUTH_GOAL, help="exit 2 when auth on / auth off is below this")
+    parser.add_argument(
+        "--min-metrics-ratio", type=float, default=METRICS_GOAL, help="exit 2 when metrics on / off is below this"
+    )
     parser.add_argument(
         "--bare-gc-freeze", action="store_true", help="give the bare endpoint blaze api's gc.freeze() after start-up too"
     )
@@ -303,7 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must lie within [1, 20]")
 
     tag = f"blaze-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    prefixes = {"bare": f"{tag}-bare:", "auth-off": f"{tag}-off:", "auth-on": f"{tag}-on:", "key-only": f"{tag}-key:"}
+    prefixes = {
+        "bare": f"{tag}-bare:",
+        "auth-off": f"{tag}-off:",
+        "auth-on": f"{tag}-on:",
+        "key-only": f"{tag}-key:",
+        "metrics-off": f"{tag}-nometrics:",
+    }
     client = redis.Redis.from_url(redis_url)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in prefixes}
     batch_results: list[dict[str, Any]] = []
@@ -315,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             bare_argv = [sys.executable, str(Path(__file__).resolve()), "--serve-baseline", str(ports["bare"])]
             bare_argv += ["--prefix", prefixes["bare"]] + (["--bare-gc-freeze"] if args.bare_gc_freeze else [])
             servers = {"bare": stack.start("bare", bare_argv)}
-            for name, auth in (("auth-off", "off"), ("auth-on", "on"), ("key-only", "on")):
+            apis = (("auth-off", "off", "on"), ("auth-on", "on", "on"), ("key-only", "on", "on"), ("metrics-off", "off", "off"))
+            for name, auth, watched in apis:
                 servers[name] = stack.blaze(
                     name,
                     "api",
@@ -324,9 +345,10 @@ def main(argv: list[str] | None = None) -> int:
                     BLAZE_REDIS_PREFIX=prefixes[name],
                     BLAZE_AUTH=auth,
                     BLAZE_ADMIN_TOKEN="",
+                    BLAZE_METRICS=watched,
                 )
             stack.wait_http("the bare server", servers["bare"], f"http://{HOST}:{ports['bare']}/healthz", timeout=60)
-            for name in ("auth-off", "auth-on", "key-only"):
+            for name, _, _ in apis:
                 stack.wait_http(f"the API ({name})", servers[name], f"http://{HOST}:{ports[name]}/readyz", timeout=60)
             for run in range(args.runs):
                 # Alternate the order, so a drift in the machine favours none of them.
@@ -372,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             forget(client, prefix)
         client.close()
 
-    ratio, auth_ratio = report(results, args=args)
+    ratio, auth_ratio, metrics_ratio = report(results, args=args)
     batch_ok = True
     if args.batch:
         print(f"{'batch of ' + str(args.batch) + ' echo requests (jobs/s)':<44}{median_of(batch_results, 'rate'):>10,.0f}")
@@ -385,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if not all(r["ok"] for each in results.values() for r in each):
         return 1
-    return 0 if ratio >= args.min_ratio and auth_ratio >= args.min_auth_ratio and batch_ok else 2
+    ratios_met = ratio >= args.min_ratio and auth_ratio >= args.min_auth_ratio and metrics_ratio >= args.min_metrics_ratio
+    return 0 if ratios_met and batch_ok else 2
 
 
 if __name__ == "__main__":
