@@ -4,6 +4,7 @@ reload, find its thumbnail)."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,7 +70,7 @@ def asset_etag(http: httpx.Client, name: str) -> str:
     return http.get(f"/console/assets/{name}").headers["etag"]
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (Debian's chromium package)")
@@ -156,3 +157,77 @@ def test_an_image_job_submitted_from_the_console_goes_live_to_its_thumbnail(stac
     expect(diffusion.first).to_be_visible()
     expect(diffusion.first.locator("td.breaker")).to_have_text(re.compile(r"closed|open|half_open"))
     assert faults == []
+
+
+def test_a_text_jobs_page_shows_its_text_and_a_refused_key_is_asked_again(stack: dict[str, Any], browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    page = browser.new_page()
+    page.goto(stack["api_url"] + "/console")
+
+    # Given a key the API refuses: the console asks for another, saying why.
+    page.fill("#key", "not-a-key")
+    page.click("#key-form button")
+    expect(page.locator("#key-error")).to_contain_text("refused")
+    assert page.evaluate("localStorage.getItem('blaze.apiKey')") is None
+
+    # When a good key is entered and a text job submitted from the form.
+    page.fill("#key", ADMIN_TOKEN)
+    page.click("#key-form button")
+    page.check("input[name=engine][value=llm]")
+    page.fill("#llm-prompt", unique("Once upon a time"))
+    page.fill("#llm-max_new_tokens", "8")
+    page.click("#submit-form button[type=submit]")
+    link = page.locator(".form-status a")
+    expect(link).to_have_count(1)
+    job_id = link.inner_text()
+
+    # Then its page shows the text it wrote, the same text its record holds.
+    link.click()
+    expect(page.locator(".facts dd").first).to_have_text("succeeded", timeout=60_000)
+    with httpx.Client(timeout=10, headers=AUTH) as http:
+        job = http.get(f"{stack['api_url']}/v1/jobs/{job_id}").json()
+    assert job["output"]["text"]
+    expect(page.locator("pre.text-output")).to_have_text(job["output"]["text"])
+    expect(page.locator("div.deliveries")).to_contain_text("No deliveries")
+
+    # And "Forget key" takes the key out of the browser.
+    page.click("#forget")
+    expect(page.locator("#sign-in")).to_be_visible()
+    assert page.evaluate("localStorage.getItem('blaze.apiKey')") is None
+
+
+def test_the_event_parser_reads_streams_split_anywhere(stack: dict[str, Any], browser: Any) -> None:
+    # The console's own parser, run in the browser, on a stream as the API writes it (with a
+    # keep-alive comment and the retry field), cut into pieces at every offset.
+    page = browser.new_page()
+    page.goto(stack["api_url"] + "/")
+    stream = (
+        "retry: 1000\n\n"
+        ": keep-alive\n\n"
+        'id: 1-0\nevent: job\ndata: {"status":"queued"}\n\n'
+        'id: 2-0\r\nevent: job.progress\r\ndata: {"step":1,"total":2}\r\n\r\n'
+        "event: multi\ndata: a\ndata: b\n\n"
+    )
+    parsed = page.evaluate(
+        """async (stream) => {
+            const { parseEvents } = await import("./console/assets/api.js");
+            const runs = [];
+            for (let cut = 0; cut <= stream.length; cut++) {
+                const events = [];
+                let rest = parseEvents(stream.slice(0, cut), (e) => events.push(e));
+                rest = parseEvents(rest + stream.slice(cut), (e) => events.push(e));
+                runs.push(JSON.stringify(events) + "|" + rest);
+            }
+            return [...new Set(runs)];
+        }""",
+        stream,
+    )
+    assert len(parsed) == 1, parsed  # the same events wherever the stream was cut
+    events, rest = parsed[0].rsplit("|", 1)
+    assert rest == ""
+    assert json.loads(events) == [
+        {"event": "job", "data": '{"status":"queued"}', "id": "1-0"},
+        {"event": "job.progress", "data": '{"step":1,"total":2}', "id": "2-0"},
+        {"event": "multi", "data": "a\nb", "id": None},
+    ]

@@ -56,8 +56,10 @@ export const jobPath = (id) => `v1/jobs/${encodeURIComponent(id)}`;
 
 /** Split a text/event-stream into events: `{event, data, id}` for each blank-line-ended block. */
 export function parseEvents(buffer, emit) {
-  const blocks = buffer.replace(/\r\n?/g, "\n").split("\n\n");
-  const rest = blocks.pop();
+  // A CR that ends this piece may be half of a CRLF: it waits for the next piece.
+  const held = buffer.endsWith("\r") ? "\r" : "";
+  const blocks = buffer.slice(0, buffer.length - held.length).replace(/\r\n?/g, "\n").split("\n\n");
+  const rest = blocks.pop() + held;
   for (const block of blocks) {
     const event = { event: "message", data: [], id: null };
     for (const line of block.split("\n")) {
