@@ -92,7 +92,8 @@ def _message(record: logging.LogRecord) -> str:
     try:
         return record.getMessage()
     except Exception as error:
-        return f"{record.msg!r} % {record.args!r} (unformattable: {type(error).__name__}: {error})"
+        why = f"{type(error).__name__}: {_as_str(error)}"
+        return f"{_shown(record.msg, repr)} % {_shown(record.args, repr)} (unformattable: {why})"
 
 
 class TextFormatter(logging.Formatter):
