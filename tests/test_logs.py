@@ -174,7 +174,8 @@ def test_no_context_crosses_threads_or_passes_from_one_job_to_the_next_in_a_thre
 
 
 def json_lines(text: str, *, of: str) -> list[dict[str, Any]]:
-    lines = [line for line in text.splitlines() if line.strip()]
+    """Every line of a running process's log, parsed; the last one only once it is whole."""
+    lines = [line for line in text.split("\n")[:-1] if line.strip()]
     parsed = []
     for line in lines:
         try:
