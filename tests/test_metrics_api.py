@@ -1,10 +1,11 @@
 """The API's Prometheus metrics: ``blaze api --workers 2`` reports one sum at ``/metrics``
-whichever process a scrape reaches (requests by route template, jobs created and refused,
-the queue gauges read from Redis, clients waiting on jobs), and ``BLAZE_METRICS=off`` turns
-it all off."""
+whichever process a scrape reaches (requests by route template, jobs created, refused and
+answered from the cache, the queue gauges read from Redis, clients waiting on jobs), and
+``BLAZE_METRICS=off`` turns it all off."""
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from pathlib import Path
@@ -16,7 +17,7 @@ import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from blaze_jobs import metrics
+from blaze_jobs import cache, metrics
 from blaze_jobs.api.app import create_app
 from blaze_jobs.api_keys import create_key
 from blaze_jobs.settings import Settings
@@ -80,6 +81,14 @@ def test_two_api_processes_report_one_sum_of_requests_creates_refusals_and_queue
     with redis.Redis.from_url(settings.redis_url) as client:
         quota_key, _ = create_key(client, settings, tenant="quota", name="metrics", max_jobs=1)
         rate_key, _ = create_key(client, settings, tenant="rate", name="metrics", rate="1/minute")
+        # And the result of a deterministic echo job in the cache, as a worker stores it
+        done = {"seed": 7, "text": "cached"}
+        key = cache.cache_key(
+            engine="echo", model=settings.default_model("echo"), input=done, tenant=settings.default_tenant, settings=settings
+        )
+        with client.pipeline() as pipe:
+            cache.queue_store(pipe, cache.CacheKeys(settings.redis_prefix), key, json.dumps(done), settings=settings)
+            pipe.execute()
 
     # Given echo jobs created one connection at a time until both API processes made some
     made = 0
@@ -92,20 +101,26 @@ def test_two_api_processes_report_one_sum_of_requests_creates_refusals_and_queue
     assert create(url, {"engine": "no-such-engine", "input": {}}).status_code == 422
     assert [create(url, {"engine": "echo"}, secret=quota_key).status_code for _ in range(2)] == [202, 429]
     assert [create(url, {"engine": "echo"}, secret=rate_key).status_code for _ in range(2)] == [202, 429]
+    # And a create answered from the cache, and a deterministic one the cache has not seen
+    assert create(url, {"engine": "echo", "input": done}).json()["status"] == "succeeded"
+    assert create(url, {"engine": "echo", "input": {"seed": 8}}).json()["status"] == "queued"
 
     # When /metrics is scraped several times, on connections of their own
     scrapes = [samples(url) for _ in range(4)]
 
     # Then every scrape, whichever process answered it, gives the same sums
     for found in scrapes:
-        assert value(found, "blaze_jobs_created_total", engine="echo", surface="blaze") == made + 2
-        assert value(found, "blaze_http_requests_total", route="/v1/jobs", method="POST", code="202") == made + 2
-        assert value(found, "blaze_http_request_duration_seconds_count", route="/v1/jobs", method="POST") == made + 5
+        assert value(found, "blaze_jobs_created_total", engine="echo", surface="blaze") == made + 4
+        assert value(found, "blaze_http_requests_total", route="/v1/jobs", method="POST", code="202") == made + 4
+        assert value(found, "blaze_http_request_duration_seconds_count", route="/v1/jobs", method="POST") == made + 7
+        assert value(found, "blaze_jobs_cached_total", engine="echo") == 1
+        assert value(found, "blaze_cache_lookups_total", engine="echo", layer="redis", result="hit") == 1
+        assert value(found, "blaze_cache_lookups_total", engine="echo", layer="redis", result="miss") == 1
         assert value(found, "blaze_jobs_rejected_total", reason="invalid") == 1
         assert value(found, "blaze_jobs_rejected_total", engine="echo", reason="quota") == 1
         assert value(found, "blaze_jobs_rejected_total", reason="rate_limit") == 1
-        # And the queue gauges count the jobs left queued, and none in the other queues
-        assert value(found, "blaze_queue_depth", engine="echo") == made + 2
+        # And the queue gauges count the jobs left queued (not the one born from the cache)
+        assert value(found, "blaze_queue_depth", engine="echo") == made + 3
         assert value(found, "blaze_queue_depth", engine="webhooks") == 0
         assert value(found, "blaze_queue_oldest_age_seconds", engine="echo") > 0
         assert value(found, "blaze_queue_oldest_age_seconds", engine="diffusion") == 0
