@@ -108,8 +108,8 @@ def created_counter(engine: str, surface: str) -> Any:
 
 def refusal_reason(refused: Exception) -> str | None:
     """The reason a refused create is counted under: the tenant's quota, or the deployment's
-    backpressure (a full queue, a Redis at its memory limit); None for an API bound of its
-    own (no connection free) or another error Redis answered."""
+    backpressure (a full queue, a Redis refusing writes: at its memory limit, above all);
+    None for an API bound of its own (no connection free) or another error Redis answered."""
     if isinstance(refused, QuotaExceeded):
         return "quota"
     if isinstance(refused, QueueFull) or (isinstance(refused, redis.exceptions.ResponseError) and refusal(refused)):
