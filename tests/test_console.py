@@ -149,6 +149,7 @@ def test_an_image_job_submitted_from_the_console_goes_live_to_its_thumbnail(stac
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=full.element_handle())
     assert full.evaluate("img => img.naturalWidth") == image["width"]
     expect(page.locator("pre.input")).to_contain_text(prompt)
+    expect(page.locator(".job")).not_to_contain_text("null")  # nothing shown for what the job lacks
     assert page.evaluate("window.notReloaded") is True
 
     # And the workers page lists the stack's diffusion worker with its breaker state.
@@ -156,6 +157,12 @@ def test_an_image_job_submitted_from_the_console_goes_live_to_its_thumbnail(stac
     diffusion = page.locator("#workers tbody tr", has_text="diffusion")
     expect(diffusion.first).to_be_visible()
     expect(diffusion.first.locator("td.breaker")).to_have_text(re.compile(r"closed|open|half_open"))
+    # With the device's busy share, when the worker reports one (0 to 1, shown in percent).
+    with httpx.Client(timeout=10, headers=AUTH) as http:
+        workers = http.get(f"{stack['api_url']}/v1/workers").json()["workers"]
+    if any("device_busy" in worker for worker in workers):
+        expect(page.locator("#workers thead")).to_contain_text("Device busy")
+        expect(diffusion.first.locator("td.device-busy")).to_have_text(re.compile(r"^\d{1,3}%$"))
     assert faults == []
 
 

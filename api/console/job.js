@@ -100,18 +100,19 @@ export function jobPage(view, id) {
 
   const draw = () => {
     const canCancel = !ENDED.has(job.status);
-    main.replaceChildren(
+    const parts = [
       canCancel ? el("button", { type: "button", class: "cancel", onclick: cancel }, "Cancel job") : null,
       facts(job),
       el("h2", {}, "Timeline"),
       timeline(job),
-      progress(job) || "",
+      progress(job),
       ...output(job, streamed),
       el("h2", {}, "Input"),
       el("pre", { class: "input" }, JSON.stringify(job.input, null, 2)),
       el("h2", {}, "Webhook deliveries"),
       deliveries,
-    );
+    ];
+    main.replaceChildren(...parts.filter((part) => part)); // no "null" for a part the job lacks
   };
 
   const readDeliveries = async () => {

@@ -39,7 +39,7 @@ function table(workers) {
           el("td", {}, (worker.models || []).join(", ") || "–"),
           breaker(worker),
           el("td", { class: "number" }, String(worker.jobs_held ?? 0)),
-          busy ? el("td", { class: "number" }, share(worker.device_busy)) : null,
+          busy ? el("td", { class: "number device-busy" }, share(worker.device_busy)) : null,
           el("td", { class: "number" }, String(worker.jobs_run ?? 0)),
           el("td", { class: "number" }, worker.mean_batch_size ?? "–"),
           el("td", {}, worker.heartbeat_at ? `${seconds(Math.max(0, now - worker.heartbeat_at))} ago` : "–"),
