@@ -148,10 +148,18 @@ def test_a_route_is_labelled_by_its_template_and_waiting_clients_are_counted(api
     finally:
         poll.join()
     assert waited == [200]
+    assert value(samples(url), "blaze_event_clients", kind="long_poll") == 0
+
+    # When a client follows the job's event stream, then goes away before it ends
+    with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", headers=AUTH, timeout=10) as stream:
+        assert stream.status_code == 200
+        # Then it is counted while it follows, and no more once it left
+        wait_until(lambda: value(samples(url), "blaze_event_clients", kind="sse") == 1, timeout=5, what="one stream counted")
+    wait_until(lambda: value(samples(url), "blaze_event_clients", kind="sse") == 0, timeout=5, what="the stream's end counted")
     found = samples(url)
-    assert value(found, "blaze_event_clients", kind="long_poll") == 0
     # And requests are labelled by the template, a path no route took by one fixed label
     assert value(found, "blaze_http_requests_total", route="/v1/jobs/{job_id}", method="GET", code="200") == 2
+    assert value(found, "blaze_http_requests_total", route="/v1/jobs/{job_id}/events", code="200") == 1
     assert value(found, "blaze_http_requests_total", route="unmatched", code="404") == 1
     routes = {dict(labels).get("route") for (_, labels) in found}
     assert not any(job_id in str(route) or missing in str(route) for route in routes)
