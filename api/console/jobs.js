@@ -22,15 +22,20 @@ export class LiveJobs {
     this.listeners = new Set();
     this.timer = null;
     this.error = null;
+    this.round = 0;
   }
 
+  // Each start begins a new round of polls; a poll of an earlier round (still in flight when
+  // the key was forgotten, say) ends its round instead of scheduling the next.
   start() {
     this.running = true;
-    this.poll();
+    this.round += 1;
+    this.poll(this.round);
   }
 
   stop() {
     this.running = false;
+    this.round += 1;
     clearTimeout(this.timer);
     this.streams.forEach((stream) => stream.abort());
     this.streams.clear();
@@ -42,18 +47,26 @@ export class LiveJobs {
     return [...this.jobs.values()].sort((a, b) => created(b) - created(a)).slice(0, PAGE);
   }
 
-  async poll() {
+  async poll(round) {
+    if (round !== this.round) return;
+    // A tab in the background asks nothing until it is looked at again.
+    if (document.hidden) {
+      document.addEventListener("visibilitychange", () => this.poll(round), { once: true });
+      return;
+    }
     try {
       const page = await request(`v1/jobs?limit=${PAGE}`);
+      if (round !== this.round) return; // the key was forgotten meanwhile
       this.error = null;
       this.resting.clear();
       for (const job of page.jobs) this.put(job, { fromList: true });
     } catch (error) {
+      if (round !== this.round) return;
       this.error = error;
     }
     this.changed(null);
     this.follow();
-    if (this.running) this.timer = setTimeout(() => this.poll(), POLL_MS);
+    this.timer = setTimeout(() => this.poll(round), POLL_MS);
   }
 
   /** Take a newer view of a job. A list answer sent before an event arrived may be older than
@@ -69,6 +82,7 @@ export class LiveJobs {
   /** Follow the newest queued or running jobs' streams (at most MAX_STREAMS), letting go of
    * older ones a newer job needs the place of. */
   follow() {
+    if (!this.running) return;
     const wanted = this.list()
       .filter((job) => !ENDED.has(job.status) && !this.resting.has(job.id))
       .slice(0, MAX_STREAMS)
@@ -93,7 +107,7 @@ export class LiveJobs {
         this.streams.delete(id);
         // A stream refused (the job expired, say) is not asked for again until the next poll.
         if (!ended) this.resting.add(id);
-        if (this.running) this.follow();
+        this.follow();
       });
     }
   }
