@@ -168,6 +168,7 @@ async def _create_parts(
     born: list[tuple[dict[str, str], Any]] = []
     hosts = WebhookHosts(settings)
     storing: asyncio.Task[None] | None = None
+    queued_by_engine: Counter[str] = Counter()  # for the created-jobs metric
     try:
         for start_at in range(0, len(good), PART):
             # 3. A part of the lines, each read into the job it asks for, while Redis stores the part before.
@@ -220,6 +221,7 @@ async def _create_parts(
             if storing is not None:
                 await storing
             if queued:
+                queued_by_engine.update(job_record["engine"] for job_record, _, _ in queued)
                 sent.extend(job_record["id"] for job_record, _, _ in queued)
                 storing = asyncio.create_task(
                     store.create_many(
@@ -229,6 +231,8 @@ async def _create_parts(
                 await asyncio.sleep(0)  # it starts: packed and sent, it waits on Redis while the next part is read
         if storing is not None:
             await storing
+        for engine, count in queued_by_engine.items():
+            creation.count_created(engine, "openai", count, cached=False)
     except QuotaExceeded as refused:
         raise BatchFileError("quota_exceeded", f"{refused}: the batch's {sum(admit.values())} requests do not fit") from None
     except QueueFull as refused:
@@ -243,4 +247,6 @@ async def _create_parts(
                 creation.queue_birth(pipe, store, job_record, cached, settings=settings)
                 sent.append(job_record["id"])
             await pipe.execute()
+        for engine, count in Counter(job_record["engine"] for job_record, _ in born).items():
+            creation.count_created(engine, "openai", count, cached=True)
     return entries, bad

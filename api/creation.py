@@ -92,11 +92,16 @@ async def create(
         if reason is not None:
             api_metrics.rejected(record["engine"], reason)
         raise
-    if metrics.enabled():
-        created_counter(record["engine"], record.get("surface", SURFACE)).inc()
-        if cached is not None:
-            metrics.JOBS_CACHED.labels(record["engine"]).inc()
+    count_created(record["engine"], record.get("surface", SURFACE), cached=cached is not None)
     return record, True
+
+
+def count_created(engine: str, surface: str, count: int = 1, *, cached: bool) -> None:
+    """Count ``count`` jobs stored: queued, or (``cached``) born from the cache."""
+    if metrics.enabled():
+        created_counter(engine, surface).inc(count)
+        if cached:
+            metrics.JOBS_CACHED.labels(engine).inc(count)
 
 
 @cache_function

@@ -255,7 +255,7 @@ async def _chunks(
     sent = ""
     deadline = time.monotonic() + wait_s
     if not events.ended(record):
-        async with reader.watch(job_id, after="0-0") as feed:
+        async with waits.open_stream("sse"), reader.watch(job_id, after="0-0") as feed:
             while not events.ended(record):
                 left = deadline - time.monotonic()
                 if left <= 0:

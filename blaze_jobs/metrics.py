@@ -64,7 +64,7 @@ HTTP_SECONDS = Histogram(
     ["route", "method"],
     buckets=REQUEST_SECONDS,
 )
-JOBS_CREATED = Counter("blaze_jobs_created_total", "Jobs accepted and queued, by engine and surface.", ["engine", "surface"])
+JOBS_CREATED = Counter("blaze_jobs_created_total", "Jobs accepted (queued or born cached), by surface.", ["engine", "surface"])
 JOBS_REJECTED = Counter(
     "blaze_jobs_rejected_total",
     "Creates refused, by engine (empty when none was named) and reason: invalid, rate_limit, quota, backpressure.",

@@ -33,6 +33,7 @@ from blaze_jobs.api_keys import create_key
 from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 from tests.conftest import ADMIN_TOKEN, unique, wait_until
+from tests.metrics_scrape import samples, value
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -141,6 +142,8 @@ def test_a_batch_of_100_requests_completes_with_a_line_per_request_and_its_malfo
     ]
     lines = good[:50] + malformed + good[50:]
 
+    created_before = value(samples(stack["api_url"] + "/metrics"), "blaze_jobs_created_total", engine="llm", surface="openai")
+
     # When the client uploads them and makes a batch
     batch = submit(openai_api, lines, CHAT)
 
@@ -179,7 +182,11 @@ def test_a_batch_of_100_requests_completes_with_a_line_per_request_and_its_malfo
     assert job["engine"] == "llm" and job["status"] == "succeeded"
     with redis.Redis.from_url(settings.redis_url) as client:
         fields = client.hmget(Keys(settings.redis_prefix).job(job["id"]), "batch", "custom_id", "surface")
-    assert [value.decode() for value in fields] == [batch.id, output[0]["custom_id"], "openai"]
+    assert [field.decode() for field in fields] == [batch.id, output[0]["custom_id"], "openai"]
+
+    # And the API counted the 92 jobs it made (the malformed lines made none)
+    created = value(samples(stack["api_url"] + "/metrics"), "blaze_jobs_created_total", engine="llm", surface="openai")
+    assert created - created_before == 92
 
 
 def test_an_image_batch_answers_urls_and_base64_as_the_images_route_does(openai_api: openai.OpenAI) -> None:

@@ -15,7 +15,6 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from blaze_jobs import cache, metrics
 from blaze_jobs.api.app import create_app
@@ -23,6 +22,7 @@ from blaze_jobs.api_keys import create_key
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack, StackError, free_port
 from tests.conftest import AUTH, wait_until
+from tests.metrics_scrape import Samples, samples, value
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,22 +30,9 @@ pytestmark = pytest.mark.timeout(120)
 MAX_CREATES = 200
 
 
-def samples(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """One scrape of ``url``/metrics, on a connection of its own (so uvicorn may hand it to
-    either process), by sample name and labels."""
-    answer = httpx.get(f"{url}/metrics", timeout=10)
-    assert answer.status_code == 200, answer.text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(answer.text)
-        for sample in family.samples
-    }
-
-
-def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels`` (0 when none has them)."""
-    wanted = set(labels.items())
-    return sum(v for (n, have), v in found.items() if n == name and wanted <= have)
+def scrape(url: str) -> Samples:
+    """One scrape of the API at ``url``."""
+    return samples(f"{url}/metrics")
 
 
 def create(url: str, body: dict[str, Any], *, secret: str | None = None) -> httpx.Response:
@@ -106,7 +93,7 @@ def test_two_api_processes_report_one_sum_of_requests_creates_refusals_and_queue
     assert create(url, {"engine": "echo", "input": {"seed": 8}}).json()["status"] == "queued"
 
     # When /metrics is scraped several times, on connections of their own
-    scrapes = [samples(url) for _ in range(4)]
+    scrapes = [scrape(url) for _ in range(4)]
 
     # Then every scrape, whichever process answered it, gives the same sums
     for found in scrapes:
@@ -143,20 +130,26 @@ def test_a_route_is_labelled_by_its_template_and_waiting_clients_are_counted(api
     try:
         # Then /metrics counts it, whichever process holds it, while it waits
         wait_until(
-            lambda: value(samples(url), "blaze_event_clients", kind="long_poll") == 1, timeout=5, what="one long-poll counted"
+            lambda: value(scrape(url), "blaze_event_clients", kind="long_poll") == 1,
+            timeout=5,
+            what="one long-poll counted",
         )
     finally:
         poll.join()
     assert waited == [200]
-    assert value(samples(url), "blaze_event_clients", kind="long_poll") == 0
+    assert value(scrape(url), "blaze_event_clients", kind="long_poll") == 0
 
     # When a client follows the job's event stream, then goes away before it ends
     with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", headers=AUTH, timeout=10) as stream:
         assert stream.status_code == 200
         # Then it is counted while it follows, and no more once it left
-        wait_until(lambda: value(samples(url), "blaze_event_clients", kind="sse") == 1, timeout=5, what="one stream counted")
-    wait_until(lambda: value(samples(url), "blaze_event_clients", kind="sse") == 0, timeout=5, what="the stream's end counted")
-    found = samples(url)
+        wait_until(lambda: value(scrape(url), "blaze_event_clients", kind="sse") == 1, timeout=5, what="one stream counted")
+    wait_until(
+        lambda: value(scrape(url), "blaze_event_clients", kind="sse") == 0,
+        timeout=5,
+        what="the stream's end counted",
+    )
+    found = scrape(url)
     # And requests are labelled by the template, a path no route took by one fixed label
     assert value(found, "blaze_http_requests_total", route="/v1/jobs/{job_id}", method="GET", code="200") == 2
     assert value(found, "blaze_http_requests_total", route="/v1/jobs/{job_id}/events", code="200") == 1

@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.stack import Child, Stack, StackError, free_port
+from tests import metrics_scrape
 from tests.conftest import start_api, wait_for_workers, wait_until
 from tests.test_deploy import dashboard, dashboard_queries, doc_queries
 
@@ -43,17 +43,6 @@ def value(prometheus: httpx.Client, promql: str) -> float:
     """The one value a PromQL expression gives now."""
     (sample,) = query(prometheus, promql)
     return float(sample["value"][1])
-
-
-def scraped_total(url: str, name: str, **labels: str) -> float:
-    """What ``url`` answers now for the counter ``name`` (its ``_total`` samples matching ``labels``, summed)."""
-    text = httpx.get(url, timeout=5).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == f"{name}_total" and labels.items() <= sample.labels.items()
-    )
 
 
 def start_prometheus(stack: Stack, tmp_path: Path, targets: dict[str, str]) -> tuple[Child, str]:
@@ -92,10 +81,19 @@ def test_prometheus_counts_the_jobs_run_through_the_api(own_stack: Stack, tmp_pa
             # and the worker and the API have counted them (the worker counts just after the
             # job's end is written; the API a request once its answer is sent)
             ended = f"http://127.0.0.1:{worker_port}/metrics"
-            wait_until(lambda: scraped_total(ended, "blaze_jobs_ended", status="succeeded") >= JOBS, timeout=10, what="ended")
+            wait_until(
+                lambda: metrics_scrape.value(metrics_scrape.samples(ended), "blaze_jobs_ended_total", status="succeeded") >= JOBS,
+                timeout=10,
+                what="ended",
+            )
             posts = f"{api_url}/metrics"
             wait_until(
-                lambda: scraped_total(posts, "blaze_http_requests", route="/v1/jobs", method="POST") >= JOBS,
+                lambda: (
+                    metrics_scrape.value(
+                        metrics_scrape.samples(posts), "blaze_http_requests_total", route="/v1/jobs", method="POST"
+                    )
+                    >= JOBS
+                ),
                 timeout=10,
                 what="creates",
             )
