@@ -11,6 +11,7 @@ unreachable (the rest still answers). With ``BLAZE_METRICS=off`` nothing is reco
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import time
@@ -186,9 +187,15 @@ async def queues_now(app: FastAPI) -> list[QueueHead] | None:
 
 @router.get("/metrics", include_in_schema=False)
 async def scrape(request: Request) -> Response:
-    """What Prometheus scrapes: every process's metrics and the queue gauges."""
-    if not settings_of(request.app).metrics:
+    """What Prometheus scrapes: every process's metrics and the queue gauges (with
+    ``BLAZE_METRICS_TOKEN`` set, for that Bearer token only)."""
+    settings = settings_of(request.app)
+    if not settings.metrics:
         raise HTTPException(404, "Not Found")  # as for any path no route takes
+    if settings.metrics_token and not hmac.compare_digest(
+        request.headers.get("authorization", "").encode(), f"Bearer {settings.metrics_token}".encode()
+    ):
+        raise HTTPException(401, "/metrics needs Authorization: Bearer <BLAZE_METRICS_TOKEN>", {"WWW-Authenticate": "Bearer"})
     heads = await queues_now(request.app)
     if metrics.multiprocess():
         registry = CollectorRegistry()

@@ -260,6 +260,9 @@ class Settings(DiffusionSettings, EchoSettings, LLMSettings, BaseSettings):
     #: Prometheus metrics at the API's ``/metrics`` (a worker serves its own on
     #: ``--metrics-port``). Off, nothing is recorded and ``/metrics`` answers 404.
     metrics: bool = True
+    #: When set, the API's ``/metrics`` asks for ``Authorization: Bearer <this>`` (Prometheus:
+    #: ``authorization: {credentials_file: ...}``); empty, it answers anyone, as ``/healthz`` does.
+    metrics_token: str = ""
     #: ``text``: one human line per record; ``json``: one JSON object per line, with the job
     #: id, engine, model and worker on every line about a job.
     log_format: Literal["text", "json"] = "text"

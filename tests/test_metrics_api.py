@@ -169,3 +169,18 @@ def test_metrics_off_records_nothing_and_answers_404(settings: Settings) -> None
     assert answer.status_code == 404
     assert not metrics.enabled()
     assert "/metrics" not in app.openapi()["paths"]
+
+
+def test_with_a_metrics_token_only_its_bearer_reads_the_metrics(settings: Settings) -> None:
+    # Given the API made with BLAZE_METRICS_TOKEN set
+    app = create_app(settings.model_copy(update={"metrics_token": "scrape-secret"}))
+    with TestClient(app) as http:
+        # When /metrics is asked for without the token, with another, and with it
+        bare = http.get("/metrics")
+        wrong = http.get("/metrics", headers={"Authorization": "Bearer another"})
+        right = http.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+    # Then only the token's bearer reads them; the others get a 401 problem
+    assert (bare.status_code, wrong.status_code) == (401, 401)
+    assert bare.headers["content-type"].startswith("application/problem+json")
+    assert "BLAZE_METRICS_TOKEN" in bare.json()["detail"]
+    assert right.status_code == 200 and "blaze_http_requests_total" in right.text

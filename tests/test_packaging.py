@@ -20,10 +20,11 @@ NOT_SOURCES = shutil.ignore_patterns(".*", "__pycache__", "build", "dist", "*.eg
 
 
 def installed_paths() -> Iterator[tuple[str, str]]:
-    """Each source file of the checkout's packages, with the path it has inside the wheel."""
+    """Each source and data file of the checkout's packages, with the path it has inside the wheel."""
     for folder, package in (("blaze_jobs", "blaze_jobs"), ("api", "blaze_jobs/api"), ("workers", "blaze_jobs/workers")):
         for path in sorted((ROOT / folder).rglob("*")):
-            if path.suffix in (".py", ".lua") and "__pycache__" not in path.parts:
+            # The Lua scripts and the console's files are package data: a wheel without them fails.
+            if path.suffix in (".py", ".lua", ".html", ".js", ".css", ".svg") and "__pycache__" not in path.parts:
                 relative = path.relative_to(ROOT / folder).as_posix()
                 yield f"{folder}/{relative}", f"{package}/{relative}"
 
