@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -197,6 +198,14 @@ async def scrape(request: Request) -> Response:
     ):
         raise HTTPException(401, "/metrics needs Authorization: Bearer <BLAZE_METRICS_TOKEN>", {"WWW-Authenticate": "Bearer"})
     heads = await queues_now(request.app)
+    # Reading every process's files and writing the text takes milliseconds (tens with many
+    # series): in a thread, so the event loop goes on answering meanwhile.
+    body = await run_in_threadpool(exposition, heads)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def exposition(heads: list[QueueHead] | None) -> bytes:
+    """Every process's metrics (or this one's), and the queue gauges when they were read."""
     if metrics.multiprocess():
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
@@ -207,7 +216,7 @@ async def scrape(request: Request) -> Response:
         queues = CollectorRegistry(auto_describe=False)
         queues.register(QueueGauges(heads, now=time.time()))
         body += generate_latest(queues)
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
+    return body
 
 
 def process_ended() -> None:
