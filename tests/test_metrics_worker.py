@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
 
 from blaze_jobs import metrics
 from blaze_jobs.breaker import BreakerState, CircuitBreaker
@@ -20,22 +19,13 @@ from blaze_jobs.client import BlazeClient
 from blaze_jobs.stack import Stack, free_port
 from blaze_jobs.webhook_retries import RetryMover
 from tests.conftest import start_api, wait_for_workers, wait_until
+from tests.metrics_scrape import Samples, samples, value
 from tests.receiver import Answer
 from tests.test_webhooks import OneDelivery, one_delivery, own  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(90)
 
 JOBS = 4
-
-
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample a metrics endpoint serves, by name and labels."""
-    families = text_string_to_metric_families(httpx.get(url, timeout=5).text)
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
-
-
-def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float | None:
-    return samples.get((name, tuple(sorted(labels.items()))))
 
 
 def test_an_echo_worker_serves_the_metrics_of_the_jobs_it_ran(own_stack: Stack) -> None:
@@ -54,23 +44,23 @@ def test_an_echo_worker_serves_the_metrics_of_the_jobs_it_ran(own_stack: Stack) 
     # Then the worker's metrics count every job once, with its times and its batch
     echo = {"engine": "echo", "model": "builtin:echo"}
 
-    def all_counted() -> dict | None:
-        samples = scrape(metrics_url)
-        return samples if value(samples, "blaze_jobs_ended_total", engine="echo", status="succeeded") == JOBS else None
+    def all_counted() -> Samples | None:
+        found = samples(metrics_url)
+        return found if value(found, "blaze_jobs_ended_total", engine="echo", status="succeeded") == JOBS else None
 
-    samples = wait_until(all_counted, timeout=10, what=f"{JOBS} succeeded jobs in {metrics_url}")
-    assert value(samples, "blaze_job_queue_wait_seconds_count", **echo) == JOBS
-    assert value(samples, "blaze_job_run_seconds_count", **echo) == JOBS
+    found = wait_until(all_counted, timeout=10, what=f"{JOBS} succeeded jobs in {metrics_url}")
+    assert value(found, "blaze_job_queue_wait_seconds_count", **echo) == JOBS
+    assert value(found, "blaze_job_run_seconds_count", **echo) == JOBS
     # Echo jobs never share a batch: each ran as a batch of one.
-    assert value(samples, "blaze_batch_size_count", engine="echo") == JOBS
-    assert value(samples, "blaze_batch_size_sum", engine="echo") == JOBS
-    assert value(samples, "blaze_batch_fill_ratio_count", engine="echo") == JOBS
+    assert value(found, "blaze_batch_size_count", engine="echo") == JOBS
+    assert value(found, "blaze_batch_size_sum", engine="echo") == JOBS
+    assert value(found, "blaze_batch_fill_ratio_count", engine="echo") == JOBS
     for layer in ("local", "redis", "in_flight"):
-        assert value(samples, "blaze_cache_lookups_total", engine="echo", layer=layer, result="miss") == JOBS
-    assert value(samples, "blaze_breaker_state", engine="echo", state="closed") == 1
-    assert value(samples, "blaze_breaker_state", engine="echo", state="open") == 0
-    busy = value(samples, "blaze_device_busy_ratio", engine="echo")
-    assert busy is not None and 0 <= busy <= 1
+        assert value(found, "blaze_cache_lookups_total", engine="echo", layer=layer, result="miss") == JOBS
+    assert value(found, "blaze_breaker_state", engine="echo", state="closed") == 1
+    assert value(found, "blaze_breaker_state", engine="echo", state="open") == 0
+    assert ("blaze_device_busy_ratio", frozenset({("engine", "echo")})) in found
+    assert 0 <= value(found, "blaze_device_busy_ratio", engine="echo") <= 1
 
     # And GET /v1/workers shows the device's busy share beside the breaker
     (worker,) = wait_for_workers(api_url, 1)
