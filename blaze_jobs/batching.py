@@ -5,13 +5,16 @@ call, as soon as the group is full or its oldest job has waited ``max_wait_ms``.
 Each job stays its own Celery task (own ack, retry, cancel, Flower row); only the device
 work is shared. Batches never mix batch keys, so never models.
 
-The batcher keeps the device's busy fraction over the last minute (``busy``, shown by
-``GET /v1/workers``) and, with metrics on, records each batch: its size, its fill against
-``max_batch``, how long its first job waited for it to form, and its device time. A
-continuous engine (llm) forms no batches here: sequences join and leave its running batch
+The batcher keeps the device's busy time (``busy``: in all, and its share of the last minute,
+shown by ``GET /v1/workers``) and, with metrics on, records each batch: its size, its fill
+against ``max_batch``, how long its first job waited for it to be due (full, or
+``max_wait_ms`` reached: not the time it then waited for the device), and its device time.
+A continuous engine (llm) forms no batches here: sequences join and leave its running batch
 token by token. For it, each job records once, as it ends, the largest batch it ran in
 (size and fill), and the device counts as busy while any of its jobs is in flight (its loop
-steps whenever it holds a sequence); it has no form wait nor per-batch device time.
+steps whenever it holds a sequence); it has no form wait nor per-batch device time. An engine
+that never batches (echo) runs its jobs side by side on their task threads: each is a batch
+of one with no fill, and the device is busy while any of them runs.
 """
 
 from __future__ import annotations
@@ -63,8 +66,6 @@ class Batcher:
         self.batches_run = 0
         #: The device's busy fraction over the last minute (GET /v1/workers, blaze_device_busy_ratio).
         self.busy = metrics.BusyWindow()
-        self._in_flight = 0  # a continuous engine's jobs not yet ended
-        self._busy_since = 0.0  # since when they have kept its device busy (monotonic)
         self._groups: dict[tuple, list[_Pending]] = {}
         self._cond = threading.Condition()
         self._closed = False
@@ -78,7 +79,7 @@ class Batcher:
         if batching is Batching.continuous:
             # The engine schedules token by token itself.
             inner = self.engine.submit(request)
-            self._continuous_started()
+            self.busy.begin()
             inner.add_done_callback(lambda _: self._continuous_ended(inner, future))
             return future
         if batching is Batching.none:
@@ -116,8 +117,10 @@ class Batcher:
 
     # --- the device thread ----------------------------------------------------------
 
-    def _next_batch(self) -> list[_Pending] | None:
-        """Block until a group is due: full, or its oldest job has waited long enough."""
+    def _next_batch(self) -> tuple[list[_Pending], float] | None:
+        """Block until a group is due: full, or its oldest job has waited long enough. Returns
+        it with the time its oldest job waited until then (a batch that was due while the
+        device ran another waited for the device, not to form)."""
         with self._cond:
             while True:
                 if self._closed:
@@ -125,30 +128,32 @@ class Batcher:
                 if self._groups:
                     key, group = min(self._groups.items(), key=lambda item: item[1][0].since)
                     due = group[0].since + self.max_wait_s
+                    if len(group) >= self.max_batch:
+                        due = min(due, group[self.max_batch - 1].since)
                     now = time.monotonic()
-                    if len(group) >= self.max_batch or now >= due:
+                    if now >= due:
                         batch, rest = group[: self.max_batch], group[self.max_batch :]
                         if rest:
                             self._groups[key] = rest
                         else:
                             del self._groups[key]
-                        return batch
+                        return batch, due - batch[0].since
                     self._cond.wait(timeout=due - now)
                 else:
                     self._cond.wait()
 
     def _loop(self) -> None:
-        while (batch := self._next_batch()) is not None:
+        while (due := self._next_batch()) is not None:
             # Jobs canceled while they waited leave before the device sees them.
-            batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+            batch = [p for p in due[0] if p.future.set_running_or_notify_cancel()]
             if not batch:
                 continue
-            started = time.monotonic()
+            started = self._began()
             try:
                 results = self.engine.run_batch([p.request for p in batch])
             except BaseException as error:  # the whole batch failed: every member learns why
                 results = [error] * len(batch)
-            elapsed = self._ran(len(batch), started, formed_in=started - batch[0].since)
+            elapsed = self._ran(len(batch), started, formed_in=due[1])
             self.batches_run += 1
             if self.on_batch:
                 self.on_batch(len(batch), elapsed)
@@ -161,7 +166,7 @@ class Batcher:
     def _run_alone(self, request: EngineRequest, future: Future) -> None:
         """An engine that never batches runs each job on its task thread, as a batch of one."""
         future.set_running_or_notify_cancel()
-        started = time.monotonic()
+        started = self._began()
         try:
             (result,) = self.engine.run_batch([request])
         except BaseException as error:
@@ -172,10 +177,15 @@ class Batcher:
         else:
             future.set_result(Result(result, 1))
 
+    def _began(self) -> float:
+        """Note a batch starting on the device now; returns when (monotonic)."""
+        self.busy.begin()
+        return time.monotonic()
+
     def _ran(self, size: int, started: float, *, formed_in: float | None) -> float:
         """Note a batch that ran from ``started`` until now; returns its device time."""
         ended = time.monotonic()
-        self.busy.ran(started, ended)
+        self.busy.end()
         if metrics.enabled():
             self._record_batch(size, formed_in=formed_in, device_s=ended - started)
         return ended - started
@@ -183,31 +193,18 @@ class Batcher:
     def _record_batch(self, size: int, *, formed_in: float | None, device_s: float | None) -> None:
         engine = self.engine.name
         metrics.BATCH_SIZE.labels(engine).observe(size)
-        metrics.BATCH_FILL.labels(engine).observe(size / self.max_batch)
+        if self.engine.spec.batching is not Batching.none:  # a batch of one by design fills nothing
+            metrics.BATCH_FILL.labels(engine).observe(size / self.max_batch)
         if formed_in is not None:
             metrics.BATCH_FORM_SECONDS.labels(engine).observe(formed_in)
         if device_s is not None:
             metrics.BATCH_DEVICE_SECONDS.labels(engine).observe(device_s)
-            metrics.DEVICE_BUSY_SECONDS.labels(engine).inc(device_s)
 
     # --- a continuous engine's jobs -------------------------------------------------
 
-    def _continuous_started(self) -> None:
-        with self._cond:
-            if self._in_flight == 0:
-                self._busy_since = time.monotonic()
-            self._in_flight += 1
-
     def _continuous_ended(self, done: OutputFuture, future: Future[Result]) -> None:
-        # The busy span so far is recorded at every job's end, not only when the last one
-        # leaves, so a device busy for hours shows it within a job's time.
-        with self._cond:
-            now, since = time.monotonic(), self._busy_since
-            self._in_flight -= 1
-            self._busy_since = now
-        self.busy.ran(since, now)
+        self.busy.end()
         if metrics.enabled():
-            metrics.DEVICE_BUSY_SECONDS.labels(self.engine.name).inc(now - since)
             self._record_batch(done.batch_size, formed_in=None, device_s=None)
         _relay(done, future)
 

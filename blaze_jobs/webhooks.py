@@ -191,7 +191,8 @@ class Deliverer:
         saved = self._save(job_id, delivery, claim=claim, member=member, gone=status_code == 410, retry=retry, due=due)
         if retry and saved:
             self.retry_scheduled()
-        if metrics.enabled():
+        # An attempt not saved outlasted its claim: it is sent again, and counted then.
+        if saved and metrics.enabled():
             _record(delivery)
         log.info("webhook %s of job %s attempt %d: %s", delivery["type"], job_id, number, error or status_code)
         return delivery["state"]

@@ -71,7 +71,6 @@ class WorkerContext:
         self.inflight = cache.InFlight()
         self.jobs_run = 0
         self.batched_jobs = 0
-        self.device_busy_s = 0.0  # seconds the device thread spent running batches
         self.batcher = Batcher(
             self.engine,
             max_batch=max_batch or settings.max_batch,
@@ -80,7 +79,7 @@ class WorkerContext:
         )
         if metrics.enabled():
             # Read at each scrape, so it is as fresh as the scrape, at no cost between scrapes.
-            metrics.DEVICE_BUSY_RATIO.labels(engine).set_function(self.batcher.busy.ratio)
+            metrics.watch_device(engine, self.batcher.busy)
 
         def opened() -> None:
             # Jobs waiting for the device go back to the queue for the worker's peers at once.
@@ -101,7 +100,6 @@ class WorkerContext:
 
     def _count_batch(self, size: int, elapsed: float) -> None:
         self.batched_jobs += size
-        self.device_busy_s += elapsed
         log.info("batch of %d ran in %.3f s on %s", size, elapsed, self.device)
 
     def state(self) -> dict[str, Any]:
@@ -114,7 +112,8 @@ class WorkerContext:
             "models": self.engine.loaded_models() if hasattr(self.engine, "loaded_models") else [],
             "batches_run": batches,
             "mean_batch_size": round(self.batched_jobs / batches, 3) if batches else None,
-            "device_busy_s": round(self.device_busy_s, 3),
+            # Seconds the device has been busy running jobs, the run going now included.
+            "device_busy_s": round(self.batcher.busy.busy_s(), 3),
             # The share of the last minute the device spent running jobs, 0 to 1.
             "device_busy": round(self.batcher.busy.ratio(), 3),
             "max_batch": self.batcher.max_batch,

@@ -1,12 +1,17 @@
 """Worker metrics: a real echo worker serving ``--metrics-port`` counts the jobs it ran, their
-times and batches, as Prometheus scrapes them; the breaker's gauge and transitions, the
-webhook deliveries' outcomes and the device's busy window, in process."""
+times and batches, as Prometheus scrapes them; in process, the breaker's gauge and
+transitions, the webhook deliveries' outcomes (an attempt whose record was lost is not
+counted), the device's busy time (a run still going counts up to the scrape; echo jobs side
+by side count once) and a batch's form wait (not its wait for a busy device)."""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -14,13 +19,19 @@ import pytest
 from prometheus_client import REGISTRY
 
 from blaze_jobs import metrics
+from blaze_jobs.batching import Batcher, Result
 from blaze_jobs.breaker import BreakerState, CircuitBreaker
 from blaze_jobs.client import BlazeClient
+from blaze_jobs.deliveries import deliveries_key
+from blaze_jobs.engines.base import Engine, EngineRequest
+from blaze_jobs.engines.echo import SPEC as ECHO
+from blaze_jobs.engines.echo import EchoEngine
+from blaze_jobs.engines.spec import Batching
 from blaze_jobs.stack import Stack, free_port
 from blaze_jobs.webhook_retries import RetryMover
 from tests.conftest import start_api, wait_for_workers, wait_until
 from tests.metrics_scrape import Samples, samples, value
-from tests.receiver import Answer
+from tests.receiver import Answer, Receiver
 from tests.test_webhooks import OneDelivery, one_delivery, own  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(90)
@@ -54,7 +65,8 @@ def test_an_echo_worker_serves_the_metrics_of_the_jobs_it_ran(own_stack: Stack) 
     # Echo jobs never share a batch: each ran as a batch of one.
     assert value(found, "blaze_batch_size_count", engine="echo") == JOBS
     assert value(found, "blaze_batch_size_sum", engine="echo") == JOBS
-    assert value(found, "blaze_batch_fill_ratio_count", engine="echo") == JOBS
+    # and, since echo never batches, no fill against --max-batch.
+    assert value(found, "blaze_batch_fill_ratio_count", engine="echo") == 0
     for layer in ("local", "redis", "in_flight"):
         assert value(found, "blaze_cache_lookups_total", engine="echo", layer=layer, result="miss") == JOBS
     assert value(found, "blaze_breaker_state", engine="echo", state="closed") == 1
@@ -157,19 +169,150 @@ def test_webhook_attempts_count_by_outcome(recording: None, one_delivery: Any) -
     }
 
 
+def test_a_webhook_attempt_whose_record_was_lost_is_not_counted(
+    recording: None,
+    one_delivery: Any,  # noqa: F811
+    receiver: Receiver,
+) -> None:
+    # Given a delivery whose receiver takes its time to answer
+    one = one_delivery(Answer(200, delay_s=0.3))
+    before = sample("blaze_webhook_deliveries_total", event="job.started", outcome="delivered")
+    attempt = ThreadPoolExecutor(1).submit(one.deliver)
+
+    # When its claim passes to another worker while the POST is in flight (as when an attempt
+    # outlives its deadline and is handed back)
+    receiver.wait_for(one.hook, 1, timeout=10)
+    one.client.hset(deliveries_key(one.settings.redis_prefix, one.job_id), f"{one.delivery_id}:claim", "another's")
+    assert attempt.result(timeout=10) == "succeeded"
+
+    # Then the attempt, not recorded on the job, is not counted either: it is sent again, and counted then
+    assert one.record()["state"] == "pending"
+    assert sample("blaze_webhook_deliveries_total", event="job.started", outcome="delivered") == before
+
+
 def test_the_busy_window_is_the_device_share_of_the_last_window() -> None:
     now = [0.0]
     window = metrics.BusyWindow(window_s=8, clock=lambda: now[0])
-    # Given runs from 1 to 3 s: at 8 s, 2 of the 8 s so far were busy
-    window.ran(1, 3)
+
+    def ran(start: float, end: float) -> None:
+        now[0] = start
+        window.begin()
+        now[0] = end
+        window.end()
+
+    # Given a run from 1 to 3 s: at 8 s, 2 of the 8 s so far were busy
+    ran(1, 3)
     now[0] = 8
     assert window.ratio() == 0.25
     # When later runs come, the window moves on: at 16 s it holds 8 to 16, where the run
     # from 6 to 10 counts from 8 and the one from 10 to 14 whole
-    window.ran(6, 10)
-    window.ran(10, 14)
+    ran(6, 10)
+    ran(10, 14)
     now[0] = 16
     assert window.ratio() == 0.75
     # And a device idle for a window shows none
     now[0] = 30
-    assert window.ratio() == 0.0
+    assert window.ratio() == 0.0 and window.busy_s() == 10
+
+
+def test_a_run_still_going_counts_as_busy_up_to_the_scrape_and_overlapping_runs_once(recording: None) -> None:
+    # Given a device watched by the metrics, idle for its first 4 s
+    engine = f"test-{uuid.uuid4().hex[:8]}"
+    now = [0.0]
+    window = metrics.BusyWindow(window_s=8, clock=lambda: now[0])
+    metrics.watch_device(engine, window)
+
+    def scraped() -> tuple[float, float]:
+        return sample("blaze_device_busy_seconds_total", engine=engine), sample("blaze_device_busy_ratio", engine=engine)
+
+    # When a run begins at 4 s (a long generation), and a second joins it at 5 s
+    now[0] = 4
+    window.begin()
+    now[0] = 5
+    window.begin()
+    # Then a scrape at 6 s, before either ended, shows the 2 s so far, once
+    now[0] = 6
+    assert scraped() == (2, 2 / 6)
+    # and one at 8 s the 4 s so far, half the window
+    now[0] = 8
+    assert scraped() == (4, 0.5)
+    # When the first ends at 9 s and the second at 10 s, Then the device was busy 6 s in all
+    now[0] = 9
+    window.end()
+    now[0] = 10
+    window.end()
+    now[0] = 12
+    assert scraped() == (6, 0.75)
+
+
+class GatedEngine(Engine):
+    """An engine whose batches (every request shares one batch key) run until the test opens its gate."""
+
+    spec = dataclasses.replace(ECHO, name=f"test-gated-{uuid.uuid4().hex[:8]}", batching=Batching.static)
+
+    def __init__(self) -> None:
+        self.running, self.gate = threading.Event(), threading.Event()
+
+    def batch_key(self, request: EngineRequest) -> tuple:
+        return ("all",)
+
+    def run_batch(self, requests: list[EngineRequest]) -> list[dict[str, Any] | BaseException]:
+        self.running.set()
+        assert self.gate.wait(timeout=10)
+        return [request.input for request in requests]
+
+
+def test_a_batch_that_waited_for_a_busy_device_records_only_its_form_wait(recording: None) -> None:
+    # Given a batcher of two jobs a batch, with all the time in the world to fill one
+    engine = GatedEngine()
+    batcher = Batcher(engine, max_batch=2, max_wait_ms=60_000)
+    form_wait = "blaze_batch_form_wait_seconds"
+
+    def pair(n: int) -> tuple[list[Future[Result]], float]:
+        """Two jobs, full at once: a batch due within the time it took to submit them."""
+        first = time.monotonic()
+        futures = [batcher.submit(EngineRequest(job_id=f"j{n}{i}", model="m", input={"n": i})) for i in range(2)]
+        return futures, time.monotonic() - first
+
+    try:
+        # When a first batch holds the device, and a second one is full meanwhile
+        first, submitted_in = pair(1)
+        assert engine.running.wait(timeout=5)
+        second, then_in = pair(2)
+        time.sleep(0.2)  # the second, due, waits for the device
+        engine.gate.set()
+        assert [f.result(timeout=10).batch_size for f in first + second] == [2, 2, 2, 2]
+    finally:
+        batcher.close()
+
+    # Then each batch's form wait is at most the time its jobs took to arrive, not the
+    # 0.2 s the second then waited for the device
+    assert sample(f"{form_wait}_count", engine=engine.name) == 2
+    assert sample(f"{form_wait}_sum", engine=engine.name) <= submitted_in + then_in
+    assert sample("blaze_batch_fill_ratio_sum", engine=engine.name) == 2
+
+
+def test_echo_jobs_side_by_side_count_their_device_time_once_and_no_fill(recording: None) -> None:
+    # Given an engine that never batches: its jobs run on their own task threads
+    batcher = Batcher(EchoEngine(), max_batch=4, max_wait_ms=1)
+    fills = sample("blaze_batch_fill_ratio_count", engine="echo")
+
+    def run(i: int) -> Result:
+        return batcher.submit(EngineRequest(job_id=f"e{i}", model="builtin:echo", input={"sleep_ms": 300})).result()
+
+    sizes = sample("blaze_batch_size_count", engine="echo")
+    try:
+        # When two jobs of 0.3 s run at once
+        began = time.monotonic()
+        with ThreadPoolExecutor(2) as threads:
+            jobs = [threads.submit(run, i) for i in range(2)]
+            assert [job.result(timeout=10).batch_size for job in jobs] == [1, 1]
+        wall = time.monotonic() - began
+    finally:
+        batcher.close()
+
+    # Then the device was busy at least one job's time and at most the wall time (their
+    # overlap counts once, not twice), and each counts as a batch of one with no fill
+    assert 0.3 <= batcher.busy.busy_s() <= wall
+    assert sample("blaze_batch_size_count", engine="echo") == sizes + 2
+    assert sample("blaze_batch_fill_ratio_count", engine="echo") == fills
