@@ -45,22 +45,28 @@ def main() -> None:
         )
 
 
+#: The private metrics folders' names: ``blaze-api-metrics-<pid of blaze api>-<random>``.
+FOLDER_PREFIX = "blaze-api-metrics-"
+
+
 @contextmanager
 def metrics_folder() -> Iterator[None]:
     """The folder every API process writes its metric values in (prometheus-client's
     multiprocess mode), so ``/metrics`` sums them whichever process answers: the
-    ``PROMETHEUS_MULTIPROC_DIR`` given, emptied of an earlier run's values, or a private one,
-    removed at exit. Named in the environment before uvicorn starts its processes: each picks
-    its kind of value when it first imports prometheus-client."""
+    ``PROMETHEUS_MULTIPROC_DIR`` given, emptied of an earlier run's values, or a private one
+    named for this process, removed at exit. Named in the environment before uvicorn starts
+    its processes: each picks its kind of value when it first imports prometheus-client."""
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given:
         os.makedirs(given, exist_ok=True)
         for path in glob.glob(os.path.join(given, "*.db")):
             os.remove(path)
+        remove_dead_folders(tempfile.gettempdir())
         yield
         return
-    folder = tempfile.mkdtemp(prefix="blaze-api-metrics-")
+    folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    remove_dead_folders(tempfile.gettempdir())
     # uvicorn, once it has shut down on SIGTERM, raises the signal again under the handler it
     # found: the default one would end the process before the folder is removed.
     previous = signal.signal(signal.SIGTERM, _exit_terminated)
@@ -69,6 +75,18 @@ def metrics_folder() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_dead_folders(parent: str) -> None:
+    """Remove the private metrics folders, under ``parent``, of ``blaze api`` processes that
+    ended without removing theirs (killed, or crashed). Called once the folder is named in
+    the environment: it imports prometheus-client."""
+    from .metrics import alive
+
+    for path in glob.glob(os.path.join(parent, f"{FOLDER_PREFIX}*-*")):
+        owner = os.path.basename(path).removeprefix(FOLDER_PREFIX).partition("-")[0]
+        if owner.isdigit() and os.path.isdir(path) and os.stat(path).st_uid == os.getuid() and not alive(int(owner)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _exit_terminated(signum: int, frame: FrameType | None) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import TypeAdapter, ValidationError
 
-from blaze_jobs import batch_lines
+from blaze_jobs import batch_lines, metrics
 from blaze_jobs.batch_lines import BatchFileError
 from blaze_jobs.batches import BATCH_FIELD, CUSTOM_ID_FIELD, REQUEST_FIELD
 from blaze_jobs.broker import queue_key, task_message
@@ -24,6 +24,7 @@ from blaze_jobs.settings import ENGINES, Settings
 from blaze_jobs.store import AsyncJobStore
 
 from . import creation, webhooks
+from . import metrics as api_metrics
 from .openai_bodies import ENGINE_OF, job_for
 from .openai_errors import OpenAIError
 from .problems import InputProblem, field_name
@@ -103,6 +104,17 @@ def engine_of(endpoint: str, line: batch_lines.Line) -> str | None:
     if endpoint != JOBS:
         return ENGINE_OF[endpoint]
     return line.engine if line.engine in ENGINES else None
+
+
+def count_lookups(made: list[tuple[Any, ...]], looked: list[str | None], hits: dict[str, Any]) -> None:
+    """Count a part's result-cache lookups (its deterministic lines'), by engine and result."""
+    results = Counter(
+        (job_record["engine"], "miss" if hits.get(entry) is None else "hit")
+        for (_, _, job_record, _), entry in zip(made, looked, strict=True)
+        if entry is not None
+    )
+    for (engine, result), count in results.items():
+        metrics.CACHE_LOOKUPS.labels(engine, "redis", result).inc(count)
 
 
 async def create_jobs(
@@ -205,6 +217,8 @@ async def _create_parts(
             ]
             wanted = [entry for entry in looked if entry is not None]
             hits = dict(zip(wanted, await store.redis.mget(wanted), strict=True)) if wanted else {}
+            if metrics.enabled():
+                count_lookups(made, looked, hits)
             queued: list[tuple[dict[str, str], str, str]] = []
             for (custom_id, _, job_record, job_input), entry in zip(made, looked, strict=True):
                 entries.append(f"{job_record['id']}:{custom_id}")
@@ -233,10 +247,14 @@ async def _create_parts(
             await storing
         for engine, count in queued_by_engine.items():
             creation.count_created(engine, "openai", count, cached=False)
-    except QuotaExceeded as refused:
+    except (QuotaExceeded, QueueFull) as refused:
+        # The batch is refused whole: each of its requests is a create refused.
+        reason = creation.refusal_reason(refused) or "backpressure"
+        for (engine, _), count in admit.items():
+            api_metrics.rejected(engine, reason, count)
+        if isinstance(refused, QueueFull):
+            raise BatchFileError("queue_full", f"{refused}: the batch's requests do not fit") from None
         raise BatchFileError("quota_exceeded", f"{refused}: the batch's {sum(admit.values())} requests do not fit") from None
-    except QueueFull as refused:
-        raise BatchFileError("queue_full", f"{refused}: the batch's requests do not fit") from None
     finally:
         if storing is not None and not storing.done():  # failed elsewhere: let the part in flight land
             await asyncio.wait([storing])

@@ -46,6 +46,7 @@ async def create(
     ``idempotency_key``) of an earlier create, that create's job and False. ``extra`` adds
     fields to the record (the surface that made it, a batch line's ``custom_id``)."""
     settings = settings_of(request.app)
+    api_metrics.note_engine(request.scope, body.engine)
     # 1. Bounds that belong to the deployment, not the schema.
     record, job_input = job_record(body, tenant=caller.tenant, settings=settings)
     record.update(await webhooks.webhook_fields(body, settings))
@@ -55,6 +56,7 @@ async def create(
     # A retry with the Idempotency-Key of an earlier create gets that create's job.
     original = await idempotency.claim(request, tenant=caller.tenant, body=body, job_id=record["id"], key=idempotency_key)
     if original is not None:
+        api_metrics.job_answered(request.scope)
         return original, False
     try:
         # 2. A deterministic request computed before is born succeeded, with no worker involved.
@@ -93,6 +95,7 @@ async def create(
             api_metrics.rejected(record["engine"], reason)
         raise
     count_created(record["engine"], record.get("surface", SURFACE), cached=cached is not None)
+    api_metrics.job_answered(request.scope)
     return record, True
 
 

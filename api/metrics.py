@@ -4,16 +4,19 @@ and ``GET /metrics`` answering them with the queue gauges read from Redis.
 ``blaze api`` runs prometheus-client in multiprocess mode (``api/__main__.py`` names the
 folder its processes write their values in), so ``--workers N`` reports one sum whichever
 process a scrape reaches. The queues' depth and oldest job's age are cluster-wide: read from
-Redis at a scrape, at most about once a second per process, and left out while Redis is
-unreachable (the rest still answers). With ``BLAZE_METRICS=off`` nothing is recorded and
-``/metrics`` is a 404.
+Redis at a scrape, at most about once a second per process, one read at a time, and left
+out of a scrape while Redis is unreachable or slower than ``QUEUES_WAIT_S`` (the rest still
+answers). With ``BLAZE_METRICS=off`` nothing is recorded and ``/metrics`` is a 404.
 """
 
 from __future__ import annotations
 
+import asyncio
+import glob
 import hmac
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -26,6 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from blaze_jobs import metrics
@@ -45,23 +49,31 @@ log = logging.getLogger("blaze_jobs.api.metrics")
 UNMATCHED = "unmatched"
 #: The methods labelled by name; any other (a client may send any token) is ``other``.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-#: The routes that make a job, by method and template: their 422s (an OpenAI route's 400s)
-#: are creates rejected as invalid.
-CREATE_ROUTES = frozenset(
-    ("POST", path)
-    for path in (
-        "/v1/jobs",
-        "/v1/predictions",
-        "/v1/models/blaze/{name}/predictions",
-        "/v1/images/generations",
-        "/v1/chat/completions",
-        "/v1/completions",
-    )
-)
-INVALID_CODES = frozenset({400, 422})
+#: The routes that make a job, by method and template, with the engine each implies ("" for
+#: those whose body names it): their answers of ``INVALID_CODES`` are creates rejected as
+#: invalid, unless the route got to a job (``job_answered``).
+CREATE_ROUTES = {
+    ("POST", "/v1/jobs"): "",
+    ("POST", "/v1/predictions"): "",
+    ("POST", "/v1/models/blaze/{name}/predictions"): "",
+    ("POST", "/v1/images/generations"): "diffusion",
+    ("POST", "/v1/chat/completions"): "llm",
+    ("POST", "/v1/completions"): "llm",
+}
+#: A body too large (413), a model not served (an OpenAI or Replicate route's 404), bad input
+#: (422, an OpenAI route's 400).
+INVALID_CODES = frozenset({400, 404, 413, 422})
+#: The keys the create path leaves in the request's ``scope["state"]`` for ``RequestMetrics``:
+#: the engine once known, and that the request got to a job (made, or an earlier one found).
+ENGINE_STATE = "blaze_metrics_engine"
+JOB_STATE = "blaze_metrics_job"
 #: How long one process answers the queue gauges it read last: a scrape every few seconds
-#: (or several Prometheus servers) costs Redis two round trips a second at most.
+#: (or several Prometheus servers) costs Redis three commands' round trips a second at most.
 QUEUES_FRESH_S = 1.0
+#: How long a scrape waits for the queue gauges: with Redis slow (a connection waited for up
+#: to ``BLAZE_REDIS_POOL_WAIT_S``, commands retried), the rest of ``/metrics`` still answers
+#: well within Prometheus's 10 s scrape timeout, without them.
+QUEUES_WAIT_S = 1.0
 
 router = APIRouter()
 
@@ -86,10 +98,37 @@ def create_route(scope: Scope) -> bool:
     return (scope.get("method"), route_of(scope)) in CREATE_ROUTES
 
 
-def rejected(engine: str, reason: str) -> None:
-    """Count a create refused for ``reason`` (invalid, rate_limit, quota, backpressure)."""
+def engine_of(scope: Scope) -> str:
+    """The engine a create asked for, as far as known: noted by the create path
+    (``note_engine``), implied by its route, or "" (the body was not read, or named none)."""
+    state = scope.get("state") or {}
+    return state.get(ENGINE_STATE) or CREATE_ROUTES.get((scope.get("method", ""), route_of(scope)), "")
+
+
+def note_engine(scope: Scope, engine: str) -> None:
+    """The create ``scope`` serves asks for ``engine``: its refusal is counted under it."""
+    scope.setdefault("state", {})[ENGINE_STATE] = engine
+
+
+def job_answered(scope: Scope) -> None:
+    """The create ``scope`` serves got to its job: whatever it answers from now on (an OpenAI
+    route's 400 for a job that failed) is the job's outcome, not a refused create."""
+    scope.setdefault("state", {})[JOB_STATE] = True
+
+
+def rejected(engine: str, reason: str, count: int = 1) -> None:
+    """Count ``count`` creates refused for ``reason`` (invalid, rate_limit, quota, backpressure)."""
     if metrics.enabled():
-        metrics.JOBS_REJECTED.labels(engine, reason).inc()
+        metrics.JOBS_REJECTED.labels(engine, reason).inc(count)
+
+
+def _create_route_by_path(scope: Scope) -> tuple[str, str] | None:
+    # A body declared too large is refused (413) before the router sees the request: which
+    # create route its path is, if any, is read from the path here.
+    return next((key for key, pattern in _CREATE_PATHS if key[0] == scope.get("method") and pattern.match(scope["path"])), None)
+
+
+_CREATE_PATHS = [(key, compile_path(key[1])[0]) for key in CREATE_ROUTES]
 
 
 class RequestMetrics:
@@ -140,15 +179,19 @@ class RequestMetrics:
             )
         children[0].inc()
         children[1].observe(seconds)
-        if status in INVALID_CODES and (method, route) in CREATE_ROUTES:
-            rejected("", "invalid")
+        if status in INVALID_CODES and not (scope.get("state") or {}).get(JOB_STATE):
+            if (method, route) in CREATE_ROUTES:
+                rejected(engine_of(scope), "invalid")
+            elif status == 413 and route == UNMATCHED and (found := _create_route_by_path(scope)):
+                rejected(CREATE_ROUTES[found], "invalid")
 
 
 class QueueGauges:
-    """A collector of the queue gauges as last read (``queue_heads``)."""
+    """A collector of the queue gauges as last read (``queue_heads``), and of the webhook
+    deliveries in the retries set (None: not read)."""
 
-    def __init__(self, heads: list[QueueHead], *, now: float) -> None:
-        self.heads, self.now = heads, now
+    def __init__(self, heads: list[QueueHead], *, retries: int | None, now: float) -> None:
+        self.heads, self.retries, self.now = heads, retries, now
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily("blaze_queue_depth", "Messages waiting in each queue.", labels=["engine"])
@@ -165,25 +208,55 @@ class QueueGauges:
                 age.add_metric([head.name], max(0.0, self.now - head.created_at))
         yield depth
         yield age
+        if self.retries is not None:
+            yield GaugeMetricFamily(
+                "blaze_webhook_retries_waiting",
+                "Webhook deliveries in the retries set: waiting for a retry, or in flight on a webhook worker.",
+                value=self.retries,
+            )
 
 
-async def queues_now(app: FastAPI) -> list[QueueHead] | None:
-    """Every engine's queue and the webhooks queue, read at most every ``QUEUES_FRESH_S`` by
-    this process; None while Redis cannot be read."""
-    read_at, heads = getattr(app.state, "queue_heads", (0.0, None))
+#: What a scrape reads from Redis: the queues' heads and the retries set's size.
+QueueReading = tuple[list["QueueHead"], int]
+
+
+async def queues_now(app: FastAPI) -> QueueReading | None:
+    """Every engine's queue and the webhooks queue, and the webhook retries waiting, read at
+    most every ``QUEUES_FRESH_S`` by this process, one read at a time however many scrapes
+    wait for it; None while Redis cannot be read, or has not answered within
+    ``QUEUES_WAIT_S`` (the read goes on, and a later scrape answers it)."""
+    read_at, reading = getattr(app.state, "queue_reading", (-QUEUES_FRESH_S, None))
     if time.monotonic() - read_at < QUEUES_FRESH_S:
-        return heads
+        return reading
+    task: asyncio.Task[QueueReading | None] | None = getattr(app.state, "queue_read", None)
+    if task is None or task.done():
+        task = app.state.queue_read = asyncio.ensure_future(_read_queues(app))
+    try:
+        # Shielded: a scrape that gives up (or is cut) leaves the read to the next one.
+        return await asyncio.wait_for(asyncio.shield(task), QUEUES_WAIT_S)
+    except TimeoutError:
+        log.warning("queue gauges left out of /metrics: Redis did not answer within %g s", QUEUES_WAIT_S)
+        return None
+
+
+async def _read_queues(app: FastAPI) -> QueueReading | None:
     # Imported here: the queue routes import the problem answers, which count refusals here.
     from .queues import queue_heads
 
     keys = Keys(settings_of(app).redis_prefix)
+    client = app.state.redis
+    reading: QueueReading | None
     try:
-        heads = await queue_heads(app.state.redis, keys, (*ENGINES, WEBHOOK_QUEUE))
+        # The retries set's size on a connection of its own, beside the queues' two round trips.
+        heads, retries = await asyncio.gather(
+            queue_heads(client, keys, (*ENGINES, WEBHOOK_QUEUE)), client.zcard(keys.webhook_retries)
+        )
+        reading = (heads, int(retries))
     except (redis.exceptions.RedisError, Busy) as error:
         log.warning("queue gauges left out of /metrics: %s", error)
-        heads = None
-    app.state.queue_heads = (time.monotonic(), heads)
-    return heads
+        reading = None
+    app.state.queue_reading = (time.monotonic(), reading)
+    return reading
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -197,24 +270,25 @@ async def scrape(request: Request) -> Response:
         request.headers.get("authorization", "").encode(), f"Bearer {settings.metrics_token}".encode()
     ):
         raise HTTPException(401, "/metrics needs Authorization: Bearer <BLAZE_METRICS_TOKEN>", {"WWW-Authenticate": "Bearer"})
-    heads = await queues_now(request.app)
+    reading = await queues_now(request.app)
     # Reading every process's files and writing the text takes milliseconds (tens with many
     # series): in a thread, so the event loop goes on answering meanwhile.
-    body = await run_in_threadpool(exposition, heads)
+    body = await run_in_threadpool(exposition, reading)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
-def exposition(heads: list[QueueHead] | None) -> bytes:
+def exposition(reading: QueueReading | None) -> bytes:
     """Every process's metrics (or this one's), and the queue gauges when they were read."""
     if metrics.multiprocess():
+        forget_dead_processes(os.environ["PROMETHEUS_MULTIPROC_DIR"])
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
         body = generate_latest(registry)
     else:
         body = generate_latest(REGISTRY)
-    if heads is not None:
+    if reading is not None:
         queues = CollectorRegistry(auto_describe=False)
-        queues.register(QueueGauges(heads, now=time.time()))
+        queues.register(QueueGauges(reading[0], retries=reading[1], now=time.time()))
         body += generate_latest(queues)
     return body
 
@@ -223,3 +297,32 @@ def process_ended() -> None:
     """At an API process's exit: its live gauges (open event streams) leave the sum."""
     if metrics.multiprocess():
         mark_process_dead(os.getpid())
+
+
+#: A live gauge's file in the multiprocess folder: ``gauge_<mode>_<pid>.db``.
+LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
+
+
+def forget_dead_processes(folder: str) -> None:
+    """Take out of the sums the live gauges (open event streams) of API processes that ended
+    without saying so: killed (SIGKILL, out of memory, uvicorn's supervisor ending a hung
+    worker), which ``process_ended`` never ran for."""
+    pids = {
+        int(found[1])
+        for path in glob.glob(os.path.join(folder, "gauge_live*.db"))
+        if (found := LIVE_GAUGE_FILE.search(os.path.basename(path)))
+    }
+    for pid in pids:
+        if not alive(pid):
+            mark_process_dead(pid, folder)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (another user's counts: it is no API process of ours to forget)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

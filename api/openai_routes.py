@@ -31,6 +31,7 @@ from blaze_jobs.errors import JobNotFound
 from blaze_jobs.settings import Settings
 
 from . import creation, openai_retries, waits
+from . import metrics as api_metrics
 from .artifacts import signer_of
 from .auth import Caller
 from .event_reader import EventReader
@@ -137,9 +138,12 @@ async def _job_of(
     earlier = await openai_retries.earlier_job(request, caller, url, body)
     if earlier is not None:
         try:
-            return await waits.stream_start(request.app, earlier, tenant=caller.tenant)
+            found = await waits.stream_start(request.app, earlier, tenant=caller.tenant)
         except JobNotFound:  # gone since (its retention ran out): make it again
             pass
+        else:
+            api_metrics.job_answered(request.scope)
+            return found
     job = job_for(url, body, settings_of(request.app), parsed=parsed)
     try:
         record, _ = await creation.create(request, caller, job, extra={"surface": "openai", "openai_route": url})

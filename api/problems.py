@@ -115,6 +115,8 @@ def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = []
     for error in exc.errors():
         loc = list(error.get("loc", ()))
+        if loc[:1] == ["body"] and len(loc) > 1 and loc[1] in ENGINES:  # the engine tag of a job's body
+            api_metrics.note_engine(request.scope, loc[1])
         if error.get("type") == "json_invalid":
             why = error.get("ctx", {}).get("error")
             errors.append(
@@ -214,8 +216,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RateLimited)
     async def on_rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
-        if api_metrics.create_route(request.scope):  # refused before the body (and its engine) was read
-            api_metrics.rejected("", "rate_limit")
+        if api_metrics.create_route(request.scope):  # refused before the body was read: the route's engine, if any
+            api_metrics.rejected(api_metrics.engine_of(request.scope), "rate_limit")
         extra = {"limit": exc.quota, "window_s": exc.window_s}
         return problem(429, "Too many requests", str(exc), type=RATE_LIMITED, extra=extra, headers=exc.headers)
 
