@@ -17,6 +17,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from blaze_jobs import metrics
+from blaze_jobs.api.metrics import QueueGauges
 from tests.test_flower import compose_value
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).parents[1]
 DEPLOY = ROOT / "deploy"
 #: The cluster-wide gauges the API reads from Redis at scrape time (api/metrics.py).
-QUEUE_GAUGES = {"blaze_queue_depth", "blaze_queue_oldest_age_seconds"}
+QUEUE_GAUGES = {family.name for family in QueueGauges([], retries=0, now=0.0).collect()}
 #: The sample names each kind of metric writes, after its family name.
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"), "gauge": ("",)}
 #: PromQL's keywords, which read like names.
@@ -138,6 +139,7 @@ def test_the_dashboard_queries_only_series_blaze_jobs_exports() -> None:
         "blaze_breaker_state",
         "blaze_webhook_deliveries_total",
         "blaze_webhook_delivery_latency_seconds_bucket",
+        "blaze_webhook_retries_waiting",
         "blaze_http_requests_total",
         "blaze_http_request_duration_seconds_bucket",
         "blaze_event_clients",

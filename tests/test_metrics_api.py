@@ -1,13 +1,19 @@
 """The API's Prometheus metrics: ``blaze api --workers 2`` reports one sum at ``/metrics``
 whichever process a scrape reaches (requests by route template, jobs created, refused and
-answered from the cache, the queue gauges read from Redis, clients waiting on jobs), and
-``BLAZE_METRICS=off`` turns it all off."""
+answered from the cache, the queue gauges read from Redis, clients waiting on jobs), a killed
+process's waiting clients and private folder are forgotten, and ``BLAZE_METRICS=off`` turns it
+all off."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import tempfile
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +21,7 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from blaze_jobs import cache, metrics
 from blaze_jobs.api.app import create_app
@@ -40,18 +47,30 @@ def create(url: str, body: dict[str, Any], *, secret: str | None = None) -> http
     return httpx.post(f"{url}/v1/jobs", json=body, headers=headers, timeout=10)
 
 
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    return ended.pid
+
+
 def processes_written(folder: Path) -> set[str]:
     """The API processes that wrote counter values (``counter_<pid>.db``)."""
     return {path.stem.split("_")[-1] for path in folder.glob("counter_*.db")}
 
 
 @pytest.fixture()
-def api(own_stack: Stack, tmp_path: Path) -> dict[str, Any]:
+def api(own_stack: Stack, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """``blaze api --workers 2`` with no worker (its jobs stay queued), writing its metric
-    values in a folder the test can see, where a stale file of an earlier run lies."""
+    values in a folder the test can see, where a stale file of an earlier run lies; and, in
+    the temporary directory, the private metrics folders of a killed ``blaze api`` and of a
+    live one (this test's own process stands for it)."""
     folder = tmp_path / "metrics"
     folder.mkdir()
     (folder / "counter_1.db").write_bytes(b"an earlier run's values, unreadable")
+    killed = Path(tempfile.mkdtemp(prefix=f"blaze-api-metrics-{dead_pid()}-"))
+    live = Path(tempfile.mkdtemp(prefix=f"blaze-api-metrics-{os.getpid()}-"))
+    (killed / "counter_7.db").write_bytes(b"")
     port = free_port()
     child = own_stack.blaze("api", "api", "--port", str(port), "--workers", "2", PROMETHEUS_MULTIPROC_DIR=str(folder))
     url = f"http://127.0.0.1:{port}"
@@ -59,7 +78,9 @@ def api(own_stack: Stack, tmp_path: Path) -> dict[str, Any]:
         own_stack.wait_http("the API", child, f"{url}/readyz", timeout=90)
     except StackError as error:
         pytest.fail(str(error))
-    return {"url": url, "folder": folder, "stack": own_stack}
+    yield {"url": url, "folder": folder, "stack": own_stack, "killed": killed, "live": live}
+    shutil.rmtree(killed, ignore_errors=True)
+    shutil.rmtree(live, ignore_errors=True)
 
 
 def test_two_api_processes_report_one_sum_of_requests_creates_refusals_and_queues(api: dict[str, Any]) -> None:
@@ -68,6 +89,7 @@ def test_two_api_processes_report_one_sum_of_requests_creates_refusals_and_queue
     with redis.Redis.from_url(settings.redis_url) as client:
         quota_key, _ = create_key(client, settings, tenant="quota", name="metrics", max_jobs=1)
         rate_key, _ = create_key(client, settings, tenant="rate", name="metrics", rate="1/minute")
+        openai_key, _ = create_key(client, settings, tenant="openai", name="metrics")
         # And the result of a deterministic echo job in the cache, as a worker stores it
         done = {"seed": 7, "text": "cached"}
         key = cache.cache_key(
@@ -91,6 +113,30 @@ def test_two_api_processes_report_one_sum_of_requests_creates_refusals_and_queue
     # And a create answered from the cache, and a deterministic one the cache has not seen
     assert create(url, {"engine": "echo", "input": done}).json()["status"] == "succeeded"
     assert create(url, {"engine": "echo", "input": {"seed": 8}}).json()["status"] == "queued"
+    # And an OpenAI chat create for a model not served, and one whose job is canceled while it waits
+    chat = f"{url}/v1/chat/completions"
+    openai_auth = {"Authorization": f"Bearer {openai_key}", "x-stainless-read-timeout": "20"}
+    messages = [{"role": "user", "content": "hi"}]
+    unknown = httpx.post(chat, json={"model": "no-such-model", "messages": messages}, headers=openai_auth, timeout=10)
+    assert unknown.status_code == 404, unknown.text
+    answered: list[httpx.Response] = []
+    waiting = threading.Thread(
+        target=lambda: answered.append(httpx.post(chat, json={"messages": messages}, headers=openai_auth, timeout=30))
+    )
+    waiting.start()
+    try:
+        jobs = wait_until(
+            lambda: httpx.get(f"{url}/v1/jobs", headers=openai_auth, timeout=10).json()["jobs"],
+            timeout=10,
+            what="the chat's job listed",
+        )
+        canceled = httpx.post(f"{url}/v1/jobs/{jobs[0]['id']}/cancel", headers=openai_auth, timeout=10)
+        assert canceled.status_code == 200, canceled.text
+    finally:
+        waiting.join()
+    assert answered[0].status_code == 400 and answered[0].json()["error"]["code"] == "job_canceled", answered[0].text
+    # And a private folder of a killed API (not of a live one) removed at start
+    assert not api["killed"].exists() and api["live"].exists()
 
     # When /metrics is scraped several times, on connections of their own
     scrapes = [scrape(url) for _ in range(4)]
@@ -103,7 +149,13 @@ def test_two_api_processes_report_one_sum_of_requests_creates_refusals_and_queue
         assert value(found, "blaze_jobs_cached_total", engine="echo") == 1
         assert value(found, "blaze_cache_lookups_total", engine="echo", layer="redis", result="hit") == 1
         assert value(found, "blaze_cache_lookups_total", engine="echo", layer="redis", result="miss") == 1
-        assert value(found, "blaze_jobs_rejected_total", reason="invalid") == 1
+        # And a create refused is counted once (the model not served under its route's engine),
+        # a create whose job ended badly not at all
+        assert value(found, "blaze_jobs_rejected_total", engine="", reason="invalid") == 1
+        assert value(found, "blaze_jobs_rejected_total", engine="llm", reason="invalid") == 1
+        assert value(found, "blaze_jobs_rejected_total", reason="invalid") == 2
+        assert value(found, "blaze_jobs_created_total", engine="llm", surface="openai") == 1
+        assert value(found, "blaze_http_requests_total", route="/v1/chat/completions", code="400") == 1
         assert value(found, "blaze_jobs_rejected_total", engine="echo", reason="quota") == 1
         assert value(found, "blaze_jobs_rejected_total", reason="rate_limit") == 1
         # And the queue gauges count the jobs left queued (not the one born from the cache)
@@ -156,6 +208,17 @@ def test_a_route_is_labelled_by_its_template_and_waiting_clients_are_counted(api
     assert value(found, "blaze_http_requests_total", route="unmatched", code="404") == 1
     routes = {dict(labels).get("route") for (_, labels) in found}
     assert not any(job_id in str(route) or missing in str(route) for route in routes)
+
+    # When an API process that was killed left three event streams counted in its file
+    dead = dead_pid()
+    left = api["folder"] / f"gauge_livesum_{dead}.db"
+    values = MmapedDict(str(left))
+    name = "blaze_event_clients"
+    values.write_value(mmap_key(name, name, ["kind"], ["sse"], metrics.STREAMS_OPEN._documentation), 3.0, 0.0)
+    values.close()
+    # Then a scrape leaves them out of the sum, and its file is gone
+    assert value(scrape(url), "blaze_event_clients", kind="sse") == 0
+    assert not left.exists()
 
 
 def test_metrics_off_records_nothing_and_answers_404(settings: Settings) -> None:
