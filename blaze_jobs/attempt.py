@@ -1,11 +1,12 @@
 """One attempt of a started job: how it ends (succeeded, failed, queued again, let go), each
 end one atomic step of the job store guarded by the attempt's number and lease.
 
-With metrics on, an attempt that ends its job counts it (``blaze_jobs_ended_total``) and
-records its queue wait and run time from the job's own times, as its record shows them
-(``metrics.queue_time_s``, ``run_time_s``: creation to the last start, that start to the
-end); one queued again counts a retry, by reason: ``worker_fault`` (the attempt counts) or
-``handed_back`` (the breaker opened or the worker stopped before it reached the device).
+With metrics on, each attempt records its own queue wait as it starts (``started``: from the
+job's creation, or from its last return to the queue, ``requeued_at``, to this start); an
+attempt that ends its job counts it (``blaze_jobs_ended_total``) and records its run time
+(from its start to the end); one queued again counts a retry, by reason: ``worker_fault``
+(the attempt counts) or ``handed_back`` (the breaker opened or the worker stopped before it
+reached the device).
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ class Attempt:
         self.job_id = job_id = record["id"]
         self.number = number
         self.model = record["model"]
-        self.created_at, self.started_at = float(record["created_at"]), float(record["started_at"])
+        self.started_at = float(record["started_at"])
+        # Since when this attempt waited: the job's creation, or its last return to the queue
+        # (queued again by an attempt, or by the reaper).
+        self.queued_at = float(record.get("requeued_at") or record["created_at"])
         self.tenant = tenant  # the job's: its end moves it between the tenant's indexes
         # The lease names this attempt: once the job was handed to another, its lease is not ours.
         self.lease = {"key": context.store.keys.lease(job_id), "owner": lease_owner(context.name, number)}
@@ -63,8 +67,13 @@ class Attempt:
     def _ended(self, to: JobStatus, *, ended_at: float) -> None:
         engine = self.context.engine_name
         metrics.JOBS_ENDED.labels(engine, to.value).inc()
-        metrics.JOB_QUEUE_SECONDS.labels(engine, self.model).observe(self.started_at - self.created_at)
         metrics.JOB_RUN_SECONDS.labels(engine, self.model).observe(ended_at - self.started_at)
+
+    def started(self) -> None:
+        """Record this attempt's own queue wait (metrics on): a retried job's earlier attempts
+        are not part of it."""
+        if metrics.enabled():
+            metrics.JOB_QUEUE_SECONDS.labels(self.context.engine_name, self.model).observe(self.started_at - self.queued_at)
 
     def release_lease(self) -> None:
         self.store.release_lease(self.job_id, owner=self.lease["owner"])
@@ -93,7 +102,9 @@ class Attempt:
 
     def requeue(self, *, count_attempt: bool) -> str:
         record = self.store.get(self.job_id)
-        fields: dict[str, Any] = {} if count_attempt else {"set_attempts": self.number - 1}
+        fields: dict[str, Any] = {"requeued_at": repr(time.time())}
+        if not count_attempt:
+            fields["set_attempts"] = self.number - 1
         if self._end(JobStatus.queued, push=requeue_push(self.context.settings, record), **fields):
             log.warning("job %s queued again (attempt %d)", self.job_id, self.number)
             if metrics.enabled():

@@ -60,7 +60,8 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():  # a worker stopped before it started has no beat to wait for
+            self._thread.join(timeout=5)
         self.reaper.stop()
         try:
             self.redis.delete(worker_key(self.settings, self.name))

@@ -22,8 +22,10 @@ at its next look and reaps them a beat later, within a lease and two beats. If t
 worker was the reaper, its lock runs out in the same time and the next one takes over.
 
 With metrics on, the elected worker counts what it reaps (``blaze_leases_reaped_total``, by
-the job's engine and the status it moved to) and rescues (``blaze_messages_rescued_total``):
-the sum over all workers is the fleet's, whichever worker was elected.
+the job's engine and the status it moved to; a job failed after its last attempt in
+``blaze_jobs_ended_total`` too) and rescues (``blaze_messages_rescued_total``). Only a worker
+serving ``--metrics-port`` records: the sum over the workers that do is the fleet's only
+while the elected one is among them (any worker may be elected, whatever its engine).
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ class Reaper:
             change = {"error": json.dumps({"type": "worker_fault", "message": reason}), "completed_at": repr(time.time())}
         else:
             to, reason = JobStatus.queued, "its worker was lost (its lease ran out)"
-            change = {"push": requeue_push(self.settings, record)}
+            change = {"push": requeue_push(self.settings, record), "requeued_at": repr(time.time())}
         try:
             lease = self.store.keys.lease(job_id)
             tenant = tenant_of(record.get("tenant"), self.settings)
@@ -228,7 +230,10 @@ class Reaper:
             return 0  # its worker came back, another reaper was first, or it ended meanwhile
         log.warning("job %s %s: %s", job_id, to.value, reason)
         if metrics.enabled():
-            metrics.LEASES_REAPED.labels(record.get("engine", ""), to.value).inc()
+            engine = record.get("engine", "")
+            metrics.LEASES_REAPED.labels(engine, to.value).inc()
+            if to is JobStatus.failed:  # its end: no worker will count it
+                metrics.JOBS_ENDED.labels(engine, to.value).inc()
         return 1
 
     def rescue(self) -> int:

@@ -101,6 +101,7 @@ def _run_taken(context: WorkerContext, record: dict[str, str], number: int) -> s
     settings = context.settings
     tenant = tenant_of(record.get("tenant"), settings)
     attempt = Attempt(context, record, number, tenant=tenant)
+    attempt.started()
 
     # 2. Read the request. Whatever fails here is the request's content, not this worker.
     try:

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from prometheus_client import REGISTRY
 
 from blaze_jobs import metrics
@@ -27,9 +28,15 @@ from blaze_jobs.engines.base import Engine, EngineRequest
 from blaze_jobs.engines.echo import SPEC as ECHO
 from blaze_jobs.engines.echo import EchoEngine
 from blaze_jobs.engines.spec import Batching
+from blaze_jobs.jobs import JobStatus, new_record
+from blaze_jobs.reaper import Reaper
+from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack, free_port
+from blaze_jobs.store import JobStore
 from blaze_jobs.webhook_retries import RetryMover
-from tests.conftest import start_api, wait_for_workers, wait_until
+from blaze_jobs.worker import run_job
+from blaze_jobs.worker_context import WorkerContext
+from tests.conftest import REDIS_URL, own_prefix, start_api, wait_for_workers, wait_until
 from tests.metrics_scrape import Samples, samples, value
 from tests.receiver import Answer, Receiver
 from tests.test_webhooks import OneDelivery, one_delivery, own  # noqa: F401 (fixtures)
@@ -316,3 +323,59 @@ def test_echo_jobs_side_by_side_count_their_device_time_once_and_no_fill(recordi
     assert 0.3 <= batcher.busy.busy_s() <= wall
     assert sample("blaze_batch_size_count", engine="echo") == sizes + 2
     assert sample("blaze_batch_fill_ratio_count", engine="echo") == fills
+
+
+def test_the_reaper_counts_the_job_it_failed_and_a_retry_waits_from_its_requeue(recording: None) -> None:
+    with own_prefix("metrics-reaper") as prefix:
+        settings = Settings(redis_url=REDIS_URL, redis_prefix=prefix, lease_s=3.0, max_attempts=2)
+        store = JobStore(redis.Redis.from_url(REDIS_URL), settings)
+        echo = {"engine": "echo", "model": "builtin:echo"}
+        before = {
+            "failed": sample("blaze_jobs_ended_total", engine="echo", status="failed"),
+            "waits": sample("blaze_job_queue_wait_seconds_count", **echo),
+            "waited": sample("blaze_job_queue_wait_seconds_sum", **echo),
+        }
+
+        # Given two jobs created 100 s ago whose worker died: one on its first attempt of
+        # two, one on its last
+        def taken(attempts: int) -> str:
+            job_id = str(uuid.uuid4())
+            created = time.time() - 100
+            store.create(
+                new_record(job_id=job_id, tenant="default", engine="echo", model="builtin:echo", input={}, created_at=created)
+            )
+            lease = store.keys.lease(job_id)
+            for attempt in range(attempts):
+                if attempt:
+                    store.transition(job_id, allowed=(JobStatus.running,), to=JobStatus.queued, unleased=lease)
+                store.take(job_id, worker="dead", lease_ms=3000, started_at=repr(created))
+                store.redis.delete(lease)
+            return job_id
+
+        retried, last = taken(1), taken(2)
+
+        # When the elected reaper has watched for a lease and reaps them
+        now = [1000.0]
+        reaper = Reaper(store=store, settings=settings, name="reaper", clock=lambda: now[0])
+        reaping = time.time()
+        reaped = 0
+        for _ in range(5):
+            reaped += reaper.step()
+            now[0] += 1
+        assert reaped == 2 and store.status(last) is JobStatus.failed and store.status(retried) is JobStatus.queued
+
+        # Then the job it failed has ended, as counted: no worker will count it
+        assert sample("blaze_jobs_ended_total", engine="echo", status="failed") == before["failed"] + 1
+
+        # When a worker runs the other one again
+        context = WorkerContext(settings, engine="echo", name="metrics-test")
+        try:
+            assert run_job(retried, engine="echo", context=context) == "succeeded"
+        finally:
+            context.close()
+            store.redis.close()
+        ran = time.time()
+
+        # Then its attempt waited from its return to the queue, not from its creation 100 s ago
+        assert sample("blaze_job_queue_wait_seconds_count", **echo) == before["waits"] + 1
+        assert 0 <= sample("blaze_job_queue_wait_seconds_sum", **echo) - before["waited"] <= ran - reaping
