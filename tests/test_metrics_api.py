@@ -1,14 +1,16 @@
 """The API's Prometheus metrics: ``blaze api --workers 2`` reports one sum at ``/metrics``
 whichever process a scrape reaches (requests by route template, jobs created, refused and
 answered from the cache, the queue gauges read from Redis, clients waiting on jobs), a killed
-process's waiting clients and private folder are forgotten, and ``BLAZE_METRICS=off`` turns it
-all off."""
+process's waiting clients and private folder are forgotten, a Redis that does not answer costs
+a scrape its queue gauges only, and ``BLAZE_METRICS=off`` turns it all off."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -24,10 +26,13 @@ from fastapi.testclient import TestClient
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from blaze_jobs import cache, metrics
+from blaze_jobs.api import connections
 from blaze_jobs.api.app import create_app
+from blaze_jobs.api.metrics import queues_now
 from blaze_jobs.api_keys import create_key
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack, StackError, free_port
+from blaze_jobs.store import AsyncJobStore
 from tests.conftest import AUTH, wait_until
 from tests.metrics_scrape import Samples, samples, value
 
@@ -247,3 +252,28 @@ def test_with_a_metrics_token_only_its_bearer_reads_the_metrics(settings: Settin
     assert bare.headers["content-type"].startswith("application/problem+json")
     assert "BLAZE_METRICS_TOKEN" in bare.json()["detail"]
     assert right.status_code == 200 and "blaze_http_requests_total" in right.text
+
+
+@pytest.mark.timeout(30)
+def test_a_redis_that_does_not_answer_leaves_the_queue_gauges_out_after_a_second(settings: Settings) -> None:
+    # Given an API whose Redis takes connections and never answers (a listening socket nobody reads)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        mute = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{silent.getsockname()[1]}/0"})
+        app = create_app(mute)
+
+        async def two_scrapes() -> tuple[list[Any], bool]:
+            app.state.redis = connections.connect(mute)
+            app.state.store = AsyncJobStore(app.state.redis, mute)
+            try:
+                # When two scrapes ask for the queue gauges at once
+                readings = await asyncio.gather(queues_now(app), queues_now(app))
+                return list(readings), app.state.queue_read.done()
+            finally:
+                app.state.queue_read.cancel()
+                await asyncio.gather(app.state.queue_read, return_exceptions=True)
+                await app.state.redis.aclose()
+
+        readings, done = asyncio.run(two_scrapes())
+    # Then both give up on them (after QUEUES_WAIT_S) while the one read they share goes on
+    assert readings == [None, None]
+    assert not done
