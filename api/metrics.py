@@ -68,7 +68,7 @@ INVALID_CODES = frozenset({400, 404, 413, 422})
 ENGINE_STATE = "blaze_metrics_engine"
 JOB_STATE = "blaze_metrics_job"
 #: How long one process answers the queue gauges it read last: a scrape every few seconds
-#: (or several Prometheus servers) costs Redis three commands' round trips a second at most.
+#: (or several Prometheus servers) costs Redis two round trips and a ZCARD a second at most.
 QUEUES_FRESH_S = 1.0
 #: How long a scrape waits for the queue gauges: with Redis slow (a connection waited for up
 #: to ``BLAZE_REDIS_POOL_WAIT_S``, commands retried), the rest of ``/metrics`` still answers
