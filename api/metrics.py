@@ -49,17 +49,19 @@ log = logging.getLogger("blaze_jobs.api.metrics")
 UNMATCHED = "unmatched"
 #: The methods labelled by name; any other (a client may send any token) is ``other``.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-#: The routes that make a job, by method and template, with the engine each implies ("" for
-#: those whose body names it): their answers of ``INVALID_CODES`` are creates rejected as
-#: invalid, unless the route got to a job (``job_answered``).
-CREATE_ROUTES = {
-    ("POST", "/v1/jobs"): "",
-    ("POST", "/v1/predictions"): "",
-    ("POST", "/v1/models/blaze/{name}/predictions"): "",
-    ("POST", "/v1/images/generations"): "diffusion",
-    ("POST", "/v1/chat/completions"): "llm",
-    ("POST", "/v1/completions"): "llm",
-}
+#: The routes that make a job, by method and template: their answers of ``INVALID_CODES`` are
+#: creates rejected as invalid, unless the route got to a job (``job_answered``).
+CREATE_ROUTES = frozenset(
+    ("POST", path)
+    for path in (
+        "/v1/jobs",
+        "/v1/predictions",
+        "/v1/models/blaze/{name}/predictions",
+        "/v1/images/generations",
+        "/v1/chat/completions",
+        "/v1/completions",
+    )
+)
 #: A body too large (413), a model not served (an OpenAI or Replicate route's 404), bad input
 #: (422, an OpenAI route's 400).
 INVALID_CODES = frozenset({400, 404, 413, 422})
@@ -98,11 +100,15 @@ def create_route(scope: Scope) -> bool:
     return (scope.get("method"), route_of(scope)) in CREATE_ROUTES
 
 
-def engine_of(scope: Scope) -> str:
+def engine_of(scope: Scope, *, route: str | None = None) -> str:
     """The engine a create asked for, as far as known: noted by the create path
-    (``note_engine``), implied by its route, or "" (the body was not read, or named none)."""
+    (``note_engine``), implied by its route (``route``, or the one that took it), or "" (the
+    body was not read, or named none)."""
+    # Imported here: the OpenAI bodies import the problem answers, which count refusals here.
+    from .openai_bodies import ENGINE_OF
+
     state = scope.get("state") or {}
-    return state.get(ENGINE_STATE) or CREATE_ROUTES.get((scope.get("method", ""), route_of(scope)), "")
+    return state.get(ENGINE_STATE) or ENGINE_OF.get(route or route_of(scope), "")
 
 
 def note_engine(scope: Scope, engine: str) -> None:
@@ -183,7 +189,7 @@ class RequestMetrics:
             if (method, route) in CREATE_ROUTES:
                 rejected(engine_of(scope), "invalid")
             elif status == 413 and route == UNMATCHED and (found := _create_route_by_path(scope)):
-                rejected(CREATE_ROUTES[found], "invalid")
+                rejected(engine_of(scope, route=found[1]), "invalid")
 
 
 class QueueGauges:
