@@ -77,7 +77,7 @@ HTTP_SECONDS = Histogram(
 JOBS_CREATED = Counter("blaze_jobs_created_total", "Jobs accepted (queued or born cached), by surface.", ["engine", "surface"])
 JOBS_REJECTED = Counter(
     "blaze_jobs_rejected_total",
-    "Creates refused, by engine (empty when none was named) and reason: invalid, rate_limit, quota, backpressure.",
+    "Creates refused, by engine (empty when unknown) and reason: invalid (422, 404 model, 413), rate_limit, quota, backpressure.",
     ["engine", "reason"],
 )
 JOBS_CACHED = Counter("blaze_jobs_cached_total", "Creates answered from the result cache, no job run.", ["engine"])
