@@ -4,18 +4,29 @@
 
 const KEY_NAME = "blaze.apiKey";
 
+// sessionStorage: the key is this tab's only, and gone when the tab closes.
 export const key = {
-  get: () => localStorage.getItem(KEY_NAME),
-  set: (value) => localStorage.setItem(KEY_NAME, value),
-  forget: () => localStorage.removeItem(KEY_NAME),
+  get: () => sessionStorage.getItem(KEY_NAME),
+  set: (value) => sessionStorage.setItem(KEY_NAME, value),
+  forget: () => sessionStorage.removeItem(KEY_NAME),
 };
 
-/** An answer the API refused: its status and problem+json body (`detail`, `errors`). */
+/** The wait an answer's `Retry-After` asks for (seconds or an HTTP date), in ms; 0 without one. */
+export function retryAfterMs(answer) {
+  const value = answer.headers.get("Retry-After");
+  if (!value) return 0;
+  const ms = /^\d+$/.test(value.trim()) ? Number(value) * 1000 : Date.parse(value) - Date.now();
+  return Number.isFinite(ms) ? Math.max(0, ms) : 0;
+}
+
+/** An answer the API refused: its status, problem+json body (`detail`, `errors`) and the
+ * wait its `Retry-After` asks for (`retryAfterMs`, 0 without one). */
 export class Problem extends Error {
-  constructor(status, body) {
+  constructor(status, body, retryAfter = 0) {
     super(body?.detail || body?.title || `HTTP ${status}`);
     this.status = status;
     this.body = body || {};
+    this.retryAfterMs = retryAfter;
   }
 
   /** The message for each faulty field, by the field's name (`input.width`). */
@@ -26,6 +37,54 @@ export class Problem extends Error {
 
 /** Listeners told when the API refuses the key (401), so the console asks for another. */
 export const onUnauthorized = new Set();
+
+/** Listeners told of every 429 (with its `Retry-After` in ms, 0 without one), so the list's
+ * polls slow down whichever request met the rate limit. */
+export const onLimited = new Set();
+
+function refused(answer) {
+  if (answer.status === 401) onUnauthorized.forEach((listener) => listener());
+  if (answer.status === 429) onLimited.forEach((listener) => listener(retryAfterMs(answer)));
+}
+
+/** Waits between tries: from `first` ms doubling to `most`, each drawn between half and all of
+ * it (so tabs refused together do not come back together), and never under a `Retry-After`. */
+export class Backoff {
+  constructor({ first = 1000, most = 30000 } = {}) {
+    this.first = first;
+    this.most = most;
+    this.next = first;
+  }
+
+  delay(retryAfter = 0) {
+    const base = this.next;
+    this.next = Math.min(this.most, base * 2);
+    return Math.max(retryAfter, base / 2 + (Math.random() * base) / 2);
+  }
+
+  reset() {
+    this.next = this.first;
+  }
+}
+
+export const sleep = (ms, signal) =>
+  new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    signal?.addEventListener("abort", () => (clearTimeout(timer), resolve()), { once: true });
+  });
+
+/** Resolves once the tab is shown (at once if it is), or when `signal` aborts. */
+export const visible = (signal) =>
+  new Promise((resolve) => {
+    if (!document.hidden || signal.aborted) return resolve();
+    const shown = () => {
+      if (document.hidden) return;
+      document.removeEventListener("visibilitychange", shown);
+      resolve();
+    };
+    document.addEventListener("visibilitychange", shown);
+    signal.addEventListener("abort", () => (document.removeEventListener("visibilitychange", shown), resolve()), { once: true });
+  });
 
 function headers(extra = {}) {
   return { Authorization: `Bearer ${key.get()}`, ...extra };
@@ -44,8 +103,8 @@ export async function request(path, { method = "GET", body, signal } = {}) {
     data = { detail: text.slice(0, 200) };
   }
   if (!answer.ok) {
-    if (answer.status === 401) onUnauthorized.forEach((listener) => listener());
-    throw new Problem(answer.status, data);
+    refused(answer);
+    throw new Problem(answer.status, data, retryAfterMs(answer));
   }
   return data;
 }
@@ -77,46 +136,73 @@ export function parseEvents(buffer, emit) {
   return rest;
 }
 
+// A stream worth asking for again: the API or something before it was busy or failing.
+const PASSING = (status) => status === 429 || status >= 500;
+
 /**
  * Follow job `id`'s events until `job.completed` or `signal` aborts: `onEvent(type, data)`
  * gets each one with its JSON data (`job` and the status changes carry the job, `job.progress`
  * `{step, total}`, `job.delta` `{text}`). `after`: an event id to read on from instead (`0-0`:
- * the whole stream, without the first `job` event). A dropped stream is taken up again after the last
- * event seen (`Last-Event-ID`), after a second, as an EventSource would. Resolves to whether
- * the job's end was seen.
+ * the whole stream, without the first `job` event). Resolves to whether the job's end was seen.
+ *
+ * Each stream holds one of the six connections a browser opens to the API (across all its
+ * tabs), so it is closed while the tab is hidden and opened again when it is shown. A stream
+ * refused for a while (429, 5xx) or dropped is asked for again after the last event seen
+ * (`Last-Event-ID`), after a back-off (`Backoff`); `onPaused(true)` says live updates stopped
+ * meanwhile, `onPaused(false)` that they came back.
  */
-export async function followEvents(id, { onEvent, signal, after = null }) {
+export async function followEvents(id, { onEvent, signal, after = null, onPaused = () => {} }) {
   let lastId = after;
+  const backoff = new Backoff();
   while (!signal.aborted) {
+    await visible(signal);
+    if (signal.aborted) break;
+    const connection = new AbortController();
+    const hidden = () => document.hidden && connection.abort();
+    const closed = () => connection.abort();
+    document.addEventListener("visibilitychange", hidden);
+    signal.addEventListener("abort", closed, { once: true });
     let ended = false;
+    let wait = 0;
     try {
       const extra = { Accept: "text/event-stream" };
       if (lastId) extra["Last-Event-ID"] = lastId;
-      const answer = await fetch(`${jobPath(id)}/events`, { headers: headers(extra), signal });
+      const answer = await fetch(`${jobPath(id)}/events`, { headers: headers(extra), signal: connection.signal });
       if (!answer.ok) {
-        if (answer.status === 401) onUnauthorized.forEach((listener) => listener());
-        return false; // 404: the job expired or is not the key's; nothing to follow
-      }
-      const reader = answer.body.pipeThrough(new TextDecoderStream()).getReader();
-      let buffer = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer = parseEvents(buffer + value, (event) => {
-          if (event.id) lastId = event.id;
-          if (!event.data) return;
-          const data = JSON.parse(event.data);
-          onEvent(event.event, data);
-          // A job that had ended already is answered with one `job` event, then the end.
-          if (event.event === "job.completed" || ENDED.has(data.status)) ended = true;
-        });
+        refused(answer);
+        // 404: the job expired or is not the key's; nothing to follow (nor after a 401 or 403).
+        if (!PASSING(answer.status)) return false;
+        wait = backoff.delay(retryAfterMs(answer));
+      } else {
+        onPaused(false);
+        const reader = answer.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer = parseEvents(buffer + value, (event) => {
+            if (event.id) lastId = event.id;
+            if (!event.data) return;
+            backoff.reset(); // the stream works: a later drop starts over from a second
+            const data = JSON.parse(event.data);
+            onEvent(event.event, data);
+            // A job that had ended already is answered with one `job` event, then the end.
+            if (event.event === "job.completed" || ENDED.has(data.status)) ended = true;
+          });
+        }
       }
     } catch {
-      if (signal.aborted) return false;
+      // Closed by this tab (hidden, or the view left): no back-off, no pause to show.
+    } finally {
+      document.removeEventListener("visibilitychange", hidden);
+      signal.removeEventListener("abort", closed);
     }
     // The stream of an ended job closes after its last event.
     if (ended) return true;
-    await new Promise((resolve) => setTimeout(resolve, 1000));
+    if (signal.aborted) break;
+    if (connection.signal.aborted && document.hidden) continue;
+    onPaused(true);
+    await sleep(wait || backoff.delay(), signal);
   }
   return false;
 }

@@ -3,8 +3,8 @@
 
 import { key, onUnauthorized } from "./api.js";
 import { el } from "./dom.js";
-import { jobPage } from "./job.js";
-import { LiveJobs, jobsSection } from "./jobs.js";
+import { jobPage, noSuchJob } from "./job.js";
+import { LiveJobs, MAX_STREAMS, jobsSection } from "./jobs.js";
 import { submitSection } from "./submit.js";
 import { workersPage } from "./workers.js";
 
@@ -22,12 +22,25 @@ function dashboard() {
   return jobs.close;
 }
 
+// A hash's id as written (`%E0%A4` decodes to nothing: no job has that id).
+function decoded(text) {
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    return null;
+  }
+}
+
 function route() {
   closeView();
   const path = location.hash.replace(/^#/, "") || "/";
   const job = path.match(/^\/jobs\/(.+)$/);
-  if (job) closeView = jobPage(view, decodeURIComponent(job[1]));
-  else if (path === "/workers") closeView = workersPage(view);
+  // A job's page follows that job's stream, and the list none meanwhile.
+  live.limitStreams(job ? 0 : MAX_STREAMS);
+  if (job) {
+    const id = decoded(job[1]);
+    closeView = id === null ? noSuchJob(view) : jobPage(view, id);
+  } else if (path === "/workers") closeView = workersPage(view);
   else closeView = dashboard();
   nav.querySelectorAll("a").forEach((link) => link.classList.toggle("current", link.hash === `#${path}`));
 }

@@ -1,7 +1,7 @@
 // One job's page (`#/jobs/<id>`): its timeline, its progress while it runs (denoising steps
 // or tokens), its images full size, its text, its input and its webhook deliveries.
 
-import { ENDED, Problem, followEvents, jobPath, request } from "./api.js";
+import { Backoff, ENDED, Problem, followEvents, jobPath, request } from "./api.js";
 import { clock, el, imagesOf, seconds } from "./dom.js";
 
 const DELIVERIES_POLL_MS = 3000;
@@ -43,15 +43,11 @@ function facts(job) {
   return el("dl", { class: "facts" }, ...pairs.flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
 }
 
-function output(job, streamed) {
-  const images = imagesOf(job).map((image) =>
+function images(job) {
+  const shown = imagesOf(job).map((image) =>
     el("img", { src: image.url, width: image.width, height: image.height, alt: job.input?.prompt || "", class: "full" }),
   );
-  const text = job.output?.text ?? (streamed || null);
-  return [
-    images.length ? el("div", { class: "images" }, ...images) : null,
-    text !== null ? el("pre", { class: "text-output" }, text) : null,
-  ];
+  return shown.length ? el("div", { class: "images" }, ...shown) : null;
 }
 
 function deliveriesTable(deliveries) {
@@ -79,15 +75,32 @@ function deliveriesTable(deliveries) {
   );
 }
 
-/** Show job `id` in `view`; returns the teardown that stops its stream and polls. */
+const back = () => el("p", {}, el("a", { href: "#/" }, "← All jobs"));
+const missing = () => el("p", { class: "form-error" }, "No such job (or it expired).");
+
+/** The page for a hash that names no job (`#/jobs/%E0%A4`, not even a well-formed id). */
+export function noSuchJob(view) {
+  view.replaceChildren(back(), missing());
+  return () => {};
+}
+
+/** Show job `id` in `view`; returns the teardown that stops its stream and polls. Only a
+ * change of status rebuilds the page: progress redraws its bar, text grows its text node. */
 export function jobPage(view, id) {
   const stop = new AbortController();
+  const stream = new AbortController(); // also let go of once a re-read finds the job ended
+  stop.signal.addEventListener("abort", () => stream.abort(), { once: true });
   let job = null;
   let streamed = "";
+  let following = false;
   let timer = null;
   const main = el("div", { class: "job" });
+  const paused = el("p", { class: "notice", role: "status", hidden: true }, "Live updates paused, retrying…");
+  const progressPlace = el("div", { class: "progress-place" });
+  const text = document.createTextNode("");
+  const textOutput = el("pre", { class: "text-output" }, text);
   const deliveries = el("div", { class: "deliveries" }, el("p", { class: "muted" }, "Reading the deliveries…"));
-  view.replaceChildren(el("p", {}, el("a", { href: "#/" }, "← All jobs")), el("h1", { class: "id" }, id), main);
+  view.replaceChildren(back(), el("h1", { class: "id" }, id), paused, main);
 
   const cancel = async () => {
     try {
@@ -98,15 +111,21 @@ export function jobPage(view, id) {
     }
   };
 
+  const drawProgress = () => progressPlace.replaceChildren(...[progress(job)].filter((part) => part));
+
   const draw = () => {
     const canCancel = !ENDED.has(job.status);
+    const shownText = job.output?.text ?? (streamed || null);
+    text.data = shownText ?? "";
+    drawProgress();
     const parts = [
       canCancel ? el("button", { type: "button", class: "cancel", onclick: cancel }, "Cancel job") : null,
       facts(job),
       el("h2", {}, "Timeline"),
       timeline(job),
-      progress(job),
-      ...output(job, streamed),
+      progressPlace,
+      images(job),
+      shownText !== null ? textOutput : null,
       el("h2", {}, "Input"),
       el("pre", { class: "input" }, JSON.stringify(job.input, null, 2)),
       el("h2", {}, "Webhook deliveries"),
@@ -115,17 +134,39 @@ export function jobPage(view, id) {
     main.replaceChildren(...parts.filter((part) => part)); // no "null" for a part the job lacks
   };
 
+  // The job as the API holds it now, for when its stream cannot say (paused or refused).
+  const reread = async () => {
+    try {
+      const fresh = await request(jobPath(id), { signal: stop.signal });
+      const changed = fresh.status !== job.status;
+      job = fresh;
+      if (changed) draw();
+      if (ENDED.has(job.status)) stream.abort();
+    } catch {
+      // Shown as it was; the stream's retries or the next read bring it up to date.
+    }
+  };
+
+  // Read while the job runs, and after it ended until no delivery is pending or retrying;
+  // slower and slower after it ended, and after a refusal (its Retry-After at least).
+  const deliveriesBackoff = new Backoff({ first: DELIVERIES_POLL_MS });
   const readDeliveries = async () => {
+    let wait = DELIVERIES_POLL_MS;
     try {
       const page = await request(`${jobPath(id)}/deliveries`, { signal: stop.signal });
       deliveries.replaceChildren(deliveriesTable(page.deliveries));
+      if (!following && !ENDED.has(job.status)) await reread();
       const settled = page.deliveries.every((d) => !["pending", "retrying"].includes(d.state));
-      if (settled && ENDED.has(job.status)) return;
+      if (ENDED.has(job.status)) {
+        if (settled) return;
+        wait = deliveriesBackoff.delay();
+      }
     } catch (error) {
       if (stop.signal.aborted) return;
       deliveries.replaceChildren(el("p", { class: "form-error" }, error.message));
+      wait = deliveriesBackoff.delay(error instanceof Problem ? error.retryAfterMs : 0);
     }
-    timer = setTimeout(readDeliveries, DELIVERIES_POLL_MS);
+    if (!stop.signal.aborted) timer = setTimeout(readDeliveries, wait);
   };
 
   (async () => {
@@ -133,26 +174,44 @@ export function jobPage(view, id) {
       job = await request(jobPath(id), { signal: stop.signal });
     } catch (error) {
       if (stop.signal.aborted) return;
-      const missing = error instanceof Problem && error.status === 404;
-      main.replaceChildren(el("p", { class: "form-error" }, missing ? "No such job (or it expired)." : error.message));
+      const gone = error instanceof Problem && error.status === 404;
+      main.replaceChildren(gone ? missing() : el("p", { class: "form-error" }, error.message));
       return;
     }
     draw();
     readDeliveries();
     if (ENDED.has(job.status)) return;
+    following = true;
     // From the stream's start (`0-0`): the text a running job streamed before this page
     // opened comes again, piece by piece, then what follows as it comes.
-    await followEvents(id, {
+    const ended = await followEvents(id, {
       after: "0-0",
-      signal: stop.signal,
+      signal: stream.signal,
+      onPaused: (on) => {
+        paused.hidden = !on;
+        following = !on;
+        if (on) reread();
+      },
       onEvent: (type, data) => {
-        if (type === "job.delta") streamed += data.text;
-        else if (type === "job.progress") job = { ...job, progress: data };
-        else if (data?.id === id) job = data;
-        if (type === "job.queued") streamed = ""; // a new attempt streams its text anew
-        draw();
+        if (type === "job.delta") {
+          streamed += data.text;
+          if (textOutput.isConnected && job.output?.text == null) text.appendData(data.text);
+          else draw();
+        } else if (type === "job.progress") {
+          job = { ...job, progress: data };
+          drawProgress();
+        } else if (data?.id === id) {
+          const before = job.status;
+          if (type === "job.queued") streamed = ""; // a new attempt streams its text anew
+          job = data;
+          if (job.status !== before || type === "job.queued") draw();
+          else drawProgress();
+        }
       },
     });
+    following = false;
+    paused.hidden = true;
+    if (!ended && !ENDED.has(job.status) && !stop.signal.aborted) reread(); // refused (the job expired, say)
   })();
 
   return () => {

@@ -2,15 +2,18 @@
 // job's event stream brings its changes as they happen. The table and the gallery redraw only
 // the jobs that changed.
 
-import { ENDED, followEvents, request } from "./api.js";
+import { ENDED, followEvents, onLimited, request } from "./api.js";
 import { clock, el, imagesOf, jobHref, progressOf, seconds } from "./dom.js";
 
 const POLL_MS = 3000;
+// After a 429 the list is read again after its Retry-After, or at twice the last interval.
+const MOST_POLL_MS = 30000;
 const PAGE = 50;
-// A browser opens at most six HTTP/1.1 connections to one origin, and each stream holds one:
-// following more at once would leave the polls, the job page and the form's posts waiting.
-// Jobs beyond these are still brought up to date by the polls.
-const MAX_STREAMS = 3;
+const GALLERY = 24;
+// A browser opens at most six HTTP/1.1 connections to one origin across all its tabs, and
+// each stream holds one: following more at once would leave the polls, other tabs and the
+// form's posts waiting. Jobs beyond these are still brought up to date by the polls.
+export const MAX_STREAMS = 2;
 
 const created = (job) => Date.parse(job.created_at);
 
@@ -23,6 +26,9 @@ export class LiveJobs {
     this.timer = null;
     this.error = null;
     this.round = 0;
+    this.interval = POLL_MS;
+    this.streamLimit = MAX_STREAMS;
+    onLimited.add((retryAfter) => this.slowDown(retryAfter));
   }
 
   // Each start begins a new round of polls; a poll of an earlier round (still in flight when
@@ -36,7 +42,9 @@ export class LiveJobs {
   stop() {
     this.running = false;
     this.round += 1;
+    this.interval = POLL_MS;
     clearTimeout(this.timer);
+    this.timer = null;
     this.streams.forEach((stream) => stream.abort());
     this.streams.clear();
     this.jobs.clear();
@@ -58,15 +66,46 @@ export class LiveJobs {
       const page = await request(`v1/jobs?limit=${PAGE}`);
       if (round !== this.round) return; // the key was forgotten meanwhile
       this.error = null;
+      this.interval = POLL_MS;
       this.resting.clear();
+      this.keepOnly(new Set([...page.jobs.map((job) => job.id), ...this.streams.keys()]));
       for (const job of page.jobs) this.put(job, { fromList: true });
     } catch (error) {
       if (round !== this.round) return;
-      this.error = error;
+      this.error = error; // a 429 has slowed the polls down already (`slowDown`)
     }
     this.changed(null);
     this.follow();
-    this.timer = setTimeout(() => this.poll(round), POLL_MS);
+    this.schedule(round);
+  }
+
+  schedule(round) {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.poll(round);
+    }, this.interval);
+  }
+
+  /** A 429 on any request: the list waits its Retry-After, or twice as long as it last did.
+   * A poll already waiting for its turn waits the new interval instead (one in flight
+   * schedules the next itself). */
+  slowDown(retryAfter) {
+    if (!this.running) return;
+    this.interval = retryAfter ? Math.max(retryAfter, POLL_MS) : Math.min(MOST_POLL_MS, this.interval * 2);
+    if (this.timer !== null) this.schedule(this.round);
+  }
+
+  /** Follow at most `limit` streams from now on: a job's page follows its own, and the list
+   * none meanwhile, so one tab never holds more than MAX_STREAMS. */
+  limitStreams(limit) {
+    this.streamLimit = limit;
+    this.follow();
+  }
+
+  /** Forget the jobs not in `ids`: the map holds the listed jobs and the followed ones only. */
+  keepOnly(ids) {
+    for (const id of this.jobs.keys()) if (!ids.has(id)) this.jobs.delete(id);
   }
 
   /** Take a newer view of a job. A list answer sent before an event arrived may be older than
@@ -79,13 +118,13 @@ export class LiveJobs {
     this.follow();
   }
 
-  /** Follow the newest queued or running jobs' streams (at most MAX_STREAMS), letting go of
-   * older ones a newer job needs the place of. */
+  /** Follow the newest queued or running jobs' streams (at most `streamLimit`), letting go
+   * of older ones a newer job needs the place of. */
   follow() {
     if (!this.running) return;
     const wanted = this.list()
       .filter((job) => !ENDED.has(job.status) && !this.resting.has(job.id))
-      .slice(0, MAX_STREAMS)
+      .slice(0, this.streamLimit)
       .map((job) => job.id);
     for (const [id, stream] of this.streams) {
       if (!wanted.includes(id)) {
@@ -99,6 +138,8 @@ export class LiveJobs {
       followEvents(id, {
         signal: stream.signal,
         onEvent: (type, data) => {
+          // A job let go of meanwhile (no longer listed) is not brought back by a late event.
+          if (!this.jobs.has(id)) return;
           if (type === "job.progress") this.put({ ...this.jobs.get(id), progress: data });
           else if (data && data.id === id) this.put(data);
         },
@@ -141,12 +182,20 @@ function row(job) {
   );
 }
 
+// The size the job asked for, known before the image loads: the gallery keeps its layout.
 function thumbnails(job) {
   return imagesOf(job).map((image, index) =>
     el(
       "a",
       { href: jobHref(job.id), class: "thumbnail", title: job.input?.prompt || job.id },
-      el("img", { src: image.url, alt: job.input?.prompt || "", loading: "lazy", dataset: { jobId: job.id, index } }),
+      el("img", {
+        src: image.url,
+        alt: job.input?.prompt || "",
+        loading: "lazy",
+        width: job.input?.width ?? image.width,
+        height: job.input?.height ?? image.height,
+        dataset: { jobId: job.id, index },
+      }),
     ),
   );
 }
@@ -162,12 +211,12 @@ export function jobsSection(live) {
 
   // `job`: the one that changed (null: the list was read again). Its row is made anew; then
   // every row and picture is put in the list's order (append moves a node already shown).
+  // The gallery shows the newest GALLERY images only.
   const draw = (job) => {
     for (const each of job ? [job] : live.list()) {
       const fresh = row(each);
       rows.get(each.id)?.replaceWith(fresh);
       rows.set(each.id, fresh);
-      if (!pictures.has(each.id) && imagesOf(each).length) pictures.set(each.id, thumbnails(each));
     }
     const listed = live.list();
     const shown = new Set(listed.map((each) => each.id));
@@ -177,14 +226,18 @@ export function jobsSection(live) {
         rows.delete(id);
       }
     }
+    const pictured = [];
+    for (const each of listed) {
+      if (pictured.length >= GALLERY) break;
+      if (!pictures.has(each.id) && imagesOf(each).length) pictures.set(each.id, thumbnails(each));
+      pictured.push(...(pictures.get(each.id) || []).slice(0, GALLERY - pictured.length));
+    }
+    const inGallery = new Set(pictured);
     for (const [id, nodes] of pictures) {
-      if (!shown.has(id)) {
-        nodes.forEach((node) => node.remove());
-        pictures.delete(id);
-      }
+      if (!nodes.some((node) => inGallery.has(node))) pictures.delete(id);
     }
     body.append(...listed.map((each) => rows.get(each.id)));
-    gallery.append(...listed.flatMap((each) => pictures.get(each.id) || []));
+    gallery.replaceChildren(...pictured);
     empty.hidden = rows.size > 0;
     problem.textContent = live.error ? `Could not list the jobs: ${live.error.message}` : "";
   };

@@ -56,15 +56,21 @@ export function workersPage(view) {
   const place = el("div", {}, el("p", { class: "muted" }, "Reading the workers…"));
   view.replaceChildren(el("h1", {}, "Workers"), place);
   const read = async () => {
+    let wait = POLL_MS;
     try {
       const page = await request("v1/workers", { signal: stop.signal });
       place.replaceChildren(table(page.workers));
     } catch (error) {
       if (stop.signal.aborted) return;
-      const forbidden = error instanceof Problem && error.status === 403;
-      place.replaceChildren(el("p", { class: "form-error" }, forbidden ? "Only an admin key sees the workers." : error.message));
+      if (error instanceof Problem && error.status === 403) {
+        // The key will not become an admin's by asking again.
+        place.replaceChildren(el("p", { class: "form-error" }, "The workers need an admin key: this key's tenant cannot see them."));
+        return;
+      }
+      place.replaceChildren(el("p", { class: "form-error" }, error.message));
+      if (error instanceof Problem && error.status === 429) wait = Math.max(POLL_MS, error.retryAfterMs);
     }
-    timer = setTimeout(read, POLL_MS);
+    timer = setTimeout(read, wait);
   };
   read();
   return () => {
