@@ -1,6 +1,6 @@
 """The web console: its files as the API serves them, and a real headless Chromium using it
 against the session stack (submit an image job from the form, watch its row change without a
-reload, find its thumbnail)."""
+reload, find its thumbnail; a tenant's key, a prompt written as markup)."""
 
 from __future__ import annotations
 
@@ -147,6 +147,9 @@ def test_an_image_job_submitted_from_the_console_goes_live_to_its_thumbnail(stac
     assert (image["width"], image["height"]) == (64, 64)
     thumbnail = page.locator(f'#gallery img[data-job-id="{job_id}"]')
     expect(thumbnail).to_have_count(1)
+    # Sized from the job's input before it loads; loaded lazily, so once it is in view.
+    assert (thumbnail.get_attribute("width"), thumbnail.get_attribute("height")) == ("64", "64")
+    thumbnail.scroll_into_view_if_needed()
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumbnail.element_handle())
     natural = thumbnail.evaluate("img => [img.naturalWidth, img.naturalHeight]")
     assert natural == [image["width"], image["height"]]
@@ -188,7 +191,7 @@ def test_a_text_jobs_page_shows_its_text_and_a_refused_key_is_asked_again(stack:
     page.fill("#key", "not-a-key")
     page.click("#key-form button")
     expect(page.locator("#key-error")).to_contain_text("refused")
-    assert page.evaluate("localStorage.getItem('blaze.apiKey')") is None
+    assert page.evaluate("sessionStorage.getItem('blaze.apiKey')") is None
 
     # When a good key is entered and a text job submitted from the form.
     page.fill("#key", ADMIN_TOKEN)
@@ -210,10 +213,69 @@ def test_a_text_jobs_page_shows_its_text_and_a_refused_key_is_asked_again(stack:
     expect(page.locator("pre.text-output")).to_have_text(job["output"]["text"])
     expect(page.locator("div.deliveries")).to_contain_text("No deliveries")
 
-    # And "Forget key" takes the key out of the browser.
+    # And "Forget key" takes the key out of the tab.
+    assert page.evaluate("sessionStorage.getItem('blaze.apiKey')") == ADMIN_TOKEN
     page.click("#forget")
     expect(page.locator("#sign-in")).to_be_visible()
+    assert page.evaluate("sessionStorage.getItem('blaze.apiKey')") is None
+
+
+@pytest.mark.timeout(90)
+def test_a_tenants_markup_prompt_stays_text_and_workers_ask_for_an_admin_key(stack: dict[str, Any], browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    # Given a tenant's key (no admin) and an image job of that tenant whose prompt is markup.
+    with httpx.Client(base_url=stack["api_url"], timeout=10) as http:
+        tenant = unique("console").replace(" ", "-")
+        made = http.post("/v1/admin/keys", json={"tenant": tenant, "name": "browser"}, headers=AUTH)
+        assert made.status_code == 201, made.text
+        secret = made.json()["secret"]
+        prompt = unique('<img src=x onerror="window.__pwned=1">')
+        body = {"engine": "diffusion", "input": {"prompt": prompt, "width": 64, "height": 64, "num_inference_steps": 2}}
+        created = http.post("/v1/jobs", json=body, headers={"Authorization": f"Bearer {secret}"})
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+
+    page = browser.new_page()
+    faults: list[str] = []
+    page.on("pageerror", lambda error: faults.append(f"page error: {error}"))
+    workers_asked: list[str] = []
+
+    def asked(request: Any) -> None:
+        if "/v1/workers" in request.url:
+            workers_asked.append(request.url)
+
+    page.on("request", asked)
+
+    # When the console is signed in with that key: it is kept in this tab only.
+    page.goto(stack["api_url"] + "/")
+    page.fill("#key", secret)
+    page.click("#key-form button")
+    assert page.evaluate("sessionStorage.getItem('blaze.apiKey')") == secret
     assert page.evaluate("localStorage.getItem('blaze.apiKey')") is None
+
+    # Then the job shows in the list and the gallery, and on its own page its prompt is text.
+    row = page.locator(f'#jobs tr[data-job-id="{job_id}"]')
+    expect(row).to_have_attribute("data-status", "succeeded", timeout=60_000)
+    expect(page.locator(f'#gallery img[data-job-id="{job_id}"]')).to_have_attribute("alt", prompt)
+    row.locator("td.id a").click()
+    expect(page.locator("pre.input")).to_contain_text(json.dumps(prompt))
+    expect(page.locator("img.full")).to_have_attribute("alt", prompt)
+    assert page.locator('img[src="x"]').count() == 0
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+
+    # And a hash that is no well-formed id shows no job, and no page error.
+    page.evaluate("location.hash = '#/jobs/%E0%A4'")
+    expect(page.locator("#view")).to_contain_text("No such job")
+
+    # And the workers page says they need an admin key, and asks no more (over ~4 s, past
+    # the 3 s its polls would take).
+    page.click('nav a[href="#/workers"]')
+    expect(page.locator("#view")).to_contain_text("need an admin key")
+    page.wait_for_timeout(4000)
+    assert len(workers_asked) == 1, workers_asked
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+    assert faults == []
 
 
 def test_the_event_parser_reads_streams_split_anywhere(stack: dict[str, Any], browser: Any) -> None:
