@@ -136,8 +136,8 @@ export function parseEvents(buffer, emit) {
   return rest;
 }
 
-// A stream worth asking for again: the API or something before it was busy or failing.
-const PASSING = (status) => status === 429 || status >= 500;
+// A refusal worth asking again after a while: the API, or a proxy before it, was busy or failing.
+const passing = (status) => status === 429 || status >= 500;
 
 /**
  * Follow job `id`'s events until `job.completed` or `signal` aborts: `onEvent(type, data)`
@@ -158,7 +158,12 @@ export async function followEvents(id, { onEvent, signal, after = null, onPaused
     await visible(signal);
     if (signal.aborted) break;
     const connection = new AbortController();
-    const hidden = () => document.hidden && connection.abort();
+    let hid = false;
+    const hidden = () => {
+      if (!document.hidden) return;
+      hid = true;
+      connection.abort();
+    };
     const closed = () => connection.abort();
     document.addEventListener("visibilitychange", hidden);
     signal.addEventListener("abort", closed, { once: true });
@@ -171,7 +176,7 @@ export async function followEvents(id, { onEvent, signal, after = null, onPaused
       if (!answer.ok) {
         refused(answer);
         // 404: the job expired or is not the key's; nothing to follow (nor after a 401 or 403).
-        if (!PASSING(answer.status)) return false;
+        if (!passing(answer.status)) return false;
         wait = backoff.delay(retryAfterMs(answer));
       } else {
         onPaused(false);
@@ -192,7 +197,7 @@ export async function followEvents(id, { onEvent, signal, after = null, onPaused
         }
       }
     } catch {
-      // Closed by this tab (hidden, or the view left): no back-off, no pause to show.
+      // Dropped, or closed by this tab (hidden, or the view left): told apart below.
     } finally {
       document.removeEventListener("visibilitychange", hidden);
       signal.removeEventListener("abort", closed);
@@ -200,7 +205,7 @@ export async function followEvents(id, { onEvent, signal, after = null, onPaused
     // The stream of an ended job closes after its last event.
     if (ended) return true;
     if (signal.aborted) break;
-    if (connection.signal.aborted && document.hidden) continue;
+    if (hid) continue; // opened again once the tab is shown
     onPaused(true);
     await sleep(wait || backoff.delay(), signal);
   }

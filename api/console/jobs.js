@@ -68,7 +68,7 @@ export class LiveJobs {
       this.error = null;
       this.interval = POLL_MS;
       this.resting.clear();
-      this.keepOnly(new Set([...page.jobs.map((job) => job.id), ...this.streams.keys()]));
+      this.keepOnly(page.jobs);
       for (const job of page.jobs) this.put(job, { fromList: true });
     } catch (error) {
       if (round !== this.round) return;
@@ -103,9 +103,12 @@ export class LiveJobs {
     this.follow();
   }
 
-  /** Forget the jobs not in `ids`: the map holds the listed jobs and the followed ones only. */
-  keepOnly(ids) {
-    for (const id of this.jobs.keys()) if (!ids.has(id)) this.jobs.delete(id);
+  /** Forget the jobs `listed` lacks, but for the followed ones and those newer than the list
+   * (submitted from the form while it was being read): the map does not grow without bound. */
+  keepOnly(listed) {
+    const kept = new Set([...listed.map((job) => job.id), ...this.streams.keys()]);
+    const newest = listed.length ? created(listed[0]) : -Infinity;
+    for (const [id, job] of this.jobs) if (!kept.has(id) && !(created(job) > newest)) this.jobs.delete(id);
   }
 
   /** Take a newer view of a job. A list answer sent before an event arrived may be older than
