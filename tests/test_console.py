@@ -84,24 +84,34 @@ def browser() -> Iterator[Any]:
             chromium.close()
 
 
-def test_an_image_job_submitted_from_the_console_goes_live_to_its_thumbnail(stack: dict[str, Any], browser: Any) -> None:
-    from playwright.sync_api import expect
-
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+def watched(page: Any) -> list[str]:
+    """The faults the page will show: its script errors, and what its own policy refused."""
     faults: list[str] = []
     page.on("pageerror", lambda error: faults.append(f"page error: {error}"))
 
     def refused(message: Any) -> None:
-        # A file or request the page's own policy refused would show here.
         if "Content Security Policy" in message.text:
             faults.append(message.text)
 
     page.on("console", refused)
+    return faults
+
+
+def sign_in(page: Any, api_url: str, key: str) -> None:
+    """Open the console and enter ``key`` in its form."""
+    page.goto(api_url + "/")
+    page.fill("#key", key)
+    page.click("#key-form button")
+
+
+def test_an_image_job_submitted_from_the_console_goes_live_to_its_thumbnail(stack: dict[str, Any], browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    faults = watched(page)
 
     # Given the console, signed in with a key.
-    page.goto(stack["api_url"] + "/")
-    page.fill("#key", ADMIN_TOKEN)
-    page.click("#key-form button")
+    sign_in(page, stack["api_url"], ADMIN_TOKEN)
     expect(page.locator("#submit-form")).to_be_visible()
     page.evaluate("window.notReloaded = true")
 
@@ -237,8 +247,7 @@ def test_a_tenants_markup_prompt_stays_text_and_workers_ask_for_an_admin_key(sta
         job_id = created.json()["id"]
 
     page = browser.new_page()
-    faults: list[str] = []
-    page.on("pageerror", lambda error: faults.append(f"page error: {error}"))
+    faults = watched(page)
     workers_asked: list[str] = []
 
     def asked(request: Any) -> None:
@@ -248,9 +257,7 @@ def test_a_tenants_markup_prompt_stays_text_and_workers_ask_for_an_admin_key(sta
     page.on("request", asked)
 
     # When the console is signed in with that key: it is kept in this tab only.
-    page.goto(stack["api_url"] + "/")
-    page.fill("#key", secret)
-    page.click("#key-form button")
+    sign_in(page, stack["api_url"], secret)
     assert page.evaluate("sessionStorage.getItem('blaze.apiKey')") == secret
     assert page.evaluate("localStorage.getItem('blaze.apiKey')") is None
 
