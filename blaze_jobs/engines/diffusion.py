@@ -10,13 +10,23 @@ import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from blaze_jobs import builtin_models
 from blaze_jobs.engines.base import Engine, EngineRequest
-from blaze_jobs.engines.diffusion_input import _FORMATS, _default_size, _encode, _Job, _resolve
+from blaze_jobs.engines.diffusion_input import (
+    _FORMATS,
+    SCHEDULERS,
+    SchedulerName,
+    _default_size,
+    _encode,
+    _Job,
+    _resolve,
+    batch_key,
+    scheduler_name,
+)
 from blaze_jobs.engines.spec import (
     ArtifactKind,
     Batching,
@@ -63,6 +73,12 @@ class DiffusionInput(BaseModel):
     )
     num_outputs: JSONInt = Field(1, ge=1, description="How many images; image i uses seed + i.")
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the images.")
+    scheduler: Annotated[SchedulerName | None, BeforeValidator(scheduler_name)] = Field(
+        None,
+        description="The scheduler (sampler) that denoises the image, by its diffusers class name; "
+        "short names (ddim, euler, euler_a, dpm++, heun, pndm, unipc …) and any case are read too. "
+        "Defaults to the model's own.",
+    )
 
 
 class DiffusionSettings(BaseModel):
@@ -149,7 +165,7 @@ class DiffusionEngine(Engine):
         return list(self._loaded)
 
     def batch_key(self, request: EngineRequest) -> tuple:
-        """Model, size, steps and guidance scale: what one pipeline call must share.
+        """Model, size, steps, guidance scale and scheduler: what one pipeline call must share.
 
         A missing size resolves to the model's default once the model has been loaded;
         before that it stays None, which only keeps such requests apart from ones that
@@ -162,7 +178,8 @@ class DiffusionEngine(Engine):
             width, height = width or default[0], height or default[1]
         steps = data.get("num_inference_steps") or 20
         guidance = data.get("guidance_scale")
-        return (request.model, width, height, steps, 7.5 if guidance is None else float(guidance))
+        scheduler = scheduler_name(data.get("scheduler"))
+        return batch_key(request.model, width, height, steps, 7.5 if guidance is None else float(guidance), scheduler)
 
     def run_batch(self, requests: list[EngineRequest]) -> list[dict[str, Any] | BaseException]:
         """Generate every request's images, with one pipeline call per batch key."""
@@ -178,10 +195,14 @@ class DiffusionEngine(Engine):
                 for i in members:
                     results[i] = exc
                 continue
-            max_steps = getattr(pipes[model].scheduler.config, "num_train_timesteps", None)
+            scheduler = pipes[model].scheduler
+            max_steps = getattr(scheduler.config, "num_train_timesteps", None)
+            schedulers = {kind.__name__ for kind in scheduler.compatibles} & set(SCHEDULERS)
             for i in members:
                 try:
-                    jobs[i] = _resolve(requests[i], default_size=self._default_sizes[model], max_steps=max_steps)
+                    jobs[i] = _resolve(
+                        requests[i], default_size=self._default_sizes[model], max_steps=max_steps, schedulers=schedulers
+                    )
                 except RequestError as exc:
                     results[i] = exc
         # 2. One pipeline call per group of equal keys (a caller normally sends one group).
@@ -333,9 +354,10 @@ class DiffusionEngine(Engine):
                 pipe._interrupt = True  # diffusers skips the remaining steps
             return kwargs
 
-        # 4. The pipeline call itself.
+        # 4. The pipeline call itself, on a pipeline of the job's scheduler if it names one.
+        scheduled = _with_scheduler(pipe, first.scheduler)
         with self._run_lock, torch.inference_mode():
-            images = pipe(
+            images = scheduled(
                 prompt=[job.prompt for job, _ in images_of],
                 negative_prompt=[job.negative_prompt for job, _ in images_of],
                 width=first.width,
@@ -357,6 +379,22 @@ class DiffusionEngine(Engine):
             mine = [(image, job.seed + n) for image, (owner, n) in zip(images, images_of, strict=False) if owner is job]
             results.append({"images": [_encode(image, job, seed) for image, seed in mine]})
         return results
+
+
+def _with_scheduler(pipe: StableDiffusionPipeline, name: str | None) -> StableDiffusionPipeline:
+    # A scheduler holds the timesteps of the call it serves, so each call gets a fresh one,
+    # on a pipeline of its own that shares every other part of the loaded one: the loaded
+    # pipeline keeps its scheduler for the next batch.
+    if name is None:
+        return pipe
+    import diffusers
+
+    scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    # Not ``from_pipe``: it casts the shared parts to a dtype again, and warns, on every call.
+    parts = {**pipe.components, "scheduler": scheduler}
+    scheduled = type(pipe)(**parts, requires_safety_checker=pipe.config.requires_safety_checker)
+    scheduled.set_progress_bar_config(disable=True)
+    return scheduled
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -7,8 +7,9 @@ encodes images, so it imports neither torch nor diffusers.
 from __future__ import annotations
 
 import io
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from blaze_jobs.engines.base import Artifact, EngineRequest, read_int, read_seed, request_territory
 from blaze_jobs.errors import RequestError
@@ -17,6 +18,52 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
 _FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+#: The schedulers a Stable Diffusion 1.x/2.x pipeline takes by name: diffusers'
+#: ``KarrasDiffusionSchedulers`` less ``DPMSolverSDEScheduler`` and ``LMSDiscreteScheduler``
+#: (they need torchsde and scipy, which Blaze Jobs does not install) and ``EDMEulerScheduler``
+#: (made for EDM-trained models). Written out, not read from diffusers,
+#: so that the API checks a name without importing it; tests/test_schedulers.py holds the
+#: list to the built-in model's ``scheduler.compatibles``.
+SchedulerName = Literal[
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DEISMultistepScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "PNDMScheduler",
+    "UniPCMultistepScheduler",
+]
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
+
+#: Short names people know from other tools, and every name in any case.
+SCHEDULER_ALIASES = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "deis": "DEISMultistepScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "dpm++_2m": "DPMSolverMultistepScheduler",
+    "dpm++_s": "DPMSolverSinglestepScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm2_a": "KDPM2AncestralDiscreteScheduler",
+    "dpm2": "KDPM2DiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    **{name.lower(): name for name in SCHEDULERS},
+}
+
+
+def scheduler_name(value: Any) -> Any:
+    """A scheduler's diffusers class name from any name ``SCHEDULER_ALIASES`` knows; any
+    other value unchanged, for the caller to refuse."""
+    return SCHEDULER_ALIASES.get(value.lower(), value) if isinstance(value, str) else value
 
 
 @dataclass
@@ -32,20 +79,34 @@ class _Job:
     seed: int
     num_outputs: int
     output_format: str
+    scheduler: str | None  # None: the model's own
 
     @property
     def key(self) -> tuple:
-        return (self.request.model, self.width, self.height, self.steps, self.guidance_scale)
+        return batch_key(self.request.model, self.width, self.height, self.steps, self.guidance_scale, self.scheduler)
 
 
-def _resolve(request: EngineRequest, *, default_size: tuple[int, int], max_steps: int | None = None) -> _Job:
+def batch_key(model: str, width: Any, height: Any, steps: Any, guidance: float, scheduler: str | None) -> tuple:
+    """What one pipeline call must share. A named scheduler extends the key; the model's own
+    adds nothing, so the keys of requests that name none are what they always were."""
+    key = (model, width, height, steps, guidance)
+    return key if scheduler is None else (*key, scheduler)
+
+
+def _resolve(
+    request: EngineRequest,
+    *,
+    default_size: tuple[int, int],
+    max_steps: int | None = None,
+    schedulers: Collection[str] = SCHEDULERS,
+) -> _Job:
     # Resolving a request reads only its input: whatever fails here is the request's
     # (engines.base), even an error of a kind that no check below foresaw.
     with request_territory(f"input for {request.model!r}"):
-        return _read(request, default_size=default_size, max_steps=max_steps)
+        return _read(request, default_size=default_size, max_steps=max_steps, schedulers=schedulers)
 
 
-def _read(request: EngineRequest, *, default_size: tuple[int, int], max_steps: int | None) -> _Job:
+def _read(request: EngineRequest, *, default_size: tuple[int, int], max_steps: int | None, schedulers: Collection[str]) -> _Job:
     # The API validated the input already; these checks guard direct callers and keep a
     # bad value from failing a whole batch inside the pipeline.
     data = request.input
@@ -65,6 +126,9 @@ def _read(request: EngineRequest, *, default_size: tuple[int, int], max_steps: i
     if max_steps is not None and steps > max_steps:
         # The scheduler refuses more steps than the model was trained with.
         raise RequestError(f"num_inference_steps: this model takes at most {max_steps}, got {steps}")
+    scheduler = scheduler_name(data.get("scheduler"))
+    if scheduler is not None and scheduler not in schedulers:
+        raise RequestError(f"scheduler: this model takes one of {sorted(schedulers)}, got {scheduler!r}")
     return _Job(
         request=request,
         prompt=prompt,
@@ -76,6 +140,7 @@ def _read(request: EngineRequest, *, default_size: tuple[int, int], max_steps: i
         seed=read_seed(data),
         num_outputs=read_int(data, "num_outputs", 1, minimum=1),
         output_format=output_format,
+        scheduler=scheduler,
     )
 
 
