@@ -9,11 +9,13 @@ from typing import Any
 import httpx
 import pytest
 
+from blaze_jobs import cache
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.engines.base import EngineRequest
-from blaze_jobs.engines.diffusion import DiffusionEngine
+from blaze_jobs.engines.diffusion import DiffusionEngine, DiffusionInput
 from blaze_jobs.engines.diffusion_input import SCHEDULER_ALIASES, SCHEDULERS
 from blaze_jobs.errors import RequestError
+from blaze_jobs.settings import Settings
 from tests.test_diffusion_engine import output, same_image
 
 pytestmark = pytest.mark.timeout(120)
@@ -108,6 +110,17 @@ def test_the_engine_refuses_an_unknown_scheduler_as_the_requests_fault(engine: D
 
     assert isinstance(result, RequestError)
     assert "scheduler" in str(result) and "'warp-drive'" in str(result) and "DDIMScheduler" in str(result)
+
+
+def test_the_scheduler_is_part_of_the_cache_key() -> None:
+    # Given the input the API stores for a request (its validated model, nulls left out)
+    def key(**input: Any) -> str:
+        stored = DiffusionInput(prompt="a fox", seed=1, **input).model_dump(exclude_none=True)
+        return cache.cache_key(engine="diffusion", model=MODEL, input=stored, tenant="t", settings=Settings())
+
+    # Then a named scheduler has keys of its own, and a short name shares its full name's
+    assert len({key(), key(scheduler="DDIMScheduler"), key(scheduler="EulerDiscreteScheduler")}) == 3
+    assert key(scheduler="ddim") == key(scheduler="DDIMScheduler")
 
 
 def test_the_api_states_the_schedulers_and_refuses_others(http: httpx.Client, client: BlazeClient) -> None:
