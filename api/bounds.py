@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from blaze_jobs.engines import SPECS, spec_of
 from blaze_jobs.engines.spec import EngineSpec, OutOfBounds
+from blaze_jobs.jobs import create_model_name
 from blaze_jobs.settings import Settings
 
 from .problems import InputProblem, problem
@@ -185,6 +186,12 @@ def state_bounds(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
 
     for bound in (bound for spec in SPECS for bound in spec.bounds):
         constrain(bound.model, bound.field, getattr(settings, bound.setting), items=bound.items)
+    # A job names one of its engine's models this deployment serves, or none (the default).
+    for spec in SPECS:
+        prop = models.get(create_model_name(spec), {}).get("properties", {}).get("model")
+        for branch in prop.get("anyOf", [prop]) if prop else []:
+            if branch.get("type") == "string":
+                branch["enum"] = spec.allowed_models(settings)
     return schema
 
 

@@ -64,6 +64,11 @@ class _JobCreateBase(BaseModel):
     )
 
 
+def create_model_name(spec: EngineSpec) -> str:
+    """The name of ``spec``'s create body (``DiffusionInput`` gives ``DiffusionJobCreate``)."""
+    return spec.input_model.__name__.removesuffix("Input") + "JobCreate"
+
+
 def job_create_model(specs: Sequence[EngineSpec]) -> Any:
     """The body of ``POST /v1/jobs`` for these engines: one model per engine (``DiffusionInput``
     gives ``DiffusionJobCreate``), told apart by ``engine``."""
@@ -72,7 +77,7 @@ def job_create_model(specs: Sequence[EngineSpec]) -> Any:
         input_field = Field(default_factory=spec.input_model) if spec.input_optional else Field()
         models.append(
             create_model(
-                spec.input_model.__name__.removesuffix("Input") + "JobCreate",
+                create_model_name(spec),
                 __base__=_JobCreateBase,
                 __doc__=spec.description,
                 engine=(Literal[spec.name], Field(description="Which engine runs the job.")),  # type: ignore[arg-type]
