@@ -9,9 +9,12 @@ from __future__ import annotations
 import io
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from blaze_jobs.engines.base import Artifact, EngineRequest, read_int, read_seed, request_territory
+from blaze_jobs.engines.spec import CommaList, JSONInt, OptionalJSONInt
 from blaze_jobs.errors import RequestError
 
 if TYPE_CHECKING:
@@ -64,6 +67,56 @@ def scheduler_name(value: Any) -> Any:
     """A scheduler's diffusers class name from any name ``SCHEDULER_ALIASES`` knows; any
     other value unchanged, for the caller to refuse."""
     return SCHEDULER_ALIASES.get(value.lower(), value) if isinstance(value, str) else value
+
+
+class DiffusionInput(BaseModel):
+    """Input of an image job. Bounds beyond the ones shown are deployment settings
+    (``BLAZE_MAX_WIDTH``, ``BLAZE_MAX_PIXELS``, ``BLAZE_MAX_STEPS`` …)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, description="What the image should show.")
+    negative_prompt: str | None = Field(None, description="What the image should avoid.")
+    width: OptionalJSONInt = Field(
+        None, ge=8, multiple_of=8, description="Width in pixels, a multiple of 8. Defaults to the model's own size."
+    )
+    height: OptionalJSONInt = Field(
+        None, ge=8, multiple_of=8, description="Height in pixels, a multiple of 8. Defaults to the model's own size."
+    )
+    num_inference_steps: JSONInt = Field(20, ge=1, description="Denoising steps; more is slower and finer.")
+    guidance_scale: float = Field(7.5, ge=0, le=50, description="How strongly the image follows the prompt.")
+    seed: OptionalJSONInt = Field(
+        None,
+        ge=0,
+        le=2**32 - 1,
+        description="Random seed. The same seed and input give the same image bytes. "
+        "Drawn at random (and reported in the output) when absent.",
+    )
+    num_outputs: JSONInt = Field(1, ge=1, description="How many images; image i uses seed + i.")
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the images.")
+    scheduler: Annotated[SchedulerName | None, BeforeValidator(scheduler_name)] = Field(
+        None,
+        description="The scheduler (sampler) that denoises the image, by its diffusers class name; "
+        "short names (ddim, euler, euler_a, dpm++, heun, pndm, unipc …) and any case are read too. "
+        "Defaults to the model's own.",
+    )
+
+
+class DiffusionSettings(BaseModel):
+    diffusion_model: str = "builtin:tiny-sd"
+    #: Models a request may name besides ``diffusion_model`` (comma-separated ids or paths).
+    #: A model not listed is refused at submission, so one request cannot make a worker
+    #: load arbitrary weights.
+    diffusion_models: CommaList = Field(default_factory=list)
+    # Bounds on diffusion input. A 1024x1024 image is the largest common SD size; 150 steps
+    # is beyond any scheduler's useful range; 8 outputs keep one job from hogging a device.
+    max_width: int = 1024
+    max_height: int = 1024
+    max_pixels: int = 1024 * 1024
+    max_steps: int = 150
+    max_outputs: int = 8
+    #: CLIP reads 77 tokens; 2,000 characters is far beyond that yet bounds request size.
+    max_prompt_chars: int = 2_000
 
 
 @dataclass
