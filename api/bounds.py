@@ -160,8 +160,9 @@ def check_bounds(body: Any, settings: Settings, *, spec: EngineSpec | None = Non
         if measure > limit:
             raise InputProblem(f"input.{bound.field}", f"{measure} exceeds the limit of {limit} {bound.unit}")
     if spec.check is not None:
+        model = getattr(body, "model", None) or spec.default_model(settings)
         try:
-            spec.check(job, settings)
+            spec.check(job, settings, model)
         except OutOfBounds as error:
             raise InputProblem(error.field, error.message) from None
 

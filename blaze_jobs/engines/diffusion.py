@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _check(image: DiffusionInput, settings: Settings) -> None:
+def _check(image: DiffusionInput, settings: Settings, model: str) -> None:
     if image.width and image.height and image.width * image.height > settings.max_pixels:
         raise OutOfBounds("input.width", f"{image.width}x{image.height} exceeds the limit of {settings.max_pixels} pixels")
 

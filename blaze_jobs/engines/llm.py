@@ -108,7 +108,7 @@ class LLMSettings(BaseModel):
     llm_max_stop_chars: int = 64
 
 
-def _check(text: LLMInput, settings: Settings) -> None:
+def _check(text: LLMInput, settings: Settings, model: str) -> None:
     # The schema bounds each message (ChatMessage.content); the prompt is bounded as a whole.
     chars = sum(len(m.content) for m in text.messages or [])
     if chars > settings.llm_max_prompt_chars:

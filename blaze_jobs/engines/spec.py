@@ -128,8 +128,10 @@ class EngineSpec:
     #: When true, a request may leave ``input`` out (it is then the model's defaults).
     input_optional: bool = False
     bounds: tuple[Bound, ...] = ()
-    #: Bounds that no single field states (the pixels of width x height); raises OutOfBounds.
-    check: Callable[[Any, Settings], None] | None = None
+    #: Checks that no single field's bound states (the pixels of width x height, what the
+    #: job's model takes): called with the input, the settings and the job's model (the
+    #: engine's default when the request names none); raises OutOfBounds.
+    check: Callable[[Any, Settings, str], None] | None = None
     #: Whether a request's output is deterministic, so the cache may serve it.
     cacheable: Callable[[dict[str, Any]], bool] = seeded
     #: Inputs that never change the output: the cache key leaves them out.
