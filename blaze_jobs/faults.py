@@ -6,7 +6,8 @@ So a job records the workers it faulted on (its ``faulted_on`` field): it counts
 worker's breaker at most once (a repeat on the same worker says nothing new), and a fault
 on a second worker counts against none: the job fails as the request's own, naming the
 workers. Meanwhile a requeued faulted job waits behind the queue (``broker.requeue_push``),
-and a worker that draws a job it faulted passes it to a live peer (``live_peers``).
+and a worker that draws a job it faulted hands it to a live peer (``live_peers``) through
+the peer's inbox (``inboxes.py``).
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ SCHEMA: dict[str, KeyInfo] = {
     "deliveries": KeyInfo("job-deliveries:<id>", "hash", "the job's", "events with a webhook (Lua), webhook worker, API"),
     "webhook_order": KeyInfo("job-webhook-order:<id>", "zset", "the job's", "events with a webhook (Lua), webhook worker"),
     "queue": KeyInfo("<queue>", "list (kombu messages)", "none", "API, worker, reaper, Lua; kombu pops"),
+    "inboxes": KeyInfo("inboxes", "set (inbox queue names)", "none", "worker (hand-over), reaper (drains a dead worker's)"),
     "unacked": KeyInfo("unacked", "hash (kombu's)", "none", "kombu; the reaper only reads it"),
     "worker": KeyInfo("worker:<name>", "string (JSON state)", "three beats", "worker heartbeat"),
     "workers": KeyInfo("workers", "zset", "none; entries older than a day trimmed", "worker heartbeat"),
@@ -118,6 +119,7 @@ class Keys:
         self.prefix = prefix
         self.unacked = f"{prefix}unacked"  # kombu's, under the same global key prefix
         self.workers = f"{prefix}workers"
+        self.inboxes = f"{prefix}inboxes"  # the workers' inbox queues handed messages (inboxes.py)
         self.reaper = f"{prefix}reaper"
         self.webhook_retries = f"{prefix}webhook-retries"
         self.cache_index = f"{prefix}cache-index"

@@ -39,7 +39,7 @@ from typing import Any
 
 import redis
 
-from blaze_jobs import metrics, scripts
+from blaze_jobs import inboxes, metrics, scripts
 from blaze_jobs.broker import requeue_push, task_name
 from blaze_jobs.errors import BlazeError
 from blaze_jobs.jobs import JobStatus
@@ -143,6 +143,8 @@ class Reaper:
             if trusted and now - first >= self.interval_s:
                 reaped += self._reap_one(*seen)
         self._missing = missing
+        if trusted:  # a worker's beat, like a lease, is believed missing only once trusted
+            inboxes.drain_dead(self.redis, self.settings)
         self.rescue()
         if self._trimmed is None or now - self._trimmed >= TRIM_EVERY_S:
             self.trim()
@@ -244,7 +246,7 @@ class Reaper:
         until they end, webhook deliveries are there too); they are read only for old jobs,
         and one counts only when kombu's index names it too (else kombu never restores it)."""
         keys, queued_index = self.store.keys, self.store.keys.status(JobStatus.queued.value)
-        queues = [keys.queue(engine) for engine in ENGINES]
+        queues = [keys.queue(engine) for engine in ENGINES] + inboxes.inbox_queues(self.redis, self.settings)
         unacked = keys.unacked
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(queued_index)

@@ -95,9 +95,9 @@ class Settings(DiffusionSettings, EchoSettings, LLMSettings, BaseSettings):
     #: First cool-down of an open breaker; it doubles on each failed probe, up to the max.
     breaker_cooldown_s: float = 30.0
     breaker_max_cooldown_s: float = 600.0
-    #: Times a worker puts a job that faulted on it back on the queue for a live peer before
-    #: it runs the job again itself: an idle peer takes it at the first pass; the bound keeps
-    #: a worker whose peers are all busy from cycling one message.
+    #: Times a worker hands a job that faulted on it to a live peer's inbox before it runs
+    #: the job again itself: the peer runs it at the first pass; the bound keeps one message
+    #: from cycling should peers keep handing it back (their breakers opening meanwhile).
     fault_handbacks: int = 5
     #: A running job's lease: its worker renews it every third of this; when a worker dies,
     #: any live worker hands the job to the queue again once the lease has run out.
@@ -248,9 +248,6 @@ class Settings(DiffusionSettings, EchoSettings, LLMSettings, BaseSettings):
     #: up on it: about a minute, so a worker rides out a Redis restart or a full Redis instead of
     #: failing the job it was recording.
     worker_redis_retries: int = 60
-    #: A worker passing on a job that faulted on it waits this long times the passes so far: a
-    #: peer whose task threads are all busy gets a moment to free one and draw the job.
-    handback_pause_s: float = 0.05
     #: A worker publishes the task events Flower shows this long after the first one waiting,
     #: so those of a short job (received, started, succeeded), or of every job a busy worker
     #: ran meanwhile, are one Redis PUBLISH, not one each (``blaze_jobs.task_events``).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -16,7 +17,7 @@ from typing import Any
 
 import redis
 
-from blaze_jobs import cache, events, faults, logs, metrics, progress
+from blaze_jobs import cache, events, faults, inboxes, logs, metrics, progress
 from blaze_jobs.artifacts import ArtifactStore, artifact_name, artifact_url
 from blaze_jobs.attempt import Attempt
 from blaze_jobs.broker import requeue_push
@@ -50,14 +51,15 @@ def run_job(
 def _run_job(context: WorkerContext, job_id: str, *, tenant: str | None, faulted_on: Sequence[str], passes: int) -> str:
     settings = context.settings
 
-    # 1. Take the job, unless the breaker says this worker must not, or the job faulted here
-    #    before and a live peer can try it: then its message goes back to the queue. Only a
+    # 1. Take the job, unless the breaker says this worker must not (its message goes back to
+    #    the queue), or the job faulted here before and a live peer can try it (the message
+    #    goes to that peer's inbox, to run there next: ``inboxes.py``). Only a
     #    queued job starts; a canceled one is dropped here, one running or ended was
     #    delivered twice, and a missing one has expired.
     if context.name in faulted_on and passes < settings.fault_handbacks:
-        if faults.live_peers(context.redis, settings, name=context.name, engine=context.engine_name):
-            time.sleep(settings.handback_pause_s * passes)
-            return hand_back(context, job_id, passes=passes + 1)
+        peers = faults.live_peers(context.redis, settings, name=context.name, engine=context.engine_name)
+        if peers:
+            return hand_back(context, job_id, passes=passes + 1, to=random.choice(peers))
     if not context.breaker.allow():
         return hand_back(context, job_id)
     try:
@@ -236,8 +238,9 @@ def _worker_fault(context: WorkerContext, attempt: Attempt, record: dict[str, st
     return attempt.failed("worker_fault", f"failed on {attempt.number} attempts on {context.name}; last: {reason}")
 
 
-def hand_back(context: WorkerContext, job_id: str, *, passes: int = 0) -> str:
-    """Put a job this worker will not run back on its queue, untouched, for a peer."""
+def hand_back(context: WorkerContext, job_id: str, *, passes: int = 0, to: str | None = None) -> str:
+    """Put a job this worker will not run back on its queue, untouched, for a peer: or, when
+    ``to`` names a live peer, in that peer's inbox, for it to run next (``inboxes.py``)."""
     try:
         record = context.store.get(job_id)
     except JobNotFound:
@@ -245,9 +248,12 @@ def hand_back(context: WorkerContext, job_id: str, *, passes: int = 0) -> str:
     if record["status"] != JobStatus.queued.value:
         return record["status"]
     push = requeue_push(context.settings, record, passes=passes)
+    if to is not None:
+        inboxes.hand_to(context.redis, context.settings, engine=context.engine_name, worker=to, message=push["message"])
+        log.info("job %s handed to %s (it faulted here)", job_id, to)
+        return "handed_back"
     (context.redis.lpush if push.get("back") else context.redis.rpush)(push["key"], push["message"])
-    why = "it faulted here" if passes else f"breaker {context.breaker.state.value}"
-    log.info("job %s handed back to the queue (%s)", job_id, why)
+    log.info("job %s handed back to the queue (breaker %s)", job_id, context.breaker.state.value)
     return "handed_back"
 
 

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 import blaze_jobs.worker_context as worker_context
+from blaze_jobs import inboxes
 from blaze_jobs.broker import queue_key, task_message
 from blaze_jobs.client import BlazeClient
 from blaze_jobs.engines.base import EngineRequest
@@ -168,9 +169,10 @@ def queued_job(context: WorkerContext, input: dict[str, Any], *, engine: str = "
     return job_id
 
 
-def message_of(context: WorkerContext, job_id: str, *, engine: str = "echo") -> dict[str, Any]:
-    """Where the job's message waits in its queue (0: taken last) and its keyword arguments."""
-    queue = queue_key(context.settings, engine)
+def message_of(context: WorkerContext, job_id: str, *, engine: str = "echo", queue: str | None = None) -> dict[str, Any]:
+    """Where the job's message waits in its queue (0: taken last; the engine's unless
+    ``queue`` names another) and its keyword arguments."""
+    queue = queue_key(context.settings, queue or engine)
     messages = [json.loads(m) for m in context.redis.lrange(queue, 0, -1)]
     for position, message in enumerate(messages):
         if message["headers"]["id"] == job_id:
@@ -199,10 +201,10 @@ def test_a_job_that_faults_on_a_second_worker_fails_as_its_own_fault_and_opens_n
         # When the first worker draws it again while a peer is live
         b.heartbeat.beat()
         assert run_job(poison, engine="echo", context=a, faulted_on=["worker-a"]) == "handed_back"
-        # Then it leaves it, untouched, to the back of the queue for the peer
+        # Then it leaves it, untouched, in the peer's inbox, for the peer to run next
         record = a.store.get(poison)
         assert (record["status"], record["attempts"]) == ("queued", "1")
-        assert message_of(a, poison)["kwargs"]["passes"] == 1
+        assert message_of(a, poison, queue=inboxes.inbox("echo", "worker-b"))["kwargs"]["passes"] == 1
 
         # When it faults on the peer too
         assert run_job(poison, engine="echo", context=b, faulted_on=["worker-a"], passes=1) == "failed"

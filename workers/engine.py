@@ -16,7 +16,7 @@ import socket
 
 from celery.signals import worker_shutdown
 
-from blaze_jobs import logs, redis_config
+from blaze_jobs import inboxes, logs, redis_config
 from blaze_jobs.celery_app import app
 from blaze_jobs.settings import ENGINES, get_settings
 from blaze_jobs.worker_context import WorkerContext, add_metrics_options, install_context, serve_metrics
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     app.worker_main(
         [
             "worker",
-            f"--queues={args.engine}",
+            # Its inbox too: a job a peer faulted on is handed there, to run here next.
+            f"--queues={args.engine},{inboxes.inbox(args.engine, name)}",
             "--pool=threads",
             # Twice the batch: while one batch runs, the next one gathers, so batches stay full.
             f"--concurrency={args.concurrency or 2 * args.max_batch}",
