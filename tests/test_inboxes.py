@@ -18,7 +18,7 @@ from blaze_jobs.jobs import new_record
 from blaze_jobs.keys import Keys
 from blaze_jobs.reaper import Reaper
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import JobStore
+from blaze_jobs.store import JobStore, text
 from tests.conftest import REDIS_URL, own_prefix
 
 pytestmark = pytest.mark.timeout(30)
@@ -77,7 +77,7 @@ def test_a_dead_workers_inbox_goes_back_to_the_queue_and_a_live_ones_stays(store
     assert ids_in(store.redis, queue_key(settings, "echo")) == [to_dead]
     assert ids_in(store.redis, queue_key(settings, inboxes.inbox("echo", live))) == [to_live]
     # and only the live worker's inbox is still listed
-    listed = {m.decode() for m in store.redis.smembers(Keys(settings.redis_prefix).inboxes)}
+    listed = {text(m) for m in store.redis.smembers(Keys(settings.redis_prefix).inboxes)}
     assert listed == {inboxes.inbox("echo", live)}
     assert inboxes.drain_dead(store.redis, settings) == 0
 
