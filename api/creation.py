@@ -24,7 +24,7 @@ from blaze_jobs.redis_config import refusal
 from blaze_jobs.settings import Settings
 from blaze_jobs.store import AsyncJobStore, queue_create, text
 
-from . import bounds, connections, idempotency, webhooks
+from . import bounds, connections, idempotency, input_images, webhooks
 from . import metrics as api_metrics
 from .problems import InputProblem
 from .request_context import settings_of
@@ -50,6 +50,8 @@ async def create(
     # 1. Bounds that belong to the deployment, not the schema.
     record, job_input = job_record(body, tenant=caller.tenant, settings=settings)
     record.update(await webhooks.webhook_fields(body, settings))
+    # Input images: their form and bounds, an artifact's owner, an https URL's host.
+    await input_images.check(request, body, tenant=caller.tenant, settings=settings)
     if extra:
         record.update(extra)
     store: AsyncJobStore = request.app.state.store

@@ -82,6 +82,13 @@ class Batcher:
             self.busy.begin()
             inner.add_done_callback(lambda _: self._continuous_ended(inner, future))
             return future
+        try:
+            # Fetched here, on the job's task thread: a slow download holds no device.
+            with request_territory("input"):
+                self.engine.fetch_inputs(request)
+        except BlazeError as error:  # a bad or unreachable input, or a store the worker cannot reach
+            future.set_exception(error)
+            return future
         if batching is Batching.none:
             self._run_alone(request, future)
             return future

@@ -104,6 +104,9 @@ class EngineRequest:
     on_progress: Callable[[int, int], None] | None = None  # called with (step, total)
     on_delta: Callable[[str], None] | None = None  # text engines: each new piece of output text, in order
     on_partial: Callable[[dict[str, Any]], None] | None = None  # text engines: before each piece, the output so far but its text
+    #: What was fetched for the request, by input field name (``"image"``, ``"mask"``: PIL
+    #: images), by ``Engine.fetch_inputs`` before the request reaches the device.
+    fetched: dict[str, Any] = field(default_factory=dict)
 
 
 class Engine:
@@ -116,6 +119,12 @@ class Engine:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def fetch_inputs(self, request: EngineRequest) -> None:
+        """Fetch what the request's input names from elsewhere (an image by URL) into
+        ``request.fetched``. The batcher calls it in the job's task thread and in request
+        territory, before ``batch_key``, so a slow fetch never holds the device and a bad
+        one fails only its job."""
 
     def batch_key(self, request: EngineRequest) -> tuple:
         """Requests whose keys are equal may run together in one ``run_batch`` call (the
