@@ -198,7 +198,7 @@ def test_refusals_name_their_field_and_another_tenants_artifact_does_not_exist(
         return client.post("/v1/jobs", json={"engine": "diffusion", "input": {"prompt": "a fox", **input}})
 
     tiny = data_uri(png(16, 16))
-    refusals = {
+    refusals: dict[str, dict[str, Any]] = {
         "input.mask": {"mask": tiny},
         "input.strength": {"strength": 0.5},
         "input.image": {"image": "ftp://images.example/cat.png"},
