@@ -29,6 +29,7 @@ from blaze_jobs.errors import RequestError, WorkerFault
 
 if TYPE_CHECKING:
     import httpx
+    import redis
     from PIL import Image
 
     from blaze_jobs.artifacts import ArtifactStore
@@ -158,6 +159,7 @@ class InputImages:
         self.settings = settings
         self._artifacts = artifacts
         self._client: httpx.Client | None = None
+        self._client_redis: redis.Redis | None = None
         self._lock = threading.Lock()
 
     def fetch(self, request: EngineRequest) -> None:
@@ -169,30 +171,36 @@ class InputImages:
             value = data.get(name)
             if value is None or name in request.fetched:
                 continue
-            image = self.read(f"input.{name}", value, mode)
+            image = self.read(f"input.{name}", value, mode, tenant=request.tenant)
             if name == "image":
                 settings = self.settings
                 image = fit(image, max_width=settings.max_width, max_height=settings.max_height, max_pixels=settings.max_pixels)
             request.fetched[name] = image
 
-    def read(self, field: str, value: Any, mode: str) -> Image.Image:
-        """The image ``value`` names, decoded in ``mode``; ``RequestError`` naming ``field``."""
+    def read(self, field: str, value: Any, mode: str, *, tenant: str | None = None) -> Image.Image:
+        """The image ``value`` names, decoded in ``mode``; ``RequestError`` naming ``field``.
+        With ``tenant``, an artifact must be one of its jobs' (the API checked it at create;
+        a path that made the job without the API's check meets it here)."""
         source = parse_source(field, value)
         max_bytes = self.settings.max_input_image_bytes
         if source.kind == "data":
             data = decode_data_uri(field, source.value, max_bytes=max_bytes)
         elif source.kind == "artifact":
-            data = self._artifact(field, source.value)
+            data = self._artifact(field, source.value, tenant)
         else:
             data = self._download(field, source.value)
         if len(data) > max_bytes:
             raise RequestError(f"{field}: {len(data)} bytes exceeds the limit of {max_bytes} bytes")
         return decoded(field, open_image(field, data, max_pixels=self.settings.max_input_image_pixels), mode)
 
-    def _artifact(self, field: str, key: str) -> bytes:
+    def _artifact(self, field: str, key: str, tenant: str | None) -> bytes:
         import redis
 
+        from blaze_jobs.keys import Keys
+
         try:
+            if tenant is not None and not self._redis().sismember(Keys(self.settings.redis_prefix).artifact_owners(key), tenant):
+                raise RequestError(f"{field}: no such artifact")  # another tenant's reads as none at all
             data = self._store().get(key)
         except redis.RedisError as error:  # the worker cannot reach its store: not the request's fault
             raise WorkerFault(f"could not read {field}'s artifact: {error}") from error
@@ -200,16 +208,23 @@ class InputImages:
             raise RequestError(f"{field}: no such artifact (or its retention ran out)")
         return data
 
-    def _store(self) -> ArtifactStore:
+    def _redis(self) -> redis.Redis:
         with self._lock:
-            if self._artifacts is None:
+            if self._client_redis is None:
                 import redis
 
-                from blaze_jobs.artifacts import artifact_store
+                self._client_redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+            return self._client_redis
 
-                client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-                self._artifacts = artifact_store(self.settings, client)
-            return self._artifacts
+    def _store(self) -> ArtifactStore:
+        if self._artifacts is None:
+            from blaze_jobs.artifacts import artifact_store
+
+            client = self._redis()
+            with self._lock:
+                if self._artifacts is None:
+                    self._artifacts = artifact_store(self.settings, client)
+        return self._artifacts
 
     def _http(self) -> httpx.Client:
         with self._lock:

@@ -22,6 +22,7 @@ from blaze_jobs.engines.base import EngineRequest
 from blaze_jobs.engines.diffusion_input import _resolve, cacheable, request_key
 from blaze_jobs.errors import RequestError
 from blaze_jobs.input_images import InputImages, decode_data_uri, open_image, parse_source
+from blaze_jobs.keys import Keys
 from blaze_jobs.settings import Settings
 from tests.conftest import wait_until
 
@@ -124,6 +125,28 @@ def test_an_artifact_and_a_mask_read_into_the_job_and_its_key() -> None:
         images.fetch(request(image="/v1/artifacts/" + "b" * 64 + ".png"))
     with pytest.raises(RequestError, match="input.strength: needs input.image"):
         _resolve(request(strength=0.5), default_size=(64, 64))
+
+
+def test_the_worker_reads_an_artifact_only_for_a_tenant_that_owns_it() -> None:
+    # A job made past the API's check (a batch file's line, a hand-queued message) meets it here.
+    store = MemoryStore()
+    key = store.put(png(16, 16), "png")
+    settings = Settings(redis_prefix=f"test-input-images-{uuid.uuid4().hex[:8]}")
+    owners = Keys(settings.redis_prefix).artifact_owners(key)
+    with redis.Redis.from_url(settings.redis_url) as client:
+        client.sadd(owners, "acme")
+        try:
+            images = InputImages(settings, artifacts=store)
+            theirs = request(image=f"/v1/artifacts/{key}")
+            theirs.tenant = "globex"
+            with pytest.raises(RequestError, match="input.image: no such artifact"):
+                images.fetch(theirs)
+            mine = request(image=f"/v1/artifacts/{key}")
+            mine.tenant = "acme"
+            images.fetch(mine)
+            assert mine.fetched["image"].size == (16, 16)
+        finally:
+            client.delete(owners)
 
 
 # --- https -------------------------------------------------------------------------------

@@ -104,6 +104,8 @@ class EngineRequest:
     on_progress: Callable[[int, int], None] | None = None  # called with (step, total)
     on_delta: Callable[[str], None] | None = None  # text engines: each new piece of output text, in order
     on_partial: Callable[[dict[str, Any]], None] | None = None  # text engines: before each piece, the output so far but its text
+    #: The job's tenant, where the worker knows it: an input artifact must be one of its own.
+    tenant: str | None = None
     #: What was fetched for the request, by input field name (``"image"``, ``"mask"``: PIL
     #: images), by ``Engine.fetch_inputs`` before the request reaches the device.
     fetched: dict[str, Any] = field(default_factory=dict)
