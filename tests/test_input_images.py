@@ -80,6 +80,15 @@ def test_a_data_uri_decodes_within_its_bounds_and_pixels_are_bounded_from_the_he
         open_image("input.image", b"GIF89a but not really", max_pixels=4096 * 4096)
 
 
+def test_a_photo_is_read_upright_as_its_exif_orientation_says() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned a quarter: the stored 32x16 shows as 16x32
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 16), (10, 200, 10)).save(buffer, format="JPEG", exif=exif)
+    image = InputImages(Settings()).read("input.image", data_uri(buffer.getvalue(), "image/jpeg"), "RGB")
+    assert (image.size, image.mode) == ((16, 32), "RGB")
+
+
 def test_the_forms_an_image_may_take() -> None:
     key = "a" * 64 + ".png"
     assert parse_source("input.image", f"/v1/artifacts/{key}").kind == "artifact"
