@@ -3,7 +3,9 @@ device thread groups compatible jobs (equal batch keys) and runs each group as o
 call, as soon as the group is full or its oldest job has waited ``max_wait_ms``.
 
 Each job stays its own Celery task (own ack, retry, cancel, Flower row); only the device
-work is shared. Batches never mix batch keys, so never models.
+work is shared. Batches never mix batch keys, so never models. What a job's input names
+from elsewhere (an input image by URL or artifact) is fetched on its task thread before it
+joins a group (``Engine.fetch_inputs``): a slow fetch holds no device, a bad one fails only its job.
 
 The batcher keeps the device's busy time (``busy``: in all, and its share of the last minute,
 shown by ``GET /v1/workers``) and, with metrics on, records each batch: its size, its fill
