@@ -227,11 +227,12 @@ class DiffusionEngine(Engine):
         self._load(model)
 
     def close(self) -> None:
-        """Drop every loaded pipeline and release cached device memory."""
+        """Drop every loaded pipeline, release cached device memory and the image fetcher's connections."""
         with self._load_lock:
             self._models.clear()
             self._loaded = ()
         self._empty_cache()
+        self.input_images.close()
 
     # --- loading ------------------------------------------------------------------------
 
