@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from blaze_jobs.engines import SPECS, spec_of
 from blaze_jobs.engines.diffusion import DiffusionSettings
+from blaze_jobs.engines.diffusion_pipelines import DiffusionMemorySettings
 from blaze_jobs.engines.echo import EchoSettings
 from blaze_jobs.engines.llm import LLMSettings
 
@@ -23,7 +24,7 @@ ENGINES = tuple(spec.name for spec in SPECS)
 # one settings object as a base class. The bases are written out rather than computed from
 # SPECS so that a type checker sees every field; tests/test_engine_specs.py fails when an
 # engine's settings are missing here.
-class Settings(DiffusionSettings, EchoSettings, LLMSettings, BaseSettings):
+class Settings(DiffusionSettings, DiffusionMemorySettings, EchoSettings, LLMSettings, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BLAZE_", extra="ignore")
 
     # --- where things are -------------------------------------------------------------

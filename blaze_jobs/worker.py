@@ -152,6 +152,8 @@ def _compute(
         job_id=job_id,
         model=record["model"],
         input=job_input,
+        # An input artifact must be one of this tenant's (the API checked it at create too).
+        tenant=tenant,
         should_stop=lambda: context.heartbeat.is_canceled(job_id),
         # Progress leaves from a thread of its own, throttled: a step pays a dict assignment.
         on_progress=progress.progress_callback(context.redis, settings, job_id),

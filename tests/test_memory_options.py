@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from blaze_jobs.engines.base import EngineRequest
 from blaze_jobs.engines.diffusion import DiffusionEngine
-from blaze_jobs.engines.diffusion_pipelines import DiffusionMemorySettings, DiffusionModelOptions
+from blaze_jobs.engines.diffusion_pipelines import DiffusionModelOptions
+from blaze_jobs.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,15 +24,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
-class MemorySettings(DiffusionMemorySettings, BaseSettings):
-    # Read from the environment as Settings reads it, once it inherits DiffusionMemorySettings.
-    model_config = SettingsConfigDict(env_prefix="BLAZE_", extra="ignore")
-
-
 def test_options_are_read_from_the_environment_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BLAZE_DIFFUSION_MODEL_OPTIONS", '{"builtin:tiny-sd": {"dtype": "bf16", "vae_tiling": true}}')
 
-    options = MemorySettings().diffusion_model_options
+    options = Settings().diffusion_model_options
 
     assert options == {MODEL: DiffusionModelOptions(dtype="bf16", vae_tiling=True)}
 
@@ -50,7 +45,7 @@ def test_a_bad_option_is_refused_naming_the_model_and_key(monkeypatch: pytest.Mo
     monkeypatch.setenv("BLAZE_DIFFUSION_MODEL_OPTIONS", options)
 
     with pytest.raises(ValidationError) as refused:
-        MemorySettings()
+        Settings()
 
     assert where in str(refused.value)
 

@@ -55,15 +55,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _options_of(settings: Settings) -> Mapping[str, DiffusionModelOptions]:
-    # Until Settings inherits DiffusionMemorySettings, a deployment without the field has none.
-    return getattr(settings, "diffusion_model_options", {})
-
-
 def _check(image: DiffusionInput, settings: Settings, model: str) -> None:
     if image.width and image.height and image.width * image.height > settings.max_pixels:
         raise OutOfBounds("input.width", f"{image.width}x{image.height} exceeds the limit of {settings.max_pixels} pixels")
-    options = _options_of(settings).get(model)
+    options = settings.diffusion_model_options.get(model)
     family = family_of(model, declared=options.family if options else None)
     if family is not None:
         name = refused_field(family, {name: getattr(image, name, None) for name in family.refuses})
@@ -77,7 +72,7 @@ def _create(settings: Settings, *, device: str | None = None, max_batch: int | N
         model_dir=settings.model_dir,
         device=device or settings.device,
         max_loaded_models=settings.max_loaded_models,
-        model_options=_options_of(settings),
+        model_options=settings.diffusion_model_options,
         settings=settings,
     )
 
