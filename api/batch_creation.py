@@ -23,7 +23,7 @@ from blaze_jobs.jobs import JobCreate
 from blaze_jobs.settings import ENGINES, Settings
 from blaze_jobs.store import AsyncJobStore
 
-from . import creation, webhooks
+from . import creation, input_images, webhooks
 from . import metrics as api_metrics
 from .openai_bodies import ENGINE_OF, job_for
 from .openai_errors import OpenAIError
@@ -194,6 +194,9 @@ async def _create_parts(
                     await asyncio.sleep(0)
                 try:
                     job = line_job(endpoint, body, settings)
+                    # A line's input images are checked as a create checks them: one that no
+                    # job could read (bad form, another tenant's artifact) fails that line only.
+                    await input_images.check(request, job, tenant=tenant, settings=settings)
                     job_record, job_input = creation.job_record(job, tenant=tenant, settings=settings, job_id=job_id)
                     if job.webhook is not None:
                         job_record.update(await hosts.fields(job))

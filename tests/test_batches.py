@@ -313,6 +313,31 @@ def test_a_batch_nobody_reads_completes_and_a_jobs_line_answers_the_job_view(
     assert output["one"]["engine"] == "echo" and output["one"]["urls"]["get"].endswith(output["one"]["id"])
 
 
+def test_a_jobs_line_whose_input_image_no_job_could_read_fails_that_line_only(openai_api: openai.OpenAI) -> None:
+    # Given a batch of an echo job and two image jobs whose input images cannot be read
+    not_an_image = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
+
+    def image_line(custom_id: str, **input: Any) -> dict[str, Any]:
+        return line(custom_id, JOBS, {"engine": "diffusion", "input": {"prompt": unique("a fox"), **input}})
+
+    lines = [
+        echo_line("echo", text="hello"),
+        image_line("not-an-image", image=not_an_image),
+        image_line("mask-alone", mask=not_an_image),
+    ]
+
+    # When it runs
+    done = ended(openai_api, submit(openai_api, lines, JOBS).id)
+
+    # Then the echo job completes and each image line is an error naming its field, as a create answers it
+    assert done.status == "completed" and done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (1, 2)
+    assert [entry["custom_id"] for entry in lines_of(openai_api, done.output_file_id)] == ["echo"]
+    errors = {entry["custom_id"]: entry["error"]["message"] for entry in lines_of(openai_api, done.error_file_id)}
+    assert "input.image" in errors["not-an-image"] and "line 2" in errors["not-an-image"], errors
+    assert "input.mask" in errors["mask-alone"], errors
+
+
 def test_a_retried_create_answers_the_batch_the_first_attempt_made(openai_api: openai.OpenAI, stack: dict[str, Any]) -> None:
     # Given an uploaded file
     uploaded = openai_api.files.create(file=("batch.jsonl", jsonl([echo_line("once")])), purpose="batch")
