@@ -1,5 +1,5 @@
-"""Built-in tiny models: a real diffusers pipeline and a real transformers causal language
-model, each with small seeded random weights.
+"""Built-in tiny models: real diffusers pipelines (Stable Diffusion, SDXL, SD 3) and a real
+transformers causal language model, each with small seeded random weights.
 
 They exist so that workers, tests and demos run end to end with no network and no
 downloaded weights. Their images look like noise and their text is gibberish, but every code
@@ -83,6 +83,18 @@ def tiny_sd() -> tuple[Any, ...]:
     return (_build_tiny_sd(),)
 
 
+def tiny_sdxl() -> tuple[Any, ...]:
+    """``builtin:tiny-sdxl``: a Stable Diffusion XL pipeline (two text encoders, the second's
+    pooled output and the size conditioning in the UNet) that makes 64x64 images."""
+    return (_build_tiny_sdxl(),)
+
+
+def tiny_sd3() -> tuple[Any, ...]:
+    """``builtin:tiny-sd3``: a Stable Diffusion 3 pipeline (a joint-attention transformer,
+    flow matching, two CLIP encoders; no T5, as SD 3 runs without it) making 64x64 images."""
+    return (_build_tiny_sd3(),)
+
+
 def tiny_lm() -> tuple[Any, ...]:
     """``builtin:tiny-lm``: a Llama causal LM and its chat tokenizer."""
     return _build_tiny_lm()
@@ -91,8 +103,8 @@ def tiny_lm() -> tuple[Any, ...]:
 def _build_tiny_sd() -> StableDiffusionPipeline:
     # Imported here: importing diffusers takes seconds, which a text worker need not wait.
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     # Each component is seeded on its own, so the weights do not depend on build order.
     torch.manual_seed(0)
@@ -111,33 +123,9 @@ def _build_tiny_sd() -> StableDiffusionPipeline:
         norm_num_groups=8,
     )
     torch.manual_seed(0)
-    # Four blocks give the SD scale factor 2**(4-1) = 8.
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    vae = _tiny_vae()
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=_VOCAB_SIZE,
-            max_position_embeddings=_CONTEXT_LENGTH,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            projection_dim=32,
-        )
-    )
+    text_encoder = CLIPTextModel(_clip_config())
     # The scheduler Stable Diffusion 1.5 ships with.
     scheduler = PNDMScheduler(
         beta_start=0.00085,
@@ -157,6 +145,131 @@ def _build_tiny_sd() -> StableDiffusionPipeline:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def _clip_config(**extra: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=_VOCAB_SIZE,
+        max_position_embeddings=_CONTEXT_LENGTH,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=32,
+        **extra,
+    )
+
+
+def _tiny_vae(**extra: Any) -> Any:
+    from diffusers import AutoencoderKL
+
+    # Four blocks give the SD scale factor 2**(4-1) = 8: 8x8 latents are 64x64 pixels.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        **extra,
+    )
+
+
+def _build_tiny_sdxl() -> Any:
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    # The UNet of diffusers' own SDXL tests: its added embedding reads the second encoder's
+    # pooled 32 values and six size ids of 8 each (32 + 48 = 80); it attends to both
+    # encoders' hidden states side by side (32 + 32 = 64).
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(0)
+    vae = _tiny_vae()
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(_clip_config())
+    torch.manual_seed(1)
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config())
+    # The scheduler SDXL 1.0 ships with.
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=_build_tokenizer(),
+        tokenizer_2=_build_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+def _build_tiny_sd3() -> Any:
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    # Joint attention over the image's 64 patches and the prompt's tokens: the two CLIP
+    # encoders' hidden states side by side (32 + 32 = 64 wide), their pooled outputs joined
+    # (32 + 32 = 64); 4 heads of 8 make the transformer 32 wide.
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+        out_channels=4,
+    )
+    torch.manual_seed(0)
+    vae = _tiny_vae(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModelWithProjection(_clip_config())
+    torch.manual_seed(1)
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config())
+    # SD 3's own scheduler (its shift of 3.0 among them).
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_build_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=_build_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
 
 

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
+from blaze_jobs.builtin_models import builtin_path
 from blaze_jobs.engines.base import EngineRequest
 from blaze_jobs.engines.diffusion import SPEC, DiffusionEngine, DiffusionInput
 from blaze_jobs.engines.diffusion_families import FAMILIES, family_of
-from blaze_jobs.engines.diffusion_pipelines import DiffusionMemorySettings, DiffusionModelOptions
+from blaze_jobs.engines.diffusion_pipelines import DiffusionModelOptions
 from blaze_jobs.engines.spec import OutOfBounds
 from blaze_jobs.errors import RequestError
 from blaze_jobs.settings import Settings
@@ -20,12 +21,8 @@ from blaze_jobs.settings import Settings
 pytestmark = pytest.mark.timeout(120)
 
 
-class FamilySettings(Settings, DiffusionMemorySettings):
-    pass
-
-
 def settings(**options: DiffusionModelOptions) -> Settings:
-    return FamilySettings(diffusion_model_options=options)
+    return Settings(diffusion_model_options=options)
 
 
 def check(model: str, settings: Settings, **input: Any) -> None:
@@ -100,77 +97,14 @@ def test_the_engine_refuses_after_loading_what_the_api_could_not_know(tmp_path: 
     engine.close()
 
 
-def tiny_sdxl(folder: Path) -> Path:
-    """A Stable Diffusion XL pipeline of two seeded random text encoders, saved to ``folder``
-    (until blaze_jobs/builtin_image_models.py builds builtin:tiny-sdxl)."""
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from blaze_jobs.builtin_models import _build_tokenizer
-
-    torch.manual_seed(0)
-    # The UNet of diffusers' own SDXL tests: its added embedding reads the second encoder's
-    # pooled 32 values and six time ids of 8 (32 + 48 = 80).
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-    config = CLIPTextConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=1000,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        projection_dim=32,
-    )
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=CLIPTextModel(config),
-        text_encoder_2=CLIPTextModelWithProjection(config),
-        tokenizer=_build_tokenizer(),
-        tokenizer_2=_build_tokenizer(),
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
-    )
-    pipe.save_pretrained(folder)
-    return folder
-
-
 def test_an_sdxl_model_makes_images_of_its_own_size_by_text_and_from_an_image(tmp_path: Path) -> None:
     import numpy as np
 
     from tests.test_diffusion_engine import output, pixels
     from tests.test_image_to_image import data_uri, picture
 
-    # Given an SDXL model folder, named by its path
-    model = str(tiny_sdxl(tmp_path / "tiny-sdxl"))
+    # Given an SDXL model folder (the built-in one's), named by its path
+    model = str(builtin_path("builtin:tiny-sdxl", tmp_path))
     engine = DiffusionEngine(model_dir=tmp_path)
     assert family_of(model) is FAMILIES["sdxl"]
 

@@ -101,6 +101,12 @@ SPEC = EngineSpec(
         BuiltinModel(
             id="builtin:tiny-sd", revision="1", folder="tiny-sd", marker="model_index.json", build=builtin_models.tiny_sd
         ),
+        BuiltinModel(
+            id="builtin:tiny-sdxl", revision="1", folder="tiny-sdxl", marker="model_index.json", build=builtin_models.tiny_sdxl
+        ),
+        BuiltinModel(
+            id="builtin:tiny-sd3", revision="1", folder="tiny-sd3", marker="model_index.json", build=builtin_models.tiny_sd3
+        ),
     ),
 )
 

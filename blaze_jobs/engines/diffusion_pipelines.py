@@ -88,6 +88,9 @@ def _from_pretrained(path: str | Path) -> DiffusionPipeline:
     # Only a pipeline with a safety checker is told to go without one: any other would warn
     # about an argument it ignores.
     extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+    # A component the folder records as absent ([null, null]) loads as absent: an SD 3 saved
+    # without its T5 encoder, as people run it, is refused otherwise (T5 is not optional).
+    extra.update({name: None for name, entry in index.items() if entry == [None, None]})
     try:
         return AutoPipelineForText2Image.from_pretrained(path, **extra)
     except ValueError as exc:
