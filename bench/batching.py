@@ -16,7 +16,11 @@ the next batch can form while one runs; ``--concurrency-factor 1 2`` also runs i
 
 ``--sd15`` builds (once, into the model dir, with no download) a pipeline of the Stable
 Diffusion 1.5 architecture with random weights, and the worker loads it by path
-(``BLAZE_DIFFUSION_MODEL``): use it on a GPU at 512×512 (fp16). On a CPU the API, Redis,
+(``BLAZE_DIFFUSION_MODEL``): use it on a GPU at 512×512 (fp16). ``--sdxl`` does the same with
+SDXL base 1.0's architecture (2.6 B UNet parameters, two text encoders): use it at 1024×1024.
+Both sides run guidance 7.5 (the jobs name it: SDXL's own default is 5.0). Each row also
+gives the worker's device busy fraction under the load, its batches' device time over the
+span they ran in (goal on a GPU: at least 0.95). On a CPU the API, Redis,
 Celery and the worker's task threads share the cores with the device work, and torch's
 default of one thread per core degrades badly when something else wants a core: ``--threads
 0 1`` repeats the run with the default and with one torch thread in both the baseline and
@@ -46,7 +50,7 @@ from blaze_jobs.settings import get_settings
 from blaze_jobs.stack import Child, Stack, StackError, free_port
 from blaze_jobs.store import Keys
 from common import broke_off, forget_all, machine, start_api, unique_prefix, write_json
-from pipelines import build_sd15, engine_calls, load_pipeline, raw_calls  # keeps the Hugging Face hub offline
+from pipelines import build_sd15, build_sdxl, engine_calls, load_pipeline, raw_calls  # keeps the Hugging Face hub offline
 from system_run import run_system
 
 #: The issue's goals: the system keeps this share of the raw pipeline's images/s …
@@ -55,6 +59,10 @@ GOAL_RATIO = 0.9
 GOAL_BATCH = 0.9
 #: The system with the worker's metrics on keeps this share of its images/s with them off.
 GOAL_METRICS = 0.95
+#: On a GPU, the worker keeps its device busy this share of the time under saturating load
+#: (its batches' device time over the span they ran in). On a CPU the "device" is the cores
+#: the API, Redis and the worker's own threads share, so the figure is printed, not judged.
+GOAL_BUSY = 0.95
 
 
 class BenchStack(Stack):
@@ -187,7 +195,8 @@ def measure(
             f"  {factor}×B: ratio {row['ratio']:.3f}   mean batch / B {row['batch_fill']:.3f}   "
             f"≈ {row['ms_lost_per_batch']:.1f} ms per batch beyond the raw call of {raw_batch_s * 1000:.0f} ms, "
             f"of which {(device_s - raw_batch_s) * 1000:.1f} ms in the worker's device call ({device_s * 1000:.0f} ms); "
-            f"CPU s/image raw {raw['cpu_s_per_image']:.3f}, worker {worker_cpu or math.nan:.3f}",
+            f"CPU s/image raw {raw['cpu_s_per_image']:.3f}, worker {worker_cpu or math.nan:.3f}; "
+            f"device busy {system.get('device_busy') or math.nan:.3f}",
             flush=True,
         )
         rows.append(row)
@@ -209,7 +218,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print(
         f"\n{'threads':>7} {'B':>3} {'tasks':>5} {'raw img/s':>10} {'system img/s':>13} {'ratio':>6} {'mean batch':>11} {'/B':>5}"
         f" {'ms lost/batch':>14} {'CPU s/img raw':>14} {'worker':>7} {'CPU ratio':>10} {'engine img/s':>13}"
-        f" {'jobs':>5} {'failed':>6}"
+        f" {'busy':>5} {'jobs':>5} {'failed':>6}"
     )
     for r in rows:
         s = r["system"]
@@ -219,7 +228,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f" {s.get('images_per_s', math.nan):>13.3f} {r['ratio']:>6.3f} {s.get('mean_batch', math.nan):>11.2f}"
             f" {r['batch_fill']:>5.2f} {r['ms_lost_per_batch']:>14.1f} {r['raw']['cpu_s_per_image']:>14.3f}"
             f" {s.get('worker_cpu_s_per_image') or math.nan:>7.3f}"
-            f" {r['cpu_ratio'] or math.nan:>10.3f} {engine} {s['jobs']:>5} {s['failed']:>6}"
+            f" {r['cpu_ratio'] or math.nan:>10.3f} {engine} {s.get('device_busy') or math.nan:>5.3f}"
+            f" {s['jobs']:>5} {s['failed']:>6}"
         )
 
 
@@ -249,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--metrics-cost", action="store_true", help="also run each system row with the worker's --metrics-port (metrics on)"
     )
-    parser.add_argument(
-        "--sd15", action="store_true", help="a random-weight pipeline of the SD 1.5 architecture (for a GPU at 512)"
-    )
+    shapes = parser.add_mutually_exclusive_group()
+    shapes.add_argument("--sd15", action="store_true", help="a random-weight SD 1.5-shaped pipeline (for a GPU at 512)")
+    shapes.add_argument("--sdxl", action="store_true", help="a random-weight SDXL-shaped pipeline (for a GPU at 1024)")
     parser.add_argument("--model-dir", type=Path, default=None, help="where models are built (default BLAZE_MODEL_DIR)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one run's jobs (model load included)")
     parser.add_argument("--json", help="also write a JSON summary here")
@@ -267,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("bench/batching.py: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 1
-    if args.sd15:
-        path = build_sd15(model_dir, device=device)
+    if args.sd15 or args.sdxl:
+        path = (build_sd15 if args.sd15 else build_sdxl)(model_dir, device=device)
         model = str(path)
     else:
         from blaze_jobs.builtin_models import builtin_path
@@ -289,7 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency_factors": args.concurrency_factor,
         "default_torch_threads": default_threads,
         "machine_before": machine(),
-        "goals": {"ratio": GOAL_RATIO, "batch_fill": GOAL_BATCH, "metrics_ratio": GOAL_METRICS if args.metrics_cost else None},
+        "goals": {
+            "ratio": GOAL_RATIO,
+            "batch_fill": GOAL_BATCH,
+            "metrics_ratio": GOAL_METRICS if args.metrics_cost else None,
+            "device_busy": GOAL_BUSY if device.startswith("cuda") else None,
+        },
         "rows": [],
     }
     print(header(args, model), flush=True)
@@ -364,15 +379,22 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "(threads: torch intra-op threads in the baseline and the worker, * the default here; tasks: the worker's task threads;"
         " mean batch: jobs / batches; ms lost/batch: span minus batches × the raw call, per batch;"
-        " CPU s/img: the baseline's process, the worker's; CPU ratio: raw CPU s/img over the worker's)"
+        " CPU s/img: the baseline's process, the worker's; CPU ratio: raw CPU s/img over the worker's;"
+        " busy: the worker's device time over the span)"
     )
-    print(f"goals: ratio >= {GOAL_RATIO}, mean batch / B >= {GOAL_BATCH}; load average now {summary['machine_after']['loadavg']}")
+    busy = f", device busy >= {GOAL_BUSY}" if device.startswith("cuda") else ""
+    loadavg = summary["machine_after"]["loadavg"]
+    print(f"goals: ratio >= {GOAL_RATIO}, mean batch / B >= {GOAL_BATCH}{busy}; load average now {loadavg}")
     if args.metrics_cost:
         ratios = ", ".join(f"B={r['batch']} {r['factor']}×B {r['metrics_ratio']:.3f}" for r in rows)
         print(f"metrics on / off (images/s with the worker's --metrics-port over without): {ratios}; goal >= {GOAL_METRICS}")
     failed = sum(r["system"]["failed"] + r.get("system_metrics_on", {}).get("failed", 0) for r in rows)
+    busy_goal = GOAL_BUSY if device.startswith("cuda") else 0.0
     met = all(
-        r["ratio"] >= GOAL_RATIO and r["batch_fill"] >= GOAL_BATCH and r.get("metrics_ratio", GOAL_METRICS) >= GOAL_METRICS
+        r["ratio"] >= GOAL_RATIO
+        and r["batch_fill"] >= GOAL_BATCH
+        and r.get("metrics_ratio", GOAL_METRICS) >= GOAL_METRICS
+        and (r["system"].get("device_busy") or 0.0) >= busy_goal
         for r in rows
     )
     summary["all_goals_met"] = met

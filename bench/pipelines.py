@@ -1,6 +1,6 @@
-"""The diffusion pipeline ``bench/batching.py`` measures the system against: one of the
-Stable Diffusion 1.5 architecture with random weights (built with no download: the GPU
-machine has no network), loaded as the diffusion engine loads it, and the raw baselines
+"""The diffusion pipelines ``bench/batching.py`` measures the system against: ones of the
+Stable Diffusion 1.5 and SDXL architectures with random weights (built with no download: the
+GPU machine has no network), loaded as the diffusion engine loads them, and the raw baselines
 timed in this process, the bare pipeline call and ``DiffusionEngine.run_batch``.
 """
 
@@ -22,6 +22,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 PROMPT = "a lighthouse at dusk, oil on canvas"
 #: Folder (under the model dir) of the random-weight SD 1.5 pipeline; bump when the builder changes.
 SD15_FOLDER = "sd15-random-v1"
+#: Folder of the random-weight SDXL pipeline; bump when the builder changes.
+SDXL_FOLDER = "sdxl-random-v1"
 
 
 def build_sd15(model_dir: Path, *, device: str) -> Path:
@@ -97,26 +99,133 @@ def build_sd15(model_dir: Path, *, device: str) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     ).to(dtype=torch.float16)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{SD15_FOLDER}-", dir=model_dir))
+    del unet, vae, text_encoder
+    return _save(pipe, target, device=device, started=started)
+
+
+def _save(pipe: Any, target: Path, *, device: str, started: float) -> Path:
+    # Beside the target, then renamed into place: a run cut short leaves no half model.
+    import torch
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     pipe.save_pretrained(staging)
     staging.chmod(0o755)
     os.rename(staging, target)
-    del pipe, unet, vae, text_encoder
+    name = type(pipe).__name__
+    del pipe
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    print(f"built the random-weight SD 1.5 pipeline into {target} in {time.perf_counter() - started:.1f} s", flush=True)
+    print(f"built a random-weight {name} into {target} in {time.perf_counter() - started:.1f} s", flush=True)
     return target
+
+
+def build_sdxl(model_dir: Path, *, device: str) -> Path:
+    """An SDXL 1.0-shaped pipeline (base UNet, CLIP ViT-L and OpenCLIP ViT-bigG encoders, its
+    VAE) with random weights, saved under ``model_dir`` in fp16 (about 7 GB).
+
+    The configs are SDXL base 1.0's published values; tokenizers and scheduler settings are
+    the built-in tiny-sdxl's (CLIP-style BPE, SDXL's Euler settings), so nothing is downloaded.
+    Random weights cost what trained ones do: the same shapes, the same kernels.
+    """
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from blaze_jobs.builtin_models import builtin_path
+
+    target = model_dir / SDXL_FOLDER
+    if (target / "model_index.json").exists():
+        return target
+    started = time.perf_counter()
+    tiny = builtin_path("builtin:tiny-sdxl", model_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny, subfolder="tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tiny, subfolder="tokenizer_2")
+    scheduler = EulerDiscreteScheduler.from_pretrained(tiny, subfolder="scheduler")
+    where = torch.device(device if device.startswith("cuda") else "cpu")
+    # The tiny tokenizers' ids for <|startoftext|> and <|endoftext|>.
+    ids: dict[str, Any] = {
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+        "max_position_embeddings": 77,
+        "vocab_size": 49408,
+    }
+    with torch.random.fork_rng(devices=[]), where:
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            # The second encoder's pooled 1280 values and six size ids of 256 each.
+            projection_class_embeddings_input_dim=2816,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=1024,
+            scaling_factor=0.13025,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                hidden_act="quick_gelu",
+                projection_dim=768,
+                **ids,
+            )
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_hidden_layers=32,
+                num_attention_heads=20,
+                hidden_act="gelu",
+                projection_dim=1280,
+                **ids,
+            )
+        )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    ).to(dtype=torch.float16)
+    del unet, vae, text_encoder, text_encoder_2
+    return _save(pipe, target, device=device, started=started)
 
 
 def load_pipeline(path: Path, *, device: str) -> Any:
     """The pipeline as the diffusion engine loads it: from disk, then cast and moved."""
-    import torch
-    from diffusers import StableDiffusionPipeline
+    from blaze_jobs.engines.diffusion_pipelines import DiffusionModelOptions
+    from blaze_jobs.engines.diffusion_pipelines import load_pipeline as engine_load
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, torch.float16 if device.startswith("cuda") else torch.float32)
+    # The engine's own loader, with every memory option off, as the worker loads the model:
+    # fp16 on CUDA, fp32 on a CPU.
+    return engine_load(str(path), path, device=device, options=DiffusionModelOptions())
 
 
 def raw_calls(pipe: Any, *, batch: int, calls: int, size: int, steps: int, device: str, seed: int) -> tuple[list[float], float]:
