@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from common import machine, write_json
-from pipelines import PROMPT, build_sd15, build_sdxl  # keeps the Hugging Face hub offline
+from pipelines import build_sd15, build_sdxl, raw_calls  # keeps the Hugging Face hub offline
 
 #: The configurations measured, by name: the options each sets. "none" is the baseline.
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -61,26 +61,9 @@ def one(path: str, options: dict[str, Any], *, device: str, batch: int, size: in
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         weights = torch.cuda.memory_allocated(device)
-    times = []
-    for call in range(calls + 1):  # the first warms up
-        generators = [torch.Generator("cpu").manual_seed(call * batch + i) for i in range(batch)]
-        if cuda:
-            torch.cuda.synchronize()
-        begun = time.perf_counter()
-        with torch.inference_mode():
-            pipe(
-                prompt=[f"{PROMPT}, study {i}" for i in range(batch)],
-                width=size,
-                height=size,
-                num_inference_steps=steps,
-                guidance_scale=7.5,
-                generator=generators,
-                output_type="pil",
-            )
-        if cuda:
-            torch.cuda.synchronize()
-        if call:
-            times.append(time.perf_counter() - begun)
+    # The first call warms up; the peak counts it too (the same shapes as the others).
+    times, _ = raw_calls(pipe, batch=batch, calls=calls + 1, size=size, steps=steps, device=device, seed=0)
+    times = times[1:]
     result: dict[str, Any] = {"load_s": round(load_s, 2), "median_call_s": statistics.median(times), "calls": times}
     if cuda:
         result.update(peak_mib=torch.cuda.max_memory_allocated(device) / 2**20, weights_mib=weights / 2**20)

@@ -34,7 +34,7 @@ def build_sd15(model_dir: Path, *, device: str) -> Path:
     nothing is downloaded. Weights are stored in fp16 (about 2 GB).
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from blaze_jobs.builtin_models import builtin_path
@@ -62,17 +62,7 @@ def build_sd15(model_dir: Path, *, device: str) -> Path:
             attention_head_dim=8,
             norm_num_groups=32,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=512,
-        )
+        vae = _vae(sample_size=512)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 hidden_size=768,
@@ -103,6 +93,23 @@ def build_sd15(model_dir: Path, *, device: str) -> Path:
     return _save(pipe, target, device=device, started=started)
 
 
+def _vae(**config: Any) -> Any:
+    """The VAE of Stable Diffusion 1.5 and SDXL (they differ in sample size and scaling)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        **config,
+    )
+
+
 def _save(pipe: Any, target: Path, *, device: str, started: float) -> Path:
     # Beside the target, then renamed into place: a run cut short leaves no half model.
     import torch
@@ -129,7 +136,7 @@ def build_sdxl(model_dir: Path, *, device: str) -> Path:
     Random weights cost what trained ones do: the same shapes, the same kernels.
     """
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from blaze_jobs.builtin_models import builtin_path
@@ -171,18 +178,7 @@ def build_sdxl(model_dir: Path, *, device: str) -> Path:
             projection_class_embeddings_input_dim=2816,
             norm_num_groups=32,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=1024,
-            scaling_factor=0.13025,
-        )
+        vae = _vae(sample_size=1024, scaling_factor=0.13025)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 hidden_size=768,
