@@ -16,6 +16,7 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from blaze_jobs.addresses import WebhookRefused, check_addresses
+from blaze_jobs.engines.diffusion_input import DiffusionInput
 from blaze_jobs.errors import RequestError
 from blaze_jobs.input_images import decode_data_uri, open_image, parse_source
 from blaze_jobs.keys import Keys
@@ -27,7 +28,9 @@ from .problems import InputProblem
 async def check(request: Request, body: Any, *, tenant: str, settings: Settings) -> None:
     """Refuse with a 422 naming the field an input image the job could never read."""
     job = body.input
-    image = getattr(job, "image", None)
+    if not isinstance(job, DiffusionInput):  # other engines' inputs may hold an "image" of their own
+        return
+    image = job.image
     if image is None:
         for name in ("mask", "strength"):
             if getattr(job, name, None) is not None:
