@@ -35,7 +35,7 @@ def build_sd15(model_dir: Path, *, device: str) -> Path:
     """
     import torch
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     from blaze_jobs.builtin_models import builtin_path
 
@@ -63,22 +63,7 @@ def build_sd15(model_dir: Path, *, device: str) -> Path:
             norm_num_groups=32,
         )
         vae = _vae(sample_size=512)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                vocab_size=49408,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-                # The tiny-sd tokenizer's ids for <|startoftext|> and <|endoftext|>.
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-        )
+        text_encoder = CLIPTextModel(_clip_config(768))
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -91,6 +76,28 @@ def build_sd15(model_dir: Path, *, device: str) -> Path:
     ).to(dtype=torch.float16)
     del unet, vae, text_encoder
     return _save(pipe, target, device=device, started=started)
+
+
+def _clip_config(width: int) -> Any:
+    """The text encoder config of CLIP ViT-L (768 wide: SD 1.5, SDXL's first encoder) or of
+    OpenCLIP ViT-bigG (1280 wide: SDXL's second), as the published models have them."""
+    from transformers import CLIPTextConfig
+
+    big = width == 1280
+    return CLIPTextConfig(
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=32 if big else 12,
+        num_attention_heads=20 if big else 12,
+        hidden_act="gelu" if big else "quick_gelu",
+        projection_dim=width,
+        max_position_embeddings=77,
+        vocab_size=49408,
+        # The tiny tokenizers' ids for <|startoftext|> and <|endoftext|>.
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
 
 
 def _vae(**config: Any) -> Any:
@@ -137,7 +144,7 @@ def build_sdxl(model_dir: Path, *, device: str) -> Path:
     """
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from blaze_jobs.builtin_models import builtin_path
 
@@ -150,14 +157,6 @@ def build_sdxl(model_dir: Path, *, device: str) -> Path:
     tokenizer_2 = CLIPTokenizer.from_pretrained(tiny, subfolder="tokenizer_2")
     scheduler = EulerDiscreteScheduler.from_pretrained(tiny, subfolder="scheduler")
     where = torch.device(device if device.startswith("cuda") else "cpu")
-    # The tiny tokenizers' ids for <|startoftext|> and <|endoftext|>.
-    ids: dict[str, Any] = {
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-        "pad_token_id": 1,
-        "max_position_embeddings": 77,
-        "vocab_size": 49408,
-    }
     with torch.random.fork_rng(devices=[]), where:
         torch.manual_seed(0)
         unet = UNet2DConditionModel(
@@ -179,28 +178,9 @@ def build_sdxl(model_dir: Path, *, device: str) -> Path:
             norm_num_groups=32,
         )
         vae = _vae(sample_size=1024, scaling_factor=0.13025)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-                **ids,
-            )
-        )
-        text_encoder_2 = CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                hidden_size=1280,
-                intermediate_size=5120,
-                num_hidden_layers=32,
-                num_attention_heads=20,
-                hidden_act="gelu",
-                projection_dim=1280,
-                **ids,
-            )
-        )
+        text_encoder = CLIPTextModel(_clip_config(768))
+        # OpenCLIP ViT-bigG: 32 layers of 1280, 20 heads, projected to 1280 for the pooled output.
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_config(1280))
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
