@@ -17,7 +17,7 @@ from blaze_jobs.api_keys import ApiKey
 from blaze_jobs.engines.spec import OptionalJSONInt
 from blaze_jobs.heartbeat import workers_index
 from blaze_jobs.keys import Keys
-from blaze_jobs.store import text
+from blaze_jobs.records import text
 
 from . import bounds, problems
 from .auth import Admin, key_cache

@@ -16,8 +16,9 @@ from blaze_jobs import audit, redis_config
 from blaze_jobs.artifacts import artifact_store
 from blaze_jobs.jobs import Job, JobCreate, JobPage, JobStatus, job_view
 from blaze_jobs.keys import Keys
+from blaze_jobs.records import CURSOR
 from blaze_jobs.settings import ENGINES, Settings, get_settings
-from blaze_jobs.store import CURSOR, AsyncJobStore
+from blaze_jobs.store import AsyncJobStore
 
 from . import (
     admin,

@@ -20,9 +20,10 @@ from blaze_jobs.api_keys import ApiKey
 from blaze_jobs.broker import queue_key, task_message
 from blaze_jobs.errors import ClaimTakenOver, QueueFull, QuotaExceeded
 from blaze_jobs.jobs import new_record
+from blaze_jobs.records import queue_create, text
 from blaze_jobs.redis_config import refusal
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import AsyncJobStore, queue_create, text
+from blaze_jobs.store import AsyncJobStore
 
 from . import bounds, connections, idempotency, input_images, webhooks
 from . import metrics as api_metrics

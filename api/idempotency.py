@@ -25,7 +25,8 @@ from pydantic import BaseModel
 
 from blaze_jobs import scripts
 from blaze_jobs.errors import JobNotFound
-from blaze_jobs.store import AsyncJobStore, text
+from blaze_jobs.records import text
+from blaze_jobs.store import AsyncJobStore
 
 from .problems import InputProblem
 from .request_context import raw_header

@@ -36,8 +36,9 @@ from blaze_jobs.batch_lines import BatchFileError
 from blaze_jobs.batches import BatchNotFound, BatchStatus
 from blaze_jobs.files import FileNotFound
 from blaze_jobs.keys import Keys
+from blaze_jobs.records import score_of
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import AsyncJobStore, score_of
+from blaze_jobs.store import AsyncJobStore
 
 from . import openai_retries
 from .auth import Caller

@@ -18,8 +18,8 @@ from fastapi import Request
 
 from blaze_jobs.api_keys import ApiKey
 from blaze_jobs.keys import Keys
+from blaze_jobs.records import text
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import text
 
 from .request_context import raw_header, settings_of
 

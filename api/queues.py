@@ -22,8 +22,8 @@ from pydantic import BaseModel, Field
 from blaze_jobs import scripts
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.keys import WEBHOOK_QUEUE, Keys
+from blaze_jobs.records import tenant_of, text
 from blaze_jobs.settings import ENGINES
-from blaze_jobs.store import tenant_of, text
 
 from .auth import Caller
 from .problems import PROBLEM_JSON, PROBLEM_SCHEMA

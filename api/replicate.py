@@ -35,8 +35,9 @@ from blaze_jobs.predictions import (
     version_id,
     version_view,
 )
+from blaze_jobs.records import CURSOR
 from blaze_jobs.settings import ENGINES
-from blaze_jobs.store import CURSOR, AsyncJobStore
+from blaze_jobs.store import AsyncJobStore
 
 from . import bounds, creation, waits
 from .artifacts import signer_of

@@ -24,8 +24,8 @@ from blaze_jobs.artifacts import UrlSigner
 from blaze_jobs.errors import JobNotFound
 from blaze_jobs.events import event_order
 from blaze_jobs.jobs import job_view
+from blaze_jobs.records import tenant_of
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import tenant_of
 
 from . import event_reader
 from .artifacts import signer_of

@@ -23,9 +23,9 @@ from blaze_jobs.audit import record_async
 from blaze_jobs.deliveries import Delivery, DeliveryPage, delivery_list
 from blaze_jobs.deliveries import redeliver as record_redelivery
 from blaze_jobs.errors import JobNotFound
+from blaze_jobs.records import tenant_of
 from blaze_jobs.settings import Settings
 from blaze_jobs.signing import TenantSecrets, fixed_secret, rotate_async, tenant_secrets_async
-from blaze_jobs.store import tenant_of
 
 from .auth import Caller
 from .problems import PROBLEM_JSON, PROBLEM_SCHEMA, InputProblem, problem

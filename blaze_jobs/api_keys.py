@@ -22,8 +22,8 @@ import redis.asyncio
 
 from blaze_jobs import scripts
 from blaze_jobs.keys import Keys
+from blaze_jobs.records import decode, text
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import decode, text
 
 #: The id of the principal ``BLAZE_ADMIN_TOKEN`` and ``BLAZE_AUTH=off`` stand for.
 ADMIN_TOKEN_ID = "admin-token"

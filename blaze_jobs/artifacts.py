@@ -28,8 +28,8 @@ import redis
 
 from blaze_jobs.engines import SPECS
 from blaze_jobs.keys import Keys
+from blaze_jobs.records import EXPIRES, expires_at_ms
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import EXPIRES, expires_at_ms
 
 #: What the API serves each kind of artifact as, by extension: the kinds the engines'
 #: specs declare, and JSON and text, which any engine may write.

@@ -20,7 +20,7 @@ from blaze_jobs import metrics
 from blaze_jobs.broker import requeue_push
 from blaze_jobs.errors import JobConflict, JobNotFound
 from blaze_jobs.jobs import JobStatus
-from blaze_jobs.store import lease_owner
+from blaze_jobs.records import lease_owner
 
 if TYPE_CHECKING:
     from blaze_jobs.worker_context import WorkerContext

@@ -17,8 +17,8 @@ import redis.asyncio
 
 from blaze_jobs.api_keys import ApiKey
 from blaze_jobs.keys import Keys
+from blaze_jobs.records import decode, text
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import decode, text
 
 #: What an entry may say was done.
 ACTIONS = ("key.create", "key.revoke", "key.update", "webhook_secret.rotate", "job.cancel")

@@ -38,8 +38,8 @@ from blaze_jobs import scripts
 from blaze_jobs.files import queue_put
 from blaze_jobs.jobs import JobStatus
 from blaze_jobs.keys import Keys
+from blaze_jobs.records import decode, score_of, text
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import decode, score_of, text
 
 #: What a batch id looks like (OpenAI's own start ``batch_``).
 ID_PREFIX = "batch_"

@@ -201,7 +201,7 @@ def requeue_push(settings: Settings, record: dict[str, str], *, passes: int = 0)
         job_id=record["id"],
         engine=record["engine"],
         input=json.loads(record["input"]),
-        # A record from before tenants is the default tenant's (store.tenant_of).
+        # A record from before tenants is the default tenant's (records.tenant_of).
         tenant=record.get("tenant") or settings.default_tenant,
         faulted_on=workers,
         passes=passes,

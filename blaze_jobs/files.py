@@ -24,8 +24,8 @@ import redis.asyncio
 import redis.exceptions
 
 from blaze_jobs.keys import Keys
+from blaze_jobs.records import decode, score_of, text
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import decode, score_of, text
 
 #: What a file id looks like (OpenAI's own are ``file-`` and 24 characters).
 ID_PREFIX = "file-"

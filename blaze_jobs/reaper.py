@@ -43,8 +43,9 @@ from blaze_jobs import inboxes, metrics, scripts
 from blaze_jobs.broker import requeue_push, task_name
 from blaze_jobs.errors import BlazeError
 from blaze_jobs.jobs import JobStatus
+from blaze_jobs.records import decode, score_of, tenant_of, text
 from blaze_jobs.settings import ENGINES, Settings
-from blaze_jobs.store import JobStore, decode, score_of, tenant_of, text
+from blaze_jobs.store import JobStore
 
 log = logging.getLogger("blaze_jobs.reaper")
 

@@ -36,9 +36,9 @@ from blaze_jobs.artifacts import url_signer
 from blaze_jobs.deliveries import event_body
 from blaze_jobs.events import event_order
 from blaze_jobs.keys import Keys
+from blaze_jobs.records import tenant_of, text
 from blaze_jobs.settings import Settings
 from blaze_jobs.signing import signed_headers, tenant_secrets
-from blaze_jobs.store import tenant_of, text
 from blaze_jobs.webhook_client import http_client, time_limit
 from blaze_jobs.webhook_retries import attempt_member, parse_retry_after, retry_delay
 

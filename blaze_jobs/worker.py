@@ -24,7 +24,7 @@ from blaze_jobs.broker import requeue_push
 from blaze_jobs.engines.base import Artifact, EngineRequest
 from blaze_jobs.errors import HandedBack, JobCanceled, JobConflict, JobNotFound, RequestError, WorkerFault
 from blaze_jobs.jobs import JobStatus
-from blaze_jobs.store import tenant_of
+from blaze_jobs.records import tenant_of
 from blaze_jobs.worker_context import WorkerContext, current_context
 
 log = logging.getLogger("blaze_jobs.worker")

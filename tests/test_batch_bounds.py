@@ -21,9 +21,9 @@ from api.problems import InputProblem
 from blaze_jobs import batch_lines, batches, files
 from blaze_jobs.jobs import JobCreate
 from blaze_jobs.keys import Keys
+from blaze_jobs.records import text
 from blaze_jobs.settings import Settings
 from blaze_jobs.stack import Stack
-from blaze_jobs.store import text
 from tests.conftest import ADMIN_TOKEN, start_api, unique
 from tests.test_batches import CHAT, JOBS, echo_line, jsonl, line, submit
 

@@ -20,8 +20,9 @@ import redis.asyncio
 from blaze_jobs import events
 from blaze_jobs.api.event_reader import EventReader
 from blaze_jobs.jobs import JobStatus, new_record
+from blaze_jobs.records import text
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import JobStore, text
+from blaze_jobs.store import JobStore
 from tests.conftest import REDIS_URL, own_prefix
 
 pytestmark = pytest.mark.timeout(30)

@@ -22,8 +22,9 @@ from blaze_jobs.broker import queue_key, task_message
 from blaze_jobs.heartbeat import Heartbeat, worker_key
 from blaze_jobs.jobs import JobStatus, new_record
 from blaze_jobs.reaper import Reaper
+from blaze_jobs.records import text
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import JobStore, text
+from blaze_jobs.store import JobStore
 from tests.conftest import REDIS_URL, own_prefix, wait_until
 
 pytestmark = pytest.mark.timeout(30)

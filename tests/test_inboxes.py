@@ -17,8 +17,9 @@ from blaze_jobs.broker import queue_key, task_message
 from blaze_jobs.jobs import new_record
 from blaze_jobs.keys import Keys
 from blaze_jobs.reaper import Reaper
+from blaze_jobs.records import text
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import JobStore, text
+from blaze_jobs.store import JobStore
 from tests.conftest import REDIS_URL, own_prefix
 
 pytestmark = pytest.mark.timeout(30)

@@ -22,8 +22,9 @@ from blaze_jobs.deliveries import delivery_list
 from blaze_jobs.jobs import JobStatus, new_record
 from blaze_jobs.keys import SCHEMA, WEBHOOK_QUEUE, Keys
 from blaze_jobs.leases import LeaseKeeper
+from blaze_jobs.records import text, transition_call
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import JobStore, text, transition_call
+from blaze_jobs.store import JobStore
 from blaze_jobs.webhook_retries import RetryMover, attempt_member
 
 ROOT = Path(__file__).resolve().parent.parent

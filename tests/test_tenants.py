@@ -23,8 +23,9 @@ from blaze_jobs.api_keys import create_key
 from blaze_jobs.errors import QueueFull, QuotaExceeded
 from blaze_jobs.jobs import JobStatus, new_record
 from blaze_jobs.reaper import Reaper
+from blaze_jobs.records import score_of, text
 from blaze_jobs.settings import Settings
-from blaze_jobs.store import AsyncJobStore, JobStore, score_of, text
+from blaze_jobs.store import AsyncJobStore, JobStore
 from tests.conftest import AUTH, REDIS_URL, own_prefix, wait_until
 
 pytestmark = pytest.mark.timeout(180)
