@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -71,7 +72,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # at about 100 µs per request under load.
         gc.collect()
         gc.freeze()
+        flushing = asyncio.create_task(metrics.TALLY.flush_every(metrics.FLUSH_S)) if settings.metrics else None
         yield
+        if flushing is not None:
+            flushing.cancel()  # which flushes what the last requests recorded
+            await asyncio.gather(flushing, return_exceptions=True)
         await app.state.redis.aclose()
         metrics.process_ended()
 

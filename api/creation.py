@@ -105,7 +105,7 @@ async def create(
 def count_created(engine: str, surface: str, count: int = 1, *, cached: bool) -> None:
     """Count ``count`` jobs stored: queued, or (``cached``) born from the cache."""
     if metrics.enabled():
-        created_counter(engine, surface).inc(count)
+        api_metrics.TALLY.inc(created_counter(engine, surface), count)
         if cached:
             metrics.JOBS_CACHED.labels(engine).inc(count)
 

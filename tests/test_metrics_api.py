@@ -143,7 +143,18 @@ def test_two_api_processes_report_one_sum_of_requests_creates_refusals_and_queue
     # And a private folder of a killed API (not of a live one) removed at start
     assert not api["killed"].exists() and api["live"].exists()
 
-    # When /metrics is scraped several times, on connections of their own
+    # When each process has written what its requests recorded (every FLUSH_S), and /metrics
+    # is scraped several times, on connections of their own
+    wait_until(
+        lambda: (
+            (found := scrape(url))
+            and value(found, "blaze_jobs_created_total", engine="echo", surface="blaze") == made + 4
+            and value(found, "blaze_http_request_duration_seconds_count", route="/v1/jobs", method="POST") == made + 7
+            and value(found, "blaze_http_requests_total", route="/v1/chat/completions", code="400") == 1
+        ),
+        timeout=10,
+        what="both processes' requests written",
+    )
     scrapes = [scrape(url) for _ in range(4)]
 
     # Then every scrape, whichever process answered it, gives the same sums
@@ -172,6 +183,11 @@ def test_two_api_processes_report_one_sum_of_requests_creates_refusals_and_queue
 
 def test_a_route_is_labelled_by_its_template_and_waiting_clients_are_counted(api: dict[str, Any]) -> None:
     url = api["url"]
+
+    def written(found: Samples) -> Samples | None:
+        """A scrape, once it counts the 404 (the last request counted before it)."""
+        return found if value(found, "blaze_http_requests_total", route="unmatched", code="404") else None
+
     # Given a queued job, read by its id, and a path no route takes
     job_id = create(url, {"engine": "echo"}).json()["id"]
     assert httpx.get(f"{url}/v1/jobs/{job_id}", headers=AUTH, timeout=10).status_code == 200
@@ -206,8 +222,9 @@ def test_a_route_is_labelled_by_its_template_and_waiting_clients_are_counted(api
         timeout=5,
         what="the stream's end counted",
     )
-    found = scrape(url)
-    # And requests are labelled by the template, a path no route took by one fixed label
+    # And requests are labelled by the template, a path no route took by one fixed label (once
+    # the process that answered them has written them)
+    found = wait_until(lambda: written(scrape(url)), timeout=10, what="the 404 written")
     assert value(found, "blaze_http_requests_total", route="/v1/jobs/{job_id}", method="GET", code="200") == 2
     assert value(found, "blaze_http_requests_total", route="/v1/jobs/{job_id}/events", code="200") == 1
     assert value(found, "blaze_http_requests_total", route="unmatched", code="404") == 1
