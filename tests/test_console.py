@@ -146,6 +146,9 @@ def test_an_image_job_submitted_from_the_console_goes_live_to_its_thumbnail(stac
     # Then its row shows it queued or running, then succeeded, with no reload of the page.
     expect(row).to_have_attribute("data-status", "succeeded", timeout=60_000)
     expect(row.locator("td.status")).to_have_text("succeeded")
+    # And the line under the form follows it too: it names the job's status now, not the one
+    # the create answered.
+    expect(page.locator(".form-status")).to_have_text(f"Job {job_id} succeeded.")
     seen = page.evaluate("id => window.seen[id]", job_id)
     assert seen[0] in ("queued", "running") and seen[-1] == "succeeded", seen
     assert page.evaluate("window.notReloaded") is True

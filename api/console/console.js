@@ -17,9 +17,13 @@ const live = new LiveJobs();
 let closeView = () => {};
 
 function dashboard() {
+  const submit = submitSection(live);
   const jobs = jobsSection(live);
-  view.replaceChildren(el("div", { class: "dashboard" }, submitSection(live), jobs.node));
-  return jobs.close;
+  view.replaceChildren(el("div", { class: "dashboard" }, submit.node, jobs.node));
+  return () => {
+    submit.close();
+    jobs.close();
+  };
 }
 
 // A hash's id as written (`%E0%A4` decodes to nothing: no job has that id).

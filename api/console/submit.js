@@ -46,11 +46,24 @@ function body(engine, form) {
   return { engine, input };
 }
 
-/** The form; a job it creates is handed to `live` at once, so its row shows straight away. */
+/** The form; a job it creates is handed to `live` at once, so its row shows straight away,
+ * and the line under the form follows that job's status as `live` learns it. `close` stops
+ * following. */
 export function submitSection(live) {
   let engine = "diffusion";
+  let made = null; // the id of the job the status line names
   const fields = el("div", { class: "fields" });
   const status = el("p", { class: "form-status", role: "status" });
+  const say = (job) => {
+    status.dataset.status = job.status;
+    status.replaceChildren("Job ", el("a", { href: jobHref(job.id) }, job.id), ` ${job.status}.`);
+  };
+  // Called with a job that changed, or with null when the whole list was read again.
+  const follow = (job) => {
+    const now = job === null ? live.jobs.get(made) : job.id === made && job;
+    if (now) say(now);
+  };
+  live.listeners.add(follow);
   const general = el("p", { class: "form-error", role: "alert" });
   const choose = (name) => {
     engine = name;
@@ -77,11 +90,12 @@ export function submitSection(live) {
     form.querySelectorAll(".field-error").forEach((node) => (node.textContent = ""));
     general.textContent = "";
     status.replaceChildren();
+    made = null;
     send.disabled = true;
     try {
       const job = await request("v1/jobs", { method: "POST", body: body(engine, form) });
-      live.put(job);
-      status.replaceChildren("Job ", el("a", { href: jobHref(job.id) }, job.id), ` ${job.status}.`);
+      made = job.id;
+      live.put(job); // says it, through follow
     } catch (error) {
       showProblem(form, general, error);
     } finally {
@@ -90,7 +104,8 @@ export function submitSection(live) {
   });
 
   choose(engine);
-  return el("section", { class: "submit" }, el("h2", {}, "Submit a job"), form);
+  const node = el("section", { class: "submit" }, el("h2", {}, "Submit a job"), form);
+  return { node, close: () => live.listeners.delete(follow) };
 }
 
 function showProblem(form, general, error) {
