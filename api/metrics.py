@@ -93,7 +93,10 @@ class Tally:
     """Counts and observations of prometheus-client children (a counter's, a histogram's)
     kept in memory, and added to the children by ``flush``. A histogram's pending
     observations are its sum and a count per bucket, written as its own ``observe`` writes
-    them (the first bucket whose bound is at least the value)."""
+    them (the first bucket whose bound is at least the value), to the values it keeps them in
+    (``_upper_bounds``, ``_buckets``, ``_sum``: prometheus-client has no public call that adds
+    many observations at once; tests/test_tally.py compares the samples with direct recording,
+    so a release that changes them fails there)."""
 
     def __init__(self) -> None:
         self._counts: dict[Any, float] = {}
