@@ -185,8 +185,9 @@ def test_a_route_is_labelled_by_its_template_and_waiting_clients_are_counted(api
     url = api["url"]
 
     def written(found: Samples) -> Samples | None:
-        """A scrape, once it counts the 404 (the last request counted before it)."""
-        return found if value(found, "blaze_http_requests_total", route="unmatched", code="404") else None
+        """A scrape, once it counts the event stream's request: the last one made, counted when
+        its stream is done, by whichever process answered it."""
+        return found if value(found, "blaze_http_requests_total", route="/v1/jobs/{job_id}/events") else None
 
     # Given a queued job, read by its id, and a path no route takes
     job_id = create(url, {"engine": "echo"}).json()["id"]
@@ -224,7 +225,7 @@ def test_a_route_is_labelled_by_its_template_and_waiting_clients_are_counted(api
     )
     # And requests are labelled by the template, a path no route took by one fixed label (once
     # the process that answered them has written them)
-    found = wait_until(lambda: written(scrape(url)), timeout=10, what="the 404 written")
+    found = wait_until(lambda: written(scrape(url)), timeout=10, what="the event stream's request written")
     assert value(found, "blaze_http_requests_total", route="/v1/jobs/{job_id}", method="GET", code="200") == 2
     assert value(found, "blaze_http_requests_total", route="/v1/jobs/{job_id}/events", code="200") == 1
     assert value(found, "blaze_http_requests_total", route="unmatched", code="404") == 1
