@@ -101,7 +101,9 @@ class Tally:
     def __init__(self) -> None:
         self._counts: dict[Any, float] = {}
         self._observed: dict[Any, list[float]] = {}  # a child: [sum, count in each bucket]
-        self._lock = threading.Lock()  # a batch's creates may be counted off the event loop
+        # Recording and flushing run on the event loop today; the lock keeps a count made from
+        # a thread (a sync route, say) from landing in a dict that a flush has already taken.
+        self._lock = threading.Lock()
 
     def inc(self, child: Any, amount: float = 1.0) -> None:
         with self._lock:

@@ -54,10 +54,8 @@ export function submitSection(live) {
   let made = null; // the id of the job the status line names
   const fields = el("div", { class: "fields" });
   const status = el("p", { class: "form-status", role: "status" });
-  const say = (job) => {
-    status.dataset.status = job.status;
+  const say = (job) =>
     status.replaceChildren("Job ", el("a", { href: jobHref(job.id) }, job.id), ` ${job.status}.`);
-  };
   // Called with a job that changed, or with null when the whole list was read again.
   const follow = (job) => {
     const now = job === null ? live.jobs.get(made) : job.id === made && job;
